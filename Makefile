@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+# Stages run `python stages/...`: the venv's python must come first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help

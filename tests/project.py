@@ -1,0 +1,97 @@
+"""Throwaway copies of this repo for end-to-end runs: real `dvc repro` on shrunken real params."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# The real params.yaml, shrunk: a few real photos per class, small images, one short cycle
+# each, so the whole pipeline runs in a minute or two on two CPU cores.
+SMALL_OVERRIDES: dict[str, Any] = {
+    "data": {"source": str(SHARED_DATA / "dogscats"), "mirrors": [], "max_per_class": 12},
+    "model": {"image_size": 96},
+    "precompute": {"batch_size": 16},
+    "head": {"epochs": 3, "batch_size": 16},
+    "lr_find": {"num_iter": 8, "batch_size": 8},
+    "finetune": {"n_cycles": 2, "cycle_len": 1, "cycle_mult": 1, "batch_size": 8},
+    "tta": {"n_augment": 2, "batch_size": 16},
+    "report": {"top_losses": 4},
+}
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _repo_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    return [name for name in listed.split("\0") if name]
+
+
+def make_project(dest: Path, overrides: Mapping[str, Any] | None = None) -> Path:
+    """Copy the repo's files (as git sees them) to `dest`, shrink params, commit."""
+    for name in _repo_files():
+        source = REPO_ROOT / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = deep_merge(params, SMALL_OVERRIDES)
+    params = deep_merge(params, overrides or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "test project"], cwd=dest, check=True)
+    return dest
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """Environment for stage subprocesses: this interpreter's venv first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def dvc(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 600):
+    """Run the venv's dvc in `project`; fail the test with its output if it fails."""
+    command = [str(Path(sys.executable).parent / "dvc"), *args]
+    result = subprocess.run(
+        command,
+        cwd=project,
+        env=dict(env or project_env()),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n"
+            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
