@@ -1,0 +1,131 @@
+"""Safe image checking and loading: every photo passes through here before it reaches a model.
+
+`inspect_image` decides at fetch time whether a file is usable (and says why not);
+`open_rgb` turns any accepted file into an upright 8-bit RGB image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# File name suffixes treated as images when scanning a source (case-insensitive).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+)
+
+# Transparent pixels become white rather than black: product photos and clip-art with
+# alpha are drawn on white far more often than on black.
+_BACKGROUND = (255, 255, 255)
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; `reason` is the human-readable cause."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_image_name(path: str | Path) -> bool:
+    """Whether a file name has one of the image suffixes we scan for."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def inspect_image(path: Path, max_pixels: int | None = None) -> str | None:
+    """Check that a file is a complete, decodable image.
+
+    The whole first frame is decoded (so truncated JPEGs are caught), EXIF orientation
+    and the conversion to RGB are exercised, and the header size is checked against
+    `max_pixels` before any pixel is decoded (decompression bombs).
+
+    Returns:
+        None when the image is usable, else the reason it is not.
+    """
+    try:
+        _load(Path(path), min_size=None, max_pixels=max_pixels)
+    except UnreadableImageError as exc:
+        return exc.reason
+    return None
+
+
+def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
+    """Open an image as fully decoded, upright, 8-bit RGB.
+
+    Args:
+        path: the image file.
+        min_size: when given and the file is a JPEG, decode at the largest DCT
+            reduction (1/2, 1/4, 1/8) that keeps the short side >= `min_size`; this
+            makes decoding a large photo several times faster.
+
+    Raises:
+        UnreadableImageError: the file is missing, not an image, or corrupt.
+    """
+    return _load(Path(path), min_size=min_size, max_pixels=None)
+
+
+def _load(path: Path, min_size: int | None, max_pixels: int | None) -> Image.Image:
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImageError(path, "empty file (0 bytes)")
+        with Image.open(path) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UnreadableImageError(
+                    path,
+                    f"too many pixels: {width}x{height} = {width * height} > "
+                    f"max_image_pixels {max_pixels} (possible decompression bomb)",
+                )
+            if min_size is not None and img.format == "JPEG":
+                img.draft("RGB", (min_size, min_size))
+            img.load()  # decodes the whole (first) frame: truncation shows up here
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except UnreadableImageError:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise UnreadableImageError(path, "is a directory, not a file") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(path, "not an image (format not recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImageError(path, f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError.
+        message = str(exc) or type(exc).__name__
+        raise UnreadableImageError(path, f"corrupt or truncated image data: {message}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (alpha composited on white)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        has_alpha = "transparency" in img.info or img.palette.mode == "RGBA"
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_rgb(img)
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    # Pillow's own convert clips 16-bit values at 255 (a white image); rescale instead.
+    array = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+    elif array.max() > 255:
+        array = array / 257.0  # 0..65535 → 0..255
+    gray = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    return gray.convert("RGB")

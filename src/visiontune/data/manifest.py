@@ -1,0 +1,80 @@
+"""Read and write the dataset tables that pass between stages (manifest, splits, classes).
+
+Every table is read with all columns as plain strings: a class called `NA`, `None` or
+`1` must stay that string, not become a missing value or a number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from visiontune.fileio import write_csv, write_json
+
+MANIFEST_COLUMNS = ("path", "label", "split_hint")
+SPLIT_COLUMNS = ("path", "label")
+REJECT_COLUMNS = ("path", "reason")
+SPLIT_HINTS = ("train", "valid", "test", "")
+
+
+def read_table(csv_path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Read a CSV written by a stage, as strings, checking that `columns` are present.
+
+    Raises:
+        ValueError: a required column is missing.
+    """
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
+    missing = [name for name in columns if name not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; "
+            f"found {', '.join(map(str, frame.columns)) or 'none'}"
+        )
+    return frame.loc[:, list(columns)].reset_index(drop=True)
+
+
+def read_manifest(csv_path: Path) -> pd.DataFrame:
+    """The fetch manifest: `path` (relative to the prepared dir), `label`, `split_hint`."""
+    frame = read_table(Path(csv_path), MANIFEST_COLUMNS)
+    bad = sorted(set(frame["split_hint"]) - set(SPLIT_HINTS))
+    if bad:
+        raise ValueError(f"{csv_path}: unknown split_hint value(s) {bad}; allowed {SPLIT_HINTS}")
+    return frame
+
+
+def read_split(csv_path: Path, image_root: Path) -> pd.DataFrame:
+    """Read `train.csv`/`valid.csv` with `path` made absolute under `image_root`.
+
+    Returns:
+        A frame with columns `path` (absolute path as str) and `label`.
+    """
+    frame = read_table(Path(csv_path), SPLIT_COLUMNS)
+    root = Path(image_root).resolve()
+    frame["path"] = [str(root / rel) for rel in frame["path"]]
+    return frame
+
+
+def read_classes(path: Path) -> list[str]:
+    """Read `classes.json` (a JSON list of class names, sorted)."""
+    classes = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise ValueError(f"{path}: expected a JSON list of class names")
+    return classes
+
+
+def write_classes(path: Path, classes: list[str]) -> None:
+    """Write the sorted class list as JSON."""
+    write_json(path, sorted(classes))
+
+
+def sorted_rows(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """`columns` of `frame`, rows sorted by path, so equal inputs give byte-identical files."""
+    ordered = frame.reindex(columns=list(columns)).astype(str)
+    return ordered.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def write_table(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """Write `columns` of `frame` atomically as CSV (UTF-8, `\\n` line ends)."""
+    write_csv(path, frame.reindex(columns=list(columns)))
