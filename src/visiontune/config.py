@@ -88,6 +88,7 @@ class HeadParams(Section):
     batch_size: int = Field(64, ge=1)
     # A float, or "auto" for a quick LR sweep on the cached features.
     lr: PositiveFloat | Literal["auto"] = 1.0e-2
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(1.0e-2, ge=0)
     label_smoothing: Fraction = 0.0
 

@@ -1,0 +1,163 @@
+"""Train the classifier head on cached backbone features (fastai's `precompute=True`).
+
+The features sit in memory as one tensor, so an epoch is a few matrix products: seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visiontune.models.head import create_head
+from visiontune.train.lr_find import LrFindResult, find_lr
+from visiontune.train.schedules import create_schedule, set_lrs
+
+# The quick sweep for `lr: auto`: wide range, ~100 mini-batches of features.
+AUTO_LR_RANGE = (1.0e-6, 10.0)
+AUTO_LR_ITER = 100
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    """The trained head (eval mode), its per-epoch history and final metrics."""
+
+    head: nn.Sequential
+    history: pd.DataFrame
+    metrics: dict[str, Any]
+    lr_find: LrFindResult | None
+
+
+def create_optimizer(
+    params: Any,
+    name: Literal["sgd", "adamw"],
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the course's choice) or AdamW."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
+
+
+def feature_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of in-memory tensors, epoch after epoch, forever."""
+    while True:
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x) - batch_size + 1, batch_size):  # drop the ragged tail
+            index = order[start : start + batch_size]
+            yield x[index], y[index]
+
+
+@torch.no_grad()
+def evaluate_head(
+    head: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[float, float]:
+    """(loss, accuracy) of the head in eval mode on feature tensors."""
+    was_training = head.training
+    head.eval()
+    logits = head(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    head.train(was_training)
+    return loss, acc
+
+
+def train_head(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    valid_x: torch.Tensor,
+    valid_y: torch.Tensor,
+    num_classes: int,
+    *,
+    hidden: tuple[int, ...] = (),
+    dropout: float = 0.25,
+    epochs: int = 8,
+    batch_size: int = 64,
+    lr: float | Literal["auto"] = 1.0e-2,
+    optimizer: Literal["sgd", "adamw"] = "adamw",
+    weight_decay: float = 1.0e-2,
+    label_smoothing: float = 0.0,
+    seed: int = 42,
+) -> HeadResult:
+    """Fit BN → dropout → linear (optional hidden layers) with a cosine schedule per step.
+
+    `lr="auto"` first runs the LR range test on the features and takes its `valley`.
+    """
+    torch.manual_seed(seed)
+    train_x, valid_x = train_x.float(), valid_x.float()
+    head = create_head(train_x.shape[1], num_classes, hidden, dropout)
+    generator = torch.Generator().manual_seed(seed)
+    batches = feature_batches(train_x, train_y, min(batch_size, len(train_x)), generator)
+    opt = create_optimizer(head.parameters(), optimizer, 1.0, weight_decay)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(head(x), y, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    head.train()
+    found = None
+    if lr == "auto":
+        low, high = AUTO_LR_RANGE
+        found = find_lr(
+            head, opt, batches, step, [1.0], start_lr=low, end_lr=high, num_iter=AUTO_LR_ITER
+        )
+        lr = found.suggestion("valley")
+    steps_per_epoch = max(1, len(train_x) // batch_size)
+    schedule = create_schedule("sgdr", steps_per_epoch=steps_per_epoch, cycle_len=epochs)
+    rows = []
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        total, correct, seen = torch.zeros(()), torch.zeros(()), 0
+        for i in range(steps_per_epoch):
+            set_lrs(opt, [lr], schedule(epoch * steps_per_epoch + i))
+            x, y = next(batches)
+            logits = head(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        valid_loss, valid_acc = evaluate_head(head, valid_x, valid_y, label_smoothing)
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": (total / seen).item(),
+                "train_acc": (correct / seen).item(),
+                "valid_loss": valid_loss,
+                "valid_acc": valid_acc,
+                "lr": lr * schedule(epoch * steps_per_epoch),
+            }
+        )
+    seconds = time.perf_counter() - start
+    head.eval()
+    history = pd.DataFrame(rows)
+    last = rows[-1]
+    metrics = {
+        "valid_acc": last["valid_acc"],
+        "valid_loss": last["valid_loss"],
+        "train_acc": last["train_acc"],
+        "train_loss": last["train_loss"],
+        "lr": float(lr),
+        "epochs": epochs,
+        "train_seconds": seconds,
+        "n_train": len(train_x),
+        "n_valid": len(valid_x),
+    }
+    return HeadResult(head, history, metrics, found)

@@ -1,0 +1,154 @@
+"""The LR range test (Smith; fastai's `lr_find`): exponential LR sweep, smoothed loss, suggestions.
+
+The core (`lr_range_test`) drives any one-step training function; `find_lr` wraps it for
+a model + optimizer and puts weights, optimizer state and RNG back exactly afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+SUGGESTION_METHODS = ("min/10", "steepest", "valley")
+
+
+@dataclass(frozen=True)
+class LrFindResult:
+    """The curve (step, lr, loss, smoothed_loss) and every method's suggested LR."""
+
+    curve: pd.DataFrame
+    suggestions: dict[str, float]
+    stopped_early: bool
+    notes: list[str] = field(default_factory=list)
+
+    def suggestion(self, method: str) -> float:
+        return self.suggestions[method]
+
+
+def exponential_lrs(start_lr: float, end_lr: float, num_iter: int) -> np.ndarray:
+    """LR of each mini-batch, growing geometrically from start_lr to end_lr (inclusive)."""
+    return start_lr * (end_lr / start_lr) ** (np.arange(num_iter) / (num_iter - 1))
+
+
+def valley_index(losses: Sequence[float]) -> int:
+    """fastai's `valley`: the longest decreasing run of the loss, 1/2 of the way down it.
+
+    Longest (not necessarily contiguous) decreasing subsequence ending at each point; the
+    suggestion sits `sections + sections / 2` into the longest one (sections = length / 3).
+    """
+    n = len(losses)
+    lds = [1] * n
+    max_start = max_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    return max_start + int(sections) + int(sections / 2)
+
+
+def suggest_lrs(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> dict[str, float]:
+    """Every suggestion method on a smoothed curve, trimmed like fastai (first 10 %, last 5)."""
+    lrs_arr = np.asarray(lrs, dtype=np.float64)
+    losses = np.asarray(smoothed_losses, dtype=np.float64)
+    finite = np.isfinite(losses)
+    lrs_arr, losses = lrs_arr[finite], losses[finite]
+    n = len(losses)
+    if n < 3:
+        raise ValueError(f"the LR finder recorded only {n} usable points; raise lr_find.num_iter")
+    lo, hi = n // 10, n - 5 if n - 5 - n // 10 >= 3 else n
+    lrs_arr, losses = lrs_arr[lo:hi], losses[lo:hi]
+    grads = np.diff(losses) / np.diff(np.log(lrs_arr))
+    return {
+        "min/10": float(lrs_arr[int(np.argmin(losses))] / 10),
+        "steepest": float(lrs_arr[int(np.argmin(grads))]),
+        "valley": float(lrs_arr[valley_index(losses.tolist())]),
+    }
+
+
+def lr_range_test(
+    step: Callable[[float], float],
+    *,
+    start_lr: float,
+    end_lr: float,
+    num_iter: int,
+    smooth: float = 0.98,
+    diverge: float = 4.0,
+) -> LrFindResult:
+    """Call `step(lr)` (one training step, returns its loss) for exponentially growing LRs.
+
+    Stops early when the debiased EMA of the loss exceeds `diverge` × its best value or
+    the loss is not finite.
+    """
+    rows: list[tuple[int, float, float, float]] = []
+    avg, best, stopped = 0.0, math.inf, False
+    for i, lr in enumerate(exponential_lrs(start_lr, end_lr, num_iter)):
+        loss = float(step(float(lr)))
+        avg = smooth * avg + (1 - smooth) * loss
+        smoothed = avg / (1 - smooth ** (i + 1))
+        rows.append((i, float(lr), loss, smoothed))
+        if not math.isfinite(smoothed) or (i > 0 and smoothed > diverge * best):
+            stopped = True
+            break
+        best = min(best, smoothed)
+    curve = pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed_loss"])
+    suggestions = suggest_lrs(curve["lr"], curve["smoothed_loss"])
+    return LrFindResult(curve, suggestions, stopped)
+
+
+def find_lr(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    train_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    lr_ratios: Sequence[float],
+    *,
+    start_lr: float,
+    end_lr: float,
+    num_iter: int,
+    smooth: float = 0.98,
+    diverge: float = 4.0,
+) -> LrFindResult:
+    """Range-test one multiplier over the whole `lr_ratios` vector, then restore everything.
+
+    Each optimizer group tagged `layer_group` g runs at lr × lr_ratios[g], so the
+    differential ratios hold during the sweep and the suggested LR is what
+    `finetune.lr` means. `train_step(x, y)` does forward, backward and `optimizer.step`,
+    returning the loss. Weights, buffers, optimizer state and the torch RNG are put back
+    exactly afterwards.
+    """
+    model_state = copy.deepcopy(model.state_dict())
+    optim_state = copy.deepcopy(optimizer.state_dict())
+    rng_state = torch.get_rng_state()
+    was_training = model.training
+
+    def step(lr: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_ratios[group.get("layer_group", 0)]
+        inputs, targets = next(batches)
+        return float(train_step(inputs, targets).detach())
+
+    try:
+        return lr_range_test(
+            step,
+            start_lr=start_lr,
+            end_lr=end_lr,
+            num_iter=num_iter,
+            smooth=smooth,
+            diverge=diverge,
+        )
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        torch.set_rng_state(rng_state)
+        model.train(was_training)

@@ -1,0 +1,136 @@
+"""LR finder: suggestion methods on known curves, exact restore, a sane LR on a small problem."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visiontune.train.head import feature_batches, train_head
+from visiontune.train.lr_find import (
+    exponential_lrs,
+    find_lr,
+    lr_range_test,
+    suggest_lrs,
+    valley_index,
+)
+
+
+def blobs(n: int = 256, dim: int = 32, classes: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=g) * 1.5
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centers[y] + torch.randn(n, dim, generator=g), y
+
+
+def test_exponential_lrs_span_the_range():
+    lrs = exponential_lrs(1e-7, 10.0, 100)
+    assert lrs[0] == pytest.approx(1e-7) and lrs[-1] == pytest.approx(10.0)
+    ratios = lrs[1:] / lrs[:-1]
+    assert np.allclose(ratios, ratios[0])
+
+
+def test_suggestions_on_a_known_curve():
+    lrs = exponential_lrs(1e-6, 10.0, 200)
+    x = np.log10(lrs)
+    # flat, then a descent centred at 1e-3 down to a minimum near 1e-1, then divergence
+    loss = 2.0 - 1.5 / (1 + np.exp(-(x + 3) * 3)) + np.where(x > -1, (x + 1) ** 2 * 8, 0)
+    s = suggest_lrs(lrs, loss)
+    assert s["min/10"] == pytest.approx(lrs[np.argmin(loss)] / 10)
+    assert 10**-3.2 < s["steepest"] < 10**-2.8  # the inflection point of the descent
+    assert 1e-4 < s["valley"] < 1e-1
+    # fastai's arithmetic, kept exactly: start = end - length = -1, sections = 5 / 3
+    assert valley_index([5, 4, 3, 2, 1, 2, 3]) == -1 + 1 + 0
+    assert valley_index([9, 9, 9, 8, 7, 6, 5, 4, 3, 2, 1, 5]) == 1 + 3 + 1
+
+
+def test_range_test_stops_when_loss_diverges():
+    result = lr_range_test(
+        lambda lr: 1.0 if lr < 1e-2 else 1.0 + 1e4 * lr, start_lr=1e-5, end_lr=10, num_iter=100
+    )
+    assert result.stopped_early
+    assert len(result.curve) < 100
+    assert list(result.curve.columns) == ["step", "lr", "loss", "smoothed_loss"]
+    # debiased EMA: the first smoothed value is the first loss itself
+    assert result.curve["smoothed_loss"].iloc[0] == pytest.approx(1.0)
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 4)
+    )
+    groups = [
+        {"params": model[0].parameters(), "layer_group": 0},
+        {"params": model[2].parameters(), "layer_group": 1},
+    ]
+    opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    return model, opt
+
+
+def _step_fn(model, opt):
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def test_find_lr_restores_weights_optimizer_and_rng_exactly():
+    model, opt = _model_and_optimizer()
+    x, y = blobs()
+    step = _step_fn(model, opt)
+    step(x[:64], y[:64])  # a momentum buffer and BN running stats that must survive
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    before_opt = opt.state_dict()
+    before_momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    batches = feature_batches(x, y, 32, torch.Generator().manual_seed(1))
+    result = find_lr(model, opt, batches, step, [0.1, 1.0], start_lr=1e-5, end_lr=10, num_iter=40)
+    assert len(result.curve) > 5
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before_model[key]), key
+    for p, m in zip(model.parameters(), before_momentum, strict=True):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m)
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in before_opt["param_groups"]]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training
+
+
+def test_find_lr_keeps_group_ratios_during_the_sweep():
+    model, opt = _model_and_optimizer()
+    seen = []
+
+    def step(x, y):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return _step_fn(model, opt)(x, y)
+
+    x, y = blobs()
+    batches = feature_batches(x, y, 32, torch.Generator().manual_seed(1))
+    find_lr(model, opt, batches, step, [0.1, 1.0], start_lr=1e-4, end_lr=1.0, num_iter=10)
+    assert seen[0] == pytest.approx([1e-5, 1e-4])
+    assert all(lo / hi == pytest.approx(0.1) for lo, hi in seen)
+
+
+def test_suggested_lr_trains_a_small_problem_well():
+    """The valley LR trains a 4-class problem better than 100× less, before the loss minimum."""
+    x, y = blobs(512)
+    vx, vy = blobs(256, seed=0)  # same centres, fresh noise would need the same generator
+    result = train_head(x, y, vx, vy, 4, epochs=2, batch_size=32, lr="auto", optimizer="sgd")
+    lr = result.metrics["lr"]
+    assert result.lr_find is not None and lr == result.lr_find.suggestion("valley")
+    assert 1e-4 < lr < 10
+    losses = {}
+    for scale in (0.01, 1.0):
+        run = train_head(x, y, vx, vy, 4, epochs=2, batch_size=32, lr=lr * scale, optimizer="sgd")
+        losses[scale] = run.metrics["train_loss"]
+    assert losses[1.0] < losses[0.01]
+    curve = result.lr_find.curve
+    assert lr <= curve["lr"][curve["smoothed_loss"].idxmin()]
+    assert math.isfinite(losses[1.0])
