@@ -6,6 +6,7 @@ Every table is read with all columns as plain strings: a class called `NA`, `Non
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -78,3 +79,8 @@ def sorted_rows(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
 def write_table(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
     """Write `columns` of `frame` atomically as CSV (UTF-8, `\\n` line ends)."""
     write_csv(path, frame.reindex(columns=list(columns)))
+
+
+def seeded_rank(seed: int, key: str) -> str:
+    """A deterministic pseudo-random sort key for `key` under `seed` (no RNG state)."""
+    return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()

@@ -1,0 +1,137 @@
+"""Download a dataset archive over http(s): streamed, retried, checked, cached.
+
+The file is streamed to a temp name beside its destination and renamed only when it is
+complete (and matches `sha256` when one is given), so a cached file is never partial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import requests
+from tqdm import tqdm
+
+from visiontune.fileio import atomic_path
+
+_CHUNK = 1 << 20
+# Worth another try: the server or the network may do better in a moment.
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class DownloadError(RuntimeError):
+    """A download that failed for good (after retries, or on a checksum mismatch)."""
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt."""
+
+
+class _ChecksumMismatch(Exception):
+    """The body arrived whole but hashes to another digest (carried as the message)."""
+
+
+def is_url(source: str) -> bool:
+    return urlparse(source).scheme in ("http", "https")
+
+
+def cache_name(url: str) -> str:
+    """A file name for `url` in the download cache: its basename plus a short URL hash."""
+    path = urlparse(url).path
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(path.rsplit("/", 1)[-1])) or "download"
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:10]
+    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz"):
+        if base.lower().endswith(suffix):
+            return f"{base[: -len(suffix)]}-{digest}{base[-len(suffix) :]}"
+    stem, dot, ext = base.rpartition(".")
+    return f"{stem}-{digest}.{ext}" if dot and stem else f"{base}-{digest}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    retries: int = 3,
+    timeout_s: float = 60.0,
+    backoff_s: float = 1.0,
+    progress: bool = True,
+) -> Path:
+    """Fetch `url` to `dest`, reusing `dest` when it is already there (and matches `sha256`).
+
+    Connection errors, timeouts, truncated bodies and HTTP 408/429/5xx are retried
+    `retries` times with exponential backoff (`backoff_s`, then twice that, ...).
+
+    Raises:
+        DownloadError: the download failed for good, or its SHA-256 is not `sha256`.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        if sha256 is None or file_sha256(dest) == sha256:
+            return dest
+        print(f"cached {dest} does not match sha256 {sha256}; downloading again")
+    for attempt in range(retries + 1):
+        try:
+            actual = _fetch_once(url, dest, sha256, timeout_s, progress)
+        except _Retryable as exc:
+            if attempt == retries:
+                raise DownloadError(
+                    f"{url}: download failed after {retries + 1} attempt(s): {exc}"
+                ) from None
+            wait = backoff_s * 2**attempt
+            print(f"{url}: {exc}; retrying in {wait:.1f}s ({attempt + 1}/{retries})")
+            time.sleep(wait)
+            continue
+        if sha256 is not None and actual != sha256:
+            raise DownloadError(
+                f"{url}: sha256 mismatch: expected {sha256}, got {actual} "
+                "(the file was not kept; check data.sha256 or the URL)"
+            )
+        return dest
+    raise AssertionError("unreachable")  # the loop either returns or raises
+
+
+def _fetch_once(url: str, dest: Path, sha256: str | None, timeout_s: float, progress: bool) -> str:
+    digest = hashlib.sha256()
+    try:
+        with requests.get(url, stream=True, timeout=timeout_s) as response:
+            if response.status_code in _RETRY_STATUS:
+                raise _Retryable(f"HTTP {response.status_code} {response.reason}")
+            if response.status_code >= 400:
+                raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            bar = tqdm(
+                total=expected, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+            )
+            with bar, atomic_path(dest) as tmp, open(tmp, "wb") as handle:
+                for chunk in response.iter_content(_CHUNK):
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+                if expected is not None and received != expected:
+                    raise _Retryable(f"connection closed after {received} of {expected} bytes")
+                if sha256 is not None and digest.hexdigest() != sha256:
+                    # Leave no file behind: the temp file is removed by atomic_path.
+                    raise _ChecksumMismatch(digest.hexdigest())
+    except _ChecksumMismatch as exc:
+        return str(exc)
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+    except requests.exceptions.ChunkedEncodingError as exc:
+        raise _Retryable(f"truncated response: {exc}") from None
+    except requests.RequestException as exc:
+        raise DownloadError(f"{url}: {exc}") from None
+    return digest.hexdigest()

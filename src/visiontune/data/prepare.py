@@ -1,0 +1,213 @@
+"""Build the prepared dataset: check every image, drop duplicates, subset, copy, write tables.
+
+Output (under `out_dir`): `images/<layout of the source>`, `manifest.csv`
+(path,label,split_hint), `classes.json`, `rejects.csv` (path,reason).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from visiontune.config import DataParams
+from visiontune.data.download import file_sha256
+from visiontune.data.images import inspect_image
+from visiontune.data.manifest import (
+    MANIFEST_COLUMNS,
+    REJECT_COLUMNS,
+    seeded_rank,
+    sorted_rows,
+    write_classes,
+    write_table,
+)
+from visiontune.data.sources import (
+    Candidate,
+    Reject,
+    list_folders,
+    list_labelled,
+    resolve_labels_path,
+    resolve_source,
+)
+
+IMAGES_DIR = "images"
+
+
+def prepare_dataset(
+    params: DataParams,
+    out_dir: Path,
+    download_dir: Path,
+    *,
+    seed: int,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fetch `params.source` and write the prepared dataset into `out_dir`.
+
+    Args:
+        params: the `data` section.
+        out_dir: an empty folder (the stage swaps it into place when done).
+        download_dir: cache for downloads and scratch space for extraction.
+        seed: picks the `max_per_class` subset.
+        workers: threads decoding images (Pillow releases the GIL while decoding).
+
+    Returns:
+        A JSON-able summary: the source used, counts, rejects by kind, empty classes.
+    """
+    out_dir = Path(out_dir)
+    with resolve_source(
+        params.source,
+        params.mirrors,
+        download_dir,
+        sha256=params.sha256,
+        retries=params.download_retries,
+        timeout_s=params.download_timeout_s,
+    ) as source:
+        if params.labels:
+            labels_csv = resolve_labels_path(params.labels, source.root)
+            listing = list_labelled(source.root, labels_csv, params.id_column, params.label_column)
+        else:
+            listing = list_folders(source.root)
+        rejects = list(listing.rejects)
+        checked = check_images(
+            source.root, listing.candidates, params.max_image_pixels, workers, progress
+        )
+        readable: list[tuple[Candidate, str]] = []
+        for candidate, digest, reason in checked:
+            if reason is None:
+                readable.append((candidate, digest))
+            else:
+                rejects.append(Reject(candidate.path, reason, "unreadable"))
+        unique, duplicates = drop_duplicates(readable)
+        rejects += duplicates
+        kept = subset_per_class(unique, params.max_per_class, seed)
+        for candidate in kept:
+            target = out_dir / IMAGES_DIR / candidate.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.root / candidate.path, target)
+
+    manifest = pd.DataFrame(
+        [(f"{IMAGES_DIR}/{c.path}", c.label, c.split_hint) for c in kept],
+        columns=list(MANIFEST_COLUMNS),
+    )
+    reject_frame = pd.DataFrame([(r.path, r.reason) for r in rejects], columns=["path", "reason"])
+    write_table(out_dir / "manifest.csv", sorted_rows(manifest, MANIFEST_COLUMNS), MANIFEST_COLUMNS)
+    write_table(out_dir / "rejects.csv", sorted_rows(reject_frame, REJECT_COLUMNS), REJECT_COLUMNS)
+    classes = sorted(set(manifest["label"]))
+    write_classes(out_dir / "classes.json", classes)
+    return {
+        "source": {
+            "requested": source.requested,
+            "used": source.used,
+            "kind": source.kind,
+            "layout": listing.layout,
+            "archive_sha256": source.archive_sha256,
+        },
+        "images": len(kept),
+        "candidates": len(listing.candidates),
+        "rejected": len(rejects),
+        "rejected_by_kind": dict(sorted(Counter(r.kind for r in rejects).items())),
+        "skipped_by_max_per_class": len(unique) - len(kept),
+        "classes": len(classes),
+        "per_class": dict(sorted(Counter(manifest["label"]).items())),
+        "split_hints": dict(sorted(Counter(manifest["split_hint"]).items())),
+        "empty_classes": sorted(listing.class_folders - set(classes)),
+    }
+
+
+def check_images(
+    root: Path,
+    candidates: Sequence[Candidate],
+    max_pixels: int | None,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[tuple[Candidate, str, str | None]]:
+    """Hash and fully decode every candidate: (candidate, sha256, reason or None)."""
+
+    def check(candidate: Candidate) -> tuple[Candidate, str, str | None]:
+        path = root / candidate.path
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:
+            return candidate, "", f"cannot read file: {exc.strerror or exc}"
+        return candidate, digest, inspect_image(path, max_pixels=max_pixels)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(check, candidates)
+        return list(tqdm(results, total=len(candidates), desc="check images", disable=not progress))
+
+
+def drop_duplicates(
+    images: Sequence[tuple[Candidate, str]],
+) -> tuple[list[Candidate], list[Reject]]:
+    """Keep one file of each set of byte-identical files; reject the others.
+
+    When identical files carry different labels, nobody knows which label is right,
+    so all copies are rejected.
+    """
+    groups: dict[str, list[Candidate]] = {}
+    for candidate, digest in images:
+        groups.setdefault(digest, []).append(candidate)
+    kept: list[Candidate] = []
+    rejects: list[Reject] = []
+    for group in groups.values():
+        group = sorted(group, key=lambda c: c.path)
+        labels = sorted({c.label for c in group})
+        if len(labels) > 1:
+            others = ", ".join(f"{c.path} ({c.label})" for c in group[:5])
+            for candidate in group:
+                reason = f"identical files with conflicting labels: {others}"
+                rejects.append(Reject(candidate.path, reason, "conflicting duplicate"))
+            continue
+        kept.append(group[0])
+        for candidate in group[1:]:
+            rejects.append(Reject(candidate.path, f"duplicate of {group[0].path}", "duplicate"))
+    return kept, rejects
+
+
+def subset_per_class(
+    images: Sequence[Candidate], max_per_class: int | None, seed: int
+) -> list[Candidate]:
+    """At most `max_per_class` images per (label, split_hint), chosen by a seeded hash.
+
+    Ranking by hash(seed, path) instead of shuffling keeps each file's fate independent
+    of the others: adding images to a folder does not reshuffle the existing choice.
+    """
+    ordered = sorted(images, key=lambda c: c.path)
+    if max_per_class is None:
+        return ordered
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for candidate in ordered:
+        groups.setdefault((candidate.label, candidate.split_hint), []).append(candidate)
+    kept = [
+        candidate
+        for group in groups.values()
+        for candidate in sorted(group, key=lambda c: seeded_rank(seed, c.path))[:max_per_class]
+    ]
+    return sorted(kept, key=lambda c: c.path)
+
+
+def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
+    """A few human lines for the end of the fetch stage."""
+    hints = ", ".join(f"{k or 'no hint'} {v}" for k, v in summary["split_hints"].items())
+    lines = [
+        f"fetch: source {summary['source']['used']} ({summary['source']['kind']}, "
+        f"{summary['source']['layout']})",
+        f"fetch: {summary['images']} images in {summary['classes']} classes ({hints or 'none'})",
+    ]
+    if summary["rejected"]:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in summary["rejected_by_kind"].items())
+        lines.append(f"fetch: {summary['rejected']} files rejected ({kinds}); see {rejects_path}")
+    else:
+        lines.append("fetch: no files rejected")
+    if summary["skipped_by_max_per_class"]:
+        lines.append(f"fetch: {summary['skipped_by_max_per_class']} left out by max_per_class")
+    if summary["empty_classes"]:
+        lines.append(f"fetch: class folders without usable images: {summary['empty_classes']}")
+    return "\n".join(lines)
