@@ -1,0 +1,251 @@
+"""What this machine can do at best with the pipeline's own settings, measured in-process.
+
+Model-only forward and train-step throughput on random tensors, and JPEG decode+resize
+throughput of the loader alone, all built with visiontune's own runtime/model/data builders
+so the limits use exactly the backbone, precision, memory format and batch sizes the stages use.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visiontune.config import Params
+from visiontune.runtime import Runtime, autocast, prepare_module, resolve_runtime, to_device
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(step: Callable[[], int], warmup: int, repeats: int, steps: int) -> dict[str, Any]:
+    """Images/s of `step` (which returns the images it processed): median of `repeats` runs.
+
+    Each run is `steps` calls after `warmup` untimed calls (oneDNN picks and caches its
+    kernels on the first calls for a shape, so those are not representative).
+    """
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(repeats):
+        start, images = time.perf_counter(), 0
+        for _ in range(steps):
+            images += step()
+        rates.append(images / (time.perf_counter() - start))
+    return {"images_per_s": statistics.median(rates), "runs": rates}
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm in eval mode (running stats frozen), as finetune's freeze_bn does."""
+    for child in module.modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            child.eval()
+
+
+def forward_limit(
+    body: nn.Module,
+    runtime: Runtime,
+    batch_size: int,
+    image_size: int,
+    warmup: int = 2,
+    repeats: int = 3,
+    steps: int = 4,
+) -> dict[str, Any]:
+    """Model-only inference images/s on random tensors (eval, inference_mode, autocast)."""
+    body.eval()
+    batch = to_device(torch.randn(batch_size, 3, image_size, image_size), runtime)
+
+    def step() -> int:
+        with torch.inference_mode(), autocast(runtime):
+            body(batch)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch_size
+
+    return {"batch_size": batch_size, **timed(step, warmup, repeats, steps)}
+
+
+def train_step_limit(
+    model: nn.Module,
+    runtime: Runtime,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    freeze_bn: bool,
+    lr: float = 1.0e-4,
+    warmup: int = 2,
+    repeats: int = 3,
+    steps: int = 3,
+) -> dict[str, Any]:
+    """Forward + backward + SGD step images/s on random tensors, whole network trainable."""
+    model.train()
+    if freeze_bn:
+        freeze_batchnorm(model[0] if isinstance(model, nn.Sequential) else model)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1.0e-4)
+    batch = to_device(torch.randn(batch_size, 3, image_size, image_size), runtime)
+    labels = torch.randint(0, num_classes, (batch_size,), device=runtime.device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> int:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(runtime):
+            loss = loss_fn(model(batch).float(), labels)
+        loss.backward()
+        optimizer.step()
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch_size
+
+    return {"batch_size": batch_size, **timed(step, warmup, repeats, steps)}
+
+
+def sample_images(root: Path, count: int) -> list[Path]:
+    """`count` image files spread evenly over the sorted files under `root`."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) <= count:
+        return files
+    stride = len(files) / count
+    return [files[int(i * stride)] for i in range(count)]
+
+
+def decode_limit(
+    paths: Sequence[Path],
+    transform: Callable,
+    min_size: int | None,
+    runtime: Runtime,
+    batch_size: int,
+    num_workers: int | None = None,
+    repeats: int = 2,
+) -> dict[str, Any]:
+    """Images/s of the DataLoader alone (decode + resize + transform), no model.
+
+    The first pass warms the page cache and starts the workers; the median of the
+    next `repeats` passes is reported.
+    """
+    from dataclasses import replace
+
+    from visiontune.data.dataset import ImageDataset, create_loader
+
+    if num_workers is not None:
+        runtime = replace(runtime, num_workers=num_workers)
+    dataset = ImageDataset([str(p) for p in paths], [0] * len(paths), transform, min_size=min_size)
+    rates = []
+    for attempt in range(repeats + 1):
+        loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=0)
+        start, images = time.perf_counter(), 0
+        for batch in loader:
+            images += len(batch[0])
+        if attempt:
+            rates.append(images / (time.perf_counter() - start))
+    return {
+        "images": len(paths),
+        "batch_size": batch_size,
+        "num_workers": runtime.num_workers,
+        "images_per_s": statistics.median(rates),
+        "runs": rates,
+    }
+
+
+def measure_limits(
+    params: Params, image_dir: Path, num_classes: int, decode_images: int = 384, echo: bool = True
+) -> dict[str, Any]:
+    """All machine limits for these params; see the module docstring."""
+    from visiontune.data.transforms import (
+        create_eval_transform,
+        create_train_transform,
+        eval_min_size,
+        train_min_size,
+    )
+    from visiontune.models.backbone import create_backbone, resolve_data_config
+    from visiontune.models.head import create_head
+
+    def say(text: str) -> None:
+        if echo:
+            print(f"  {text}", flush=True)
+
+    runtime = resolve_runtime(params.base)
+    body, weights = create_backbone(params.model.backbone, params.model.weights)
+    data_cfg = resolve_data_config(body, params.model)
+    size = data_cfg.image_size
+    prepare_module(body, runtime)
+    info: dict[str, Any] = {
+        "backbone": params.model.backbone,
+        "weights": weights.source,
+        "image_size": size,
+        "device": str(runtime.device),
+        "precision": runtime.precision,
+        "channels_last": runtime.channels_last,
+        "num_workers": runtime.num_workers,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
+    }
+    say(
+        f"{info['backbone']} {size}px, {info['precision']}, channels_last={runtime.channels_last}"
+        f", torch threads {info['torch_threads']}, {info['cpu_model']}"
+    )
+
+    forward: dict[str, Any] = {}
+    for batch_size in sorted({params.precompute.batch_size, params.tta.batch_size}):
+        forward[str(batch_size)] = forward_limit(body, runtime, batch_size, size)
+        say(f"forward   bs={batch_size:<3} {forward[str(batch_size)]['images_per_s']:7.1f} img/s")
+
+    in_features = int(body.num_features)
+    head = create_head(in_features, num_classes, params.head.hidden, params.head.dropout)
+    model = prepare_module(nn.Sequential(body, head), runtime)
+    bs = params.finetune.batch_size
+    train = train_step_limit(model, runtime, bs, size, num_classes, params.finetune.freeze_bn)
+    say(f"train step bs={bs:<3} {train['images_per_s']:7.1f} img/s")
+    del model, head, body
+
+    paths = sample_images(image_dir, decode_images)
+    decode = {
+        "eval": decode_limit(
+            paths,
+            create_eval_transform(data_cfg),
+            eval_min_size(data_cfg),
+            runtime,
+            params.precompute.batch_size,
+        ),
+        "train": decode_limit(
+            paths,
+            create_train_transform(data_cfg, params.finetune.augment),
+            train_min_size(data_cfg, params.finetune.augment),
+            runtime,
+            params.finetune.batch_size,
+        ),
+        "eval_one_process": decode_limit(
+            paths[:128],
+            create_eval_transform(data_cfg),
+            eval_min_size(data_cfg),
+            runtime,
+            params.precompute.batch_size,
+            num_workers=0,
+            repeats=1,
+        ),
+    }
+    for name, result in decode.items():
+        say(
+            f"decode {name:<16} {result['images_per_s']:7.1f} img/s "
+            f"({result['num_workers']} workers)"
+        )
+    return {**info, "forward": forward, "train_step": train, "decode": decode}

@@ -1,0 +1,204 @@
+"""Run the real pipeline in a throwaway copy of this repo and measure every stage.
+
+Each stage's command (from dvc.yaml) runs as its own subprocess, so its wall time and peak
+RSS are its own; DVC then records the outputs (`dvc commit`) and must report them up to date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def repo_files(root: Path = REPO_ROOT) -> list[str]:
+    """The files git sees in the working tree (tracked + untracked, not ignored)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    return [name for name in listed.split("\0") if name and not name.startswith("bench/")]
+
+
+def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """Commit and dirtiness of the repo the benchmark copied, for the record."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
+def make_project(dest: Path, params: Mapping[str, Any], root: Path = REPO_ROOT) -> Path:
+    """Copy the repo's files to `dest`, write its params.yaml, make it a git repo."""
+    for name in repo_files(root):
+        source = root / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    (dest / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "bench project"], cwd=dest, check=True)
+    return dest
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """Stage environment: this venv first on PATH, the copy's own `src` first on sys.path."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(project / "src"), env.get("PYTHONPATH", "")) if p
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@dataclass
+class StageRun:
+    """What one stage cost: wall time, CPU time, peak memory, exit status."""
+
+    name: str
+    command: str
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float  # largest single process (ru_maxrss of the stage and its children)
+    peak_tree_rss_mb: float  # sampled sum over the process tree (counts shared pages twice)
+    returncode: int
+    log: str = field(repr=False, default="")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("log")
+        return data
+
+
+def _sample_tree_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    while not stop.is_set():
+        total = 0
+        try:
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+        except psutil.Error:
+            break
+        peak[0] = max(peak[0], total / 2**20)
+        stop.wait(0.25)
+
+
+def run_measured(
+    name: str, command: str | Sequence[str], cwd: Path, env: Mapping[str, str], log_path: Path
+) -> StageRun:
+    """Run one command, measuring wall time, CPU time and peak RSS of it alone.
+
+    `os.wait4` returns the rusage of exactly this child (and the children it waited for),
+    so concurrent work elsewhere in the benchmark process cannot leak into the numbers.
+    """
+    shell = isinstance(command, str)
+    text = command if shell else shlex.join(command)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=dict(env), shell=shell, stdout=log, stderr=subprocess.STDOUT
+        )
+        stop, peak = threading.Event(), [0.0]
+        sampler = threading.Thread(target=_sample_tree_rss, args=(proc.pid, stop, peak))
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return StageRun(
+        name=name,
+        command=text,
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports KiB
+        peak_tree_rss_mb=peak[0],
+        returncode=proc.returncode,
+        log=log_path.read_text(errors="replace"),
+    )
+
+
+def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
+    """(name, command, working dir) of each dvc.yaml stage, in file order."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text()) or {}
+    stages = []
+    for name, stage in (spec.get("stages") or {}).items():
+        cmd = stage["cmd"]
+        if isinstance(cmd, list):
+            cmd = " && ".join(cmd)
+        stages.append((name, cmd, project / stage.get("wdir", ".")))
+    return stages
+
+
+def run_pipeline(project: Path, runner: str = "script", echo: bool = True) -> list[StageRun]:
+    """Run every stage in order (stop at the first failure), then let DVC record outputs.
+
+    runner "script": each stage's cmd as DVC would run it, then `dvc commit` + `dvc status`
+    (timed as a pseudo-stage `dvc`); runner "dvc": `dvc repro -s <stage>` per stage.
+    """
+    env = project_env(project)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    logs = project / "bench-logs"
+    runs: list[StageRun] = []
+    for name, cmd, wdir in pipeline_stages(project):
+        command: str | list[str] = cmd if runner == "script" else [dvc, "repro", "-s", name]
+        run = run_measured(
+            name, command, wdir if runner == "script" else project, env, logs / f"{name}.log"
+        )
+        runs.append(run)
+        if echo:
+            print(
+                f"  {name:<11} {run.wall_s:8.1f} s  peak RSS {run.peak_rss_mb:7.0f} MiB"
+                f"  rc={run.returncode}",
+                flush=True,
+            )
+        if run.returncode != 0:
+            print(run.log[-4000:], file=sys.stderr)
+            return runs
+    if runner == "script":
+        script = f"{shlex.quote(dvc)} commit -f -q && {shlex.quote(dvc)} status"
+        run = run_measured("dvc", script, project, env, logs / "dvc.log")
+        runs.append(run)
+        if echo:
+            print(f"  {'dvc commit':<11} {run.wall_s:8.1f} s  rc={run.returncode}", flush=True)
+    return runs

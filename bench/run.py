@@ -1,0 +1,218 @@
+"""`make bench`: speed and accuracy of the real pipeline on ../shared/data, against this machine.
+
+For each dataset: copy the repo to a temp dir with benchmark params, run every dvc.yaml stage
+as its own measured subprocess, measure the machine's limits with the same settings, run the
+fastai reference on the same split, and write bench/results/<dataset>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from project import REPO_ROOT, deep_merge, git_state, make_project, run_pipeline
+from summary import collect_outputs, markdown, summarize
+
+BENCH = Path(__file__).resolve().parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FASTAI_VENV = BENCH / ".venv-fastai"
+DATASETS = ("dogscats", "dogbreeds")
+
+
+def data_overrides(name: str, data_root: Path) -> dict[str, Any]:
+    """Absolute data paths for a dataset (the copy lives elsewhere, so no relative paths)."""
+    root = (data_root / name).resolve()
+    if name == "dogscats":
+        return {"data": {"source": str(root), "mirrors": [], "labels": None}}
+    if name == "dogbreeds":
+        return {
+            "data": {
+                "source": str(root / "train"),
+                "mirrors": [],
+                "labels": str(root / "labels.csv"),
+            }
+        }
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def bench_params(name: str, data_root: Path, quick: bool, tracking: bool) -> dict[str, Any]:
+    """The repo's params.yaml with the benchmark's overrides (bench/params/*.yaml) on top."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    layers = [BENCH / "params" / f"{name}.yaml"] + (
+        [BENCH / "params" / "quick.yaml"] if quick else []
+    )
+    for layer in layers:
+        params = deep_merge(params, yaml.safe_load(layer.read_text()) or {})
+    params = deep_merge(params, data_overrides(name, data_root))
+    if not tracking:
+        params = deep_merge(params, {"tracking": {"enabled": False}})
+    return params
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def ensure_fastai_venv(venv: Path = FASTAI_VENV) -> Path:
+    """A venv with fastai that sees the project's packages (torch stays the pinned build)."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import fastai"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"creating {venv} (fastai from PyPI, pinned by constraints.txt)", flush=True)
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+    site = subprocess.run(
+        [str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    import site as this_site
+
+    # The project's site-packages on the new venv's path: pip then sees torch 2.14.1 as
+    # installed and installs only what fastai adds, pinned by the same constraints.
+    Path(site, "_visiontune_base.pth").write_text(this_site.getsitepackages()[0] + "\n")
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-c",
+            str(REPO_ROOT / "constraints.txt"),
+            "fastai",
+        ],
+        check=True,
+    )
+    return python
+
+
+def run_fastai(project: Path, precision: str) -> dict[str, Any]:
+    try:
+        python = ensure_fastai_venv()
+    except subprocess.CalledProcessError as exc:
+        return {"error": f"fastai could not be installed here: {exc}"}
+    out = project / "fastai.json"
+    start = time.perf_counter()
+    result = subprocess.run(
+        [
+            str(python),
+            str(BENCH / "fastai_ref.py"),
+            "--project",
+            str(project),
+            "--out",
+            str(out),
+            "--precision",
+            precision,
+        ],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 or not out.exists():
+        return {"error": f"fastai run failed (rc {result.returncode}): {result.stderr[-3000:]}"}
+    import json
+
+    data = json.loads(out.read_text())
+    data["process_wall_s"] = time.perf_counter() - start
+    return data
+
+
+def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from visiontune.config import load_params
+    from visiontune.fileio import write_json, write_text
+
+    print(f"== {name} ({'quick' if args.quick else 'full'}) load {load()}", flush=True)
+    params = bench_params(name, args.data_root, args.quick, not args.no_tracking)
+    workdir = Path(tempfile.mkdtemp(prefix=f"visiontune-bench-{name}-"))
+    project = make_project(workdir / "repo", params)
+    typed = load_params(project / "params.yaml")  # fail fast on a bad override
+    record: dict[str, Any] = {
+        "dataset": name,
+        "quick": args.quick,
+        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git": git_state(),
+        "load_before": load(),
+        "cpu_count": os.cpu_count(),
+        "params": typed.model_dump(mode="json"),
+    }
+    limits = None
+    if not args.no_limits:
+        from limits import measure_limits
+
+        print("-- machine limits", flush=True)
+        source = Path(params["data"]["source"])
+        classes = 2 if name == "dogscats" else 120
+        limits = measure_limits(typed, source, classes, decode_images=128 if args.quick else 384)
+    record["limits"] = limits
+    print("-- pipeline", flush=True)
+    runs = run_pipeline(project, runner=args.runner)
+    record["stages_ok"] = bool(runs) and all(r.returncode == 0 for r in runs)
+    outputs = collect_outputs(project)
+    record["outputs"] = outputs
+    record["summary"] = summarize([r.to_dict() for r in runs], outputs, record["params"], limits)
+    if not args.no_fastai and record["stages_ok"]:
+        print("-- fastai reference", flush=True)
+        record["fastai"] = run_fastai(project, args.fastai_precision)
+    elif not args.no_fastai:
+        record["fastai"] = {"error": "skipped: the visiontune pipeline failed"}
+    record["load_after"] = load()
+    suffix = "-quick" if args.quick else ""
+    results = args.results / f"{name}{suffix}.json"
+    write_json(results, record)
+    write_text(results.with_suffix(".md"), markdown(name, record))
+    print(markdown(name, record), flush=True)
+    if args.keep:
+        print(f"project copy kept at {project}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=[*DATASETS, "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="smoke run: few images, 1 epoch")
+    parser.add_argument("--no-fastai", action="store_true", help="skip the fastai reference")
+    parser.add_argument(
+        "--fastai-precision",
+        choices=["auto", "fp32"],
+        default="auto",
+        help="auto: the same precision as visiontune (bf16 autocast on CPU)",
+    )
+    parser.add_argument("--no-limits", action="store_true", help="skip the machine limits")
+    parser.add_argument("--no-tracking", action="store_true", help="tracking.enabled: false")
+    parser.add_argument(
+        "--runner",
+        choices=["script", "dvc"],
+        default="script",
+        help="script: stage cmds then dvc commit; dvc: dvc repro -s per stage",
+    )
+    parser.add_argument("--data-root", type=Path, default=SHARED_DATA)
+    parser.add_argument("--results", type=Path, default=BENCH / "results")
+    parser.add_argument("--keep", action="store_true", help="keep the temp project copy")
+    args = parser.parse_args(argv)
+    names = DATASETS if args.dataset == "all" else (args.dataset,)
+    ok = True
+    for name in names:
+        record = bench_dataset(name, args)
+        ok = ok and record["stages_ok"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""Turn a benchmark run (stage costs, stage outputs, machine limits) into numbers and a table.
+
+Pure functions over plain dicts, so they are testable without running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "precompute_vs_forward": 0.85,
+    "evaluate_vs_forward": 0.85,
+    "finetune_epoch_vs_train_step": 0.85,
+    "train_head_vs_finetune_epoch": 0.05,  # an upper bound
+}
+
+
+def find_number(data: Any, keys: Iterable[str]) -> float | None:
+    """The first of `keys` found in `data` (searched depth-first in nested dicts)."""
+    keys = list(keys)
+    if not isinstance(data, Mapping):
+        return None
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    for value in data.values():
+        found = find_number(value, keys)
+        if found is not None:
+            return found
+    return None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def count_rows(path: Path) -> int:
+    return len(read_rows(path))
+
+
+ACCURACY_KEYS = ("valid_accuracy", "valid_acc", "accuracy", "acc", "valid/acc")
+EPOCH_TIME_KEYS = ("train_s", "train_time_s", "epoch_train_s", "epoch_time_s", "time_s", "seconds")
+
+
+def collect_outputs(project: Path) -> dict[str, Any]:
+    """Everything the stages reported that the benchmark needs, read from the project copy."""
+    outputs = project / "outputs"
+    metrics = {
+        name: read_json(outputs / name / "metrics.json")
+        for name in ("precompute", "head", "finetune", "evaluate")
+    }
+    history = read_rows(outputs / "finetune" / "history.csv")
+    return {
+        "train_images": count_rows(project / "data" / "split" / "train.csv"),
+        "valid_images": count_rows(project / "data" / "split" / "valid.csv"),
+        "prepared_images": count_rows(project / "data" / "prepared" / "manifest.csv"),
+        "lr_find_iterations": count_rows(outputs / "lr_find" / "curve.csv"),
+        "lr_suggestion": read_json(outputs / "lr_find" / "suggestion.json"),
+        "metrics": metrics,
+        "finetune_history": history,
+    }
+
+
+def finetune_epoch_seconds(
+    history: list[Mapping[str, str]], finetune_wall: float | None, epochs: int
+) -> tuple[float | None, str]:
+    """Median training seconds of one fine-tune epoch, and where the number came from."""
+    times = []
+    for row in history:
+        for key in EPOCH_TIME_KEYS:
+            if row.get(key) not in (None, ""):
+                times.append(float(row[key]))
+                break
+    if times:
+        times.sort()
+        return times[len(times) // 2], "history.csv"
+    if finetune_wall and epochs:
+        return finetune_wall / epochs, "stage wall / epochs"
+    return None, "unknown"
+
+
+def stage_images(outputs: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, int]:
+    """Images each stage pushes through the model (views for evaluate, steps for lr_find)."""
+    train, valid = outputs["train_images"], outputs["valid_images"]
+    ft = params["finetune"]
+    epochs = sum(ft["cycle_len"] * ft["cycle_mult"] ** i for i in range(ft["n_cycles"]))
+    views = 1 + int(params["tta"]["n_augment"])
+    return {
+        "fetch": outputs["prepared_images"],
+        "precompute": train + valid,
+        "lr_find": outputs["lr_find_iterations"] * int(params["lr_find"]["batch_size"]),
+        "finetune": epochs * train,
+        "evaluate": valid * views,
+    }
+
+
+def ratio(value: float | None, limit: float | None) -> float | None:
+    return value / limit if value and limit else None
+
+
+def summarize(
+    stages: list[Mapping[str, Any]],
+    outputs: Mapping[str, Any],
+    params: Mapping[str, Any],
+    limits: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Per-stage rows, accuracies, ratios to the limits and pass/fail against the targets."""
+    walls = {s["name"]: s["wall_s"] for s in stages}
+    images = stage_images(outputs, params)
+    m = outputs["metrics"]
+    rows = []
+    for stage in stages:
+        n = images.get(stage["name"])
+        reported = find_number(m.get(stage["name"], {}), ("images_per_s", "img_per_s"))
+        rows.append(
+            {
+                **stage,
+                "images": n,
+                "images_per_s_wall": n / stage["wall_s"] if n and stage["wall_s"] else None,
+                "images_per_s_reported": reported,
+            }
+        )
+    ft = params["finetune"]
+    epochs = sum(ft["cycle_len"] * ft["cycle_mult"] ** i for i in range(ft["n_cycles"]))
+    epoch_s, epoch_source = finetune_epoch_seconds(
+        outputs["finetune_history"], walls.get("finetune"), epochs
+    )
+    accuracy = {
+        "head": find_number(m["head"], ACCURACY_KEYS),
+        "finetune": find_number(m["finetune"], ACCURACY_KEYS),
+        "evaluate": find_number(m["evaluate"], ("accuracy",)),
+        "evaluate_tta": find_number(m["evaluate"], ("accuracy_tta",)),
+    }
+    result: dict[str, Any] = {
+        "stages": rows,
+        "total_wall_s": sum(walls.values()),
+        "accuracy": accuracy,
+        "finetune_epoch_s": epoch_s,
+        "finetune_epoch_source": epoch_source,
+    }
+    if not limits:
+        return result
+    by_name = {r["name"]: r for r in rows}
+
+    def rate(name: str) -> float | None:
+        row = by_name.get(name, {})
+        return row.get("images_per_s_reported") or row.get("images_per_s_wall")
+
+    fwd = limits["forward"]
+    pre_bs, tta_bs = str(params["precompute"]["batch_size"]), str(params["tta"]["batch_size"])
+    train_step = limits["train_step"]["images_per_s"]
+    epoch_rate = outputs["train_images"] / epoch_s if epoch_s else None
+    head_wall = walls.get("train_head")
+    head_inner = find_number(m["head"], ("train_s", "train_time_s", "seconds", "wall_s"))
+    result["ratios"] = {
+        "precompute_vs_forward": ratio(rate("precompute"), fwd[pre_bs]["images_per_s"]),
+        "precompute_wall_vs_forward": ratio(
+            by_name.get("precompute", {}).get("images_per_s_wall"), fwd[pre_bs]["images_per_s"]
+        ),
+        "evaluate_vs_forward": ratio(rate("evaluate"), fwd[tta_bs]["images_per_s"]),
+        "evaluate_wall_vs_forward": ratio(
+            by_name.get("evaluate", {}).get("images_per_s_wall"), fwd[tta_bs]["images_per_s"]
+        ),
+        "finetune_epoch_vs_train_step": ratio(epoch_rate, train_step),
+        "train_head_vs_finetune_epoch": ratio(head_wall, epoch_s),
+        "train_head_inner_vs_finetune_epoch": ratio(head_inner, epoch_s),
+    }
+    result["targets_met"] = {
+        key: (
+            None
+            if result["ratios"][key] is None
+            else (
+                result["ratios"][key] < bound
+                if key.startswith("train_head")
+                else result["ratios"][key] >= bound
+            )
+        )
+        for key, bound in TARGETS.items()
+    }
+    return result
+
+
+def _fmt(value: Any, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(name: str, record: Mapping[str, Any]) -> str:
+    """A short markdown report of one dataset's benchmark record."""
+    s = record["summary"]
+    lines = [
+        f"# Benchmark: {name}",
+        "",
+        f"{record['started']} · commit `{record['git']['commit'][:10]}`"
+        f"{' (dirty)' if record['git']['dirty'] else ''} · load before/after "
+        f"{record['load_before']} / {record['load_after']} · "
+        f"{'quick' if record['quick'] else 'full'} run",
+        "",
+        "| stage | wall s | images | img/s (wall) | img/s (stage) | CPU s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in s["stages"]:
+        lines.append(
+            f"| {row['name']} | {_fmt(row['wall_s'])} | {_fmt(row['images'], 'd')} | "
+            f"{_fmt(row['images_per_s_wall'])} | {_fmt(row['images_per_s_reported'])} | "
+            f"{_fmt(row['cpu_s'])} | {_fmt(row['peak_rss_mb'], '.0f')} |"
+        )
+    lines += [f"| **total** | {_fmt(s['total_wall_s'])} | | | | | |", ""]
+    acc = s["accuracy"]
+    lines += [
+        "| accuracy | head | fine-tune | evaluate | evaluate + TTA |",
+        "|---|---:|---:|---:|---:|",
+        f"| visiontune | {_fmt(acc['head'], '.2%')} | {_fmt(acc['finetune'], '.2%')} | "
+        f"{_fmt(acc['evaluate'], '.2%')} | {_fmt(acc['evaluate_tta'], '.2%')} |",
+    ]
+    fa = record.get("fastai")
+    if fa and "accuracy" in fa:
+        lines.append(
+            f"| fastai {fa['fastai_version']} | | | {_fmt(fa['accuracy'], '.2%')} | "
+            f"{_fmt(fa['accuracy_tta'], '.2%')} |"
+        )
+    lines.append("")
+    limits = record.get("limits")
+    if limits:
+        lines += [
+            f"Limits ({limits['backbone']}, {limits['image_size']} px, {limits['precision']}, "
+            f"channels_last={limits['channels_last']}, {limits['torch_threads']} torch threads, "
+            f"{limits['cpu_model']}):",
+            "",
+            "| limit | batch | img/s |",
+            "|---|---:|---:|",
+        ]
+        for bs, fwd in limits["forward"].items():
+            lines.append(f"| forward | {bs} | {_fmt(fwd['images_per_s'])} |")
+        ts = limits["train_step"]
+        lines.append(f"| train step | {ts['batch_size']} | {_fmt(ts['images_per_s'])} |")
+        for key, dec in limits["decode"].items():
+            lines.append(
+                f"| decode {key} ({dec['num_workers']} workers) | {dec['batch_size']} | "
+                f"{_fmt(dec['images_per_s'])} |"
+            )
+        lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
+        for key, value in s["ratios"].items():
+            bound = TARGETS.get(key)
+            target = (
+                ""
+                if bound is None
+                else (f"< {bound}" if key.startswith("train_head") else f"≥ {bound}")
+            )
+            lines.append(f"| {key} | {_fmt(value, '.3f')} | {target} |")
+        lines.append("")
+    if fa and "total_s" in fa:
+        vt = sum(
+            r["wall_s"]
+            for r in s["stages"]
+            if r["name"] in {"precompute", "train_head", "lr_find", "finetune", "evaluate"}
+        )
+        lines += [
+            f"fastai fine_tune({fa['epochs']}, freeze_epochs={fa['freeze_epochs']}) + tta: "
+            f"{_fmt(fa['total_s'])} s ({fa['precision']}); visiontune precompute→evaluate: "
+            f"{_fmt(vt)} s (ratio {_fmt(ratio(vt, fa['total_s']), '.2f')}).",
+            "",
+        ]
+    elif fa:
+        lines += [f"fastai reference: {fa.get('error', 'not run')}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The benchmark harness's pure helpers and its per-process measurement (bench/)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import project  # noqa: E402
+import run  # noqa: E402
+import summary  # noqa: E402
+
+from visiontune.config import parse_params  # noqa: E402
+
+
+def test_deep_merge_merges_sections_and_replaces_leaves() -> None:
+    base = {"data": {"source": "a", "mirrors": ["m"]}, "head": {"epochs": 8}}
+    merged = project.deep_merge(base, {"data": {"mirrors": [], "labels": "x.csv"}})
+    assert merged == {
+        "data": {"source": "a", "mirrors": [], "labels": "x.csv"},
+        "head": {"epochs": 8},
+    }
+    assert base["data"]["mirrors"] == ["m"]  # the input is not mutated
+
+
+@pytest.mark.parametrize("name", ["dogscats", "dogbreeds"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_bench_params_are_valid_params_with_absolute_data_paths(
+    name: str, quick: bool, tmp_path: Path
+) -> None:
+    raw = run.bench_params(name, tmp_path, quick=quick, tracking=False)
+    params = parse_params(raw)
+    assert Path(params.data.source).is_absolute()
+    assert params.data.mirrors == ()
+    assert params.tracking.enabled is False
+    if name == "dogbreeds":
+        assert Path(params.data.labels).is_absolute()
+        assert params.data.label_column == "breed"
+
+
+def test_run_measured_reports_this_child_memory_time_and_exit_code(tmp_path: Path) -> None:
+    code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+    code += "time.sleep(0.3); raise SystemExit(3)"
+    result = project.run_measured(
+        "alloc", [sys.executable, "-c", code], tmp_path, {}, tmp_path / "alloc.log"
+    )
+    assert result.returncode == 3
+    assert result.wall_s >= 0.3
+    assert 200 <= result.peak_rss_mb < 1000
+    assert result.peak_tree_rss_mb >= 200
+
+
+def test_finetune_epoch_seconds_prefers_history_then_falls_back_to_wall() -> None:
+    history = [{"epoch": "0", "train_s": "30"}, {"epoch": "1", "train_s": "10"}, {"train_s": "20"}]
+    assert summary.finetune_epoch_seconds(history, 999.0, 3) == (20.0, "history.csv")
+    assert summary.finetune_epoch_seconds([{"epoch": "0"}], 90.0, 3) == (
+        30.0,
+        "stage wall / epochs",
+    )
+
+
+def test_summarize_ratios_against_limits() -> None:
+    params = {
+        "finetune": {"cycle_len": 1, "cycle_mult": 2, "n_cycles": 2},
+        "tta": {"n_augment": 4, "batch_size": 64},
+        "precompute": {"batch_size": 64},
+        "lr_find": {"batch_size": 32},
+    }
+    outputs = {
+        "train_images": 100,
+        "valid_images": 50,
+        "prepared_images": 150,
+        "lr_find_iterations": 10,
+        "metrics": {
+            "precompute": {"images_per_s": 90.0},
+            "head": {"valid_accuracy": 0.9},
+            "finetune": {"valid": {"accuracy": 0.95}},
+            "evaluate": {"accuracy": 0.96, "accuracy_tta": 0.97},
+        },
+        "finetune_history": [{"train_s": "10"}, {"train_s": "10"}, {"train_s": "10"}],
+    }
+    stages = [
+        {"name": "precompute", "wall_s": 3.0},
+        {"name": "train_head", "wall_s": 0.4},
+        {"name": "finetune", "wall_s": 40.0},
+        {"name": "evaluate", "wall_s": 5.0},
+    ]
+    limits = {"forward": {"64": {"images_per_s": 100.0}}, "train_step": {"images_per_s": 12.5}}
+    result = summary.summarize(stages, outputs, params, limits)
+    ratios = result["ratios"]
+    assert ratios["precompute_vs_forward"] == pytest.approx(0.9)  # the stage's own number
+    assert ratios["precompute_wall_vs_forward"] == pytest.approx(0.5)  # 150 images / 3 s
+    assert ratios["evaluate_vs_forward"] == pytest.approx(250 / 5.0 / 100)  # 5 views
+    assert ratios["finetune_epoch_vs_train_step"] == pytest.approx(10 / 12.5)
+    assert ratios["train_head_vs_finetune_epoch"] == pytest.approx(0.04)
+    assert result["targets_met"] == {
+        "precompute_vs_forward": True,
+        "evaluate_vs_forward": False,
+        "finetune_epoch_vs_train_step": False,
+        "train_head_vs_finetune_epoch": True,
+    }
+    assert result["accuracy"] == {
+        "head": 0.9,
+        "finetune": 0.95,
+        "evaluate": 0.96,
+        "evaluate_tta": 0.97,
+    }
