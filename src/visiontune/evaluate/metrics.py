@@ -1,0 +1,106 @@
+"""Scores from class probabilities: accuracy, log loss, per-class P/R/F1, confusion tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+# Probabilities are float32 softmax outputs; a true-class probability that underflowed to
+# 0 would give an infinite loss, so it is clipped at the smallest normal float32.
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def per_image_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy of each image, -log p(true class), from probabilities (N×C)."""
+    true_prob = probs[np.arange(len(labels)), labels]
+    return -np.log(np.clip(true_prob.astype(np.float64), _TINY, None))
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(axis=1) == labels)) if len(labels) else float("nan")
+
+
+def summary(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and mean loss of one set of predictions."""
+    return {
+        "accuracy": accuracy(probs, labels),
+        "loss": float(per_image_loss(probs, labels).mean()) if len(labels) else float("nan"),
+    }
+
+
+def per_class_table(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class (scikit-learn; 0 where undefined)."""
+    predicted = probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=np.arange(len(classes)), zero_division=0
+    )
+    return pd.DataFrame(
+        {
+            "class": list(classes),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support.astype(int),
+        }
+    )
+
+
+def macro_scores(table: pd.DataFrame) -> dict[str, float]:
+    """Unweighted means over the classes that occur in the labels."""
+    present = table[table["support"] > 0]
+    return {f"{name}_macro": float(present[name].mean()) for name in ("precision", "recall", "f1")}
+
+
+def predictions_table(
+    paths: Sequence[str], probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]
+) -> pd.DataFrame:
+    """One row per image: path, label, predicted, prob (of the prediction), loss."""
+    predicted = probs.argmax(axis=1)
+    names = np.asarray(classes, dtype=object)
+    return pd.DataFrame(
+        {
+            "path": list(paths),
+            "label": names[labels],
+            "predicted": names[predicted],
+            "prob": probs[np.arange(len(predicted)), predicted].astype(np.float64),
+            "loss": per_image_loss(probs, labels),
+        }
+    )
+
+
+def confusion(
+    actual: Sequence[str], predicted: Sequence[str], classes: Sequence[str], normalize: bool = False
+) -> np.ndarray:
+    """Confusion matrix, rows = actual, columns = predicted, in the order of `classes`.
+
+    With `normalize`, each row is divided by its total (recall on the diagonal); rows
+    of classes absent from `actual` stay 0.
+    """
+    matrix = confusion_matrix(actual, predicted, labels=list(classes))
+    if not normalize:
+        return matrix
+    totals = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+
+
+def most_confused(
+    matrix: np.ndarray, classes: Sequence[str], limit: int, min_count: int = 1
+) -> pd.DataFrame:
+    """Off-diagonal cells with the most images (fastai's `most_confused`), largest first.
+
+    Columns: actual, predicted, count, share (of the actual class's images).
+    """
+    totals = matrix.sum(axis=1)
+    rows = [
+        (classes[i], classes[j], int(matrix[i, j]), matrix[i, j] / totals[i])
+        for i, j in zip(*np.nonzero(matrix), strict=True)
+        if i != j and matrix[i, j] >= min_count
+    ]
+    frame = pd.DataFrame(rows, columns=["actual", "predicted", "count", "share"])
+    frame = frame.sort_values(
+        ["count", "actual", "predicted"], ascending=[False, True, True], kind="stable"
+    )
+    return frame.head(limit).reset_index(drop=True)

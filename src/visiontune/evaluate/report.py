@@ -1,0 +1,172 @@
+"""The report step: confusion matrix, most confused pairs, top losses, LR plots and report.md.
+
+Everything is derived from the TTA probabilities that `evaluate` scored, so the report
+and the metrics can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from visiontune.config import ReportParams
+from visiontune.data.images import UnreadableImageError, open_rgb
+from visiontune.data.transforms import DataConfig, interpolation_mode
+from visiontune.evaluate import metrics, plots
+from visiontune.fileio import write_csv, write_text
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths of everything `build_report` wrote (for the stage and for tracking)."""
+
+    report: Path
+    confusion_png: Path
+    confusion_csv: Path
+    most_confused_csv: Path
+    top_losses_png: Path
+    lr_find_png: Path | None
+    lr_schedule_png: Path | None
+
+    def images(self) -> list[Path]:
+        candidates = [self.confusion_png, self.top_losses_png, self.lr_find_png]
+        return [p for p in [*candidates, self.lr_schedule_png] if p is not None]
+
+
+def read_probabilities(
+    probabilities_csv: Path, predictions_csv: Path
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """TTA probabilities (N×C), label indices, paths and classes written by `evaluate`."""
+    probs = pd.read_csv(probabilities_csv, keep_default_na=False)
+    labelled = pd.read_csv(predictions_csv, keep_default_na=False, dtype={"path": str})
+    if list(probs["path"].astype(str)) != list(labelled["path"]):
+        raise ValueError(f"{probabilities_csv} and {predictions_csv} list different images")
+    classes = [str(c) for c in probs.columns[1:]]
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[name] for name in labelled["label"].astype(str)], dtype=np.int64)
+    return probs[classes].to_numpy(np.float64), labels, list(labelled["path"]), classes
+
+
+def evaluated_view(path: Path, cfg: DataConfig) -> Image.Image:
+    """The image as the model saw it without TTA: upright, resized, centre-cropped."""
+    img = open_rgb(path, min_size=cfg.resize_size)
+    img = TF.resize(img, [cfg.resize_size], interpolation_mode(cfg.interpolation), antialias=True)
+    return TF.center_crop(img, [cfg.image_size, cfg.image_size])
+
+
+def markdown_table(frame: pd.DataFrame, floats: str = ".3f") -> str:
+    """A GitHub-flavoured markdown table (no tabulate dependency)."""
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = [
+        "| " + " | ".join(format(v, floats) if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def build_report(
+    out_dir: Path,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    paths: Sequence[str],
+    classes: Sequence[str],
+    image_root: Path,
+    data_config: DataConfig,
+    eval_metrics: Mapping[str, float],
+    params: ReportParams,
+    lr_curve: pd.DataFrame | None = None,
+    lr_suggestion: float | None = None,
+    steps: pd.DataFrame | None = None,
+) -> ReportFiles:
+    """Write every report file into `out_dir` (each atomically) and return their paths."""
+    out_dir = Path(out_dir)
+    table = metrics.predictions_table(paths, probs, labels, classes)
+    counts = metrics.confusion(table["label"], table["predicted"], classes)
+    files = ReportFiles(
+        report=out_dir / "report.md",
+        confusion_png=out_dir / "confusion.png",
+        confusion_csv=out_dir / "confusion.csv",
+        most_confused_csv=out_dir / "most_confused.csv",
+        top_losses_png=out_dir / "top_losses.png",
+        lr_find_png=out_dir / "lr_find.png" if lr_curve is not None else None,
+        lr_schedule_png=out_dir / "lr_schedule.png" if steps is not None else None,
+    )
+    # One row per image: what DVC's confusion template counts.
+    write_csv(
+        files.confusion_csv, table.rename(columns={"label": "actual"})[["actual", "predicted"]]
+    )
+    confused = metrics.most_confused(counts, classes, params.most_confused)
+    write_csv(files.most_confused_csv, confused)
+    plots.save_figure(
+        plots.confusion_figure(counts, classes, normalize=params.normalize_confusion),
+        files.confusion_png,
+    )
+    worst = table.sort_values("loss", ascending=False, kind="stable").head(params.top_losses)
+    images = []
+    for rel in worst["path"]:
+        try:
+            images.append(evaluated_view(Path(image_root) / rel, data_config))
+        except UnreadableImageError:  # moved or damaged since evaluate: keep its row, grey tile
+            images.append(Image.new("RGB", (data_config.image_size,) * 2, (200, 200, 200)))
+    plots.save_figure(plots.top_losses_figure(images, worst), files.top_losses_png)
+    if files.lr_find_png is not None and lr_curve is not None:
+        column = "smoothed_loss" if "smoothed_loss" in lr_curve else "loss"
+        plots.save_figure(plots.lr_find_figure(lr_curve, lr_suggestion, column), files.lr_find_png)
+    if files.lr_schedule_png is not None and steps is not None:
+        plots.save_figure(plots.lr_schedule_figure(steps), files.lr_schedule_png)
+    per_class = metrics.per_class_table(probs, labels, classes)
+    text = render_markdown(eval_metrics, per_class, confused, worst, files, lr_suggestion)
+    write_text(files.report, text)
+    return files
+
+
+def render_markdown(
+    eval_metrics: Mapping[str, float],
+    per_class: pd.DataFrame,
+    confused: pd.DataFrame,
+    worst: pd.DataFrame,
+    files: ReportFiles,
+    lr_suggestion: float | None,
+) -> str:
+    """report.md: headline numbers, the weakest classes, most confused pairs, figures."""
+    m = eval_metrics
+    lines = [
+        "# Evaluation report",
+        "",
+        f"{int(m['n_images'])} validation images, {len(per_class)} classes; TTA averages "
+        f"the softmax of {int(m['n_views'])} fixed views (centre crop + "
+        f"{int(m['n_views']) - 1} augmented).",
+        "",
+        "| | plain (centre crop) | TTA |",
+        "|---|---|---|",
+        f"| accuracy | {m['accuracy']:.4f} | {m['accuracy_tta']:.4f} |",
+        f"| loss | {m['loss']:.4f} | {m['loss_tta']:.4f} |",
+        "",
+        f"TTA gain: {m['tta_gain'] * 100:+.2f} accuracy points.",
+        "",
+        f"![confusion matrix]({files.confusion_png.name})",
+        "",
+    ]
+    shown = per_class if len(per_class) <= 20 else per_class.nsmallest(10, "f1", keep="first")
+    title = "Per-class scores (TTA)" if len(per_class) <= 20 else "The 10 weakest classes (TTA F1)"
+    lines += [f"## {title}", "", markdown_table(shown), ""]
+    lines += ["## Most confused pairs", ""]
+    if len(confused):
+        lines += [markdown_table(confused), "", f"As CSV: `{files.most_confused_csv.name}`."]
+    else:
+        lines += ["No confusions: every image was classified correctly."]
+    lines += ["", "## Top losses", "", f"![top losses]({files.top_losses_png.name})", ""]
+    lines += [markdown_table(worst[["path", "label", "predicted", "prob", "loss"]]), ""]
+    if files.lr_find_png is not None:
+        suggested = f" (suggested LR {lr_suggestion:.2e})" if lr_suggestion is not None else ""
+        lines += ["## LR finder" + suggested, "", f"![LR finder]({files.lr_find_png.name})", ""]
+    if files.lr_schedule_png is not None:
+        lines += ["## LR schedule", "", f"![LR schedule]({files.lr_schedule_png.name})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Test-time augmentation: a fixed, deterministic set of views per image, averaged after softmax.
+
+Each image is decoded once; every view (centre crop, flips, zoomed centre and corner crops)
+is cut from one or two resized copies of that decoded image, so the extra cost of TTA is
+the model forward per view, not extra JPEG decodes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from tqdm.auto import tqdm
+
+from visiontune.data.images import UnreadableImageError, open_rgb
+from visiontune.data.transforms import DataConfig, interpolation_mode
+from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+
+Position = Literal["center", "top_left", "top_right", "bottom_left", "bottom_right"]
+_CORNERS: tuple[Position, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+@dataclass(frozen=True)
+class TtaView:
+    """One deterministic view: crop `position` of the image resized by `zoom`, maybe flipped."""
+
+    zoom: bool = False
+    position: Position = "center"
+    flip: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ["zoom" if self.zoom else "crop", self.position]
+        return "_".join([*parts, "flip"] if self.flip else parts)
+
+
+# The order views are added in as n_augment grows: the mirror image first (the cheapest,
+# most label-preserving change), then zoomed crops, each followed by its mirror where it
+# fits, then the corners of the plain scale.
+_AUGMENTED: tuple[TtaView, ...] = (
+    TtaView(flip=True),
+    TtaView(zoom=True),
+    TtaView(zoom=True, flip=True),
+    *(TtaView(zoom=True, position=p) for p in _CORNERS),
+    *(TtaView(zoom=True, position=p, flip=True) for p in _CORNERS),
+    *(TtaView(position=p) for p in _CORNERS),
+    *(TtaView(position=p, flip=True) for p in _CORNERS),
+)
+MAX_AUGMENT = len(_AUGMENTED)
+
+
+def tta_views(n_augment: int) -> tuple[TtaView, ...]:
+    """The plain centre crop followed by `n_augment` augmented views (a fixed order)."""
+    if not 0 <= n_augment <= MAX_AUGMENT:
+        raise ValueError(f"n_augment must be in [0, {MAX_AUGMENT}], got {n_augment}")
+    return (TtaView(), *_AUGMENTED[:n_augment])
+
+
+class ViewMaker:
+    """Turns one decoded RGB image into a normalised V×3×H×W tensor of TTA views."""
+
+    def __init__(self, cfg: DataConfig, views: Sequence[TtaView], zoom: float = 1.15) -> None:
+        if zoom < 1:
+            raise ValueError(f"zoom must be >= 1, got {zoom}")
+        self.cfg = cfg
+        self.views = tuple(views)
+        self.size = cfg.image_size
+        # View 0 is exactly the eval transform: resize to cfg.resize_size, centre crop.
+        self.base_size = cfg.resize_size
+        self.zoom_size = round(self.base_size * zoom)
+        self.interpolation = interpolation_mode(cfg.interpolation)
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    @property
+    def min_decode_size(self) -> int:
+        """Smallest short side a reduced JPEG decode may have without losing detail."""
+        return self.zoom_size if any(v.zoom for v in self.views) else self.base_size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        scaled: dict[bool, torch.Tensor] = {}
+        crops = []
+        for view in self.views:
+            if view.zoom not in scaled:
+                size = self.zoom_size if view.zoom else self.base_size
+                resized = TF.resize(img, [size], interpolation=self.interpolation, antialias=True)
+                scaled[view.zoom] = TF.pil_to_tensor(resized)
+            crop = self._crop(scaled[view.zoom], view.position)
+            crops.append(TF.horizontal_flip(crop) if view.flip else crop)
+        batch = torch.stack(crops).float().div_(255.0)
+        return batch.sub_(self.mean).div_(self.std)
+
+    def _crop(self, image: torch.Tensor, position: Position) -> torch.Tensor:
+        if position == "center":
+            return TF.center_crop(image, [self.size, self.size])
+        height, width = image.shape[-2:]
+        if height < self.size or width < self.size:  # too small to crop: pad like center_crop
+            image = TF.center_crop(image, [max(height, self.size), max(width, self.size)])
+            height, width = image.shape[-2:]
+        top = 0 if position.startswith("top") else height - self.size
+        left = 0 if position.endswith("left") else width - self.size
+        return image[..., top : top + self.size, left : left + self.size]
+
+
+class TtaDataset(torch.utils.data.Dataset):
+    """Images as V×3×H×W view stacks: items are (views, label or -1, index, error).
+
+    With `skip_unreadable`, a file that cannot be decoded gives zero views and its
+    reason in `error` (the predict CLI reports it and predicts the rest); otherwise
+    the UnreadableImageError propagates.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | None,
+        views: ViewMaker,
+        skip_unreadable: bool = False,
+    ) -> None:
+        if labels is not None and len(labels) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = list(labels) if labels is not None else None
+        self.views = views
+        self.skip_unreadable = skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
+        label = self.labels[index] if self.labels is not None else -1
+        try:
+            img = open_rgb(self.paths[index], min_size=self.views.min_decode_size)
+        except UnreadableImageError as exc:
+            if not self.skip_unreadable:
+                raise
+            size = self.views.size
+            return torch.zeros(len(self.views.views), 3, size, size), label, index, exc.reason
+        return self.views(img), label, index, ""
+
+
+@dataclass(frozen=True)
+class ViewPredictions:
+    """Softmax probabilities of every view: probs is N×V×C (view 0 = plain centre crop)."""
+
+    probs: torch.Tensor
+    labels: torch.Tensor
+    errors: list[str]
+    seconds: float
+
+    @property
+    def plain(self) -> torch.Tensor:
+        return self.probs[:, 0]
+
+    @property
+    def tta(self) -> torch.Tensor:
+        return average_views(self.probs)
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.labels) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def average_views(probs: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-view probabilities (N×V×C → N×C): softmax first, then average."""
+    return probs.mean(dim=1)
+
+
+@torch.inference_mode()
+def predict_views(
+    model: torch.nn.Module, loader: torch.utils.data.DataLoader, runtime: Runtime, desc: str = ""
+) -> ViewPredictions:
+    """Run every view of every image through `model`; rows come back in dataset order."""
+    prepare_module(model, runtime).eval()
+    n = len(loader.dataset)
+    probs: torch.Tensor | None = None
+    labels = torch.full((n,), -1, dtype=torch.long)
+    errors = [""] * n
+    start = time.perf_counter()
+    with tqdm(total=n, desc=desc or "tta", unit="img", leave=False) as bar:
+        for views, batch_labels, index, batch_errors in loader:
+            b, v = views.shape[:2]
+            with autocast(runtime):
+                logits = model(to_device(views.flatten(0, 1), runtime))
+            batch_probs = logits.float().softmax(dim=-1).view(b, v, -1).cpu()
+            if probs is None:
+                probs = torch.zeros(n, v, batch_probs.shape[-1])
+            probs[index] = batch_probs
+            labels[index] = batch_labels
+            for i, error in zip(index.tolist(), batch_errors, strict=True):
+                errors[i] = error
+            bar.update(b)
+    seconds = time.perf_counter() - start
+    if probs is None:
+        raise ValueError("no images to predict")
+    return ViewPredictions(probs=probs, labels=labels, errors=errors, seconds=seconds)

@@ -1,0 +1,95 @@
+"""Evaluation metrics on known predictions, checked against scikit-learn and by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    log_loss,
+)
+
+from visiontune.evaluate import metrics
+
+CLASSES = ["bird", "cat", "dog"]
+
+
+@pytest.fixture
+def known() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    logits = rng.normal(size=(60, 3)) + 2.0 * np.eye(3)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return probs, labels
+
+
+def test_summary_matches_sklearn(known):
+    probs, labels = known
+    scores = metrics.summary(probs, labels)
+    assert scores["accuracy"] == pytest.approx(accuracy_score(labels, probs.argmax(1)))
+    assert scores["loss"] == pytest.approx(log_loss(labels, probs, labels=[0, 1, 2]))
+
+
+def test_per_class_matches_classification_report(known):
+    probs, labels = known
+    table = metrics.per_class_table(probs, labels, CLASSES)
+    report = classification_report(
+        labels, probs.argmax(1), target_names=CLASSES, output_dict=True, zero_division=0
+    )
+    for row in table.itertuples(index=False):
+        expected = report[row[0]]
+        assert row.precision == pytest.approx(expected["precision"])
+        assert row.recall == pytest.approx(expected["recall"])
+        assert row.f1 == pytest.approx(expected["f1-score"])
+        assert row.support == expected["support"]
+    macro = metrics.macro_scores(table)
+    assert macro["f1_macro"] == pytest.approx(report["macro avg"]["f1-score"])
+
+
+def test_absent_class_scores_zero_and_is_left_out_of_macro():
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0]])
+    labels = np.array([0, 1, 1])  # "dog" never occurs and is never predicted
+    table = metrics.per_class_table(probs, labels, CLASSES)
+    assert table.loc[2, ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
+    assert table.loc[1, "recall"] == pytest.approx(0.5)
+    assert metrics.macro_scores(table)["recall_macro"] == pytest.approx(0.75)
+
+
+def test_confusion_matches_sklearn_and_normalises_rows(known):
+    probs, labels = known
+    actual = [CLASSES[i] for i in labels]
+    predicted = [CLASSES[i] for i in probs.argmax(1)]
+    counts = metrics.confusion(actual, predicted, CLASSES)
+    np.testing.assert_array_equal(counts, confusion_matrix(labels, probs.argmax(1)))
+    shares = metrics.confusion(actual, predicted, CLASSES, normalize=True)
+    np.testing.assert_allclose(
+        shares, confusion_matrix(labels, probs.argmax(1), normalize="true"), atol=1e-12
+    )
+
+
+def test_predictions_table_and_loss_by_hand():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
+    table = metrics.predictions_table(["a.jpg", "b.jpg"], probs, np.array([0, 1]), CLASSES)
+    assert table["label"].tolist() == ["bird", "cat"]
+    assert table["predicted"].tolist() == ["bird", "dog"]
+    np.testing.assert_allclose(table["prob"], [0.7, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(table["loss"], [-np.log(0.7), -np.log(0.3)], rtol=1e-6)
+
+
+def test_zero_probability_gives_a_finite_loss():
+    loss = metrics.per_image_loss(np.array([[1.0, 0.0]], dtype=np.float32), np.array([1]))
+    assert np.isfinite(loss).all() and loss[0] > 80
+
+
+def test_most_confused_orders_pairs_by_count():
+    counts = np.array([[5, 3, 0], [1, 6, 4], [0, 3, 2]])
+    table = metrics.most_confused(counts, CLASSES, limit=3)
+    assert table[["actual", "predicted", "count"]].values.tolist() == [
+        ["cat", "dog", 4],
+        ["bird", "cat", 3],
+        ["dog", "cat", 3],
+    ]
+    assert table["share"].tolist() == pytest.approx([4 / 11, 3 / 8, 3 / 5])
+    assert metrics.most_confused(np.diag([3, 4, 5]), CLASSES, limit=5).empty

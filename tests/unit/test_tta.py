@@ -1,0 +1,111 @@
+"""TTA views are fixed and deterministic, view 0 is the eval transform, averaging is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontune.config import BaseParams
+from visiontune.data.transforms import DataConfig, create_eval_transform
+from visiontune.evaluate.tta import (
+    MAX_AUGMENT,
+    TtaDataset,
+    TtaView,
+    ViewMaker,
+    predict_views,
+    tta_views,
+)
+from visiontune.runtime import resolve_runtime
+
+CFG = DataConfig(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="nearest",
+                 crop_pct=1.0)  # fmt: skip
+
+
+def test_views_are_a_fixed_order_of_distinct_views():
+    assert tta_views(0) == (TtaView(),)
+    assert [v.name for v in tta_views(4)] == [
+        "crop_center",
+        "crop_center_flip",
+        "zoom_center",
+        "zoom_center_flip",
+        "zoom_top_left",
+    ]
+    every = tta_views(MAX_AUGMENT)
+    assert len(set(every)) == MAX_AUGMENT + 1
+    with pytest.raises(ValueError, match="n_augment"):
+        tta_views(MAX_AUGMENT + 1)
+
+
+def test_view_zero_is_the_eval_transform_and_views_are_deterministic(dogscats: Path):
+    cfg = DataConfig(image_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                     interpolation="bicubic", crop_pct=0.875)  # fmt: skip
+    img = Image.open(dogscats / "valid" / "cats" / "cat.4001.jpg").convert("RGB")
+    maker = ViewMaker(cfg, tta_views(MAX_AUGMENT), zoom=1.15)
+    views = maker(img)
+    assert views.shape == (MAX_AUGMENT + 1, 3, 64, 64)
+    expected = create_eval_transform(cfg)(img)
+    torch.testing.assert_close(views[0], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(views[1], expected.flip(-1), atol=1e-6, rtol=0)
+    assert torch.equal(maker(img), views)
+    flat = views.flatten(1)
+    distances = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
+    assert distances.min() > 1.0  # no two views are the same picture
+
+
+class LeftMinusRight(torch.nn.Module):
+    """Logits (d, 0, -d) with d = mean of the left half minus the right half: flip negates d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        d = x[:, :, :, :half].mean(dim=(1, 2, 3)) - x[:, :, :, half:].mean(dim=(1, 2, 3))
+        return torch.stack([d, torch.zeros_like(d), -d], dim=1)
+
+
+def _split_image(path: Path, left: int) -> Path:
+    array = np.zeros((64, 64, 3), dtype=np.uint8)
+    array[:, :32] = left
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_tta_probabilities_are_the_mean_of_per_view_softmax(tmp_path: Path):
+    lefts = [255, 0, 127, 255, 51]
+    paths = [_split_image(tmp_path / f"{i}.png", v) for i, v in enumerate(lefts)]
+    dataset = TtaDataset(paths, [0, 2, 1, 0, 1], ViewMaker(CFG, tta_views(1)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2)
+    runtime = resolve_runtime(BaseParams(device="cpu", precision="fp32", num_workers=0))
+    out = predict_views(LeftMinusRight(), loader, runtime)
+
+    # Normalised pixels are v/127.5 - 1, the right half is -1: d = left/127.5.
+    d = torch.tensor(lefts, dtype=torch.float32) / 127.5
+    plain = torch.stack([d, torch.zeros_like(d), -d], 1).softmax(1)
+    flipped = plain.flip(1)
+    torch.testing.assert_close(out.plain, plain)
+    torch.testing.assert_close(out.probs[:, 1], flipped)
+    torch.testing.assert_close(out.tta, (plain + flipped) / 2)
+    # Softmax-then-mean, not mean-of-logits (which would be uniform here).
+    assert out.tta[0, 1] < 1 / 3 - 0.05
+    torch.testing.assert_close(out.tta.sum(1), torch.ones(len(lefts)))
+    assert out.labels.tolist() == [0, 2, 1, 0, 1]
+    assert out.errors == [""] * len(lefts)
+
+
+def test_unreadable_images_raise_or_are_reported(tmp_path: Path):
+    good = _split_image(tmp_path / "good.png", 200)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    maker = ViewMaker(CFG, tta_views(2))
+    with pytest.raises(ValueError, match="empty file"):
+        TtaDataset([empty], None, maker)[0]
+    dataset = TtaDataset([empty, good, text], None, maker, skip_unreadable=True)
+    runtime = resolve_runtime(BaseParams(device="cpu", precision="fp32", num_workers=0))
+    out = predict_views(LeftMinusRight(), torch.utils.data.DataLoader(dataset, 2), runtime)
+    assert out.errors[1] == ""
+    assert "empty" in out.errors[0] and "not an image" in out.errors[2]
+    assert out.probs.shape == (3, 3, 3)
