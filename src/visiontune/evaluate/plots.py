@@ -105,7 +105,7 @@ def top_losses_figure(images: Sequence[Image.Image], rows: pd.DataFrame) -> Figu
     k = len(images)
     cols = min(4, max(k, 1)) if k <= 8 else math.ceil(math.sqrt(k))
     nrows = max(math.ceil(k / cols), 1)
-    fig = Figure(figsize=(2.7 * cols, 3.1 * nrows + 0.4))
+    fig = Figure(figsize=(2.7 * cols, 3.1 * nrows + 0.4), layout="constrained")
     fig.suptitle("Top losses: actual / predicted (probability) / loss", fontsize=12)
     for i, (image, row) in enumerate(zip(images, rows.itertuples(index=False), strict=True)):
         ax = fig.add_subplot(nrows, cols, i + 1)
@@ -119,7 +119,6 @@ def top_losses_figure(images: Sequence[Image.Image], rows: pd.DataFrame) -> Figu
         )
     if k == 0:
         fig.text(0.5, 0.5, "no images", ha="center", va="center")
-    fig.tight_layout()
     return fig
 
 

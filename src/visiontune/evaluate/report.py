@@ -43,13 +43,13 @@ def read_probabilities(
     probabilities_csv: Path, predictions_csv: Path
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """TTA probabilities (N×C), label indices, paths and classes written by `evaluate`."""
-    probs = pd.read_csv(probabilities_csv, keep_default_na=False)
-    labelled = pd.read_csv(predictions_csv, keep_default_na=False, dtype={"path": str})
-    if list(probs["path"].astype(str)) != list(labelled["path"]):
+    probs = pd.read_csv(probabilities_csv, keep_default_na=False, dtype={"path": str})
+    labelled = pd.read_csv(predictions_csv, keep_default_na=False, dtype=str)
+    if list(probs["path"]) != list(labelled["path"]):
         raise ValueError(f"{probabilities_csv} and {predictions_csv} list different images")
     classes = [str(c) for c in probs.columns[1:]]
     index = {name: i for i, name in enumerate(classes)}
-    labels = np.array([index[name] for name in labelled["label"].astype(str)], dtype=np.int64)
+    labels = np.array([index[name] for name in labelled["label"]], dtype=np.int64)
     return probs[classes].to_numpy(np.float64), labels, list(labelled["path"]), classes
 
 
