@@ -1,0 +1,133 @@
+"""Training checkpoints: everything needed to resume exactly, tensors and primitives only.
+
+Written atomically (temp file + rename) and read with `torch.load(weights_only=True)`,
+so a checkpoint can never execute code and a kill mid-write never corrupts the last one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visiontune.fileio import atomic_path
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "last.pt"
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of every RNG training touches: torch (CPU, CUDA), NumPy, Python."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the RNG states captured by `capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_PRIMITIVES = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.Size)
+
+
+def _check_loadable(value: Any, where: str = "checkpoint") -> None:
+    """Refuse anything `torch.load(weights_only=True)` would not read back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_loadable(key, where)
+            _check_loadable(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_loadable(item, f"{where}[{i}]")
+    elif not isinstance(value, _PRIMITIVES):
+        raise TypeError(f"{where} is a {type(value).__name__}: store only tensors and primitives")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically; the previous one survives any failure."""
+    payload = {"format_version": FORMAT_VERSION, **state}
+    _check_loadable(payload)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """Read a checkpoint (tensors and primitives only), or None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format {state.get('format_version')}; "
+            f"this visiontune reads format {FORMAT_VERSION} (delete it to start fresh)"
+        )
+    return state
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two (nested) config dicts."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{sub}" for sub in config_differences(a, b)]
+        elif a != b:
+            diffs.append(key)
+    return diffs
+
+
+@contextlib.contextmanager
+def stop_on_signals(*signums: int) -> Iterator[threading.Event]:
+    """An Event set when SIGTERM (default) arrives, so the loop can checkpoint and stop.
+
+    The previous handlers come back on exit; outside the main thread this is a plain Event.
+    """
+    signums = signums or (signal.SIGTERM,)
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = {s: signal.getsignal(s) for s in signums}
+    for signum in signums:
+        signal.signal(signum, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
