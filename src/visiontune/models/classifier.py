@@ -1,0 +1,133 @@
+"""The full classifier (timm body + head) and its self-contained model file.
+
+A model file is one safetensors file: the state dict plus JSON metadata (backbone name,
+classes, data config, head shape), so it loads with no pretrained weights and no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from visiontune.data.transforms import DataConfig
+from visiontune.fileio import atomic_path
+from visiontune.models.backbone import WeightsInfo, create_backbone
+from visiontune.models.head import create_head
+
+FORMAT_VERSION = 1
+METADATA_KEY = "visiontune"
+
+
+class ImageClassifier(torch.nn.Module):
+    """`body` (headless timm model → pooled features) followed by `head` (→ logits)."""
+
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(images))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything besides the tensors needed to rebuild and use a classifier."""
+
+    backbone: str
+    classes: list[str]
+    data_config: DataConfig
+    head_hidden: tuple[int, ...]
+    head_dropout: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "classes": list(self.classes),
+            "data_config": self.data_config.to_dict(),
+            "head_hidden": list(self.head_hidden),
+            "head_dropout": self.head_dropout,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
+        return cls(
+            backbone=str(data["backbone"]),
+            classes=[str(c) for c in data["classes"]],
+            data_config=DataConfig.from_dict(data["data_config"]),
+            head_hidden=tuple(int(h) for h in data["head_hidden"]),
+            head_dropout=float(data["head_dropout"]),
+        )
+
+
+def create_classifier(
+    backbone: str,
+    weights: str,
+    num_classes: int,
+    hidden: Sequence[int] = (),
+    dropout: float = 0.25,
+) -> tuple[ImageClassifier, WeightsInfo]:
+    """A pretrained body with a fresh head for `num_classes`."""
+    body, info = create_backbone(backbone, weights)
+    head = create_head(body.num_features, num_classes, hidden, dropout)
+    return ImageClassifier(body, head), info
+
+
+def build_classifier(info: ModelInfo) -> ImageClassifier:
+    """An untrained classifier with the architecture `info` describes (for loading into)."""
+    body = timm.create_model(info.backbone, pretrained=False, num_classes=0)
+    head = create_head(body.num_features, len(info.classes), info.head_hidden, info.head_dropout)
+    return ImageClassifier(body, head)
+
+
+def save_model_file(path: Path, model: ImageClassifier, info: ModelInfo) -> None:
+    """Write the classifier as one safetensors file with its ModelInfo as metadata (atomic)."""
+    num_outputs = model.head[-1].out_features
+    if num_outputs != len(info.classes):
+        raise ValueError(
+            f"head has {num_outputs} outputs but info lists {len(info.classes)} classes"
+        )
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **info.to_dict()})}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """The ModelInfo stored in a model file, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is not a visiontune model file (no '{METADATA_KEY}' metadata)")
+    data = json.loads(raw)
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has model file format {version}; this visiontune reads format {FORMAT_VERSION}"
+        )
+    return ModelInfo.from_dict(data)
+
+
+def load_model_file(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> tuple[ImageClassifier, ModelInfo]:
+    """Rebuild a classifier from a model file (in eval mode); needs no pretrained weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    info = read_model_info(path)
+    model = build_classifier(info)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+            state[key] = handle.get_tensor(key)
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval(), info

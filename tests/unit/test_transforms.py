@@ -1,0 +1,90 @@
+"""Eval and training transforms: sizes, normalisation from the data config, crop geometry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from visiontune.config import AugmentParams
+from visiontune.data.transforms import (
+    DataConfig,
+    RandomZoomCrop,
+    create_eval_transform,
+    create_train_transform,
+    eval_min_size,
+    train_min_size,
+)
+
+CFG = DataConfig(
+    image_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.8
+)
+
+
+def test_data_config_round_trips_through_json() -> None:
+    assert DataConfig.from_dict(json.loads(json.dumps(CFG.to_dict()))) == CFG
+    assert CFG.resize_size == 80 == eval_min_size(CFG)
+    assert train_min_size(CFG, AugmentParams(max_zoom=1.5)) == 96
+
+
+def test_eval_transform_normalises_with_the_config_statistics() -> None:
+    white = create_eval_transform(CFG)(Image.new("RGB", (300, 200), (255, 255, 255)))
+    assert white.shape == (3, 64, 64) and white.dtype == torch.float32
+    assert torch.allclose(white, torch.ones_like(white))  # (1 - 0.5) / 0.5
+    imagenet = DataConfig(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 1.0)
+    black = create_eval_transform(imagenet)(Image.new("RGB", (64, 64)))
+    assert torch.allclose(black[0], torch.full((64, 64), -0.485 / 0.229))
+
+
+def test_eval_transform_centre_crops_after_resizing_the_short_side() -> None:
+    # 400x200 → short side 80 → 160x80 → the centre 64x64 excludes the outer quarters.
+    image = Image.new("RGB", (400, 200), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 100, 200))
+    image.paste((255, 0, 0), (300, 0, 400, 200))
+    out = create_eval_transform(CFG)(image)
+    assert torch.allclose(out[0], torch.full((64, 64), -1.0))  # no red left
+    assert torch.allclose(out[2], torch.ones(64, 64))
+
+
+def test_train_transform_is_random_but_seedable() -> None:
+    image = Image.effect_mandelbrot((120, 90), (-2, -1.2, 1, 1.2), 50).convert("RGB")
+    transform = create_train_transform(CFG, AugmentParams(rotate_deg=10, max_zoom=1.3))
+    torch.manual_seed(0)
+    first = transform(image)
+    torch.manual_seed(0)
+    assert torch.equal(transform(image), first)
+    assert first.shape == (3, 64, 64)
+    assert not torch.equal(transform(image), first)
+
+
+def test_zoom_crop_without_zoom_keeps_the_whole_short_side() -> None:
+    # A vertical gradient: a crop spanning the full height keeps both extremes.
+    column = Image.linear_gradient("L").resize((1, 200))
+    image = Image.merge("RGB", [column.resize((300, 200))] * 3)
+    crop = RandomZoomCrop(50, max_zoom=1.0, ratio=(1.0, 1.0))
+    for _ in range(5):
+        out = pil_to_tensor(crop(image))[0]
+        assert out[0].max() < 10 and out[-1].min() > 245
+
+
+def test_zoom_crop_zooms_at_most_max_zoom() -> None:
+    column = Image.linear_gradient("L").resize((1, 200))
+    image = Image.merge("RGB", [column.resize((200, 200))] * 3)
+    crop = RandomZoomCrop(50, max_zoom=2.0, ratio=(1.0, 1.0))
+    torch.manual_seed(1)
+    spans = []
+    for _ in range(30):
+        out = pil_to_tensor(crop(image))[0].float()
+        spans.append(float(out[-1].mean() - out[0].mean()))
+    # The crop height is between 1/2 and all of the image, so is the grey-level span.
+    assert min(spans) > 255 / 2 * 0.9 and max(spans) <= 256
+    assert max(spans) - min(spans) > 30  # the zoom really varies
+
+
+def test_unknown_interpolation_is_named() -> None:
+    bad = DataConfig(64, (0.5,) * 3, (0.5,) * 3, "cubic-ish", 0.9)
+    with pytest.raises(ValueError, match=r"cubic-ish.*bilinear"):
+        create_eval_transform(bad)
