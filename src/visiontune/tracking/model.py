@@ -1,0 +1,100 @@
+"""The fine-tuned model in MLflow: pytorch flavour + registry alias + the safetensors file.
+
+The MLflow model takes what the eval transform produces (float32 N×3×H×W, normalised with
+the data config recorded in its metadata) and returns class probabilities, so
+`mlflow.pyfunc.load_model(uri).predict(batch)` matches `visiontune predict` on the same images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+import visiontune
+from visiontune.tracking.runs import StageTracker
+
+
+class ProbabilityModel(torch.nn.Module):
+    """An ImageClassifier whose output is softmax probabilities in float32 (what is served)."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(images).float(), dim=1)
+
+
+def _requirements() -> list[str]:
+    import safetensors
+    import timm
+    import torchvision
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"timm=={timm.__version__}",
+        f"safetensors=={safetensors.__version__}",
+        f"visiontune=={visiontune.__version__}",
+    ]
+
+
+def log_model(
+    tracker: StageTracker,
+    model_file: Path,
+    *,
+    registered_model: str | None,
+    alias: str,
+) -> dict[str, Any]:
+    """Log `model_file` as the run's MLflow model (+ the file itself), register it, alias it.
+
+    Returns `{"model_uri": ..., "version": ...}` (version None when not registered).
+    """
+    from visiontune.models.classifier import load_model_file
+
+    assert tracker.client is not None and tracker.store is not None
+    classifier, info = load_model_file(model_file)
+    served = ProbabilityModel(classifier).eval()
+    size = info.data_config.image_size
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
+        outputs=Schema(
+            [TensorSpec(np.dtype(np.float32), (-1, len(info.classes)), "probabilities")]
+        ),
+    )
+    # A mid-grey image (0 after mean=std=0.5 normalisation); one is enough to show the layout.
+    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    metadata = {
+        "classes": list(info.classes),
+        "data_config": dataclasses.asdict(info.data_config),
+        "backbone": info.backbone,
+        "preprocessing": "create_eval_transform(DataConfig(**data_config))",
+    }
+    mlflow.set_tracking_uri(tracker.store.uri)
+    with mlflow.start_run(run_id=tracker.run_id):
+        logged = mlflow.pytorch.log_model(
+            served,
+            name="model",
+            signature=signature,
+            input_example=example,
+            metadata=metadata,
+            pip_requirements=_requirements(),
+            registered_model_name=registered_model,
+        )
+    # The self-contained file `visiontune predict` loads: stored once, no checkpoints.
+    tracker.log_artifact(model_file, "weights")
+    version = logged.registered_model_version
+    if registered_model and version is not None:
+        tracker.client.set_registered_model_alias(registered_model, alias, str(version))
+        tracker.client.set_model_version_tag(
+            registered_model, str(version), "visiontune.backbone", info.backbone
+        )
+    return {"model_uri": logged.model_uri, "version": version}
