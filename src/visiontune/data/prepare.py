@@ -10,6 +10,7 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +76,18 @@ def prepare_dataset(
         else:
             listing = list_folders(source.root)
         rejects = list(listing.rejects)
-        checked = check_images(
-            source.root, listing.candidates, params.max_image_pixels, workers, progress
+        hashed, unreadable = hash_files(source.root, listing.candidates, workers)
+        unique, duplicates = drop_duplicates(hashed)
+        kept, broken, skipped = select_images(
+            source.root,
+            unique,
+            max_per_class=params.max_per_class,
+            seed=seed,
+            max_pixels=params.max_image_pixels,
+            workers=workers,
+            progress=progress,
         )
-        readable: list[tuple[Candidate, str]] = []
-        for candidate, digest, reason in checked:
-            if reason is None:
-                readable.append((candidate, digest))
-            else:
-                rejects.append(Reject(candidate.path, reason, "unreadable"))
-        unique, duplicates = drop_duplicates(readable)
-        rejects += duplicates
-        kept = subset_per_class(unique, params.max_per_class, seed)
+        rejects += unreadable + duplicates + broken
         for candidate in kept:
             target = out_dir / IMAGES_DIR / candidate.path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def prepare_dataset(
         "candidates": len(listing.candidates),
         "rejected": len(rejects),
         "rejected_by_kind": dict(sorted(Counter(r.kind for r in rejects).items())),
-        "skipped_by_max_per_class": len(unique) - len(kept),
+        "skipped_by_max_per_class": skipped,
         "classes": len(classes),
         "per_class": dict(sorted(Counter(manifest["label"]).items())),
         "split_hints": dict(sorted(Counter(manifest["split_hint"]).items())),
@@ -121,26 +122,22 @@ def prepare_dataset(
     }
 
 
-def check_images(
-    root: Path,
-    candidates: Sequence[Candidate],
-    max_pixels: int | None,
-    workers: int = 1,
-    progress: bool = True,
-) -> list[tuple[Candidate, str, str | None]]:
-    """Hash and fully decode every candidate: (candidate, sha256, reason or None)."""
+def hash_files(
+    root: Path, candidates: Sequence[Candidate], workers: int = 1
+) -> tuple[list[tuple[Candidate, str]], list[Reject]]:
+    """SHA-256 of every candidate file: ([(candidate, digest)], rejects for unreadable files)."""
 
-    def check(candidate: Candidate) -> tuple[Candidate, str, str | None]:
-        path = root / candidate.path
+    def digest(candidate: Candidate) -> str | Reject:
         try:
-            digest = file_sha256(path)
+            return file_sha256(root / candidate.path)
         except OSError as exc:
-            return candidate, "", f"cannot read file: {exc.strerror or exc}"
-        return candidate, digest, inspect_image(path, max_pixels=max_pixels)
+            reason = f"cannot read file: {exc.strerror or exc}"
+            return Reject(candidate.path, reason, "unreadable")
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(check, candidates)
-        return list(tqdm(results, total=len(candidates), desc="check images", disable=not progress))
+        results = list(pool.map(digest, candidates))
+    hashed = [(c, r) for c, r in zip(candidates, results, strict=True) if isinstance(r, str)]
+    return hashed, [r for r in results if isinstance(r, Reject)]
 
 
 def drop_duplicates(
@@ -171,26 +168,53 @@ def drop_duplicates(
     return kept, rejects
 
 
-def subset_per_class(
-    images: Sequence[Candidate], max_per_class: int | None, seed: int
-) -> list[Candidate]:
-    """At most `max_per_class` images per (label, split_hint), chosen by a seeded hash.
+def select_images(
+    root: Path,
+    images: Sequence[Candidate],
+    *,
+    max_per_class: int | None,
+    seed: int,
+    max_pixels: int | None,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[list[Candidate], list[Reject], int]:
+    """Decode images and keep the readable ones, at most `max_per_class` per (label, hint).
 
-    Ranking by hash(seed, path) instead of shuffling keeps each file's fate independent
-    of the others: adding images to a folder does not reshuffle the existing choice.
+    With `max_per_class`, each group is ranked by a seeded hash of the path and decoded
+    in that order only until it has enough readable images, so a quick run on a big
+    folder stays quick. Ranking by hash instead of shuffling keeps each file's fate
+    independent of the others: adding images does not reshuffle the existing choice.
+
+    Returns:
+        (kept images sorted by path, rejects for unreadable ones, number left unchecked).
     """
-    ordered = sorted(images, key=lambda c: c.path)
-    if max_per_class is None:
-        return ordered
     groups: dict[tuple[str, str], list[Candidate]] = {}
-    for candidate in ordered:
+    for candidate in sorted(images, key=lambda c: c.path):
         groups.setdefault((candidate.label, candidate.split_hint), []).append(candidate)
-    kept = [
-        candidate
-        for group in groups.values()
-        for candidate in sorted(group, key=lambda c: seeded_rank(seed, c.path))[:max_per_class]
-    ]
-    return sorted(kept, key=lambda c: c.path)
+    if max_per_class is not None:
+        for group in groups.values():
+            group.sort(key=lambda c: seeded_rank(seed, c.path))
+    limit = max_per_class if max_per_class is not None else len(images)
+    need = dict.fromkeys(groups, limit)
+    kept: list[Candidate] = []
+    rejects: list[Reject] = []
+    total = len(images) if max_per_class is None else None
+    bar = tqdm(total=total, desc="check images", unit="img", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        while batch := [c for key, group in groups.items() for c in group[: need[key]]]:
+            for key in groups:
+                del groups[key][: need[key]]
+            check = partial(inspect_image, max_pixels=max_pixels)
+            reasons = pool.map(check, [root / c.path for c in batch])
+            for candidate, reason in zip(batch, reasons, strict=True):
+                bar.update()
+                if reason is None:
+                    kept.append(candidate)
+                    need[(candidate.label, candidate.split_hint)] -= 1
+                else:
+                    rejects.append(Reject(candidate.path, reason, "unreadable"))
+    skipped = sum(len(group) for group in groups.values())
+    return sorted(kept, key=lambda c: c.path), rejects, skipped
 
 
 def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:

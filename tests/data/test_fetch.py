@@ -1,0 +1,270 @@
+"""prepare_dataset on each source kind: folders, labels CSV, archives, URL, mirrors, real photos."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from datagen import NASTY
+
+from visiontune.config import DataParams
+from visiontune.data.archive import UnsafeArchiveError
+from visiontune.data.manifest import read_classes, read_manifest, read_table
+from visiontune.data.prepare import prepare_dataset
+from visiontune.data.sources import SourceError
+
+
+def _prepare(tmp_path: Path, **params) -> tuple[dict, pd.DataFrame, dict[str, str], Path]:
+    out = tmp_path / "prepared"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    params.setdefault("mirrors", ())
+    summary = prepare_dataset(
+        DataParams(**params), out, tmp_path / "downloads", seed=0, progress=False
+    )
+    manifest = read_manifest(out / "manifest.csv")
+    rejects = read_table(out / "rejects.csv", ("path", "reason"))
+    return summary, manifest, dict(zip(rejects["path"], rejects["reason"], strict=True)), out
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path, nasty_dir: Path, make_jpeg: Callable[..., Path]) -> Path:
+    """train/valid folders of classes, with the whole nasty corpus in one class."""
+    root = tmp_path / "src" / "my data"
+    seed = 0
+    for split, n in (("train", 4), ("validation", 2)):
+        for label in ("cats", "golden retriever"):
+            for i in range(n):
+                seed += 1
+                make_jpeg(root / split / label / f"{label[0]}{i}.jpg", seed=seed)
+    shutil.copytree(nasty_dir, root / "train" / "nasty")
+    make_jpeg(root / "train" / "lonely" / "only one.jpg", seed=1001)
+    (root / "valid" / "empty class").mkdir(parents=True)
+    shutil.copyfile(root / "train/cats/c0.jpg", root / "train/cats/copy of c0.jpg")
+    shutil.copyfile(root / "train/cats/c1.jpg", root / "validation/golden retriever/mixup.jpg")
+    (root / "train/cats/notes.txt").write_text("photographer: me")
+    (root / "train/cats/.DS_Store").write_bytes(b"\0\0")
+    (root / "README.md").write_text("my data set")
+    make_jpeg(root / "stray.jpg", seed=1002)
+    make_jpeg(root / "train" / "no class.jpg", seed=1003)
+    return root
+
+
+def test_folder_source_accepts_or_rejects_every_file_with_a_reason(
+    folder_dataset: Path, tmp_path: Path, nasty_max_pixels: int
+) -> None:
+    summary, manifest, rejects, out = _prepare(
+        tmp_path, source=str(folder_dataset), max_image_pixels=nasty_max_pixels
+    )
+    by_path = manifest.set_index("path")
+    # The nasty corpus: each file accepted (label nasty) or rejected with its reason.
+    for name, (_, expected) in NASTY.items():
+        rel = f"train/nasty/{name}"
+        if expected is None:
+            assert by_path.loc[f"images/{rel}", "label"] == "nasty", name
+            assert (out / "images" / rel).read_bytes() == (folder_dataset / rel).read_bytes()
+        else:
+            assert expected in rejects[rel], (name, rejects.get(rel))
+    assert rejects["train/cats/copy of c0.jpg"] == "duplicate of train/cats/c0.jpg"
+    assert "images/train/cats/c0.jpg" in by_path.index
+    for conflicting in ("train/cats/c1.jpg", "validation/golden retriever/mixup.jpg"):
+        assert "conflicting labels" in rejects[conflicting]
+        assert f"images/{conflicting}" not in by_path.index
+    assert "not an image file name" in rejects["train/cats/notes.txt"]
+    assert "not inside a class folder" in rejects["stray.jpg"]
+    assert "split folder 'train'" in rejects["train/no class.jpg"]
+    assert not any(".DS_Store" in p or "README" in p for p in [*rejects, *by_path.index])
+
+    assert by_path.loc["images/train/lonely/only one.jpg", "label"] == "lonely"
+    hints = manifest.groupby("label")["split_hint"].agg(lambda s: sorted(set(s)))
+    assert hints["golden retriever"] == ["train", "valid"] and hints["lonely"] == ["train"]
+    assert read_classes(out / "classes.json") == ["cats", "golden retriever", "lonely", "nasty"]
+    assert summary["empty_classes"] == ["empty class"]
+    assert summary["images"] == len(manifest) and summary["rejected"] == len(rejects)
+    assert summary["rejected_by_kind"]["duplicate"] == 1
+    assert list(manifest["path"]) == sorted(manifest["path"])
+    # Every file under the source is in exactly one of the two tables (junk aside).
+    files = {
+        p.relative_to(folder_dataset).as_posix()
+        for p in folder_dataset.rglob("*")
+        if p.is_file() and p.name not in (".DS_Store", "README.md")
+    }
+    accepted = {p.removeprefix("images/") for p in manifest["path"]}
+    assert accepted.isdisjoint(rejects) and accepted | set(rejects) == files
+
+
+@pytest.fixture
+def csv_dataset(tmp_path: Path, make_jpeg: Callable[..., Path]) -> Path:
+    root = tmp_path / "csvset"
+    names = ["img 1.jpg", "b.jpg", "c.jpg", "orphan.jpg", "dup.jpg", "nolabel.jpg", "na.jpg"]
+    for i, name in enumerate(names):
+        make_jpeg(root / "pictures" / name, seed=2000 + i)
+    (root / "pictures" / "broken.jpg").write_bytes(b"")
+    (root / "labels.csv").write_text(
+        "file,class\n"
+        "img 1.jpg,golden retriever\n"  # id with extension, class with a space
+        "b,cat\n"  # id without extension
+        "c,cat\n"
+        "c,cat\n"  # repeated id, same label
+        "ghost,cat\n"  # no such image
+        "dup,cat\n"
+        "dup,dog\n"  # conflicting labels
+        "nolabel,\n"  # missing label cell
+        "pictures/na.jpg,NA\n"  # relative path id; 'NA' is a class name, not a missing value
+        "broken,cat\n"
+        ",cat\n",  # missing id
+        encoding="utf-8",
+    )
+    return root
+
+
+def test_labels_csv_source(csv_dataset: Path, tmp_path: Path) -> None:
+    summary, manifest, rejects, _ = _prepare(
+        tmp_path,
+        source=str(csv_dataset),
+        labels="labels.csv",
+        id_column="file",
+        label_column="class",
+    )
+    assert dict(zip(manifest["path"], manifest["label"], strict=True)) == {
+        "images/pictures/img 1.jpg": "golden retriever",
+        "images/pictures/b.jpg": "cat",
+        "images/pictures/c.jpg": "cat",
+        "images/pictures/na.jpg": "NA",
+    }
+    assert "no such image" in rejects["ghost"]
+    assert "conflicting labels" in rejects["pictures/dup.jpg"]
+    assert "empty label" in rejects["pictures/nolabel.jpg"]
+    assert rejects["pictures/orphan.jpg"] == "not listed in labels.csv"
+    assert "repeated id" in rejects["labels.csv:5"]
+    assert rejects["labels.csv:12"] == "empty id"
+    assert "empty file" in rejects["pictures/broken.jpg"]
+    assert summary["source"]["layout"] == "labels_csv" and summary["classes"] == 3
+
+
+def test_labels_csv_with_wrong_columns_is_a_clear_error(csv_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"no column\(s\) id, label.*file, class"):
+        _prepare(tmp_path, source=str(csv_dataset), labels="labels.csv")
+    with pytest.raises(SourceError, match=r"data\.labels not found"):
+        _prepare(tmp_path, source=str(csv_dataset), labels="nope.csv")
+
+
+def _archive(root: Path, dest: Path) -> Path:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if dest.name.endswith(".zip"):
+        with zipfile.ZipFile(dest, "w") as archive:
+            for path in files:
+                archive.write(path, Path("wrapper", path.relative_to(root)).as_posix())
+    else:
+        with tarfile.open(dest, "w:gz") as archive:
+            archive.add(root, arcname="wrapper")
+    return dest
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_archives_give_the_same_dataset_as_the_folder(
+    folder_dataset: Path, tmp_path: Path, suffix: str
+) -> None:
+    _, plain_manifest, plain_rejects, _ = _prepare(tmp_path / "a", source=str(folder_dataset))
+    archive = _archive(folder_dataset, tmp_path / f"data{suffix}")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    summary, manifest, rejects, _ = _prepare(tmp_path / "b", source=str(archive), sha256=digest)
+    pd.testing.assert_frame_equal(manifest, plain_manifest)
+    assert rejects == plain_rejects
+    assert summary["source"]["kind"] == "archive" and summary["source"]["archive_sha256"] == digest
+    assert not list((tmp_path / "b" / "downloads").iterdir()), "extraction scratch removed"
+
+
+def test_labels_csv_inside_an_archive(csv_dataset: Path, tmp_path: Path) -> None:
+    archive = _archive(csv_dataset, tmp_path / "csv.zip")
+    _, manifest, _, _ = _prepare(
+        tmp_path, source=str(archive), labels="labels.csv", id_column="file", label_column="class"
+    )
+    assert len(manifest) == 4
+
+
+def test_unsafe_archive_source_is_refused(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as archive:
+        archive.writestr("cats/a.jpg", b"x")
+        archive.writestr("../../escaped.jpg", b"x")
+    with pytest.raises(UnsafeArchiveError, match="path traversal"):
+        _prepare(tmp_path, source=str(tmp_path / "evil.zip"))
+    assert not list(tmp_path.rglob("escaped.jpg"))
+
+
+def test_url_source_is_downloaded_once_and_mirrors_win(
+    folder_dataset: Path, tmp_path: Path, server
+) -> None:
+    server.payload = _archive(folder_dataset, tmp_path / "served.zip").read_bytes()
+    _, expected, _, _ = _prepare(tmp_path / "a", source=str(folder_dataset))
+    missing_mirror = str(tmp_path / "no such mirror")
+    for _ in range(2):
+        summary, manifest, _, _ = _prepare(
+            tmp_path / "b", source=server.url, mirrors=(missing_mirror,)
+        )
+        pd.testing.assert_frame_equal(manifest, expected)
+        assert summary["source"]["used"] == server.url and summary["source"]["kind"] == "url"
+    assert server.requests == 1, "the second run uses the cached download"
+
+    summary, _, _, _ = _prepare(
+        tmp_path / "c", source=server.url, mirrors=(missing_mirror, str(folder_dataset))
+    )
+    assert summary["source"]["used"] == str(folder_dataset)
+    assert summary["source"]["kind"] == "directory" and server.requests == 1
+
+
+def test_missing_source_names_what_was_tried(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"not found.*mirror-x"):
+        _prepare(tmp_path, source=str(tmp_path / "nothing"), mirrors=("mirror-x",))
+
+
+def test_max_per_class_is_a_seeded_deterministic_subset(
+    folder_dataset: Path, tmp_path: Path
+) -> None:
+    def subset(seed: int) -> list[str]:
+        out = tmp_path / f"s{seed}"
+        out.mkdir(exist_ok=True)
+        params = DataParams(source=str(folder_dataset), max_per_class=2)
+        summary = prepare_dataset(params, out, tmp_path / "dl", seed=seed, progress=False)
+        assert summary["skipped_by_max_per_class"] > 0
+        frame = read_manifest(out / "manifest.csv")
+        assert frame.groupby(["label", "split_hint"]).size().max() == 2
+        return list(frame["path"])
+
+    first = subset(0)
+    assert subset(0) == first
+    assert any(subset(seed) != first for seed in (1, 2, 3))
+
+
+def test_real_dogscats_folders(dogscats: Path, tmp_path: Path) -> None:
+    summary, manifest, rejects, out = _prepare(tmp_path, source=str(dogscats), max_per_class=5)
+    assert summary["classes"] == 2 and len(manifest) == 20 and not rejects
+    counts = manifest.groupby(["label", "split_hint"]).size().to_dict()
+    assert counts == {(c, s): 5 for c in ("cats", "dogs") for s in ("train", "valid")}
+    assert all((out / p).is_file() for p in manifest["path"])
+
+
+def test_real_dogbreeds_labels_csv(dogbreeds: Path, tmp_path: Path) -> None:
+    labels = pd.read_csv(dogbreeds / "labels.csv", dtype=str)
+    summary, manifest, rejects, _ = _prepare(
+        tmp_path,
+        source=str(dogbreeds),
+        labels="labels.csv",
+        label_column="breed",
+        max_per_class=2,
+    )
+    # Only the subset is decoded; every listed image is labelled, none is unlabelled.
+    assert not rejects and summary["classes"] == labels["breed"].nunique() == 120
+    assert summary["images"] + summary["skipped_by_max_per_class"] == len(labels)
+    assert len(manifest) == 240 and set(manifest["split_hint"]) == {"train"}
+    truth = dict(zip("images/train/" + labels["id"] + ".jpg", labels["breed"], strict=True))
+    assert all(
+        truth[p] == label for p, label in zip(manifest["path"], manifest["label"], strict=True)
+    )
