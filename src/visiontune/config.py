@@ -6,6 +6,8 @@ Every knob of the pipeline lives in one section here; stages load the file once 
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,7 +56,8 @@ class DataParams(Section):
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value)):
+        hex_digits = "0123456789abcdefABCDEF"
+        if value is not None and (len(value) != 64 or any(c not in hex_digits for c in value)):
             raise ValueError("must be a 64-character hex SHA-256 digest or null")
         return value.lower() if value else value
 
@@ -198,11 +201,96 @@ class Params(Section):
 
 
 def _describe(error: Mapping[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "<root>"
-    message = error["msg"]
+    """One line per bad key: the key path, the bad value and what is allowed.
+
+    Pydantic reports each branch of a union (`lr: float | 'auto'`) as its own error with
+    the branch name in `loc` (`head.lr.constrained-float`); those collapse into one line
+    whose `allowed:` lists every branch, so identical lines are deduplicated by the caller.
+    """
+    loc = tuple(error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key; allowed keys: {', '.join(_allowed_keys(error['loc']))}"
-    return f"{key}: {message} (got {error.get('input')!r})"
+        key = ".".join(str(part) for part in loc) or "<root>"
+        return f"{key}: unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
+    path, field = _field_at(loc)
+    key = ".".join(str(part) for part in path) or "<root>"
+    got = error.get("input")
+    if error["type"] == "missing" and loc and isinstance(loc[-1], int) and field is not None:
+        key = ".".join(str(part) for part in path[:-1])
+        allowed = _allowed(field.annotation, field.metadata)
+        return f"{key}: too few values (got {got!r}); allowed: {allowed}"
+    if error["type"] == "missing":
+        return f"{key}: required key missing"
+    if field is None or error["type"] == "value_error":
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return f"{key}: {message} (got {got!r})"
+    allowed = _allowed(field.annotation, field.metadata)
+    if len(path) < len(loc) and not isinstance(loc[-1], int):  # a union branch
+        return f"{key}: invalid value {got!r}; allowed: {allowed}"
+    return f"{key}: {error['msg']} (got {got!r}); allowed: {allowed}"
+
+
+def _field_at(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    """Walk `loc` through the params models: (the key path without union branch names,
+    the FieldInfo of the last named field, or None when `loc` names a whole section)."""
+    model: Any = Params
+    field = None
+    path: list[Any] = []
+    for part in loc:
+        if isinstance(part, int):  # an index into a list value
+            path.append(part)
+            continue
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            if part not in model.model_fields:
+                break
+            field = model.model_fields[part]
+            model = field.annotation
+            path.append(part)
+        # else: a union branch tag such as 'constrained-float' or "literal['auto']"
+    if field is not None and isinstance(model, type) and issubclass(model, BaseModel):
+        field = None  # the error is about a whole section (a model validator)
+    return tuple(path), field
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _allowed(annotation: Any, metadata: Iterable[Any] = ()) -> str:
+    """Plain words for what a type annotation (plus Field constraints) accepts."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *extra = typing.get_args(annotation)
+        return _allowed(base, [*metadata, *extra])
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_allowed(arg, metadata) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return " or ".join(repr(value) for value in typing.get_args(annotation))
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(_allowed(args[0]))}"
+        return f"a list of {len(args)} values, each {_allowed(args[0])}"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a mapping of keys"
+    words = _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    bounds: list[str] = []
+    for item in metadata:
+        for constraint in [item, *getattr(item, "metadata", [])]:
+            for name, symbol in _BOUNDS:
+                value = getattr(constraint, name, None)
+                if value is not None and f"{symbol} {value}" not in bounds:
+                    bounds.append(f"{symbol} {value}")
+    return f"{words} {' and '.join(bounds)}" if bounds else words
+
+
+def _plural(words: str) -> str:
+    for article in ("an ", "a "):
+        if words.startswith(article):
+            head, _, rest = words.removeprefix(article).partition(" ")
+            return f"{head}s {rest}".strip()
+    return words
 
 
 def _allowed_keys(loc: Iterable[Any]) -> list[str]:
@@ -225,7 +313,7 @@ def parse_params(raw: Mapping[str, Any] | None) -> Params:
     try:
         return Params.model_validate(dict(raw))
     except ValidationError as exc:
-        lines = [_describe(error) for error in exc.errors()]
+        lines = list(dict.fromkeys(_describe(error) for error in exc.errors()))
         raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
 
 

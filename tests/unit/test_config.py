@@ -1,0 +1,140 @@
+"""params.yaml → typed config: bad keys, types and ranges fail early with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from visiontune.config import Params, ParamsError, flatten, load_params, parse_params
+
+
+def _error(raw) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_the_repo_params_file_is_valid_and_complete(repo_root: Path) -> None:
+    params = load_params(repo_root / "params.yaml")
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert set(raw) == set(Params.model_fields), "every section is written out"
+    assert params.head.lr == pytest.approx(1.0e-2)
+    assert params.data.mirrors and params.data.source.startswith("https://")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"dataa": {}}, "dataa: unknown key; allowed keys: base, data, finetune,"),
+        ({"data": {"sourse": "x"}}, "data.sourse: unknown key; allowed keys: download_retries"),
+        (
+            {"finetune": {"augment": {"flipp": True}}},
+            "finetune.augment.flipp: unknown key; allowed keys: brightness, contrast, flip,",
+        ),
+    ],
+)
+def test_unknown_keys_name_the_key_and_the_allowed_ones(raw, expected: str) -> None:
+    assert expected in _error(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"base": {"seed": "abc"}}, "base.seed: Input should be a valid integer"),
+        ({"base": {"deterministic": "maybe"}}, "allowed: true or false"),
+        ({"split": {"valid_pct": 1.5}}, "split.valid_pct: Input should be less than 1 (got 1.5)"),
+        ({"data": {"max_per_class": 0}}, "allowed: an integer >= 1 or null"),
+        ({"data": {"download_retries": 99}}, "allowed: an integer >= 0 and <= 20"),
+        ({"model": {"interpolation": "cubic"}}, "(got 'cubic'); allowed: 'bilinear' or"),
+        ({"finetune": {"augment": {"rotate_deg": 500}}}, "finetune.augment.rotate_deg:"),
+        ({"data": {"sha256": "xyz"}}, "data.sha256: must be a 64-character hex"),
+        ({"model": {"mean": [0.5, 0.5]}}, "model.mean: too few values (got [0.5, 0.5])"),
+        ({"head": {"hidden": [0]}}, "head.hidden.0: Input should be greater than or equal to 1"),
+    ],
+)
+def test_wrong_types_and_ranges_name_key_value_and_what_is_allowed(raw, expected: str) -> None:
+    assert expected in _error(raw)
+
+
+def test_union_branches_read_as_one_line() -> None:
+    message = _error({"head": {"lr": -1}})
+    assert "head.lr: invalid value -1; allowed: a number > 0 or 'auto'" in message
+    assert "constrained-float" not in message and "literal" not in message
+    assert message.count("head.lr") == 1
+    message = _error({"base": {"num_workers": "many"}})
+    assert "base.num_workers: invalid value 'many'; allowed: an integer or 'auto'" in message
+
+
+def test_every_bad_key_is_reported_at_once() -> None:
+    message = _error({"base": {"seed": -1}, "split": {"valid_pct": 0}, "data": {"x": 1}})
+    assert "base.seed" in message and "split.valid_pct" in message and "data.x" in message
+
+
+def test_cross_field_checks() -> None:
+    assert "end_lr (0.1) must be greater than start_lr (1.0)" in _error(
+        {"lr_find": {"start_lr": 1.0, "end_lr": 0.1}}
+    )
+    assert "lr_ratios has 2 entries but layer_groups is 3" in _error(
+        {"finetune": {"lr_ratios": [0.1, 1.0]}}
+    )
+
+
+def test_yaml_exponent_strings_are_read_as_numbers(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads `1e-2` as the string '1e-2'; DVC reads a float.
+    text = "head:\n  lr: 1e-2\n  weight_decay: 5e-4\nlr_find:\n  start_lr: 1e-7\n"
+    assert yaml.safe_load(text)["head"]["lr"] == "1e-2"
+    (tmp_path / "p.yaml").write_text(text)
+    params = load_params(tmp_path / "p.yaml")
+    assert params.head.lr == pytest.approx(1e-2) and isinstance(params.head.lr, float)
+    assert params.head.weight_decay == pytest.approx(5e-4)
+    assert params.lr_find.start_lr == pytest.approx(1e-7)
+
+
+def test_file_level_errors(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="mapping of sections"):
+        load_params(tmp_path / "list.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_params(tmp_path / "empty.yaml") == Params()
+
+
+def test_config_is_frozen_and_flattens_to_dotted_keys() -> None:
+    params = parse_params({"data": {"mirrors": ["a", "b"]}})
+    with pytest.raises(ValueError, match="frozen"):
+        params.data.source = "elsewhere"  # type: ignore[misc]
+    flat = flatten(params)
+    assert flat["data.mirrors"] == ["a", "b"] and flat["finetune.augment.flip"] is True
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 3), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_fuzzed_values_give_params_errors_never_tracebacks(data) -> None:
+    section = data.draw(st.sampled_from(sorted(Params.model_fields)))
+    fields = sorted(Params.model_fields[section].annotation.model_fields)
+    key = data.draw(st.sampled_from([*fields, "unknown_key"]))
+    value = data.draw(_VALUES)
+    try:
+        parse_params({section: {key: value}})
+    except ParamsError as exc:
+        first = str(exc).splitlines()[1].strip()
+        assert first.startswith(f"{section}"), first
