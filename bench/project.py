@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shlex
 import shutil
@@ -24,6 +25,7 @@ import psutil
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MEASURE = Path(__file__).resolve().with_name("measure.py")
 
 
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,7 +84,11 @@ def project_env(project: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(project / "src"), env.get("PYTHONPATH", "")) if p
     )
-    env.pop("MLFLOW_TRACKING_URI", None)
+    # Stages must log to the copy's own store and group under one pipeline run; nothing
+    # inherited from a surrounding dvc/mlflow session may point them back at the repo.
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        env.pop(name, None)
+    env["VISIONTUNE_PIPELINE_ID"] = f"bench:{project}:{time.time():.0f}"
     return env
 
 
@@ -127,33 +133,38 @@ def run_measured(
 ) -> StageRun:
     """Run one command, measuring wall time, CPU time and peak RSS of it alone.
 
-    `os.wait4` returns the rusage of exactly this child (and the children it waited for),
-    so concurrent work elsewhere in the benchmark process cannot leak into the numbers.
+    The command runs under bench/measure.py, a small launcher that reports the rusage of
+    exactly this command and the children it waited for (see its docstring for why the
+    launcher is needed); a sampler adds the peak summed RSS of the whole process tree.
     """
     shell = isinstance(command, str)
     text = command if shell else shlex.join(command)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    usage_path = log_path.with_suffix(".rusage.json")
+    usage_path.unlink(missing_ok=True)
+    launcher = [sys.executable, str(MEASURE), str(usage_path), "--"]
+    launcher += [text] if shell else list(command)
     with open(log_path, "wb") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            command, cwd=cwd, env=dict(env), shell=shell, stdout=log, stderr=subprocess.STDOUT
+            launcher, cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT
         )
         stop, peak = threading.Event(), [0.0]
         sampler = threading.Thread(target=_sample_tree_rss, args=(proc.pid, stop, peak))
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        returncode = proc.wait()
         wall = time.perf_counter() - start
         stop.set()
         sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    usage = json.loads(usage_path.read_text()) if usage_path.exists() else {}
     return StageRun(
         name=name,
         command=text,
         wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports KiB
+        cpu_s=usage.get("cpu_s", float("nan")),
+        peak_rss_mb=usage.get("peak_rss_mb", float("nan")),
         peak_tree_rss_mb=peak[0],
-        returncode=proc.returncode,
+        returncode=usage.get("returncode", returncode),
         log=log_path.read_text(errors="replace"),
     )
 

@@ -109,3 +109,16 @@ def test_summarize_ratios_against_limits() -> None:
         "evaluate": 0.96,
         "evaluate_tta": 0.97,
     }
+
+
+def test_run_measured_does_not_charge_the_parents_memory_to_the_stage(tmp_path: Path) -> None:
+    # Linux carries ru_maxrss across fork + exec: spawned straight from a big benchmark
+    # process, a tiny stage would report the benchmark's RSS.
+    ballast = bytearray(256 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    result = project.run_measured(
+        "tiny", [sys.executable, "-c", "pass"], tmp_path, {}, tmp_path / "tiny.log"
+    )
+    assert result.returncode == 0
+    assert result.peak_rss_mb < 128
+    del ballast
