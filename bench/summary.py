@@ -96,7 +96,10 @@ def stage_images(outputs: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
     train, valid = outputs["train_images"], outputs["valid_images"]
     ft = params["finetune"]
     epochs = sum(ft["cycle_len"] * ft["cycle_mult"] ** i for i in range(ft["n_cycles"]))
-    views = 1 + int(params["tta"]["n_augment"])
+    views = int(
+        find_number(outputs["metrics"].get("evaluate", {}), ("n_views",))
+        or 1 + int(params["tta"]["n_augment"])
+    )
     return {
         "fetch": outputs["prepared_images"],
         "precompute": train + valid,
@@ -124,6 +127,9 @@ def summarize(
     for stage in stages:
         n = images.get(stage["name"])
         reported = find_number(m.get(stage["name"], {}), ("images_per_s", "img_per_s"))
+        if reported and stage["name"] == "evaluate" and n:
+            # evaluate reports images (all views of one image) per second: per view here.
+            reported *= n / outputs["valid_images"]
         rows.append(
             {
                 **stage,

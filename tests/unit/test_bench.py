@@ -79,7 +79,12 @@ def test_summarize_ratios_against_limits() -> None:
             "precompute": {"images_per_s": 90.0},
             "head": {"valid_accuracy": 0.9},
             "finetune": {"valid": {"accuracy": 0.95}},
-            "evaluate": {"accuracy": 0.96, "accuracy_tta": 0.97},
+            "evaluate": {
+                "accuracy": 0.96,
+                "accuracy_tta": 0.97,
+                "images_per_s": 12.0,  # images, each seen in n_views views
+                "n_views": 5,
+            },
         },
         "finetune_history": [{"train_s": "10"}, {"train_s": "10"}, {"train_s": "10"}],
     }
@@ -94,7 +99,8 @@ def test_summarize_ratios_against_limits() -> None:
     ratios = result["ratios"]
     assert ratios["precompute_vs_forward"] == pytest.approx(0.9)  # the stage's own number
     assert ratios["precompute_wall_vs_forward"] == pytest.approx(0.5)  # 150 images / 3 s
-    assert ratios["evaluate_vs_forward"] == pytest.approx(250 / 5.0 / 100)  # 5 views
+    assert ratios["evaluate_vs_forward"] == pytest.approx(12 * 5 / 100)  # per view
+    assert ratios["evaluate_wall_vs_forward"] == pytest.approx(50 * 5 / 5.0 / 100)
     assert ratios["finetune_epoch_vs_train_step"] == pytest.approx(10 / 12.5)
     assert ratios["train_head_vs_finetune_epoch"] == pytest.approx(0.04)
     assert result["targets_met"] == {
