@@ -50,7 +50,7 @@ def count_rows(path: Path) -> int:
     return len(read_rows(path))
 
 
-ACCURACY_KEYS = ("valid_accuracy", "valid_acc", "accuracy", "acc", "valid/acc")
+ACCURACY_KEYS = ("valid_acc", "valid_accuracy", "accuracy", "acc", "valid/acc")
 EPOCH_TIME_KEYS = ("train_s", "train_time_s", "epoch_train_s", "epoch_time_s", "time_s", "seconds")
 
 
@@ -59,8 +59,9 @@ def collect_outputs(project: Path) -> dict[str, Any]:
     outputs = project / "outputs"
     metrics = {
         name: read_json(outputs / name / "metrics.json")
-        for name in ("precompute", "head", "finetune", "evaluate")
+        for name in ("head", "finetune", "evaluate")
     }
+    metrics["precompute"] = read_json(outputs / "features" / "throughput.json")
     history = read_rows(outputs / "finetune" / "history.csv")
     return {
         "train_images": count_rows(project / "data" / "split" / "train.csv"),
@@ -169,7 +170,7 @@ def summarize(
     train_step = limits["train_step"]["images_per_s"]
     epoch_rate = outputs["train_images"] / epoch_s if epoch_s else None
     head_wall = walls.get("train_head")
-    head_inner = find_number(m["head"], ("train_s", "train_time_s", "seconds", "wall_s"))
+    head_inner = find_number(m["head"], ("train_seconds", "train_s", "seconds"))
     result["ratios"] = {
         "precompute_vs_forward": ratio(rate("precompute"), fwd[pre_bs]["images_per_s"]),
         "precompute_wall_vs_forward": ratio(
