@@ -1,0 +1,38 @@
+"""Evaluation: TTA inference, metrics, the report figures and the predict command's core.
+
+Submodules: `tta` (fixed views, one decode per image), `metrics` (scores from
+probabilities), `evaluation` (the evaluate stage's work), `plots` and `report` (the report
+stage), `predict` (top-k for files and folders).
+"""
+
+from visiontune.evaluate.evaluation import Evaluation, evaluate_model, score_predictions
+from visiontune.evaluate.predict import Prediction, collect_inputs, predict_files
+from visiontune.evaluate.report import ReportFiles, build_report, read_probabilities
+from visiontune.evaluate.tta import (
+    TtaDataset,
+    TtaView,
+    ViewMaker,
+    ViewPredictions,
+    average_views,
+    predict_views,
+    tta_views,
+)
+
+__all__ = [
+    "Evaluation",
+    "Prediction",
+    "ReportFiles",
+    "TtaDataset",
+    "TtaView",
+    "ViewMaker",
+    "ViewPredictions",
+    "average_views",
+    "build_report",
+    "collect_inputs",
+    "evaluate_model",
+    "predict_files",
+    "predict_views",
+    "read_probabilities",
+    "score_predictions",
+    "tta_views",
+]

@@ -1,0 +1,115 @@
+"""`visiontune predict` on real photos with a small constructed model file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from visiontune.cli import main
+from visiontune.data.images import open_rgb
+from visiontune.data.transforms import DataConfig, create_eval_transform
+from visiontune.models.classifier import (
+    ModelInfo,
+    create_classifier,
+    load_model_file,
+    save_model_file,
+)
+
+CLASSES = ["cats", "dogs", "foxes"]
+CFG = DataConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
+                 crop_pct=0.875)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model, _ = create_classifier("tf_efficientnet_lite0", "none", len(CLASSES), dropout=0.0)
+    with torch.no_grad():  # spread the untrained head's outputs so the ranking is clear-cut
+        model.head[-1].weight.mul_(20)
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    info = ModelInfo("tf_efficientnet_lite0", CLASSES, CFG, head_hidden=(), head_dropout=0.0)
+    save_model_file(path, model.eval(), info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(dogscats: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for kind in ("cats", "dogs"):
+        (root / kind / "deeper").mkdir(parents=True)
+        for i, src in enumerate(sorted((dogscats / "valid" / kind).glob("*.jpg"))[:2]):
+            target = root / kind / ("deeper" if i else "") / src.name
+            shutil.copy(src, target)
+    (root / "cats" / "notes.txt").write_text("not an image, and not named like one")
+    return root
+
+
+def _direct_probs(model_path: Path, images: list[Path]) -> torch.Tensor:
+    model, info = load_model_file(model_path)
+    cfg = info.data_config
+    # Decoded like the eval loaders: JPEG draft reduction down to the resize size.
+    transform = create_eval_transform(cfg)
+    x = torch.stack([transform(open_rgb(p, min_size=cfg.resize_size)) for p in images])
+    with torch.no_grad():
+        return model(x).softmax(1)
+
+
+def test_predict_json_matches_direct_forward(model_file, photos, capsys):
+    code = main(["predict", str(model_file), str(photos), "--format", "json", "--top-k", "2",
+                 "--device", "cpu", "--precision", "fp32"])  # fmt: skip
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    images = sorted(p for p in photos.rglob("*.jpg"))
+    assert [Path(r["path"]) for r in rows] == images  # folders searched recursively, .txt skipped
+    direct = _direct_probs(model_file, images)
+    for row, expected in zip(rows, direct, strict=True):
+        assert row["error"] is None and len(row["predictions"]) == 2
+        probs = [p["probability"] for p in row["predictions"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert row["predictions"][0]["label"] == CLASSES[int(expected.argmax())]
+        assert probs[0] == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+def test_predict_reports_unreadable_files_and_predicts_the_rest(model_file, photos, tmp_path,
+                                                                capsys):  # fmt: skip
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "readme.png"
+    text.write_text("plain text with an image suffix")
+    good = next(photos.rglob("*.jpg"))
+    missing = tmp_path / "missing.jpg"
+    code = main(["predict", str(model_file), str(empty), str(good), str(text), str(missing),
+                 "--format", "csv", "--tta", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    errors = {r["path"]: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {str(empty), str(text), str(missing)}
+    assert "empty" in errors[str(empty)] and "not an image" in errors[str(text)]
+    predicted = [r for r in rows if not r["error"]]
+    assert [r["path"] for r in predicted] == [str(good)] * len(CLASSES)  # default top-3
+    assert [int(r["rank"]) for r in predicted] == [1, 2, 3]
+    assert sum(float(r["probability"]) for r in predicted) == pytest.approx(1, abs=1e-4)
+    for path in errors:
+        assert path in captured.err
+
+
+def test_predict_fails_when_nothing_can_be_read(model_file, tmp_path, capsys):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert main(["predict", str(model_file), str(empty), "--device", "cpu"]) == 1
+    assert "no image could be predicted" in capsys.readouterr().err
+
+
+def test_predict_table_on_a_terminal(model_file, photos, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds long paths at the default 80
+    assert main(["predict", str(model_file), str(photos / "dogs"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "prediction" in out and "probability" in out
+    assert out.count(".jpg") == 2
