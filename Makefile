@@ -39,7 +39,11 @@ format: setup ## apply ruff fixes and formatting
 bench: setup ## speed and accuracy benchmark on ../shared/data (writes bench/results/)
 	$(PY) bench/run.py
 
-ui: setup ## MLflow UI for the default local store, on localhost only
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+# Runs keep their artifacts in mlruns/ (tracking.artifact_location, an absolute path in the
+# store); the UI reads them from there. UI_PORT=5001 make ui if 5000 is taken.
+UI_PORT ?= 5000
+ui: setup ## MLflow UI for the default local store (mlflow.db + mlruns/), on localhost only
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--artifacts-destination $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT)
 
 .PHONY: help setup demo test test-fast lint format bench ui

@@ -1,7 +1,8 @@
 """The fine-tuned model in MLflow: pytorch flavour + registry alias + the safetensors file.
 
 The MLflow model takes what the eval transform produces (float32 N×3×H×W, normalised with
-the data config recorded in its metadata) and returns class probabilities, so
+the data config recorded in its metadata) and returns class probabilities in the order of
+the `classes` metadata, so
 `mlflow.pyfunc.load_model(uri).predict(batch)` matches `visiontune predict` on the same images.
 """
 
@@ -65,18 +66,19 @@ def log_model(
     served = ProbabilityModel(classifier).eval()
     size = info.data_config.image_size
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
-        outputs=Schema(
-            [TensorSpec(np.dtype(np.float32), (-1, len(info.classes)), "probabilities")]
-        ),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(info.classes)))]),
     )
-    # A mid-grey image (0 after mean=std=0.5 normalisation); one is enough to show the layout.
-    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    # Two mid-grey images: the default "pt2" format (torch.export, no pickle) traces with
+    # this example and would freeze a batch dimension of size 1.
+    example = np.zeros((2, 3, size, size), dtype=np.float32)
     metadata = {
         "classes": list(info.classes),
         "data_config": dataclasses.asdict(info.data_config),
         "backbone": info.backbone,
-        "preprocessing": "create_eval_transform(DataConfig(**data_config))",
+        # How `visiontune predict` feeds the model (visiontune.data.images / .transforms).
+        "preprocessing": "create_eval_transform(cfg)(open_rgb(path, min_size=eval_min_size(cfg)))"
+        " with cfg = DataConfig(**data_config)",
     }
     mlflow.set_tracking_uri(tracker.store.uri)
     with mlflow.start_run(run_id=tracker.run_id):
