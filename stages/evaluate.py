@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import SPLIT_COLUMNS, read_table
 from visiontune.evaluate.evaluation import evaluate_model
@@ -27,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "evaluate", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)
@@ -56,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         f"TTA x{m['n_views']} {m['accuracy_tta']:.4f} (loss {m['loss_tta']:.4f}), "
         f"gain {m['tta_gain'] * 100:+.2f} pts, {m['images_per_s']:.1f} img/s"
     )
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(tracker, params, out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.archive import ArchiveError
 from visiontune.data.download import DownloadError
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "fetch", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     out = Path(args.out)
     try:
@@ -50,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fetch failed: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary, out / "rejects.csv"))
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(tracker, params, out, manifest=out / "manifest.csv")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.evaluate.report import build_report, read_probabilities
 from visiontune.fileio import read_json, save_config
@@ -29,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "report", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     evaluated = Path(args.evaluate)
     lr_find = Path(args.lr_find)
@@ -57,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     save_config(Path(args.out) / "config.json", {"report": params.report})
     print(f"report: {files.report} ({len(files.images())} figures, {len(classes)} classes)")
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(tracker, params, args.out)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import SPLIT_COLUMNS, read_manifest, write_classes, write_table
 from visiontune.data.split import split_manifest
@@ -23,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "split", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     manifest_path = Path(args.prepared) / "manifest.csv"
     try:
@@ -63,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     for warning in report["warnings"]:
         print(f"split: warning: {warning}")
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(
+        tracker, params, args.out, manifest=Path(args.prepared) / "manifest.csv"
+    )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def _epoch_series(history: pd.DataFrame) -> dict[str, list[tuple[int, float]]]:
     for column in history.select_dtypes("number").columns:
         if column == "epoch":
             continue
-        name = EPOCH_NAMES.get(column, column.replace("_", "/", 1))
+        name = EPOCH_NAMES.get(column, f"epoch/{column}")
         series[name] = list(zip(steps.astype(int), history[column].astype(float), strict=True))
     return series
 
@@ -145,7 +145,13 @@ def collect(
         fingerprint = _json(out_dir / "fingerprint.json")
         if isinstance(fingerprint, Mapping):
             record.params.update(flatten_mapping(fingerprint, "fingerprint."))
-        record.artifacts.append((out_dir / "fingerprint.json", None))
+        throughput = _json(out_dir / "throughput.json")
+        if isinstance(throughput, Mapping):
+            record.metrics.update(numeric(throughput, namespace))
+        record.artifacts += [
+            (out_dir / "fingerprint.json", None),
+            (out_dir / "throughput.json", None),
+        ]
     elif stage in ("train_head", "finetune"):
         history = out_dir / "history.csv"
         if history.is_file():
