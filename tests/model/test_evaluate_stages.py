@@ -48,6 +48,7 @@ def project(tmp_path: Path, dogscats: Path) -> Path:
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "valid.csv", index=False)
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["base"].update(num_workers=0)
+    params["tracking"].update(enabled=False)  # this test is about the files, not MLflow
     params["tta"].update(n_augment=2, batch_size=4)
     params["report"].update(top_losses=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
