@@ -174,10 +174,19 @@ def average_views(probs: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_views(
-    model: torch.nn.Module, loader: torch.utils.data.DataLoader, runtime: Runtime, desc: str = ""
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    runtime: Runtime,
+    desc: str = "",
+    max_forward: int | None = None,
 ) -> ViewPredictions:
-    """Run every view of every image through `model`; rows come back in dataset order."""
+    """Run every view of every image through `model`; rows come back in dataset order.
+
+    The B×V views of a batch go through the model `max_forward` images at a time
+    (default: the loader's batch size), so TTA needs no more memory than a plain pass.
+    """
     prepare_module(model, runtime).eval()
+    chunk = max_forward or loader.batch_size or 1
     n = len(loader.dataset)
     probs: torch.Tensor | None = None
     labels = torch.full((n,), -1, dtype=torch.long)
@@ -187,8 +196,10 @@ def predict_views(
         for views, batch_labels, index, batch_errors in loader:
             b, v = views.shape[:2]
             with autocast(runtime):
-                logits = model(to_device(views.flatten(0, 1), runtime))
-            batch_probs = logits.float().softmax(dim=-1).view(b, v, -1).cpu()
+                logits = torch.cat(
+                    [model(to_device(x, runtime)).float() for x in views.flatten(0, 1).split(chunk)]
+                )
+            batch_probs = logits.softmax(dim=-1).view(b, v, -1).cpu()
             if probs is None:
                 probs = torch.zeros(n, v, batch_probs.shape[-1])
             probs[index] = batch_probs
