@@ -5,16 +5,21 @@ The features sit in memory as one tensor, so an epoch is a few matrix products: 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from visiontune.fileio import atomic_path
 from visiontune.models.head import create_head
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import create_schedule, set_lrs
@@ -161,3 +166,26 @@ def train_head(
         "n_valid": len(valid_x),
     }
     return HeadResult(head, history, metrics, found)
+
+
+HEAD_METADATA_KEY = "visiontune_head"
+
+
+def save_head(path: Path, head: nn.Sequential, meta: dict[str, Any]) -> None:
+    """Write the head's state dict as safetensors, its shape and classes as JSON metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={HEAD_METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def load_head(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Rebuild a head saved by `save_head` (eval mode) and return it with its metadata."""
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        raw = (handle.metadata() or {}).get(HEAD_METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{path} is not a visiontune head file (no {HEAD_METADATA_KEY!r})")
+        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    meta = json.loads(raw)
+    head = create_head(meta["in_features"], len(meta["classes"]), meta["hidden"], meta["dropout"])
+    head.load_state_dict(state, strict=True)
+    return head.eval(), meta

@@ -1,0 +1,284 @@
+"""The fine-tune loop: unfrozen body, differential LRs, SGDR/one-cycle per step, resumable.
+
+One optimizer group per layer group; the LR of every group is set from the pure schedule
+at every step. The loop keeps the loss on the device (no host sync per step), checkpoints
+at every epoch end and when asked to stop, and resumes to the same final weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visiontune.config import FinetuneParams
+from visiontune.data.dataset import create_loader
+from visiontune.inference import run_inference
+from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.train.checkpoint import (
+    CHECKPOINT_NAME,
+    capture_rng,
+    config_differences,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from visiontune.train.groups import create_layer_groups, create_param_groups, layer_groups_report
+from visiontune.train.head import create_optimizer
+from visiontune.train.schedules import Schedule, create_schedule, group_lrs, set_lrs
+
+PHASE = "finetune"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on request (SIGTERM) after writing a checkpoint to resume from."""
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """The fine-tuned model (eval mode) and what the stage writes about it."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    steps: pd.DataFrame
+    metrics: dict[str, Any]
+    layer_groups: dict[str, Any]
+    resumed_from: int | None
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Train mode; with `freeze_bn` the body's BatchNorm layers keep their running stats."""
+    model.train()
+    if freeze_bn:
+        for module in model.body.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def evaluate(model: nn.Module, loader, runtime: Runtime, label_smoothing: float = 0.0):
+    """(valid loss, valid accuracy) without TTA."""
+    logits, labels, _ = run_inference(model, loader, runtime, desc="valid")
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def finetune(
+    model: nn.Module,
+    train_dataset: torch.utils.data.Dataset,
+    valid_loader,
+    params: FinetuneParams,
+    runtime: Runtime,
+    *,
+    lr: float,
+    seed: int,
+    checkpoint_dir: Path,
+    config: dict[str, Any],
+    stop: threading.Event | None = None,
+    on_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> FinetuneResult:
+    """Fine-tune `model` (`.body` + `.head`) on `train_dataset`; resume from checkpoint_dir.
+
+    A checkpoint whose `config` differs from `config` is ignored (and the reason logged).
+    Raises TrainingInterrupted after checkpointing when `stop` gets set.
+    """
+    stop = stop or threading.Event()
+    prepare_module(model, runtime)
+    groups = create_layer_groups(model, params.layer_groups)
+    base_lrs = group_lrs(lr, params.lr_ratios)
+    param_groups = create_param_groups(model, groups, base_lrs, params.weight_decay)
+    optimizer = create_optimizer(
+        param_groups, params.optimizer, lr, params.weight_decay, params.momentum
+    )
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    batch_size = min(params.batch_size, len(train_dataset))
+    steps_per_epoch = len(train_dataset) // batch_size
+    schedule = create_schedule(
+        params.schedule,
+        steps_per_epoch=steps_per_epoch,
+        n_cycles=params.n_cycles,
+        cycle_len=params.cycle_len,
+        cycle_mult=params.cycle_mult,
+        warmup_pct=params.warmup_pct,
+        min_lr_ratio=params.min_lr_ratio,
+    )
+    layout = [{"name": g.name, "n_tensors": len(g.param_names)} for g in groups]
+    state = _Progress(steps_per_epoch=steps_per_epoch)
+    checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    saved = load_checkpoint(checkpoint_path)
+    resumed_from = None
+    if saved is not None:
+        why = _incompatible(saved, config, layout, schedule)
+        if why:
+            log(f"finetune: not resuming from {checkpoint_path}: {why}; starting fresh")
+        else:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scaler.load_state_dict(saved["scaler"])
+            state = _Progress.from_dict(saved["progress"])
+            resumed_from = state.step
+            log(f"finetune: resuming from {checkpoint_path} at step {state.step}")
+
+    epoch_rng = capture_rng()
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "phase": PHASE,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "schedule": {"kind": schedule.kind, "cycle_steps": list(schedule.cycle_steps)},
+                "progress": state.to_dict(),
+                "param_groups": layout,
+                "rng": capture_rng(),
+                "epoch_rng": epoch_rng,
+                "config": config,
+            },
+        )
+
+    while state.step < schedule.total_steps:
+        epoch = state.step // steps_per_epoch
+        skip = state.step - epoch * steps_per_epoch
+        resuming = resumed_from is not None and state.step == resumed_from
+        if resuming:
+            restore_rng(saved["epoch_rng"])
+        epoch_rng = capture_rng()
+        # One loader per epoch, seeded by the epoch: same order and augmentation whether
+        # or not the run was interrupted.
+        loader = create_loader(
+            train_dataset, batch_size, runtime, shuffle=True, seed=seed + epoch, drop_last=True
+        )
+        batches = iter(loader)
+        for _ in range(skip):  # replay the data side of a partly done epoch
+            next(batches)
+        if resuming:
+            restore_rng(saved["rng"])  # the RNG as it was at the interruption
+        set_train_mode(model, params.freeze_bn)
+        started, losses, images = time.perf_counter(), [], 0
+        for _ in range(skip, steps_per_epoch):
+            if stop.is_set():
+                state.losses += torch.stack(losses).float().cpu().tolist() if losses else []
+                checkpoint()
+                raise TrainingInterrupted(
+                    f"stopped at step {state.step}; checkpoint {checkpoint_path}"
+                )
+            inputs, targets, _ = next(batches)
+            factor = schedule(state.step)
+            set_lrs(optimizer, base_lrs, factor)
+            loss = _train_step(model, optimizer, scaler, inputs, targets, runtime, params)
+            losses.append(loss)
+            state.log_step(epoch, [lr * factor for lr in base_lrs])
+            images += len(targets)
+            state.step += 1
+            if on_step is not None:
+                on_step(state.step)
+        del batches, loader
+        seconds = time.perf_counter() - started
+        state.losses += torch.stack(losses).float().cpu().tolist() if losses else []
+        valid_loss, valid_acc = evaluate(model, valid_loader, runtime, params.label_smoothing)
+        epoch_losses = state.losses[-steps_per_epoch:]
+        state.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": sum(epoch_losses) / len(epoch_losses),
+                "valid_loss": valid_loss,
+                "valid_acc": valid_acc,
+                "lr": base_lrs[-1] * schedule(min(state.step, schedule.total_steps - 1)),
+                "seconds": seconds,
+                "images_per_s": images / seconds if seconds > 0 else 0.0,
+            }
+        )
+        log(
+            f"finetune: epoch {epoch + 1}/{schedule.epochs} train_loss "
+            f"{state.history[-1]['train_loss']:.4f} valid_loss {valid_loss:.4f} "
+            f"valid_acc {valid_acc:.4f} ({images / seconds:.1f} img/s)"
+        )
+        epoch_rng = capture_rng()  # where the next epoch starts
+        checkpoint()
+    return _result(model, state, groups, params, resumed_from)
+
+
+def _train_step(model, optimizer, scaler, inputs, targets, runtime, params) -> torch.Tensor:
+    inputs, targets = to_device(inputs, runtime), to_device(targets, runtime)
+    with autocast(runtime):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=params.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def _incompatible(saved: dict, config: dict, layout: list, schedule: Schedule) -> str | None:
+    diffs = config_differences(saved.get("config", {}), config)
+    if diffs:
+        return f"its config differs in {', '.join(diffs[:8])}"
+    if saved.get("param_groups") != layout:
+        return "its param-group layout differs"
+    if saved["schedule"]["cycle_steps"] != list(schedule.cycle_steps):
+        return "its schedule differs (steps per epoch changed)"
+    return None
+
+
+@dataclass
+class _Progress:
+    """What the loop has done so far; saved in every checkpoint."""
+
+    steps_per_epoch: int
+    step: int = 0
+    losses: list[float] | None = None
+    lrs: list[list[float]] | None = None
+    epochs: list[int] | None = None
+    history: list[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        self.losses = self.losses or []
+        self.lrs = self.lrs or []
+        self.epochs = self.epochs or []
+        self.history = self.history or []
+
+    def log_step(self, epoch: int, lrs: Sequence[float]) -> None:
+        self.epochs.append(epoch)
+        self.lrs.append(list(lrs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _Progress:
+        return cls(**data)
+
+
+def _result(
+    model, state: _Progress, groups, params: FinetuneParams, resumed_from
+) -> FinetuneResult:
+    steps = pd.DataFrame(
+        {"step": range(len(state.lrs)), "epoch": state.epochs, "loss": state.losses}
+    )
+    for g in range(len(groups)):
+        steps[f"lr_group{g}"] = [lrs[g] for lrs in state.lrs]
+    history = pd.DataFrame(state.history)
+    last = state.history[-1]
+    trained = [h for h in state.history if h["seconds"] > 0]
+    metrics = {
+        "valid_acc": last["valid_acc"],
+        "valid_loss": last["valid_loss"],
+        "train_loss": last["train_loss"],
+        "epochs": len(state.history),
+        "steps": len(state.lrs),
+        "images_per_s": sum(h["images_per_s"] for h in trained) / max(1, len(trained)),
+    }
+    model.eval()
+    report = layer_groups_report(model, groups, params.lr_ratios)
+    return FinetuneResult(model, history, steps, metrics, report, resumed_from)

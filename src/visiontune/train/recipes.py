@@ -1,0 +1,162 @@
+"""The recipe's steps on real images: backbone + trained head, datasets, and the LR finder run.
+
+What the lr_find and finetune stages share: the same classifier, the same augmented
+training set, the same layer groups and optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from visiontune.config import FinetuneParams, LrFindParams, ModelParams
+from visiontune.data.dataset import ImageDataset, create_loader
+from visiontune.data.transforms import (
+    DataConfig,
+    create_eval_transform,
+    create_train_transform,
+    eval_min_size,
+    train_min_size,
+)
+from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
+from visiontune.models.classifier import ImageClassifier, ModelInfo
+from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.train.groups import create_layer_groups, create_param_groups
+from visiontune.train.head import create_optimizer, load_head
+from visiontune.train.loop import set_train_mode
+from visiontune.train.lr_find import LrFindResult, find_lr
+from visiontune.train.schedules import group_lrs
+
+
+class StaleHeadError(RuntimeError):
+    """The trained head was fitted on features of another backbone or other weights."""
+
+
+def load_classifier(
+    model_params: ModelParams, head_path: Path
+) -> tuple[ImageClassifier, ModelInfo, WeightsInfo]:
+    """The pretrained backbone with the head trained on its cached features."""
+    head, meta = load_head(head_path)
+    body, weights = create_backbone(model_params.backbone, model_params.weights)
+    if (
+        meta.get("backbone") != model_params.backbone
+        or meta.get("weights_sha256") != weights.sha256
+    ):
+        raise StaleHeadError(
+            f"{head_path} was trained on features of {meta.get('backbone')} "
+            f"(weights {str(meta.get('weights_sha256'))[:12]}), not {model_params.backbone} "
+            f"(weights {str(weights.sha256)[:12]}): rerun precompute and train_head"
+        )
+    data_config = resolve_data_config(body, model_params)
+    info = ModelInfo(
+        backbone=model_params.backbone,
+        classes=list(meta["classes"]),
+        data_config=data_config,
+        head_hidden=tuple(meta["hidden"]),
+        head_dropout=float(meta["dropout"]),
+    )
+    return ImageClassifier(body, head), info, weights
+
+
+def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """Class index of every label; a label outside `classes` is an error naming it."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"labels not among the model's classes: {unknown[:5]}")
+    return [index[label] for label in labels]
+
+
+def create_train_dataset(
+    frame: pd.DataFrame, classes: Sequence[str], data_config: DataConfig, augment
+) -> ImageDataset:
+    """Augmented training images (`frame`: absolute `path`, `label`)."""
+    return ImageDataset(
+        frame["path"].tolist(),
+        label_indices(frame["label"].tolist(), classes),
+        create_train_transform(data_config, augment),
+        min_size=train_min_size(data_config, augment),
+    )
+
+
+def create_valid_loader(
+    frame: pd.DataFrame,
+    classes: Sequence[str],
+    data_config: DataConfig,
+    batch_size: int,
+    runtime: Runtime,
+    seed: int,
+):
+    """Validation images at the eval transform, in table order."""
+    dataset = ImageDataset(
+        frame["path"].tolist(),
+        label_indices(frame["label"].tolist(), classes),
+        create_eval_transform(data_config),
+        min_size=eval_min_size(data_config),
+    )
+    return create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
+
+
+def run_lr_find(
+    model: ImageClassifier,
+    train_dataset: ImageDataset,
+    finetune: FinetuneParams,
+    params: LrFindParams,
+    runtime: Runtime,
+    seed: int,
+) -> LrFindResult:
+    """The LR range test on the whole network as finetune will train it.
+
+    Same layer groups, ratios, optimizer, BatchNorm mode and augmentation as finetune;
+    the model and optimizer come back exactly as they were.
+    """
+    prepare_module(model, runtime)
+    groups = create_layer_groups(model, finetune.layer_groups)
+    param_groups = create_param_groups(
+        model, groups, group_lrs(params.start_lr, finetune.lr_ratios), finetune.weight_decay
+    )
+    optimizer = create_optimizer(
+        param_groups, finetune.optimizer, params.start_lr, finetune.weight_decay, finetune.momentum
+    )
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    batch_size = min(params.batch_size, len(train_dataset))
+    loader = create_loader(
+        train_dataset, batch_size, runtime, shuffle=True, seed=seed, drop_last=True
+    )
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            for inputs, targets, _ in loader:
+                yield inputs, targets
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        inputs, targets = to_device(inputs, runtime), to_device(targets, runtime)
+        with autocast(runtime):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=finetune.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    set_train_mode(model, finetune.freeze_bn)
+    try:
+        return find_lr(
+            model,
+            optimizer,
+            batches(),
+            step,
+            finetune.lr_ratios,
+            start_lr=params.start_lr,
+            end_lr=params.end_lr,
+            num_iter=params.num_iter,
+            smooth=params.smooth,
+            diverge=params.diverge,
+        )
+    finally:
+        model.eval()

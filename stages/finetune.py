@@ -1,0 +1,109 @@
+"""finetune: unfreeze, differential LRs over layer groups, SGDR per step; resumable.
+
+SIGTERM checkpoints and exits with 143; running the stage again resumes from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+from visiontune.config import ParamsError, load_params
+from visiontune.data.manifest import read_split
+from visiontune.fileio import read_json, save_config, write_csv, write_json
+from visiontune.models.classifier import save_model_file
+from visiontune.runtime import resolve_runtime, seed_everything
+from visiontune.train.checkpoint import stop_on_signals
+from visiontune.train.loop import TrainingInterrupted, finetune
+from visiontune.train.recipes import (
+    StaleHeadError,
+    create_train_dataset,
+    create_valid_loader,
+    load_classifier,
+)
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--train", default="data/split/train.csv", help="training table")
+    parser.add_argument("--valid", default="data/split/valid.csv", help="validation table")
+    parser.add_argument("--images", default="data/prepared", help="folder the paths are under")
+    parser.add_argument("--head", default="outputs/head/head.safetensors", help="trained head")
+    parser.add_argument(
+        "--suggestion", default="outputs/lr_find/suggestion.json", help="for finetune.lr: auto"
+    )
+    parser.add_argument("--out", default="outputs/finetune", help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    seed_everything(params.base.seed, params.base.deterministic)
+    runtime = resolve_runtime(params.base)
+    ft = params.finetune
+    try:
+        lr = ft.lr if ft.lr != "auto" else float(read_json(args.suggestion)["lr"])
+        model, info, weights = load_classifier(params.model, Path(args.head))
+        train = read_split(Path(args.train), Path(args.images))
+        valid = read_split(Path(args.valid), Path(args.images))
+    except (OSError, ValueError, KeyError, StaleHeadError) as exc:
+        print(f"finetune failed: {exc}", file=sys.stderr)
+        return 1
+    dataset = create_train_dataset(train, info.classes, info.data_config, ft.augment)
+    valid_loader = create_valid_loader(
+        valid, info.classes, info.data_config, ft.batch_size, runtime, params.base.seed
+    )
+    out = Path(args.out)
+    # A checkpoint is resumed only when everything that shapes the run is the same.
+    config = {
+        "base": params.base.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "finetune": ft.model_dump(mode="json"),
+        "lr": lr,
+        "precision": runtime.precision,
+        "device": runtime.device.type,
+        "weights_sha256": weights.sha256,
+        "head_sha256": sha256_file(Path(args.head)),
+        "train_sha256": sha256_file(Path(args.train)),
+    }
+    with stop_on_signals() as stop:
+        try:
+            result = finetune(
+                model, dataset, valid_loader, ft, runtime, lr=lr, seed=params.base.seed,
+                checkpoint_dir=out / "checkpoints", config=config, stop=stop,
+            )  # fmt: skip
+        except TrainingInterrupted as exc:
+            print(f"finetune interrupted: {exc}; run it again to resume", file=sys.stderr)
+            return SIGTERM_EXIT
+
+    save_model_file(out / "model.safetensors", result.model, info)
+    write_csv(out / "steps.csv", result.steps)
+    write_csv(out / "history.csv", result.history)
+    metrics = {**result.metrics, "lr": lr, "resumed_from_step": result.resumed_from}
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "layer_groups.json", result.layer_groups)
+    save_config(
+        out / "config.json",
+        {**config, "runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                               "channels_last": runtime.channels_last}},
+    )  # fmt: skip
+    print(
+        f"finetune: {metrics['epochs']} epochs, valid_acc {metrics['valid_acc']:.4f} "
+        f"(loss {metrics['valid_loss']:.4f}), lr {lr:.2e}, {metrics['images_per_s']:.1f} img/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

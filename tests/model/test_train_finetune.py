@@ -1,0 +1,150 @@
+"""Fine-tune loop on a few real photos: schedule applied per step, resume = uninterrupted run."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from visiontune.config import AugmentParams, BaseParams, FinetuneParams, LrFindParams
+from visiontune.data.transforms import DataConfig
+from visiontune.models.classifier import ImageClassifier
+from visiontune.models.head import create_head
+from visiontune.runtime import resolve_runtime
+from visiontune.train.loop import TrainingInterrupted, finetune
+from visiontune.train.recipes import create_train_dataset, create_valid_loader, run_lr_find
+
+CLASSES = ["cats", "dogs"]
+DATA_CONFIG = DataConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 0.875)
+PARAMS = FinetuneParams(
+    n_cycles=2, cycle_len=1, cycle_mult=1, batch_size=4, warmup_pct=0.4,
+    augment=AugmentParams(rotate_deg=10, max_zoom=1.2),
+)  # fmt: skip
+
+
+def frame(root, split: str, per_class: int) -> pd.DataFrame:
+    rows = [
+        {"path": str(p), "label": c}
+        for c in CLASSES
+        for p in sorted((root / split / c).glob("*.jpg"))[:per_class]
+    ]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one thread is faster, and far faster when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(dogscats):
+    runtime = resolve_runtime(BaseParams(num_workers=0))
+    train = create_train_dataset(frame(dogscats, "train", 6), CLASSES, DATA_CONFIG, PARAMS.augment)
+    valid = create_valid_loader(frame(dogscats, "valid", 2), CLASSES, DATA_CONFIG, 8, runtime, 0)
+    return runtime, train, valid
+
+
+def new_model() -> ImageClassifier:
+    torch.manual_seed(0)
+    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    return ImageClassifier(body, create_head(body.num_features, 2, (), 0.25))
+
+
+def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=None):
+    runtime, train, valid = data
+    stop = threading.Event()
+    if stop_after == 0:
+        stop.set()
+
+    def on_step(step: int) -> None:
+        if stop_after is not None and step >= stop_after:
+            stop.set()
+
+    messages: list[str] = []
+    result = finetune(
+        new_model(), train, valid, params, runtime, lr=1e-2, seed=3, checkpoint_dir=tmp_path,
+        config=config or {"finetune": params.model_dump(mode="json")},
+        stop=stop, on_step=on_step, log=messages.append,
+    )  # fmt: skip
+    return result, messages
+
+
+@pytest.fixture(scope="module")
+def full(data, tmp_path_factory):
+    return run(data, tmp_path_factory.mktemp("full"))[0]
+
+
+def test_lr_applied_every_step_and_history(full):
+    steps_per_epoch = 12 // 4
+    assert len(full.steps) == 2 * steps_per_epoch
+    assert list(full.steps.columns) == [
+        "step",
+        "epoch",
+        "loss",
+        "lr_group0",
+        "lr_group1",
+        "lr_group2",
+    ]
+    # the course warm-up (lr/100 for the first step of the first cycle), then SGDR restarts
+    lrs = full.steps["lr_group2"].tolist()
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert lrs[steps_per_epoch] == pytest.approx(1e-2)
+    ratios = (full.steps["lr_group0"] / full.steps["lr_group2"]).tolist()
+    assert ratios == pytest.approx([0.01] * len(ratios))
+    assert full.history["epoch"].tolist() == [0, 1]
+    assert 0 <= full.metrics["valid_acc"] <= 1 and full.metrics["images_per_s"] > 0
+    assert [g["name"] for g in full.layer_groups["groups"]] == ["body0", "body1", "head"]
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(data, full, tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        run(data, tmp_path, stop_after=4)  # mid-way through the second epoch
+    resumed, messages = run(data, tmp_path)
+    assert resumed.resumed_from == 4
+    assert any("resuming" in m for m in messages)
+    pd.testing.assert_frame_equal(resumed.steps, full.steps)
+    pd.testing.assert_frame_equal(
+        resumed.history.drop(columns=["seconds", "images_per_s"]),
+        full.history.drop(columns=["seconds", "images_per_s"]),
+    )
+    for (name, a), b in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_freeze_bn_and_a_changed_config_starts_fresh(data, full, tmp_path):
+    fresh = new_model()
+    # freeze_bn: the body's BatchNorm running stats stay the pretrained ones
+    assert torch.equal(full.model.body.bn1.running_mean, fresh.body.bn1.running_mean)
+    assert not torch.equal(full.model.body.conv_stem.weight, fresh.body.conv_stem.weight)
+    with pytest.raises(TrainingInterrupted):
+        run(data, tmp_path, stop_after=0)  # leaves a checkpoint at step 0
+    unfrozen = PARAMS.model_copy(update={"freeze_bn": False})
+    result, messages = run(data, tmp_path, params=unfrozen)
+    assert result.resumed_from is None
+    assert any(
+        "config differs in finetune.freeze_bn" in m and "starting fresh" in m for m in messages
+    )
+    assert not torch.equal(result.model.body.bn1.running_mean, fresh.body.bn1.running_mean)
+
+
+def test_lr_find_on_the_full_network_restores_it(data):
+    runtime, train, _ = data
+    model = new_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = LrFindParams(num_iter=6, batch_size=4, start_lr=1e-5, end_lr=1.0)
+    result = run_lr_find(model, train, PARAMS, params, runtime, seed=0)
+    assert 1 <= len(result.curve) <= 6
+    assert set(result.suggestions) == {"min/10", "steepest", "valley"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
