@@ -98,6 +98,9 @@ class HeadParams(Section):
 
 class PrecomputeParams(Section):
     batch_size: int = Field(64, ge=1)
+    # Batches of random tensors timed after extraction, to report how close decoding
+    # comes to model-only speed (pipeline_vs_forward); 0 skips it.
+    benchmark_batches: int = Field(3, ge=0, le=100)
 
 
 class AugmentParams(Section):

