@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from pathlib import Path
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import read_split
 from visiontune.fileio import read_json, save_config, write_csv, write_json
@@ -48,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "finetune", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         f"finetune: {metrics['epochs']} epochs, valid_acc {metrics['valid_acc']:.4f} "
         f"(loss {metrics['valid_loss']:.4f}), lr {lr:.2e}, {metrics['images_per_s']:.1f} img/s"
     )
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(tracker, params, out)
 
 
 if __name__ == "__main__":

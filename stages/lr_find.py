@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import read_split
 from visiontune.fileio import save_config, write_csv, write_json
@@ -32,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "lr_find", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (stopped: loss diverged)' if result.stopped_early else ''}; "
         f"{params.lr_find.method} suggests lr {lr:.2e} ({others})"
     )
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(tracker, params, out)
 
 
 if __name__ == "__main__":

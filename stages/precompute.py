@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.manifest import read_classes
@@ -28,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "precompute", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     prepared, split, out = Path(args.prepared), Path(args.split), Path(args.out)
     try:
@@ -62,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(pipeline at {stats['pipeline_vs_forward']:.0%})"
         )
     print(line)
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(tracker, params, out, manifest=prepared / "manifest.csv")
 
 
 if __name__ == "__main__":
