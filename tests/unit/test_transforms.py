@@ -7,12 +7,15 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from visiontune.config import AugmentParams
 from visiontune.data.transforms import (
     DataConfig,
     RandomZoomCrop,
+    ResizeCenterCrop,
+    ToNormalizedTensor,
     create_eval_transform,
     create_train_transform,
     eval_min_size,
@@ -88,3 +91,30 @@ def test_unknown_interpolation_is_named() -> None:
     bad = DataConfig(64, (0.5,) * 3, (0.5,) * 3, "cubic-ish", 0.9)
     with pytest.raises(ValueError, match=r"cubic-ish.*bilinear"):
         create_eval_transform(bad)
+
+
+@pytest.mark.parametrize("name", ["cat.4001.jpg", "dog.4002.jpg"])
+@pytest.mark.parametrize("portrait", [False, True])
+def test_fused_eval_crop_matches_resize_then_centre_crop(dogscats, name, portrait) -> None:
+    from visiontune.data.images import open_rgb
+
+    folder = dogscats / "valid" / ("cats" if name.startswith("cat") else "dogs")
+    image = open_rgb(folder / name)
+    if portrait:
+        image = image.transpose(Image.Transpose.ROTATE_90)
+    mode = v2.InterpolationMode.BICUBIC
+    reference = v2.Compose([v2.Resize(100, interpolation=mode), v2.CenterCrop(87)])(image)
+    fused = ResizeCenterCrop(100, 87, mode)(image)
+    diff = (pil_to_tensor(fused).float() - pil_to_tensor(reference).float()).abs()
+    assert diff.mean() < 0.5 and diff.max() <= 16  # same pixels up to resampling round-off
+    tensor_path = ResizeCenterCrop(100, 87, mode)(pil_to_tensor(image))
+    assert tensor_path.shape == (3, 87, 87)
+
+
+def test_fused_normalisation_matches_torchvision() -> None:
+    image = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 50).convert("RGB")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    reference = v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    )
+    assert torch.allclose(ToNormalizedTensor(mean, std)(image), reference(image), atol=1e-5)
