@@ -1,0 +1,211 @@
+"""End to end: `dvc repro` of the real pipeline against a real `mlflow server`, then MlflowClient.
+
+Also: a second `dvc repro` with nothing changed logs nothing, and `dvc exp run --temp` (which
+runs in a throwaway copy of the repo) lands its runs in the ORIGINAL repo's SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+from project import dvc, make_project, project_env
+
+from visiontune.config import flatten, load_params
+from visiontune.data.images import open_rgb
+from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
+from visiontune.tracking.store import file_sha256
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+MODEL_NAME = "visiontune-e2e"
+OVERRIDES = {
+    "base": {"num_workers": 0},
+    "data": {"max_per_class": 8},
+    "model": {"image_size": 64},
+    "head": {"epochs": 1},
+    "lr_find": {"num_iter": 10},
+    "finetune": {"n_cycles": 2, "cycle_len": 1, "cycle_mult": 1, "batch_size": 4},
+    "tta": {"n_augment": 2},
+    "tracking": {"experiment": "e2e", "registered_model": MODEL_NAME, "alias": "candidate"},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 (closed below, after the process)
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def _runs(client: MlflowClient, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project", OVERRIDES)
+    env = project_env(MLFLOW_TRACKING_URI=server)
+    dvc(project, "repro", env=env)
+
+    client = MlflowClient(tracking_uri=server, registry_uri=server)
+    runs = _runs(client, "e2e")
+    parents = [r for r in runs if r.data.tags.get("visiontune.role") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.info.run_name: r for r in runs if r is not parent}
+    stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    assert sorted(children) == sorted(stages)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    # Parent: every param, provenance tags, headline metrics.
+    params = load_params(project / "params.yaml")
+    assert parent.data.params == {k: str(v) for k, v in flatten(params).items()}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    tags = parent.data.tags
+    assert tags["git.commit"] == head and tags["git.dirty"] == "false"
+    assert tags["data.fingerprint"] == file_sha256(project / "data/prepared/manifest.csv")
+    assert tags["backbone"] == params.model.backbone
+    assert {"device", "precision", "visiontune.version"} <= tags.keys()
+    evaluated = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    assert parent.data.metrics["eval/accuracy"] == pytest.approx(evaluated["accuracy"])
+    assert parent.data.metrics["eval/accuracy_tta"] == pytest.approx(evaluated["accuracy_tta"])
+    assert {"head/valid_acc", "finetune/valid_acc"} <= parent.data.metrics.keys()
+
+    # Fine-tune: every step, every group's LR, SGDR's restart where the second cycle starts.
+    finetune = children["finetune"].info.run_id
+    steps = pd.read_csv(project / "outputs/finetune/steps.csv")
+    assert _history(client, finetune, "train/loss") == pytest.approx(steps["loss"].tolist())
+    groups = [c for c in steps.columns if c.startswith("lr_group")]
+    assert len(groups) == params.finetune.layer_groups
+    for column in groups:
+        lrs = np.array(_history(client, finetune, f"lr/group{column.removeprefix('lr_group')}"))
+        assert lrs == pytest.approx(steps[column].to_numpy())
+        restarts = np.flatnonzero(lrs[1:] > lrs[:-1] * 1.5) + 1
+        second_cycle = int(np.flatnonzero(steps["epoch"].to_numpy() == 1)[0])
+        assert restarts.tolist() == [second_cycle]
+    epochs = params.finetune.epochs
+    assert len(client.get_metric_history(finetune, "valid/acc")) == epochs
+
+    lr_find = children["lr_find"].info.run_id
+    curve = pd.read_csv(project / "outputs/lr_find/curve.csv")
+    assert len(client.get_metric_history(lr_find, "lr_find/loss")) == len(curve)
+    assert "lr_find/suggested/lr" in children["lr_find"].data.metrics
+    assert children["precompute"].data.metrics["precompute/images_per_s"] > 0
+    assert "eval/accuracy_tta" in children["evaluate"].data.metrics
+
+    report = {a.path for a in client.list_artifacts(children["report"].info.run_id, "report")}
+    assert {"report/confusion.png", "report/report.md", "report/lr_schedule.png"} <= report
+    assert "config.json" in {a.path for a in client.list_artifacts(finetune)}
+
+    # The registered model predicts what `visiontune predict` does.
+    version = client.get_model_version_by_alias(MODEL_NAME, "candidate")
+    assert version.run_id == finetune
+    valid = pd.read_csv(project / "data/split/valid.csv").groupby("label").head(2)
+    images = [project / "data/prepared" / p for p in valid["path"]]
+    predicted = subprocess.run(
+        [str(BIN / "visiontune"), "predict", str(project / "outputs/finetune/model.safetensors"),
+         *map(str, images), "--format", "json", "--top-k", "5", "--device", "cpu",
+         "--precision", "fp32"],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    mlflow.set_tracking_uri(server)
+    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
+    meta = loaded.metadata.metadata
+    config = DataConfig(**meta["data_config"])
+    transform = create_eval_transform(config)
+    for row in json.loads(predicted.stdout):
+        batch = transform(open_rgb(Path(row["path"]), min_size=eval_min_size(config)))[None]
+        probabilities = np.asarray(loaded.predict(batch.numpy()))[0]
+        cli = {p["label"]: p["probability"] for p in row["predictions"]}
+        assert probabilities == pytest.approx([cli[c] for c in meta["classes"]], abs=1e-4)
+
+    # Nothing changed: DVC skips every stage and MLflow gets nothing new.
+    dvc(project, "repro", env=env)
+    assert len(_runs(client, "e2e")) == len(runs)
+
+    # `dvc exp run --temp` runs in a copy without git-ignored files; with the default relative
+    # store its runs must land in THIS repo's mlflow.db. Only the changed stages run.
+    local = project_env()
+    dvc(project, "exp", "run", "--temp", "--name", "tta-one", "-S", "tta.n_augment=1", env=local)
+    store = project / "mlflow.db"
+    assert store.is_file()
+    local_runs = _runs(MlflowClient(tracking_uri=f"sqlite:///{store}"), "e2e")
+    assert sorted(r.info.run_name for r in local_runs) == ["evaluate", "report", "tta-one"]
+    exp_parent = next(r for r in local_runs if r.info.run_name == "tta-one")
+    assert exp_parent.data.tags["dvc.exp_name"] == "tta-one"
+    assert exp_parent.data.params["tta.n_augment"] == "1"
+
+
+def test_queued_experiment_lands_in_the_original_store(tmp_path: Path) -> None:
+    # `dvc exp run --queue` runs each experiment in a temp copy from a background worker;
+    # the first two stages are enough to see where the runs go.
+    project = make_project(tmp_path / "project", {"data": {"max_per_class": 4}})
+    env = project_env()
+    dvc(project, "exp", "run", "--queue", "--name", "queued-one", "split", env=env)
+    dvc(project, "queue", "start", env=env)
+    deadline = time.monotonic() + 240
+    status = ""
+    while "Success" not in status and time.monotonic() < deadline:
+        assert "Failed" not in status, dvc(project, "queue", "logs", "queued-one", env=env).stdout
+        time.sleep(2)
+        status = dvc(project, "queue", "status", env=env).stdout
+    assert "Success" in status, status
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = _runs(client, load_params(project / "params.yaml").tracking.experiment)
+    assert sorted(r.info.run_name for r in runs) == ["fetch", "queued-one", "split"]
+    assert len({r.data.tags["visiontune.pipeline_id"] for r in runs}) == 1
