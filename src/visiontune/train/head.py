@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from visiontune.config import HeadParams
+from visiontune.features import FeatureSet
 from visiontune.fileio import atomic_path
 from visiontune.models.head import create_head
 from visiontune.train.lr_find import LrFindResult, find_lr
@@ -189,3 +191,36 @@ def load_head(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
     head = create_head(meta["in_features"], len(meta["classes"]), meta["hidden"], meta["dropout"])
     head.load_state_dict(state, strict=True)
     return head.eval(), meta
+
+
+def train_head_on_features(features: FeatureSet, params: HeadParams, seed: int) -> HeadResult:
+    """`train_head` with the `head` params section on a loaded feature cache."""
+    return train_head(
+        features.train_x,
+        features.train_y,
+        features.valid_x,
+        features.valid_y,
+        len(features.classes),
+        hidden=params.hidden,
+        dropout=params.dropout,
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        lr=params.lr,
+        optimizer=params.optimizer,
+        weight_decay=params.weight_decay,
+        label_smoothing=params.label_smoothing,
+        seed=seed,
+    )
+
+
+def head_metadata(features: FeatureSet, params: HeadParams) -> dict[str, Any]:
+    """What `save_head` stores beside the tensors: shape, classes, the features it fits."""
+    return {
+        "in_features": int(features.train_x.shape[1]),
+        "classes": list(features.classes),
+        "hidden": list(params.hidden),
+        "dropout": params.dropout,
+        "backbone": features.fingerprint.get("backbone"),
+        "weights_sha256": features.fingerprint.get("weights_sha256"),
+        "features_fingerprint": features.fingerprint,
+    }

@@ -1,0 +1,63 @@
+"""train_head: fit the classifier head on the cached features (fastai's precompute=True)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from visiontune.config import ParamsError, load_params
+from visiontune.data.manifest import read_classes
+from visiontune.features import StaleCacheError, expected_fingerprint, load_features
+from visiontune.fileio import save_config, write_csv, write_json
+from visiontune.models.weights import WeightsError
+from visiontune.train.head import head_metadata, save_head, train_head_on_features
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--prepared", default="data/prepared", help="fetch output (classes)")
+    parser.add_argument("--split", default="data/split", help="split output (train/valid.csv)")
+    parser.add_argument("--features", default="outputs/features", help="feature cache folder")
+    parser.add_argument("--out", default="outputs/head", help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    split, out = Path(args.split), Path(args.out)
+    try:
+        # Recomputed from the current params and data: a stale cache is refused.
+        expected = expected_fingerprint(
+            params.model,
+            params.base,
+            split / "train.csv",
+            split / "valid.csv",
+            read_classes(Path(args.prepared) / "classes.json"),
+        )
+        features = load_features(Path(args.features) / "features.safetensors", expected)
+    except (StaleCacheError, WeightsError, OSError, ValueError) as exc:
+        print(f"train_head failed: {exc}", file=sys.stderr)
+        return 1
+    result = train_head_on_features(features, params.head, params.base.seed)
+
+    save_head(out / "head.safetensors", result.head, head_metadata(features, params.head))
+    write_csv(out / "history.csv", result.history)
+    metrics = dict(result.metrics)
+    if result.lr_find is not None:  # head.lr: auto
+        metrics["lr_suggestions"] = result.lr_find.suggestions
+    write_json(out / "metrics.json", metrics)
+    save_config(out / "config.json", {"base": params.base, "head": params.head})
+    m = result.metrics
+    print(
+        f"train_head: {m['epochs']} epochs on {m['n_train']} features, lr {m['lr']:.2e}, "
+        f"valid_acc {m['valid_acc']:.4f} (loss {m['valid_loss']:.4f}) in {m['train_seconds']:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
