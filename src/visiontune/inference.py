@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
@@ -17,36 +17,37 @@ def run_inference(
     """Run `module` over every batch of `loader`.
 
     The module is moved to the runtime's device and memory format (in place) and put in
-    eval mode. Batches are `(images, labels, indices)` as ImageDataset yields them;
-    outputs come back in dataset order even from a shuffled loader.
+    eval mode. Batches are `(images, labels, indices)` as ImageDataset yields them. The
+    outputs keep the loader's order when it is sequential; a shuffled loader's outputs
+    are put back in index order.
 
     Returns:
         (outputs as float32 N×D on the CPU, labels N (int64), images per second).
     """
     module = prepare_module(module, runtime).eval()
     size = len(loader.dataset)  # type: ignore[arg-type]
-    outputs: torch.Tensor | None = None
-    labels = torch.full((size,), -1, dtype=torch.int64)
-    seen = torch.zeros(size, dtype=torch.bool)
+    outputs, labels, indices = [], [], []
     start = time.perf_counter()
     # no_grad, not inference_mode: callers train heads on these outputs afterwards.
     with torch.no_grad(), tqdm(total=size, desc=desc, unit="img", mininterval=1.0) as bar:
-        for images, targets, indices in loader:
+        for images, targets, index in loader:
             with autocast(runtime):
                 batch = module(to_device(images, runtime))
-            batch = batch.float().cpu()
-            if outputs is None:
-                outputs = torch.empty((size, *batch.shape[1:]), dtype=torch.float32)
-            outputs[indices] = batch
-            labels[indices] = torch.as_tensor(targets, dtype=torch.int64)
-            seen[indices] = True
-            bar.update(len(indices))
+            outputs.append(batch.float().cpu())
+            labels.append(torch.as_tensor(targets, dtype=torch.int64))
+            indices.append(torch.as_tensor(index, dtype=torch.int64))
+            bar.update(len(images))
     elapsed = time.perf_counter() - start
-    if not bool(seen.all()):
-        raise RuntimeError(f"{desc or 'inference'}: the loader skipped {int((~seen).sum())} items")
-    if outputs is None:
-        raise ValueError(f"{desc or 'inference'}: the loader is empty")
-    return outputs, labels, size / elapsed if elapsed > 0 else float("inf")
+    name = desc or "inference"
+    if not outputs:
+        raise ValueError(f"{name}: the loader is empty")
+    out, lab, idx = torch.cat(outputs), torch.cat(labels), torch.cat(indices)
+    if len(out) != size:
+        raise RuntimeError(f"{name}: got {len(out)} outputs for {size} items (drop_last?)")
+    if not isinstance(loader.sampler, SequentialSampler):
+        order = torch.argsort(idx)
+        out, lab = out[order], lab[order]
+    return out, lab, size / elapsed if elapsed > 0 else float("inf")
 
 
 def benchmark_forward(

@@ -84,3 +84,18 @@ def test_loader_shuffle_repeats_for_a_seed(photos) -> None:
 
     assert order(1) == order(1)
     assert order(1) != order(2)
+
+
+def test_inference_over_a_subset_keeps_the_subset_order(photos) -> None:
+    runtime = resolve_runtime(BaseParams(precision="fp32", num_workers=0))
+    dataset = ImageDataset(photos, [0, 0, 0, 1, 1, 1], create_eval_transform(DATA))
+    subset = torch.utils.data.Subset(dataset, [5, 1, 3])
+    loader = create_loader(subset, 2, runtime, shuffle=False, seed=0)
+    _, labels, _ = run_inference(Mean(), loader, runtime)
+    assert labels.tolist() == [1, 0, 1]
+    with pytest.raises(RuntimeError, match="drop_last"):
+        run_inference(
+            Mean(),
+            create_loader(dataset, 4, runtime, shuffle=False, seed=0, drop_last=True),
+            runtime,
+        )
