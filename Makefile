@@ -44,6 +44,6 @@ bench: setup ## speed and accuracy benchmark on ../shared/data (writes bench/res
 UI_PORT ?= 5000
 ui: setup ## MLflow UI for the default local store (mlflow.db + mlruns/), on localhost only
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
-		--artifacts-destination $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT)
+		--artifacts-destination $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 .PHONY: help setup demo test test-fast lint format bench ui
