@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import read_classes
 from visiontune.features import StaleCacheError, expected_fingerprint, load_features
@@ -27,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # Tracking: fail fast, before any work, if the MLflow store is unusable.
+    try:
+        tracker = tracking.preflight(params, "train_head", environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
 
     split, out = Path(args.split), Path(args.out)
     try:
@@ -56,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         f"train_head: {m['epochs']} epochs on {m['n_train']} features, lr {m['lr']:.2e}, "
         f"valid_acc {m['valid_acc']:.4f} (loss {m['valid_loss']:.4f}) in {m['train_seconds']:.1f}s"
     )
-    return 0
+    # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
+    return tracking.log_stage(tracker, params, out)
 
 
 if __name__ == "__main__":
