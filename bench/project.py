@@ -169,16 +169,30 @@ def run_measured(
     )
 
 
+PIPELINE_ORDER = (
+    "fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate", "report"
+)  # fmt: skip
+
+
 def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
-    """(name, command, working dir) of each dvc.yaml stage, in file order."""
+    """(name, command, working dir) of each dvc.yaml stage, in pipeline order.
+
+    A stage script in `stages/` that dvc.yaml does not declare yet runs as
+    `python stages/<name>.py` in its place (reported as such), so the benchmark can run
+    while the pipeline is being assembled.
+    """
     spec = yaml.safe_load((project / "dvc.yaml").read_text()) or {}
-    stages = []
+    declared = {}
     for name, stage in (spec.get("stages") or {}).items():
         cmd = stage["cmd"]
         if isinstance(cmd, list):
             cmd = " && ".join(cmd)
-        stages.append((name, cmd, project / stage.get("wdir", ".")))
-    return stages
+        declared[name] = (name, cmd, project / stage.get("wdir", "."))
+    for name in PIPELINE_ORDER:
+        if name not in declared and (project / "stages" / f"{name}.py").is_file():
+            declared[name] = (name, f"python stages/{name}.py", project)
+    rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+    return sorted(declared.values(), key=lambda s: rank.get(s[0], len(rank)))
 
 
 def run_pipeline(project: Path, runner: str = "script", echo: bool = True) -> list[StageRun]:
