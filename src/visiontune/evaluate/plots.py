@@ -162,10 +162,13 @@ def lr_schedule_figure(steps: pd.DataFrame) -> Figure:
     ax_lr.legend(fontsize=8)
     ax_lr.grid(True, which="both", alpha=0.3)
     if "loss" in steps:
-        ax_loss.plot(steps["step"], steps["loss"], color="0.7", linewidth=0.7, label="loss")
         window = max(len(steps) // 50, 1)
-        smooth = steps["loss"].rolling(window, min_periods=1).mean()
-        ax_loss.plot(steps["step"], smooth, color="C0", label=f"mean of {window} steps")
+        if window > 1:  # per-step losses are noisy; overlay a running mean
+            ax_loss.plot(steps["step"], steps["loss"], color="0.7", linewidth=0.7, label="loss")
+            smooth = steps["loss"].rolling(window, min_periods=1).mean()
+            ax_loss.plot(steps["step"], smooth, color="C0", label=f"mean of {window} steps")
+        else:
+            ax_loss.plot(steps["step"], steps["loss"], color="C0", label="loss")
         ax_loss.set_ylabel("training loss")
         ax_loss.legend(fontsize=8)
     if "epoch" in steps:
