@@ -65,6 +65,25 @@ def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def busy() -> bool:
+    """Whether other work competes for the cores (1-min load above half of them)."""
+    return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+
+
+def wait_quiet(max_s: float) -> None:
+    """Wait up to `max_s` seconds for the machine to become quiet; warn if it does not."""
+    deadline = time.monotonic() + max_s
+    while busy() and time.monotonic() < deadline:
+        time.sleep(15)
+    if busy():
+        print(
+            f"WARNING: machine busy (load {load()} on {os.cpu_count()} cores): throughputs "
+            "and ratios from this run are not representative",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def ensure_fastai_venv(venv: Path = FASTAI_VENV) -> Path:
     """A venv with fastai that sees the project's packages (torch stays the pinned build)."""
     python = venv / "bin" / "python"
@@ -136,6 +155,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from visiontune.config import load_params
     from visiontune.fileio import write_json, write_text
 
+    wait_quiet(args.wait_quiet)
     print(f"== {name} ({'quick' if args.quick else 'full'}) load {load()}", flush=True)
     params = bench_params(name, args.data_root, args.quick, not args.no_tracking)
     workdir = Path(tempfile.mkdtemp(prefix=f"visiontune-bench-{name}-"))
@@ -147,6 +167,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git": git_state(),
         "load_before": load(),
+        "busy_before": busy(),
         "cpu_count": os.cpu_count(),
         "params": typed.model_dump(mode="json"),
     }
@@ -171,6 +192,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     elif not args.no_fastai:
         record["fastai"] = {"error": "skipped: the visiontune pipeline failed"}
     record["load_after"] = load()
+    record["busy_after"] = busy()
     suffix = "-quick" if args.quick else ""
     results = args.results / f"{name}{suffix}.json"
     write_json(results, record)
@@ -204,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-root", type=Path, default=SHARED_DATA)
     parser.add_argument("--results", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the load to drop below half the cores before each dataset",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp project copy")
     args = parser.parse_args(argv)
     names = DATASETS if args.dataset == "all" else (args.dataset,)

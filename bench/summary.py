@@ -212,7 +212,12 @@ def markdown(name: str, record: Mapping[str, Any]) -> str:
         f"{record['started']} · commit `{record['git']['commit'][:10]}`"
         f"{' (dirty)' if record['git']['dirty'] else ''} · load before/after "
         f"{record['load_before']} / {record['load_after']} · "
-        f"{'quick' if record['quick'] else 'full'} run",
+        f"{'quick' if record['quick'] else 'full'} run"
+        + (
+            " · **machine busy: throughputs and ratios not representative**"
+            if record.get("busy_before") or record.get("busy_after")
+            else ""
+        ),
         "",
         "| stage | wall s | images | img/s (wall) | img/s (stage) | CPU s | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
