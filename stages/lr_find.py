@@ -50,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lr_find failed: {exc}", file=sys.stderr)
         return 1
     dataset = create_train_dataset(train, info.classes, info.data_config, params.finetune.augment)
-    result = run_lr_find(
-        model, dataset, params.finetune, params.lr_find, runtime, seed=params.base.seed
-    )
+    try:
+        result = run_lr_find(
+            model, dataset, params.finetune, params.lr_find, runtime, seed=params.base.seed
+        )
+    except ValueError as exc:  # too few points before the loss diverged
+        print(f"lr_find failed: {exc}", file=sys.stderr)
+        return 1
 
     out = Path(args.out)
     lr = result.suggestion(params.lr_find.method)

@@ -143,3 +143,11 @@ def test_suggested_lr_trains_a_small_problem_well():
     curve = result.lr_find.curve
     assert lr <= curve["lr"][curve["smoothed_loss"].idxmin()]
     assert math.isfinite(losses[1.0])
+
+
+def test_noise_on_a_near_zero_loss_is_not_divergence():
+    """After a trained head the first losses are tiny: a 10× blip early is noise."""
+    losses = iter([0.005, 0.05, 0.01, 0.02, 0.006] + [0.01] * 40 + [5.0] * 55)
+    result = lr_range_test(lambda lr: next(losses), start_lr=1e-6, end_lr=1.0, num_iter=100)
+    assert result.stopped_early
+    assert len(result.curve) > 45  # stopped by the real rise, not by the early blip

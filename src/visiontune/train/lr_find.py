@@ -88,16 +88,19 @@ def lr_range_test(
     """Call `step(lr)` (one training step, returns its loss) for exponentially growing LRs.
 
     Stops early when the debiased EMA of the loss exceeds `diverge` × its best value or
-    the loss is not finite.
+    the loss is not finite. The first 10 % of the iterations (at least 5) are never
+    called divergent: after a trained head the loss starts near 0, and batch-to-batch
+    noise alone is several times the first few values.
     """
     rows: list[tuple[int, float, float, float]] = []
     avg, best, stopped = 0.0, math.inf, False
+    settle = max(5, num_iter // 10)
     for i, lr in enumerate(exponential_lrs(start_lr, end_lr, num_iter)):
         loss = float(step(float(lr)))
         avg = smooth * avg + (1 - smooth) * loss
         smoothed = avg / (1 - smooth ** (i + 1))
         rows.append((i, float(lr), loss, smoothed))
-        if not math.isfinite(smoothed) or (i > 0 and smoothed > diverge * best):
+        if not math.isfinite(smoothed) or (i >= settle and smoothed > diverge * best):
             stopped = True
             break
         best = min(best, smoothed)
