@@ -146,8 +146,9 @@ def test_suggested_lr_trains_a_small_problem_well():
 
 
 def test_noise_on_a_near_zero_loss_is_not_divergence():
-    """After a trained head the first losses are tiny: a 10× blip early is noise."""
-    losses = iter([0.005, 0.05, 0.01, 0.02, 0.006] + [0.01] * 40 + [5.0] * 55)
+    """After a trained head the loss is noise near 0: the first batch or two can be 20× lower."""
+    noise = [0.001, 0.002, 0.05, 0.01, 0.03, 0.04, 0.02, 0.05, 0.03, 0.02]
+    losses = iter(noise + [0.03] * 40 + [5.0] * 50)
     result = lr_range_test(lambda lr: next(losses), start_lr=1e-6, end_lr=1.0, num_iter=100)
     assert result.stopped_early
     assert len(result.curve) > 45  # stopped by the real rise, not by the early blip

@@ -88,22 +88,23 @@ def lr_range_test(
     """Call `step(lr)` (one training step, returns its loss) for exponentially growing LRs.
 
     Stops early when the debiased EMA of the loss exceeds `diverge` × its best value or
-    the loss is not finite. The first 10 % of the iterations (at least 5) are never
-    called divergent: after a trained head the loss starts near 0, and batch-to-batch
-    noise alone is several times the first few values.
+    the loss is not finite. The best value only counts from the 10th iteration (or 10 %
+    of them) on: after a trained head the loss sits near 0, and an average of the first
+    one or two batches can be several times lower than the next ones by noise alone.
     """
     rows: list[tuple[int, float, float, float]] = []
     avg, best, stopped = 0.0, math.inf, False
-    settle = max(5, num_iter // 10)
+    settle = max(10, num_iter // 10)
     for i, lr in enumerate(exponential_lrs(start_lr, end_lr, num_iter)):
         loss = float(step(float(lr)))
         avg = smooth * avg + (1 - smooth) * loss
         smoothed = avg / (1 - smooth ** (i + 1))
         rows.append((i, float(lr), loss, smoothed))
-        if not math.isfinite(smoothed) or (i >= settle and smoothed > diverge * best):
+        if not math.isfinite(smoothed) or smoothed > diverge * best:
             stopped = True
             break
-        best = min(best, smoothed)
+        if i >= settle - 1:
+            best = min(best, smoothed)
     curve = pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed_loss"])
     suggestions = suggest_lrs(curve["lr"], curve["smoothed_loss"])
     return LrFindResult(curve, suggestions, stopped)
