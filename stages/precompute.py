@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             params.precompute,
             train_csv=split / "train.csv",
             valid_csv=split / "valid.csv",
-            classes=read_classes(prepared / "classes.json"),
+            classes=read_classes(split / "classes.json"),
             image_root=prepared,
         )
     except (WeightsError, UnreadableImageError, ValueError, FileNotFoundError) as exc:

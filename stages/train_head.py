@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             params.base,
             split / "train.csv",
             split / "valid.csv",
-            read_classes(Path(args.prepared) / "classes.json"),
+            read_classes(split / "classes.json"),
         )
         features = load_features(Path(args.features) / "features.safetensors", expected)
     except (StaleCacheError, WeightsError, OSError, ValueError) as exc:
