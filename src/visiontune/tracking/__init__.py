@@ -31,6 +31,7 @@ from visiontune.tracking.store import (
     file_sha256,
     git_state,
     pipeline_id,
+    redact,
     repo_root,
     resolve_store,
 )
@@ -122,7 +123,7 @@ def preflight(
             run_tags={**common, "mlflow.source.git.commit": commit},
         )
     except Exception as exc:
-        message = f"MLflow tracking store {store.uri} is not usable: {exc}"
+        message = redact(f"MLflow tracking store {store.uri} is not usable: {exc}")
         if section.required:
             raise TrackingUnavailableError(
                 f"{message}\n(set tracking.required: false to run with local outputs only, "

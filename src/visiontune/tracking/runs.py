@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from visiontune.tracking.store import Store, TrackingError
+from visiontune.tracking.store import Store, TrackingError, redact
 
 PIPELINE_TAG = "visiontune.pipeline_id"
 ROLE_TAG = "visiontune.role"
@@ -112,7 +112,9 @@ class StageTracker:
     def set_tags(self, tags: Mapping[str, Any], *, parent: bool = False) -> None:
         if not self.client or not tags:
             return
-        entries = [RunTag(key, str(value)) for key, value in tags.items() if value is not None]
+        entries = [
+            RunTag(key, redact(str(value))) for key, value in tags.items() if value is not None
+        ]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self._target(parent), tags=chunk, synchronous=True)
 
@@ -173,7 +175,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _param_entries(params: Mapping[str, Any]) -> list[Param]:
-    return [Param(key, str(value)[:_MAX_PARAM_CHARS]) for key, value in params.items()]
+    return [Param(key, redact(str(value))[:_MAX_PARAM_CHARS]) for key, value in params.items()]
 
 
 def start_stage_run(
@@ -198,7 +200,7 @@ def start_stage_run(
         )
         parent = client.create_run(
             experiment_id,
-            tags={k: str(v) for k, v in tags.items() if v is not None},
+            tags={k: redact(str(v)) for k, v in tags.items() if v is not None},
             run_name=str(run_name),
         )
         parent_id = parent.info.run_id
@@ -215,7 +217,7 @@ def start_stage_run(
     }
     child = client.create_run(
         experiment_id,
-        tags={k: str(v) for k, v in child_tags.items() if v is not None},
+        tags={k: redact(str(v)) for k, v in child_tags.items() if v is not None},
         run_name=stage,
     )
     return StageTracker(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Mapping
@@ -24,6 +25,17 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # DVC sets DVC_ROOT for every stage; `exp run --temp/--queue` set it to the original repo.
 DVC_ROOT_ENV = "DVC_ROOT"
 DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+# `scheme://user:password@host`: the user-info part of any URI in a value.
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(value: str) -> str:
+    """`value` with the credentials of any URI in it (`user:password@`) replaced by `***@`.
+
+    Params like `data.source` and `tracking.uri` may carry credentials; they are never
+    logged to MLflow or printed as they are.
+    """
+    return _USERINFO.sub("***@", value)
 
 
 class TrackingError(RuntimeError):
