@@ -17,7 +17,8 @@ from visiontune import tracking
 from visiontune.cli import main as cli_main
 from visiontune.config import parse_params
 from visiontune.data.images import open_rgb
-from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
+from visiontune.data.transforms import DataConfig
+from visiontune.evaluate.tta import ViewMaker, tta_views
 from visiontune.models.classifier import ModelInfo, create_classifier, save_model_file
 
 CLASSES = ["cats", "dogs"]
@@ -83,12 +84,10 @@ def test_logged_model_is_registered_and_predicts_like_the_cli(
     loaded = mlflow.pyfunc.load_model("models:/tiny-cats@candidate")
     metadata = loaded.metadata.metadata
     assert metadata["classes"] == CLASSES
-    config = DataConfig(**metadata["data_config"])
-    transform = create_eval_transform(config)
+    # The plain view exactly as `visiontune predict` (and `evaluate`) decode and crop it.
+    plain = ViewMaker(DataConfig(**metadata["data_config"]), tta_views(0))
     for row in rows:
-        # Decoded as `visiontune predict` does: JPEG draft mode down to the size it needs.
-        image = open_rgb(Path(row["path"]), min_size=eval_min_size(config))
-        batch = transform(image)[None].numpy()
+        batch = plain(open_rgb(Path(row["path"]), min_size=plain.min_decode_size)).numpy()
         probabilities = np.asarray(loaded.predict(batch))[0]
         cli = {p["label"]: p["probability"] for p in row["predictions"]}
         expected = [cli[name] for name in metadata["classes"]]

@@ -28,7 +28,8 @@ from project import dvc, make_project, project_env
 
 from visiontune.config import flatten, load_params
 from visiontune.data.images import open_rgb
-from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
+from visiontune.data.transforms import DataConfig
+from visiontune.evaluate.tta import ViewMaker, tta_views
 from visiontune.tracking.store import file_sha256
 
 pytestmark = pytest.mark.slow
@@ -166,10 +167,10 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     mlflow.set_tracking_uri(server)
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
     meta = loaded.metadata.metadata
-    config = DataConfig(**meta["data_config"])
-    transform = create_eval_transform(config)
+    # The plain view exactly as `visiontune predict` (and `evaluate`) decode and crop it.
+    plain = ViewMaker(DataConfig(**meta["data_config"]), tta_views(0))
     for row in json.loads(predicted.stdout):
-        batch = transform(open_rgb(Path(row["path"]), min_size=eval_min_size(config)))[None]
+        batch = plain(open_rgb(Path(row["path"]), min_size=plain.min_decode_size))
         probabilities = np.asarray(loaded.predict(batch.numpy()))[0]
         cli = {p["label"]: p["probability"] for p in row["predictions"]}
         assert probabilities == pytest.approx([cli[c] for c in meta["classes"]], abs=1e-4)
@@ -179,14 +180,22 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     assert len(_runs(client, "e2e")) == len(runs)
 
     # `dvc exp run --temp` runs in a copy without git-ignored files; with the default relative
-    # store its runs must land in THIS repo's mlflow.db. Only the changed stages run.
+    # store its runs must land in THIS repo's mlflow.db. (Stages whose `cache: false` metrics
+    # files are git-ignored re-run there too: the copy cannot restore those files.)
     local = project_env()
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "dvc.lock"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True)
     dvc(project, "exp", "run", "--temp", "--name", "tta-one", "-S", "tta.n_augment=1", env=local)
     store = project / "mlflow.db"
     assert store.is_file()
     local_runs = _runs(MlflowClient(tracking_uri=f"sqlite:///{store}"), "e2e")
-    assert sorted(r.info.run_name for r in local_runs) == ["evaluate", "report", "tta-one"]
-    exp_parent = next(r for r in local_runs if r.info.run_name == "tta-one")
+    exp_parent = next(r for r in local_runs if r.data.tags["visiontune.role"] == "pipeline")
+    assert exp_parent.info.run_name == "tta-one"
+    stage_runs = [r for r in local_runs if r is not exp_parent]
+    assert {"evaluate", "report"} <= {r.info.run_name for r in stage_runs}
+    assert all(r.data.tags["mlflow.parentRunId"] == exp_parent.info.run_id for r in stage_runs)
+    assert all(r.info.status == "FINISHED" for r in local_runs)
     assert exp_parent.data.tags["dvc.exp_name"] == "tta-one"
     assert exp_parent.data.params["tta.n_augment"] == "1"
 

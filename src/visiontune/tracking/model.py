@@ -1,9 +1,9 @@
 """The fine-tuned model in MLflow: pytorch flavour + registry alias + the safetensors file.
 
-The MLflow model takes what the eval transform produces (float32 N×3×H×W, normalised with
-the data config recorded in its metadata) and returns class probabilities in the order of
-the `classes` metadata, so
-`mlflow.pyfunc.load_model(uri).predict(batch)` matches `visiontune predict` on the same images.
+The MLflow model takes the plain centre view that `visiontune predict` feeds its model
+(float32 N×3×H×W, built from the data config in the model's metadata) and returns class
+probabilities in the order of the `classes` metadata, so `mlflow.pyfunc.load_model(uri)
+.predict(batch)` matches `visiontune predict` on the same images.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def log_model(
         "classes": list(info.classes),
         "data_config": dataclasses.asdict(info.data_config),
         "backbone": info.backbone,
-        # How `visiontune predict` feeds the model (visiontune.data.images / .transforms).
-        "preprocessing": "create_eval_transform(cfg)(open_rgb(path, min_size=eval_min_size(cfg)))"
-        " with cfg = DataConfig(**data_config)",
+        # How `visiontune predict` and `evaluate` feed the model (no TTA):
+        "preprocessing": "ViewMaker(DataConfig(**data_config), tta_views(0))"
+        "(open_rgb(path, min_size=maker.min_decode_size)) from visiontune.evaluate.tta",
     }
     mlflow.set_tracking_uri(tracker.store.uri)
     with mlflow.start_run(run_id=tracker.run_id):
