@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+# torch.manual_seed overflows past 2**64 - 1 and NumPy takes < 2**32 (seeds add epochs).
+MAX_SEED = 2**32 - 1
 
 
 class ParamsError(ValueError):
@@ -30,7 +32,7 @@ class Section(BaseModel):
 
 
 class BaseParams(Section):
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto = min(cores, 8); decoding JPEGs in workers keeps the model fed.
@@ -64,7 +66,7 @@ class DataParams(Section):
 
 class SplitParams(Section):
     valid_pct: float = Field(0.2, gt=0, lt=1)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     # Classes with fewer images than this are left out (and reported).
     min_per_class: int = Field(2, ge=1)
     # Use the source's own train/valid folders when it has them.
@@ -126,7 +128,9 @@ class LrFindParams(Section):
     @model_validator(mode="after")
     def _range(self) -> LrFindParams:
         if self.end_lr <= self.start_lr:
-            raise ValueError(f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})")
+            raise ValueError(
+                f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})"
+            )
         return self
 
 
