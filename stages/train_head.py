@@ -19,8 +19,9 @@ from visiontune.train.head import head_metadata, save_head, train_head_on_featur
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file")
-    parser.add_argument("--prepared", default="data/prepared", help="fetch output (classes)")
-    parser.add_argument("--split", default="data/split", help="split output (train/valid.csv)")
+    parser.add_argument(
+        "--split", default="data/split", help="split output (train/valid.csv, classes.json)"
+    )
     parser.add_argument("--features", default="outputs/features", help="feature cache folder")
     parser.add_argument("--out", default="outputs/head", help="output folder")
     args = parser.parse_args(argv)

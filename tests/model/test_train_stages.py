@@ -75,7 +75,7 @@ def project(dogscats, tmp_path_factory):
     (root / "prepared").mkdir()
     for split in ("train", "valid"):  # the real photos, linked (never copied)
         (root / "prepared" / split).symlink_to(dogscats / split)
-    write_classes(root / "prepared" / "classes.json", CLASSES)
+    write_classes(root / "split" / "classes.json", CLASSES)
     params = write_params(root / "params.yaml")
     common = ["--params", str(params)]
     precompute = stage("precompute")
@@ -85,7 +85,7 @@ def project(dogscats, tmp_path_factory):
 
 
 def head_args(root: Path, common: list[str]) -> list[str]:
-    return [*common, "--prepared", str(root / "prepared"), "--split", str(root / "split"),
+    return [*common, "--split", str(root / "split"),
             "--features", str(root / "features"), "--out", str(root / "head")]  # fmt: skip
 
 
