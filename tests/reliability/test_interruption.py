@@ -1,0 +1,135 @@
+"""Killing `finetune` mid-run (SIGTERM, SIGKILL) under a real `dvc repro`: the rerun resumes
+from the persisted checkpoint, ends on the uninterrupted run's LR schedule, and DVC never
+accepts a half-written output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+import yaml
+from project import dvc, make_project, project_env
+
+pytestmark = pytest.mark.slow
+
+# Real dogscats photos, tiny: 16 train images per class at 64 px, batch 4 → 8 steps per
+# epoch, two 1-epoch SGDR cycles: the kill lands in epoch 2, after the epoch-1 checkpoint.
+OVERRIDES = {
+    "base": {"num_workers": 0},
+    "data": {"max_per_class": 16},
+    "model": {"image_size": 64},
+    "precompute": {"benchmark_batches": 0},
+    "head": {"epochs": 2},
+    "lr_find": {"num_iter": 5, "batch_size": 4},
+    "finetune": {"n_cycles": 2, "cycle_len": 1, "cycle_mult": 1, "batch_size": 4},
+    "tracking": {"enabled": False},
+}
+CHECKPOINT = Path("outputs/finetune/checkpoints/last.pt")
+LR_COLUMNS = ["lr_group0", "lr_group1", "lr_group2"]
+
+
+def test_dvc_declares_the_checkpoints_persistent(repo_root: Path) -> None:
+    stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["finetune"]
+    outs = {next(iter(out)) if isinstance(out, dict) else out: out for out in stage["outs"]}
+    entry = outs["outputs/finetune/checkpoints"]
+    assert isinstance(entry, dict) and entry["outputs/finetune/checkpoints"]["persist"] is True
+
+
+def _finetune_process(dvc_proc: subprocess.Popen, timeout: float = 120) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(dvc_proc.pid).children(recursive=True):
+            try:
+                command = child.cmdline()
+                if command and "python" in command[0] and "stages/finetune.py" in command:
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        assert dvc_proc.poll() is None, "dvc exited before finetune started"
+        time.sleep(0.1)
+    raise AssertionError("finetune never started")
+
+
+def _kill_after_first_checkpoint(project: Path, signum: int) -> tuple[str, int]:
+    """`dvc repro -f -s finetune`, killed right after the epoch-1 checkpoint appears."""
+    (project / CHECKPOINT).unlink(missing_ok=True)
+    command = [str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", "finetune"]
+    proc = subprocess.Popen(
+        command, cwd=project, env=project_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    stage = _finetune_process(proc)
+    deadline = time.monotonic() + 120
+    while not (project / CHECKPOINT).is_file():
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint written"
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the second epoch
+    stage.send_signal(signum)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output
+    return output, stage.pid
+
+
+def _no_temp_files(project: Path) -> None:
+    leftovers = [p for p in (project / "outputs").rglob("*") if p.name.endswith(".tmp")]
+    leftovers += [p for p in (project / "data").rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, dogscats: Path) -> tuple[Path, dict]:
+    """A project run once, uninterrupted, up to finetune; its steps.csv is the reference."""
+    root = make_project(tmp_path_factory.mktemp("interrupt"), OVERRIDES)
+    started = time.perf_counter()
+    dvc(root, "repro", "finetune")
+    reference = {
+        "steps": pd.read_csv(root / "outputs/finetune/steps.csv"),
+        "seconds": time.perf_counter() - started,
+    }
+    return root, reference
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_finetune_resumes_under_dvc_repro(project, signum: int) -> None:
+    root, reference = project
+    steps_per_epoch = int((reference["steps"]["epoch"] == 0).sum())
+    output, _ = _kill_after_first_checkpoint(root, signum)
+    if signum == signal.SIGTERM:
+        assert "finetune interrupted" in output, output[-3000:]
+    # DVC removed the stage's cached outputs before running it; the kill left nothing it
+    # would accept: finetune is reported changed and its model file is absent.
+    assert not (root / "outputs/finetune/model.safetensors").exists()
+    status = dvc(root, "status", "finetune").stdout
+    assert "finetune" in status and "changed" in status, status
+    _no_temp_files(root)
+    saved = torch.load(root / CHECKPOINT, map_location="cpu", weights_only=True)
+    step = saved["progress"]["step"]
+    assert saved["phase"] == "finetune" and saved["param_groups"]
+    recorded = {"model", "optimizer", "schedule", "progress", "param_groups", "rng", "config"}
+    assert recorded <= set(saved), set(saved)
+    total = len(reference["steps"])
+    assert steps_per_epoch <= step < total, (step, total)
+    if signum == signal.SIGKILL:  # only the epoch-end checkpoint survives a SIGKILL
+        assert step % steps_per_epoch == 0
+
+    print(f"{signal.Signals(signum).name}: checkpoint at step {step} of {total}")
+    rerun = dvc(root, "repro", "finetune")
+    assert f"resuming from {CHECKPOINT} at step {step}" in rerun.stdout + rerun.stderr
+    metrics = json.loads((root / "outputs/finetune/metrics.json").read_text())
+    assert metrics["resumed_from_step"] == step
+    steps = pd.read_csv(root / "outputs/finetune/steps.csv")
+    expected = reference["steps"]
+    assert list(steps["step"]) == list(expected["step"])
+    pd.testing.assert_frame_equal(steps[LR_COLUMNS], expected[LR_COLUMNS], rtol=0, atol=0)
+    # Same data order and RNG after the resume: the losses match the uninterrupted run.
+    pd.testing.assert_series_equal(steps["loss"], expected["loss"], rtol=1e-4)
+    assert "Data and pipelines are up to date" in dvc(root, "status", "finetune").stdout
+    _no_temp_files(root)
