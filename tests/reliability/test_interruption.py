@@ -18,8 +18,6 @@ import torch
 import yaml
 from project import dvc, make_project, project_env
 
-pytestmark = pytest.mark.slow
-
 # Real dogscats photos, tiny: 16 train images per class at 64 px, batch 4 → 8 steps per
 # epoch, two 1-epoch SGDR cycles: the kill lands in epoch 2, after the epoch-1 checkpoint.
 OVERRIDES = {
@@ -97,6 +95,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, dogscats: Path) -> tuple[P
     return root, reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_finetune_resumes_under_dvc_repro(project, signum: int) -> None:
     root, reference = project
@@ -133,3 +132,35 @@ def test_killed_finetune_resumes_under_dvc_repro(project, signum: int) -> None:
     pd.testing.assert_series_equal(steps["loss"], expected["loss"], rtol=1e-4)
     assert "Data and pipelines are up to date" in dvc(root, "status", "finetune").stdout
     _no_temp_files(root)
+
+
+KILL_MID_WRITE = """
+import sys, torch
+from pathlib import Path
+from visiontune.train.checkpoint import save_checkpoint
+save_checkpoint(Path(sys.argv[1]), {"step": 2, "w": torch.ones(40_000_000)})
+"""
+
+
+def test_sigkill_mid_checkpoint_write_keeps_the_last_one_and_leaves_no_temp(
+    tmp_path: Path,
+) -> None:
+    """A real SIGKILL while torch.save is writing (160 MB): the previous checkpoint stays
+    loadable, and the next save sweeps the orphaned temp file from the persisted folder."""
+    from visiontune.train.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.zeros(3)})
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, str(path)])
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 1 << 20 for p in path.parent.glob(".last.pt.*.tmp")):
+        assert proc.poll() is None, "the write finished before the kill"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert [p.name for p in path.parent.glob("*.tmp")], "expected an orphaned temp file"
+    assert load_checkpoint(path)["step"] == 1
+    save_checkpoint(path, {"step": 3, "w": torch.zeros(3)})
+    assert load_checkpoint(path)["step"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
