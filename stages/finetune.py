@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from visiontune import tracking
 from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import read_split
@@ -85,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         "head_sha256": sha256_file(Path(args.head)),
         "train_sha256": sha256_file(Path(args.train)),
     }
-    with stop_on_signals() as stop:
+    total = len(dataset) // min(ft.batch_size, len(dataset)) * ft.epochs
+    bar = tqdm(total=total, desc="finetune", unit="step", mininterval=5.0)
+    with stop_on_signals() as stop, bar:
         try:
             result = finetune(
                 model, dataset, valid_loader, ft, runtime, lr=lr, seed=params.base.seed,
                 checkpoint_dir=out / "checkpoints", config=config, stop=stop,
+                on_step=lambda step: bar.update(step - bar.n), log=tqdm.write,
             )  # fmt: skip
         except TrainingInterrupted as exc:
             print(f"finetune interrupted: {exc}; run it again to resume", file=sys.stderr)
