@@ -82,10 +82,6 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically; the previous one survives any failure."""
     payload = {"format_version": FORMAT_VERSION, **state}
     _check_loadable(payload)
-    # A SIGKILL mid-write orphans atomic_path's temp file, and DVC never cleans this
-    # persisted folder: sweep them, or each kill leaks a checkpoint-sized file.
-    for orphan in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
-        orphan.unlink(missing_ok=True)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
