@@ -11,6 +11,17 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def _test_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(_test_tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages run in-process log to a throwaway store, never to the repo's mlflow.db."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _test_tracking_store)
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
 

@@ -16,7 +16,8 @@ from visiontune.fileio import read_json
 def _stage_main(argv: list[str]) -> int:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("precompute_stage", Path("stages/precompute.py"))
+    script = Path(__file__).resolve().parents[2] / "stages" / "precompute.py"
+    spec = importlib.util.spec_from_file_location("precompute_stage", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
@@ -24,12 +25,13 @@ def _stage_main(argv: list[str]) -> int:
 
 @pytest.fixture
 def project(tmp_path: Path, dogscats: Path, repo_root: Path, monkeypatch) -> Path:
-    monkeypatch.chdir(repo_root)
+    monkeypatch.chdir(tmp_path)
     prepared, split = tmp_path / "prepared", tmp_path / "split"
     prepared.mkdir()
     (prepared / "images").symlink_to(dogscats)
     (prepared / "classes.json").write_text(json.dumps(["cats", "dogs"]))
     split.mkdir()
+    (split / "classes.json").write_text(json.dumps(["cats", "dogs"]))
     for part, count in (("train", 3), ("valid", 2)):
         rows = ["path,label"]
         for label in ("cats", "dogs"):
