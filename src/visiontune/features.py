@@ -17,13 +17,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from visiontune.config import BaseParams, ModelParams, PrecomputeParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.manifest import read_split
 from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
-from visiontune.fileio import atomic_path
+from visiontune.fileio import write_safetensors
 from visiontune.inference import benchmark_forward, run_inference
 from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
 from visiontune.runtime import Runtime, resolve_runtime, seed_everything
@@ -127,8 +126,7 @@ def save_features(path: Path, features: FeatureSet) -> None:
         "classes": json.dumps(features.classes),
         "fingerprint": json.dumps(features.fingerprint, sort_keys=True),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(path, tensors, metadata)  # canonical header: same bytes every run
 
 
 def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSet:

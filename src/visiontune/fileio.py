@@ -116,6 +116,29 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def write_safetensors(
+    path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors as safetensors atomically, with a canonical (key-sorted) header.
+
+    safetensors serialises `metadata` from a Rust HashMap, whose order changes from call to
+    call: with two or more metadata keys the same tensors gave different bytes (and DVC
+    hashes). Offsets in the header are explicit, so sorting its keys keeps the file valid.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = canonical.encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
+    with atomic_open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        handle.write(data[8 + size :])
+
+
 def save_config(path: str | Path, config: BaseModel | dict[str, Any]) -> None:
     """Record the resolved config a stage ran with, beside its outputs."""
     write_json(path, config)

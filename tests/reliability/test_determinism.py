@@ -109,3 +109,20 @@ def test_metrics_are_equal_to_within_1e_6(two_runs) -> None:
     assert compared >= 6
     for rel in ("outputs/head/history.csv", "outputs/finetune/steps.csv"):
         assert (a / rel).read_text() == (b / rel).read_text(), rel
+
+
+def test_the_feature_cache_bytes_do_not_depend_on_hash_order(tmp_path: Path) -> None:
+    """safetensors writes metadata from a Rust HashMap (random order per call): the cache
+    (two metadata keys) gave different bytes for the same features half of the time."""
+    from visiontune.features import FeatureSet, save_features
+
+    features = FeatureSet(
+        train_x=torch.randn(4, 8), train_y=torch.tensor([0, 1, 0, 1]),
+        valid_x=torch.randn(2, 8), valid_y=torch.tensor([1, 0]),
+        classes=["cats", "dogs"], fingerprint={"backbone": "b", "precision": "fp32"},
+    )  # fmt: skip
+    digests = set()
+    for i in range(12):
+        save_features(tmp_path / f"{i}.safetensors", features)
+        digests.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(digests) == 1
