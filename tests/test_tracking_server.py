@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 from mlflow.tracking import MlflowClient
-from project import dvc, make_project, project_env
+from project_copy import dvc, make_project, project_env
 
 from visiontune.config import flatten, load_params
 from visiontune.data.images import open_rgb

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from project import SMALL_OVERRIDES, deep_merge
+from project_copy import SMALL_OVERRIDES, deep_merge
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[2]

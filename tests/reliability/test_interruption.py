@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from project import dvc, make_project, project_env
+from project_copy import dvc, make_project, project_env
 
 # Real dogscats photos, tiny: 16 train images per class at 64 px, batch 4 → 8 steps per
 # epoch, two 1-epoch SGDR cycles: the kill lands in epoch 2, after the epoch-1 checkpoint.
