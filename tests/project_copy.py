@@ -47,7 +47,17 @@ def _repo_files() -> list[str]:
         check=True,
         capture_output=True,
     ).stdout.decode()
-    return [name for name in listed.split("\0") if name]
+    # Pipeline results of the developer's own runs stay behind: the copy starts clean.
+    skip = (
+        "data/",
+        "outputs/",
+        "bench/results/",
+        "bench/.venv",
+        "dvc.lock",
+        "mlflow.db",
+        "mlruns/",
+    )
+    return [name for name in listed.split("\0") if name and not name.startswith(skip)]
 
 
 def make_project(dest: Path, overrides: Mapping[str, Any] | None = None) -> Path:

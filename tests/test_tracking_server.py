@@ -101,6 +101,16 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     env = project_env(MLFLOW_TRACKING_URI=server)
     dvc(project, "repro", env=env)
 
+    # DVC sees the same numbers: metrics and plots of the workspace render.
+    shown = json.loads(dvc(project, "metrics", "show", "--json", env=env).stdout)
+    files = next(iter(shown.values()))["data"]
+    on_disk = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    assert files["outputs/evaluate/metrics.json"]["data"]["accuracy_tta"] == on_disk["accuracy_tta"]
+    assert {"outputs/head/metrics.json", "outputs/finetune/metrics.json"} <= files.keys()
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"), env=env)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "lr_schedule" in page and "confusion" in page
+
     client = MlflowClient(tracking_uri=server, registry_uri=server)
     runs = _runs(client, "e2e")
     parents = [r for r in runs if r.data.tags.get("visiontune.role") == "pipeline"]

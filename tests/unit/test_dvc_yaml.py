@@ -36,7 +36,7 @@ def _module_file(name: str) -> Path | None:
 
 def _package_of(path: Path) -> str:
     parts = path.relative_to(SRC).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts[:-1])
+    return ".".join(parts[:-1])  # the package of both pkg/mod.py and pkg/__init__.py
 
 
 def _imported_modules(path: Path) -> set[str]:
