@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from visiontune import tracking
-from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import SPLIT_COLUMNS, read_table
 from visiontune.evaluate.evaluation import evaluate_model
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.classifier import load_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
+from visiontune.stagekit import StageExit, open_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,16 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/evaluate", help="output folder")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    # Tracking: fail fast, before any work, if the MLflow store is unusable.
-    try:
-        tracker = tracking.preflight(params, "evaluate", environ=os.environ)
-    except tracking.TrackingError as exc:
-        print(exc, file=sys.stderr)
-        return 3
+        # Params validated and the tracking store checked before any work.
+        params, tracker = open_stage("evaluate", args.params)
+    except StageExit as exc:
+        return exc.code
 
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)

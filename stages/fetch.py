@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from visiontune import tracking
-from visiontune.config import ParamsError, load_params
 from visiontune.data.archive import ArchiveError
 from visiontune.data.download import DownloadError
 from visiontune.data.prepare import format_summary, prepare_dataset
 from visiontune.data.sources import SourceError
 from visiontune.fileio import atomic_dir, save_config
+from visiontune.stagekit import StageExit, open_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,16 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    # Tracking: fail fast, before any work, if the MLflow store is unusable.
-    try:
-        tracker = tracking.preflight(params, "fetch", environ=os.environ)
-    except tracking.TrackingError as exc:
-        print(exc, file=sys.stderr)
-        return 3
+        # Params validated and the tracking store checked before any work.
+        params, tracker = open_stage("fetch", args.params)
+    except StageExit as exc:
+        return exc.code
 
     out = Path(args.out)
     try:

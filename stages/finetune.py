@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from visiontune import tracking
-from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import read_split
 from visiontune.fileio import read_json, save_config, write_csv, write_json
 from visiontune.models.classifier import save_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
+from visiontune.stagekit import StageExit, open_stage
 from visiontune.train.checkpoint import stop_on_signals
 from visiontune.train.loop import TrainingInterrupted, finetune
 from visiontune.train.recipes import (
@@ -48,16 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/finetune", help="output folder")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    # Tracking: fail fast, before any work, if the MLflow store is unusable.
-    try:
-        tracker = tracking.preflight(params, "finetune", environ=os.environ)
-    except tracking.TrackingError as exc:
-        print(exc, file=sys.stderr)
-        return 3
+        # Params validated and the tracking store checked before any work.
+        params, tracker = open_stage("finetune", args.params)
+    except StageExit as exc:
+        return exc.code
 
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)

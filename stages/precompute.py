@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from visiontune import tracking
-from visiontune.config import ParamsError, load_params
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.manifest import read_classes
 from visiontune.features import precompute_features, save_features
 from visiontune.fileio import atomic_dir, save_config, write_json
 from visiontune.models.weights import WeightsError
+from visiontune.stagekit import StageExit, open_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,16 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/features", help="feature cache folder")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    # Tracking: fail fast, before any work, if the MLflow store is unusable.
-    try:
-        tracker = tracking.preflight(params, "precompute", environ=os.environ)
-    except tracking.TrackingError as exc:
-        print(exc, file=sys.stderr)
-        return 3
+        # Params validated and the tracking store checked before any work.
+        params, tracker = open_stage("precompute", args.params)
+    except StageExit as exc:
+        return exc.code
 
     prepared, split, out = Path(args.prepared), Path(args.split), Path(args.out)
     try:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from visiontune import tracking
-from visiontune.config import ParamsError, load_params
 from visiontune.evaluate.report import build_report, read_probabilities
 from visiontune.fileio import read_json, save_config
 from visiontune.models.classifier import read_model_info
+from visiontune.stagekit import StageExit, open_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,16 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/report", help="output folder")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    # Tracking: fail fast, before any work, if the MLflow store is unusable.
-    try:
-        tracker = tracking.preflight(params, "report", environ=os.environ)
-    except tracking.TrackingError as exc:
-        print(exc, file=sys.stderr)
-        return 3
+        # Params validated and the tracking store checked before any work.
+        params, tracker = open_stage("report", args.params)
+    except StageExit as exc:
+        return exc.code
 
     evaluated = Path(args.evaluate)
     lr_find = Path(args.lr_find)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from visiontune import tracking
-from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import SPLIT_COLUMNS, read_manifest, write_classes, write_table
 from visiontune.data.split import split_manifest
 from visiontune.fileio import atomic_dir, save_config, write_json
+from visiontune.stagekit import StageExit, open_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,16 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="data/split", help="split output folder")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    # Tracking: fail fast, before any work, if the MLflow store is unusable.
-    try:
-        tracker = tracking.preflight(params, "split", environ=os.environ)
-    except tracking.TrackingError as exc:
-        print(exc, file=sys.stderr)
-        return 3
+        # Params validated and the tracking store checked before any work.
+        params, tracker = open_stage("split", args.params)
+    except StageExit as exc:
+        return exc.code
 
     manifest_path = Path(args.prepared) / "manifest.csv"
     try:

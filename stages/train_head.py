@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from visiontune import tracking
-from visiontune.config import ParamsError, load_params
 from visiontune.data.manifest import read_classes
 from visiontune.features import StaleCacheError, expected_fingerprint, load_features
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.weights import WeightsError
+from visiontune.stagekit import StageExit, open_stage
 from visiontune.train.head import head_metadata, save_head, train_head_on_features
 
 
@@ -26,16 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/head", help="output folder")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    # Tracking: fail fast, before any work, if the MLflow store is unusable.
-    try:
-        tracker = tracking.preflight(params, "train_head", environ=os.environ)
-    except tracking.TrackingError as exc:
-        print(exc, file=sys.stderr)
-        return 3
+        # Params validated and the tracking store checked before any work.
+        params, tracker = open_stage("train_head", args.params)
+    except StageExit as exc:
+        return exc.code
 
     split, out = Path(args.split), Path(args.out)
     try:

@@ -1,0 +1,41 @@
+"""What every stage script does before any work: validated params, a usable tracking store."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from visiontune import tracking
+from visiontune.config import Params, ParamsError, load_params
+
+# Exit codes of the stage scripts (0 is success, 1 a failure of the stage's own work).
+EXIT_BAD_PARAMS = 2
+EXIT_TRACKING_UNAVAILABLE = 3
+
+
+class StageExit(Exception):
+    """A stage must stop before doing any work; `code` is its exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def open_stage(stage: str, params_path: str | Path) -> tuple[Params, tracking.StageTracker]:
+    """Load and validate the params, then check the tracking store — both before any work.
+
+    Errors are printed (the key path and what is allowed, or why the store is unusable)
+    and raised as StageExit with the exit code the script should return.
+    """
+    try:
+        params = load_params(params_path)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        raise StageExit(EXIT_BAD_PARAMS) from None
+    try:
+        tracker = tracking.preflight(params, stage, environ=os.environ)
+    except tracking.TrackingError as exc:
+        print(exc, file=sys.stderr)
+        raise StageExit(EXIT_TRACKING_UNAVAILABLE) from None
+    return params, tracker
