@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -174,6 +175,21 @@ PIPELINE_ORDER = (
 )  # fmt: skip
 
 
+def resolve_templating(text: str, params: Mapping[str, Any]) -> str:
+    """Substitute dvc.yaml's `${section.key}` references with params.yaml values, as DVC does
+    (e.g. `${distributed.launcher} stages/finetune.py`)."""
+
+    def value(match: re.Match[str]) -> str:
+        node: Any = params
+        for part in match.group(1).split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise KeyError(f"dvc.yaml refers to ${{{match.group(1)}}}, not in params.yaml")
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{\s*([\w.-]+)\s*\}", value, text)
+
+
 def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
     """(name, command, working dir) of each dvc.yaml stage, in pipeline order.
 
@@ -182,12 +198,13 @@ def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
     while the pipeline is being assembled.
     """
     spec = yaml.safe_load((project / "dvc.yaml").read_text()) or {}
+    params = yaml.safe_load((project / "params.yaml").read_text()) or {}
     declared = {}
     for name, stage in (spec.get("stages") or {}).items():
         cmd = stage["cmd"]
         if isinstance(cmd, list):
             cmd = " && ".join(cmd)
-        declared[name] = (name, cmd, project / stage.get("wdir", "."))
+        declared[name] = (name, resolve_templating(cmd, params), project / stage.get("wdir", "."))
     for name in PIPELINE_ORDER:
         if name not in declared and (project / "stages" / f"{name}.py").is_file():
             declared[name] = (name, f"python stages/{name}.py", project)

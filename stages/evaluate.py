@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from visiontune import tracking
+from visiontune import distributed, tracking
 from visiontune.data.manifest import SPLIT_COLUMNS, read_table
 from visiontune.evaluate.evaluation import evaluate_model
 from visiontune.fileio import save_config, write_csv, write_json
@@ -32,14 +33,30 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)
     try:
+        # Under torchrun: join the process group; each rank scores its share of the images.
+        dist = distributed.init_from_environ(params.distributed, runtime.device.type, os.environ)
+    except distributed.DistributedSetupError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        return _run(args, params, tracker, runtime, dist)
+    finally:
+        distributed.cleanup(dist)
+
+
+def _run(args, params, tracker, runtime, dist) -> int:
+    runtime = distributed.rank_runtime(runtime, dist, params.base.num_workers == "auto")
+    try:
         model, info = load_model_file(Path(args.model), map_location=runtime.device)
         valid = read_table(Path(args.valid), SPLIT_COLUMNS)
     except (OSError, ValueError) as exc:
         print(f"evaluate failed: {exc}", file=sys.stderr)
         return 1
     result = evaluate_model(
-        model, info.classes, info.data_config, valid, Path(args.images), params.tta, runtime
+        model, info.classes, info.data_config, valid, Path(args.images), params.tta, runtime, dist
     )
+    if not dist.is_main:
+        return 0  # rank 0 writes the outputs and logs them
 
     out = Path(args.out)
     write_json(out / "metrics.json", result.metrics)
@@ -49,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     save_config(
         out / "config.json",
         {"base": params.base, "tta": params.tta, "views": list(result.views),
-         "runtime": {"device": str(runtime.device), "precision": runtime.precision}},
+         "runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                     "world_size": dist.world_size}},
     )  # fmt: skip
     m = result.metrics
     print(

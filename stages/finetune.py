@@ -1,18 +1,21 @@
 """finetune: unfreeze, differential LRs over layer groups, SGDR per step; resumable.
 
 SIGTERM checkpoints and exits with 143; running the stage again resumes from there.
+Under torchrun: DistributedDataParallel, finetune.batch_size is the global batch, rank 0
+writes the checkpoints and outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from visiontune import tracking
+from visiontune import distributed, tracking
 from visiontune.data.manifest import read_split
 from visiontune.fileio import read_json, save_config, write_csv, write_json
 from visiontune.models.classifier import save_model_file
@@ -54,6 +57,22 @@ def main(argv: list[str] | None = None) -> int:
 
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)
+    try:
+        if params.distributed.sync_bn:
+            distributed.check_sync_bn(runtime)
+        # Under torchrun: join the process group (one process per device).
+        dist = distributed.init_from_environ(params.distributed, runtime.device.type, os.environ)
+    except (distributed.DistributedSetupError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        return _run(args, params, tracker, runtime, dist)
+    finally:
+        distributed.cleanup(dist)
+
+
+def _run(args, params, tracker, runtime, dist) -> int:
+    runtime = distributed.rank_runtime(runtime, dist, params.base.num_workers == "auto")
     ft = params.finetune
     try:
         lr = ft.lr if ft.lr != "auto" else float(read_json(args.suggestion)["lr"])
@@ -64,8 +83,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune failed: {exc}", file=sys.stderr)
         return 1
     dataset = create_train_dataset(train, info.classes, info.data_config, ft.augment)
+    global_batch = min(ft.batch_size, len(dataset))
+    if global_batch % dist.world_size or len(valid) < dist.world_size:
+        print(
+            f"finetune: the global batch ({global_batch}, finetune.batch_size) must be "
+            f"divisible by the {dist.world_size} processes, and each needs a validation image "
+            f"({len(valid)})",
+            file=sys.stderr,
+        )
+        return 2
+    # Each rank validates its share of the images; the logits are gathered.
     valid_loader = create_valid_loader(
-        valid, info.classes, info.data_config, ft.batch_size, runtime, params.base.seed
+        distributed.shard(valid, dist),
+        info.classes,
+        info.data_config,
+        ft.batch_size,
+        runtime,
+        params.base.seed,
     )
     out = Path(args.out)
     # A checkpoint is resumed only when everything that shapes the run is the same.
@@ -81,17 +115,21 @@ def main(argv: list[str] | None = None) -> int:
         "train_sha256": sha256_file(Path(args.train)),
     }
     total = len(dataset) // min(ft.batch_size, len(dataset)) * ft.epochs
-    bar = tqdm(total=total, desc="finetune", unit="step", mininterval=5.0)
+    bar = tqdm(total=total, desc="finetune", unit="step", mininterval=5.0, disable=not dist.is_main)
+    log = tqdm.write if dist.is_main else (lambda line: None)
     with stop_on_signals() as stop, bar:
         try:
             result = finetune(
                 model, dataset, valid_loader, ft, runtime, lr=lr, seed=params.base.seed,
                 checkpoint_dir=out / "checkpoints", config=config, stop=stop,
-                on_step=lambda step: bar.update(step - bar.n), log=tqdm.write,
+                on_step=lambda step: bar.update(step - bar.n), log=log, dist=dist,
+                sync_bn=params.distributed.sync_bn, valid_total=len(valid),
             )  # fmt: skip
         except TrainingInterrupted as exc:
             print(f"finetune interrupted: {exc}; run it again to resume", file=sys.stderr)
             return SIGTERM_EXIT
+    if not dist.is_main:
+        return 0  # rank 0 writes the outputs and logs them
 
     save_model_file(out / "model.safetensors", result.model, info)
     write_csv(out / "steps.csv", result.steps)
@@ -102,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     save_config(
         out / "config.json",
         {**config, "runtime": {"device": str(runtime.device), "precision": runtime.precision,
-                               "channels_last": runtime.channels_last}},
+                               "channels_last": runtime.channels_last,
+                               "world_size": dist.world_size}},
     )  # fmt: skip
     print(
         f"finetune: {metrics['epochs']} epochs, valid_acc {metrics['valid_acc']:.4f} "

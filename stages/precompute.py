@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from visiontune import tracking
+from visiontune import distributed, tracking
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.manifest import read_classes
 from visiontune.features import precompute_features, save_features
 from visiontune.fileio import atomic_dir, save_config, write_json
 from visiontune.models.weights import WeightsError
+from visiontune.runtime import resolve_runtime
 from visiontune.stagekit import StageExit, open_stage
 
 
@@ -29,7 +31,20 @@ def main(argv: list[str] | None = None) -> int:
         params, tracker = open_stage("precompute", args.params)
     except StageExit as exc:
         return exc.code
+    try:
+        # Under torchrun: join the process group; the ranks share the images.
+        device_type = resolve_runtime(params.base).device.type
+        dist = distributed.init_from_environ(params.distributed, device_type, os.environ)
+    except (distributed.DistributedSetupError, RuntimeError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        return _run(args, params, tracker, dist)
+    finally:
+        distributed.cleanup(dist)
 
+
+def _run(args, params, tracker, dist) -> int:
     prepared, split, out = Path(args.prepared), Path(args.split), Path(args.out)
     try:
         features, stats = precompute_features(
@@ -40,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             valid_csv=split / "valid.csv",
             classes=read_classes(split / "classes.json"),
             image_root=prepared,
+            dist=dist,
         )
     except (WeightsError, UnreadableImageError, ValueError, FileNotFoundError) as exc:
         print(f"precompute failed: {exc}", file=sys.stderr)
         return 1
+    if not dist.is_main:
+        return 0  # rank 0 writes the cache and logs it
     with atomic_dir(out) as tmp:
         save_features(tmp / "features.safetensors", features)
         write_json(tmp / "fingerprint.json", features.fingerprint)

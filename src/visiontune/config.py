@@ -195,6 +195,20 @@ class TrackingParams(Section):
     required: bool = True
 
 
+class DistributedParams(Section):
+    # Used when a stage is launched by torchrun (WORLD_SIZE > 1 in its environment);
+    # false refuses such a launch instead of letting every rank write the same outputs.
+    enabled: bool = True
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    # BatchNorm statistics over the global batch (CUDA only: torch has no CPU SyncBatchNorm).
+    sync_bn: bool = False
+    # How long a rank waits for the others in a collective before the job fails.
+    timeout_s: PositiveFloat = 1800.0
+    # What dvc.yaml runs precompute, finetune and evaluate with: `python`, or e.g.
+    # `torchrun --standalone --nproc_per_node=2`.
+    launcher: str = Field("python", min_length=1)
+
+
 class Params(Section):
     base: BaseParams = BaseParams()
     data: DataParams = DataParams()
@@ -207,6 +221,7 @@ class Params(Section):
     tta: TtaParams = TtaParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
+    distributed: DistributedParams = DistributedParams()
 
 
 def _describe(error: Mapping[str, Any]) -> str:

@@ -22,6 +22,14 @@ from visiontune.config import BaseParams, ModelParams, PrecomputeParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.manifest import read_split
 from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
+from visiontune.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_sum,
+    gather_shards,
+    rank_runtime,
+    shard,
+)
 from visiontune.fileio import write_safetensors
 from visiontune.inference import benchmark_forward, run_inference
 from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
@@ -153,6 +161,7 @@ def _extract(
     runtime: Runtime,
     batch_size: int,
     seed: int,
+    dist: DistContext = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     frame = read_split(csv_path, image_root)
     index = {name: i for i, name in enumerate(classes)}
@@ -160,13 +169,27 @@ def _extract(
     if unknown:
         raise ValueError(f"{csv_path} has labels not in the class list: {', '.join(unknown[:10])}")
     dataset = ImageDataset(
-        frame["path"].tolist(),
-        [index[label] for label in frame["label"].astype(str)],
+        shard(frame["path"].tolist(), dist),
+        shard([index[label] for label in frame["label"].astype(str)], dist),
         create_eval_transform(data_config),
         min_size=eval_min_size(data_config),
     )
-    loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
-    return run_inference(backbone, loader, runtime, desc=f"features {csv_path.stem}")
+    if not dist.enabled:
+        loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
+        return run_inference(backbone, loader, runtime, desc=f"features {csv_path.stem}")
+    # Each rank extracts every world_size-th image; rows are gathered back in table order.
+    start = time.perf_counter()
+    if len(dataset) > 0:
+        loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
+        features, labels, _ = run_inference(
+            backbone, loader, runtime, desc=f"features {csv_path.stem} (rank {dist.rank})"
+        )
+    else:  # more ranks than images
+        features = torch.zeros(0, backbone.num_features)
+        labels = torch.zeros(0, dtype=torch.int64)
+    features = gather_shards(features, len(frame), dist)
+    labels = gather_shards(labels, len(frame), dist)
+    return features, labels, len(frame) / (time.perf_counter() - start)
 
 
 def precompute_features(
@@ -178,8 +201,12 @@ def precompute_features(
     valid_csv: Path,
     classes: Sequence[str],
     image_root: Path,
+    dist: DistContext = SINGLE,
 ) -> tuple[FeatureSet, dict[str, float]]:
     """Pooled eval-transform features of every train and valid image.
+
+    Under torchrun (`dist`) the ranks share the images and every rank gets all features;
+    the model-only benchmark runs on all ranks at once and reports their summed rate.
 
     Returns:
         The features (fingerprinted) and throughput stats: images/s of the whole
@@ -187,7 +214,7 @@ def precompute_features(
         tensors (same batch size and precision), and their ratio.
     """
     seed_everything(base.seed, base.deterministic)
-    runtime = resolve_runtime(base)
+    runtime = rank_runtime(resolve_runtime(base), dist, base.num_workers == "auto")
     backbone, weights = create_backbone(model.backbone, model.weights)
     data_config = resolve_data_config(backbone, model)
     start = time.perf_counter()
@@ -202,6 +229,7 @@ def precompute_features(
             runtime,
             params.batch_size,
             base.seed,
+            dist,
         )
     seconds = time.perf_counter() - start
     count = sum(len(part[1]) for part in parts.values())
@@ -217,6 +245,7 @@ def precompute_features(
         forward = benchmark_forward(
             backbone, runtime, params.batch_size, data_config.image_size, params.benchmark_batches
         )
+        forward = all_reduce_sum(forward, dist)
         stats["forward_images_per_s"] = forward
         stats["pipeline_vs_forward"] = stats["images_per_s"] / forward
     fingerprint = compute_fingerprint(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from visiontune import tracking
@@ -33,9 +34,21 @@ def open_stage(stage: str, params_path: str | Path) -> tuple[Params, tracking.St
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         raise StageExit(EXIT_BAD_PARAMS) from None
+    if launch_rank(os.environ) > 0:
+        # Only rank 0 logs: the other ranks of a torchrun job get a disabled tracker.
+        return params, tracking.StageTracker(stage, required=False)
     try:
         tracker = tracking.preflight(params, stage, environ=os.environ)
     except tracking.TrackingError as exc:
         print(exc, file=sys.stderr)
         raise StageExit(EXIT_TRACKING_UNAVAILABLE) from None
     return params, tracker
+
+
+def launch_rank(environ: Mapping[str, str]) -> int:
+    """The global rank torchrun gave this process (0 when not launched by it).
+
+    Only rank 0 opens a tracking run; `visiontune.distributed.init_from_environ` joins the
+    process group.
+    """
+    return int(environ.get("RANK", "0"))

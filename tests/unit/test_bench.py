@@ -128,3 +128,15 @@ def test_run_measured_does_not_charge_the_parents_memory_to_the_stage(tmp_path: 
     assert result.returncode == 0
     assert result.peak_rss_mb < 128
     del ballast
+
+
+def test_stage_commands_are_resolved_like_dvc_templating() -> None:
+    repo = BENCH.parent
+    commands = {name: cmd for name, cmd, _ in project.pipeline_stages(repo)}
+    assert all("${" not in cmd for cmd in commands.values())
+    assert commands["finetune"].startswith("python stages/finetune.py --params params.yaml")
+    launcher = {"distributed": {"launcher": "torchrun --standalone --nproc_per_node=2"}}
+    resolved = project.resolve_templating("${distributed.launcher} stages/x.py", launcher)
+    assert resolved == "torchrun --standalone --nproc_per_node=2 stages/x.py"
+    with pytest.raises(KeyError, match=r"distributed\.nope"):
+        project.resolve_templating("${distributed.nope} x", launcher)

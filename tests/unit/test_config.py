@@ -40,7 +40,7 @@ def test_the_repo_params_file_is_valid_and_complete(repo_root: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"dataa": {}}, "dataa: unknown key; allowed keys: base, data, finetune,"),
+        ({"dataa": {}}, "dataa: unknown key; allowed keys: base, data, distributed, finetune,"),
         ({"data": {"sourse": "x"}}, "data.sourse: unknown key; allowed keys: download_retries"),
         (
             {"finetune": {"augment": {"flipp": True}}},
@@ -65,6 +65,9 @@ def test_unknown_keys_name_the_key_and_the_allowed_ones(raw, expected: str) -> N
         ({"data": {"sha256": "xyz"}}, "data.sha256: must be a 64-character hex"),
         ({"model": {"mean": [0.5, 0.5]}}, "model.mean: too few values (got [0.5, 0.5])"),
         ({"head": {"hidden": [0]}}, "head.hidden.0: Input should be greater than or equal to 1"),
+        ({"distributed": {"backend": "mpi"}}, "(got 'mpi'); allowed: 'auto' or 'gloo' or 'nccl'"),
+        ({"distributed": {"timeout_s": 0}}, "distributed.timeout_s: Input should be greater"),
+        ({"distributed": {"launcher": ""}}, "distributed.launcher: String should have at least"),
     ],
 )
 def test_wrong_types_and_ranges_name_key_value_and_what_is_allowed(raw, expected: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune.data.images import UnreadableImageError, open_rgb
 from visiontune.runtime import Runtime
@@ -73,15 +73,20 @@ def create_loader(
     shuffle: bool,
     seed: int,
     drop_last: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """A DataLoader with the runtime's workers and pinning, reproducible for a given seed."""
+    """A DataLoader with the runtime's workers and pinning, reproducible for a given seed.
+
+    A `sampler` (e.g. a DistributedSampler) replaces `shuffle`.
+    """
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = runtime.num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=workers,
         pin_memory=runtime.pin_memory,

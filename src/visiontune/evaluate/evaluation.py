@@ -13,6 +13,7 @@ import torch
 from visiontune.config import TtaParams
 from visiontune.data.dataset import create_loader
 from visiontune.data.transforms import DataConfig
+from visiontune.distributed import SINGLE, DistContext, all_reduce_max, gather_shards, shard
 from visiontune.evaluate import metrics
 from visiontune.evaluate.tta import TtaDataset, ViewMaker, ViewPredictions, predict_views, tta_views
 from visiontune.runtime import Runtime
@@ -81,20 +82,35 @@ def evaluate_model(
     image_root: Path,
     tta: TtaParams,
     runtime: Runtime,
+    dist: DistContext = SINGLE,
 ) -> Evaluation:
     """Score `model` on the images of `frame` (columns path relative to `image_root`, label).
 
     One pass decodes each image once and runs the plain centre crop plus `tta.n_augment`
-    fixed views through the model; plain metrics come from the centre-crop view.
+    fixed views through the model; plain metrics come from the centre-crop view. Under
+    torchrun each rank predicts every world_size-th image (no padding duplicates) and the
+    probabilities are gathered back in table order, so every image counts exactly once;
+    every rank returns the same Evaluation.
     """
     views = tta_views(tta.n_augment)
     labels = label_indices(list(frame["label"]), classes)
     root = Path(image_root)
-    dataset = TtaDataset(
-        [root / p for p in frame["path"]],
-        labels.tolist(),
-        ViewMaker(data_config, views, zoom=tta.zoom),
-    )
-    loader = create_loader(dataset, tta.batch_size, runtime, shuffle=False, seed=0)
-    predictions = predict_views(model, loader, runtime, desc=f"evaluate ({len(views)} views)")
+    paths = shard([root / p for p in frame["path"]], dist)
+    local_labels = shard(labels.tolist(), dist)
+    dataset = TtaDataset(paths, local_labels, ViewMaker(data_config, views, zoom=tta.zoom))
+    if len(dataset) > 0 or not dist.enabled:
+        loader = create_loader(dataset, tta.batch_size, runtime, shuffle=False, seed=0)
+        local = predict_views(model, loader, runtime, desc=f"evaluate ({len(views)} views)")
+        probs, seconds = local.probs, local.seconds
+    else:  # more ranks than images
+        probs, seconds = torch.zeros(0, len(views), len(classes)), 0.0
+    if dist.enabled:
+        predictions = ViewPredictions(
+            probs=gather_shards(probs, len(frame), dist),
+            labels=torch.as_tensor(labels),
+            errors=[""] * len(frame),
+            seconds=all_reduce_max(seconds, dist),
+        )
+    else:
+        predictions = local
     return score_predictions(predictions, list(frame["path"]), classes, [v.name for v in views])

@@ -18,9 +18,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from visiontune.config import FinetuneParams
 from visiontune.data.dataset import create_loader
+from visiontune.distributed import (
+    SINGLE,
+    DistContext,
+    all_gather_varlen,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    check_in_sync,
+    gather_shards,
+    wrap_ddp,
+)
 from visiontune.inference import run_inference
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 from visiontune.train.checkpoint import (
@@ -63,11 +75,61 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def evaluate(model: nn.Module, loader, runtime: Runtime, label_smoothing: float = 0.0):
-    """(valid loss, valid accuracy) without TTA."""
+def evaluate(
+    model: nn.Module,
+    loader,
+    runtime: Runtime,
+    label_smoothing: float = 0.0,
+    dist: DistContext = SINGLE,
+    total: int | None = None,
+):
+    """(valid loss, valid accuracy) without TTA.
+
+    Under torchrun `loader` holds this rank's shard of the `total` validation images
+    (`distributed.shard`); the logits are gathered so every image counts exactly once.
+    """
     logits, labels, _ = run_inference(model, loader, runtime, desc="valid")
+    if dist.enabled:
+        if total is None:
+            raise ValueError("evaluate under torchrun needs the total number of images")
+        logits, labels = gather_shards(logits, total, dist), gather_shards(labels, total, dist)
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def epoch_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    runtime: Runtime,
+    seed: int,
+    epoch: int,
+    dist: DistContext = SINGLE,
+) -> torch.utils.data.DataLoader:
+    """This rank's training batches of `epoch`: batch_size / world_size images each.
+
+    Every world size walks the same seeded permutation of the epoch and each rank takes
+    every world_size-th image of it (DistributedSampler, tail dropped), so global batch k
+    holds exactly the images of a single process's batch k. The loader's own generator,
+    seeded by the epoch, seeds the augmentation in the workers.
+    """
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=dist.world_size,
+        rank=dist.rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+    )
+    sampler.set_epoch(epoch)
+    return create_loader(
+        dataset,
+        batch_size // dist.world_size,
+        runtime,
+        shuffle=False,
+        seed=seed + epoch,
+        drop_last=True,
+        sampler=sampler,
+    )
 
 
 def finetune(
@@ -84,14 +146,36 @@ def finetune(
     stop: threading.Event | None = None,
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
+    dist: DistContext = SINGLE,
+    sync_bn: bool = False,
+    valid_total: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` (`.body` + `.head`) on `train_dataset`; resume from checkpoint_dir.
 
     A checkpoint whose `config` differs from `config` is ignored (and the reason logged).
     Raises TrainingInterrupted after checkpointing when `stop` gets set.
+
+    Under torchrun (`dist`) the model is wrapped in DistributedDataParallel and
+    `params.batch_size` is the global batch: each rank takes batch_size / world_size images
+    of it (a DistributedSampler over the same per-epoch permutation a single process
+    walks), so one step sees the same images, averages the same gradient and applies the
+    same LR whatever the world size. `valid_loader` holds this rank's shard of the
+    `valid_total` validation images. Only rank 0 writes checkpoints.
     """
     stop = stop or threading.Event()
     prepare_module(model, runtime)
+    batch_size = min(params.batch_size, len(train_dataset))
+    if batch_size % dist.world_size:
+        raise ValueError(
+            f"the global batch ({batch_size}, finetune.batch_size) must be divisible by the "
+            f"number of processes ({dist.world_size})"
+        )
+    if dist.enabled and (valid_total or 0) < dist.world_size:
+        raise ValueError(
+            f"{valid_total} validation images for {dist.world_size} processes: "
+            "every process needs at least one"
+        )
+    ddp_model = wrap_ddp(model, dist, runtime, sync_bn)
     groups = create_layer_groups(model, params.layer_groups)
     base_lrs = group_lrs(lr, params.lr_ratios)
     param_groups = create_param_groups(model, groups, base_lrs, params.weight_decay)
@@ -99,7 +183,6 @@ def finetune(
         param_groups, params.optimizer, lr, params.weight_decay, params.momentum
     )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    batch_size = min(params.batch_size, len(train_dataset))
     steps_per_epoch = len(train_dataset) // batch_size
     schedule = create_schedule(
         params.schedule,
@@ -126,10 +209,19 @@ def finetune(
             state = _Progress.from_dict(saved["progress"])
             resumed_from = state.step
             log(f"finetune: resuming from {checkpoint_path} at step {state.step}")
+    if dist.enabled:
+        starts = [int(t.item()) for t in all_gather_varlen(torch.tensor([state.step]), dist)]
+        if len(set(starts)) > 1:
+            raise RuntimeError(
+                f"ranks would resume from different steps {starts}: the checkpoint folder "
+                f"{checkpoint_dir} must be on storage every node shares"
+            )
 
     epoch_rng = capture_rng()
 
     def checkpoint() -> None:
+        if not dist.is_main:
+            return
         save_checkpoint(
             checkpoint_path,
             {
@@ -155,37 +247,40 @@ def finetune(
         epoch_rng = capture_rng()
         # One loader per epoch, seeded by the epoch: same order and augmentation whether
         # or not the run was interrupted.
-        loader = create_loader(
-            train_dataset, batch_size, runtime, shuffle=True, seed=seed + epoch, drop_last=True
-        )
+        loader = epoch_loader(train_dataset, batch_size, runtime, seed, epoch, dist)
         batches = iter(loader)
         for _ in range(skip):  # replay the data side of a partly done epoch
             next(batches)
         if resuming:
             restore_rng(saved["rng"])  # the RNG as it was at the interruption
+        ddp_model.train()
         set_train_mode(model, params.freeze_bn)
         started, losses, images = time.perf_counter(), [], 0
         for _ in range(skip, steps_per_epoch):
-            if stop.is_set():
-                state.losses += torch.stack(losses).float().cpu().tolist() if losses else []
+            # All ranks stop at the same step (torchrun signals each at its own moment).
+            if any_rank(stop.is_set(), dist):
+                state.losses += _mean_losses(losses, dist)
                 checkpoint()
+                barrier(dist)  # the checkpoint is on disk before any rank exits
                 raise TrainingInterrupted(
                     f"stopped at step {state.step}; checkpoint {checkpoint_path}"
                 )
             inputs, targets, _ = next(batches)
             factor = schedule(state.step)
             set_lrs(optimizer, base_lrs, factor)
-            loss = _train_step(model, optimizer, scaler, inputs, targets, runtime, params)
+            loss = _train_step(ddp_model, optimizer, scaler, inputs, targets, runtime, params)
             losses.append(loss)
             state.log_step(epoch, [lr * factor for lr in base_lrs])
-            images += len(targets)
+            images += len(targets) * dist.world_size
             state.step += 1
             if on_step is not None:
                 on_step(state.step)
         del batches, loader
         seconds = time.perf_counter() - started
-        state.losses += torch.stack(losses).float().cpu().tolist() if losses else []
-        valid_loss, valid_acc = evaluate(model, valid_loader, runtime, params.label_smoothing)
+        state.losses += _mean_losses(losses, dist)
+        valid_loss, valid_acc = evaluate(
+            model, valid_loader, runtime, params.label_smoothing, dist, valid_total
+        )
         epoch_losses = state.losses[-steps_per_epoch:]
         state.history.append(
             {
@@ -205,7 +300,15 @@ def finetune(
         )
         epoch_rng = capture_rng()  # where the next epoch starts
         checkpoint()
+    check_in_sync(model, dist)
     return _result(model, state, groups, params, resumed_from)
+
+
+def _mean_losses(losses: list[torch.Tensor], dist: DistContext) -> list[float]:
+    """Per-step losses of the global batch (the mean over ranks of their local means)."""
+    if not losses:
+        return []
+    return all_reduce_mean(torch.stack(losses).float(), dist).cpu().tolist()
 
 
 def _train_step(model, optimizer, scaler, inputs, targets, runtime, params) -> torch.Tensor:

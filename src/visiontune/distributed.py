@@ -1,0 +1,261 @@
+"""torch.distributed for the heavy stages: process group, rank-0 helpers, sharding, gathering.
+
+The stage layer reads torchrun's environment and calls `init_distributed`; library functions
+take the resulting `DistContext` and run unchanged in one process (`SINGLE`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from visiontune.config import DistributedParams
+from visiontune.runtime import Runtime, cpu_count
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job; `SINGLE` when not launched by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str | None = None
+    # A gloo group for small CPU-side messages (stop flags, sizes): no GPU sync for them.
+    control_group: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes outputs, checkpoints and logs."""
+        return self.rank == 0
+
+
+SINGLE = DistContext()
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """`auto`: nccl for CUDA, gloo for CPU; an explicit backend must suit the device."""
+    if backend == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl" and device_type != "cuda":
+        raise ValueError("distributed.backend nccl needs CUDA devices; use auto or gloo on CPU")
+    return backend
+
+
+def init_distributed(
+    *,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    local_world_size: int,
+    backend: str,
+    device_type: str,
+    timeout_s: float,
+    init_method: str = "env://",
+) -> DistContext:
+    """Join the process group (`env://`: torch reads MASTER_ADDR/MASTER_PORT, set by torchrun).
+
+    With world_size 1 no group is created and `SINGLE` is returned.
+    """
+    if world_size <= 1:
+        return SINGLE
+    backend = resolve_backend(backend, device_type)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
+    )
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return DistContext(rank, world_size, local_rank, local_world_size, backend, control)
+
+
+class DistributedSetupError(ValueError):
+    """A multi-process launch these params cannot serve (the message says why)."""
+
+
+def init_from_environ(
+    section: DistributedParams, device_type: str, environ: Mapping[str, str]
+) -> DistContext:
+    """Join torchrun's process group when `environ` says this is one of several ranks.
+
+    `environ` (the stage passes os.environ) supplies RANK, WORLD_SIZE, LOCAL_RANK and
+    LOCAL_WORLD_SIZE as torchrun sets them; `SINGLE` for a plain `python stages/x.py`.
+    """
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return SINGLE
+    if not section.enabled:
+        raise DistributedSetupError(
+            f"launched with WORLD_SIZE={world_size} but distributed.enabled is false: "
+            "set it to true, or run one process"
+        )
+    try:
+        return init_distributed(
+            rank=int(environ.get("RANK", "0")),
+            world_size=world_size,
+            local_rank=int(environ.get("LOCAL_RANK", "0")),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+            backend=section.backend,
+            device_type=device_type,
+            timeout_s=section.timeout_s,
+        )
+    except ValueError as exc:
+        raise DistributedSetupError(str(exc)) from None
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_runtime(runtime: Runtime, ctx: DistContext, auto_workers: bool) -> Runtime:
+    """This rank's runtime: its own GPU, and `auto` loader workers shared among local ranks."""
+    if not ctx.enabled:
+        return runtime
+    device = runtime.device
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    workers = runtime.num_workers
+    if auto_workers:
+        workers = max(1, min(cpu_count() // ctx.local_world_size, 8))
+    return dataclasses.replace(runtime, device=device, num_workers=workers)
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (a no-op for a single process)."""
+    if ctx.enabled:
+        dist.barrier(group=ctx.control_group)
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a stop request seen by one)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return bool(value.item())
+
+
+def _device(ctx: DistContext) -> torch.device:
+    return torch.device("cuda", ctx.local_rank) if ctx.backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Mean of `tensor` over the ranks (a new tensor, on the tensor's device)."""
+    if not ctx.enabled:
+        return tensor
+    value = tensor.detach().to(_device(ctx), dtype=torch.float64).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return (value / ctx.world_size).to(tensor.device, dtype=tensor.dtype)
+
+
+def all_reduce_max(value: float, ctx: DistContext) -> float:
+    """Largest `value` over the ranks."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return float(tensor.item())
+
+
+def all_reduce_sum(value: float, ctx: DistContext) -> float:
+    """Sum of `value` over the ranks."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=ctx.control_group)
+    return float(tensor.item())
+
+
+def all_gather_varlen(tensor: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
+    """Every rank's `tensor` (lengths along dim 0 may differ; other dims must match), on CPU."""
+    if not ctx.enabled:
+        return [tensor.cpu()]
+    length = torch.tensor([tensor.shape[0]])
+    lengths = [torch.zeros_like(length) for _ in range(ctx.world_size)]
+    dist.all_gather(lengths, length, group=ctx.control_group)
+    sizes = [int(n.item()) for n in lengths]
+    device = _device(ctx)
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor.to(device)
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    return [part[:size].cpu() for part, size in zip(parts, sizes, strict=True)]
+
+
+def shard(items: Sequence[T], ctx: DistContext) -> Sequence[T]:
+    """This rank's items: every world_size-th from its rank on (no padding, no duplicates).
+
+    A DataFrame is sharded by row position.
+    """
+    rows = getattr(items, "iloc", items)
+    return rows[ctx.rank :: ctx.world_size]
+
+
+def gather_shards(local: torch.Tensor, total: int, ctx: DistContext) -> torch.Tensor:
+    """Undo `shard`: all ranks' rows back in the original order (row i from rank i % world)."""
+    if not ctx.enabled:
+        return local.cpu()
+    parts = all_gather_varlen(local, ctx)
+    if sum(len(part) for part in parts) != total:
+        raise RuntimeError(f"gathered {sum(len(p) for p in parts)} rows, expected {total}")
+    full = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+    for rank, part in enumerate(parts):
+        full[rank :: ctx.world_size] = part
+    return full
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, runtime: Runtime, sync_bn: bool) -> nn.Module:
+    """DistributedDataParallel around `model` (returned as is for a single process).
+
+    `sync_bn` converts the BatchNorm layers in place to SyncBatchNorm (CUDA only in torch:
+    its CPU path raises), so batch statistics come from the global batch.
+    """
+    if not ctx.enabled:
+        return model
+    if sync_bn:
+        check_sync_bn(runtime)
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    # Every parameter takes part in every step (frozen BN keeps its affine weights
+    # trainable), so the unused-parameter search is not needed.
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=False
+    )
+
+
+def check_sync_bn(runtime: Runtime) -> None:
+    """SyncBatchNorm only trains on GPUs: say so before any work."""
+    if runtime.device.type != "cuda":
+        raise ValueError(
+            "distributed.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU path); "
+            "set it to false on CPU"
+        )
+
+
+def check_in_sync(model: nn.Module, ctx: DistContext) -> None:
+    """Raise if the ranks' parameters differ (DDP keeps them bit-identical)."""
+    if not ctx.enabled:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    parts = all_gather_varlen(sums.cpu(), ctx)
+    for rank, part in enumerate(parts[1:], start=1):
+        if not torch.equal(part, parts[0]):
+            raise RuntimeError(f"rank {rank}'s parameters differ from rank 0's after training")
