@@ -12,6 +12,7 @@ from PIL import Image
 from visiontune.config import BaseParams
 from visiontune.data.transforms import DataConfig, create_eval_transform
 from visiontune.evaluate.tta import (
+    _CORNERS,
     MAX_AUGMENT,
     TtaDataset,
     TtaView,
@@ -27,13 +28,19 @@ CFG = DataConfig(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="
 
 def test_views_are_a_fixed_order_of_distinct_views():
     assert tta_views(0) == (TtaView(),)
+    # n_augment=4 is FiveCrop, 9 is TenCrop; zoomed views only after those.
     assert [v.name for v in tta_views(4)] == [
         "crop_center",
-        "crop_center_flip",
-        "zoom_center",
-        "zoom_center_flip",
-        "zoom_top_left",
+        "crop_top_left",
+        "crop_top_right",
+        "crop_bottom_left",
+        "crop_bottom_right",
     ]
+    ten = tta_views(9)
+    assert {(v.position, v.flip) for v in ten} == {
+        (p, f) for p in ("center", *_CORNERS) for f in (False, True)
+    }
+    assert not any(v.zoom for v in ten)
     every = tta_views(MAX_AUGMENT)
     assert len(set(every)) == MAX_AUGMENT + 1
     with pytest.raises(ValueError, match="n_augment"):
@@ -49,7 +56,8 @@ def test_view_zero_is_the_eval_transform_and_views_are_deterministic(dogscats: P
     assert views.shape == (MAX_AUGMENT + 1, 3, 64, 64)
     expected = create_eval_transform(cfg)(img)
     torch.testing.assert_close(views[0], expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(views[1], expected.flip(-1), atol=1e-6, rtol=0)
+    flip = [v.name for v in tta_views(MAX_AUGMENT)].index("crop_center_flip")
+    torch.testing.assert_close(views[flip], expected.flip(-1), atol=1e-6, rtol=0)
     assert torch.equal(maker(img), views)
     flat = views.flatten(1)
     distances = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
@@ -75,7 +83,7 @@ def _split_image(path: Path, left: int) -> Path:
 def test_tta_probabilities_are_the_mean_of_per_view_softmax(tmp_path: Path):
     lefts = [255, 0, 127, 255, 51]
     paths = [_split_image(tmp_path / f"{i}.png", v) for i, v in enumerate(lefts)]
-    dataset = TtaDataset(paths, [0, 2, 1, 0, 1], ViewMaker(CFG, tta_views(1)))
+    dataset = TtaDataset(paths, [0, 2, 1, 0, 1], ViewMaker(CFG, (TtaView(), TtaView(flip=True))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=2)
     runtime = resolve_runtime(BaseParams(device="cpu", precision="fp32", num_workers=0))
     out = predict_views(LeftMinusRight(), loader, runtime)

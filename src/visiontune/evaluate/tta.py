@@ -40,17 +40,20 @@ class TtaView:
         return "_".join([*parts, "flip"] if self.flip else parts)
 
 
-# The order views are added in as n_augment grows: the mirror image first (the cheapest,
-# most label-preserving change), then zoomed crops, each followed by its mirror where it
-# fits, then the corners of the plain scale.
+# The order views are added in as n_augment grows: the four corner crops at the eval scale
+# (n_augment=4 is torchvision's FiveCrop), then the mirror of all five (n_augment=9 is
+# TenCrop), then zoomed crops. Zoomed views come last because the model never saw that
+# much zoom: on dogscats valid (Lite0, 99.1 % plain) each zoomed view alone scored
+# 96.3-98.8 % against 97.9-99.1 % for the eval-scale corners, and 5 views with two zoomed
+# ones lowered accuracy to 98.8 % while FiveCrop raised it to 99.4 %.
 _AUGMENTED: tuple[TtaView, ...] = (
+    *(TtaView(position=p) for p in _CORNERS),
     TtaView(flip=True),
+    *(TtaView(position=p, flip=True) for p in _CORNERS),
     TtaView(zoom=True),
     TtaView(zoom=True, flip=True),
     *(TtaView(zoom=True, position=p) for p in _CORNERS),
     *(TtaView(zoom=True, position=p, flip=True) for p in _CORNERS),
-    *(TtaView(position=p) for p in _CORNERS),
-    *(TtaView(position=p, flip=True) for p in _CORNERS),
 )
 MAX_AUGMENT = len(_AUGMENTED)
 
