@@ -6,8 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -147,3 +150,40 @@ def test_finetune_on_two_ranks_matches_one_process(project: Path) -> None:
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["last.pt"]
     _, info = load_model_file(two / "model.safetensors")
     assert info.classes == ["cats", "dogs"]
+
+
+def test_finetune_on_two_ranks_resumes_after_sigterm_like_an_uninterrupted_run(
+    project: Path,
+) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"].update({"n_cycles": 3, "cycle_len": 1, "cycle_mult": 2, "batch_size": 8})
+    (project / "params_long.yaml").write_text(yaml.safe_dump(params))
+    args = ["--params", "params_long.yaml"]
+    torchrun(project, "finetune", *args, "--out", "outputs/finetune_full")
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(REPO / "stages/finetune.py"), *args]
+    command += ["--out", "outputs/finetune_resumed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    checkpoint = project / "outputs/finetune_resumed/checkpoints/last.pt"
+    with subprocess.Popen(command, cwd=project, env=env, stderr=subprocess.PIPE) as launcher:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and launcher.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 2 minutes"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+        stderr = launcher.communicate(timeout=120)[1].decode()
+    assert launcher.returncode != 0
+    stops = re.findall(r"finetune interrupted: stopped at step (\d+)", stderr)
+    assert len(stops) == 2 and len(set(stops)) == 1, stops  # both ranks, at the same step
+    torchrun(project, "finetune", *args, "--out", "outputs/finetune_resumed")
+
+    full, resumed = project / "outputs/finetune_full", project / "outputs/finetune_resumed"
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] > 0
+    pd.testing.assert_frame_equal(
+        pd.read_csv(resumed / "steps.csv"), pd.read_csv(full / "steps.csv")
+    )
+    expected = json.loads((full / "metrics.json").read_text())
+    for key in ("valid_loss", "valid_acc", "train_loss", "steps"):
+        assert metrics[key] == expected[key], key
