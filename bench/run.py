@@ -151,6 +151,18 @@ def run_fastai(project: Path, precision: str) -> dict[str, Any]:
     return data
 
 
+def portable(value: Any) -> Any:
+    """Paths in a results record relative to the repo (`.venv/...`, `../shared/...`), so the
+    committed record names no machine's directories."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, str):
+        return value.replace(f"{REPO_ROOT}/", "").replace(f"{REPO_ROOT.parent}/", "../")
+    return value
+
+
 def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from visiontune.config import load_params
     from visiontune.fileio import write_json, write_text
@@ -195,6 +207,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     record["busy_after"] = busy()
     suffix = "-quick" if args.quick else ""
     results = args.results / f"{name}{suffix}.json"
+    record = portable(record)
     write_json(results, record)
     write_text(results.with_suffix(".md"), markdown(name, record))
     print(markdown(name, record), flush=True)
