@@ -10,6 +10,7 @@ from visiontune import tracking
 from visiontune.data.manifest import read_classes
 from visiontune.features import StaleCacheError, expected_fingerprint, load_features
 from visiontune.fileio import save_config, write_csv, write_json
+from visiontune.models.backbone import source_classifier
 from visiontune.models.weights import WeightsError
 from visiontune.stagekit import StageExit, open_stage
 from visiontune.train.head import head_metadata, save_head, train_head_on_features
@@ -41,10 +42,15 @@ def main(argv: list[str] | None = None) -> int:
             read_classes(split / "classes.json"),
         )
         features = load_features(Path(args.features) / "features.safetensors", expected)
+        source = None
+        if params.head.init != "random":  # the backbone's own classifier seeds the head
+            source = source_classifier(
+                params.model.backbone, params.model.weights, int(features.train_x.shape[1])
+            )
+        result = train_head_on_features(features, params.head, params.base.seed, source)
     except (StaleCacheError, WeightsError, OSError, ValueError) as exc:
         print(f"train_head failed: {exc}", file=sys.stderr)
         return 1
-    result = train_head_on_features(features, params.head, params.base.seed)
 
     save_head(out / "head.safetensors", result.head, head_metadata(features, params.head))
     write_csv(out / "history.csv", result.history)
@@ -56,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics
     print(
         f"train_head: {m['epochs']} epochs on {m['n_train']} features, lr {m['lr']:.2e}, "
-        f"valid_acc {m['valid_acc']:.4f} (loss {m['valid_loss']:.4f}) in {m['train_seconds']:.1f}s"
+        f"valid_acc {m['valid_acc']:.4f} (loss {m['valid_loss']:.4f}) "
+        f"in {m['train_seconds']:.1f}s; {m['init']} init at valid_acc {m['init_valid_acc']:.4f}"
     )
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out)

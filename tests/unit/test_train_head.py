@@ -8,7 +8,14 @@ from safetensors.torch import save_file
 
 from visiontune.config import HeadParams
 from visiontune.features import FeatureSet
-from visiontune.train.head import head_metadata, load_head, save_head, train_head_on_features
+from visiontune.models.head import category_relationship, create_head, init_from_source
+from visiontune.train.head import (
+    head_metadata,
+    load_head,
+    resolve_head_init,
+    save_head,
+    train_head_on_features,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +39,7 @@ def features(n: int = 200, dim: int = 24, classes: int = 3) -> FeatureSet:
 
 def test_head_learns_and_round_trips(tmp_path):
     feats = features()
-    params = HeadParams(epochs=6, batch_size=32, hidden=(16,), dropout=0.1)
+    params = HeadParams(epochs=6, batch_size=32, hidden=(16,), dropout=0.1, lr=3.0e-3)
     result = train_head_on_features(feats, params, seed=0)
     assert result.metrics["valid_acc"] > 0.9
     assert result.history["epoch"].tolist() == list(range(6))
@@ -60,3 +67,59 @@ def test_a_file_that_is_not_a_head_is_rejected(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="not a visiontune head"):
         load_head(path)
+
+
+def source_task(n: int = 300, dim: int = 16, seed: int = 0):
+    """Features of 6 'pretrained' classes whose own classifier knows them, re-labelled
+    into 3 target classes of 2 source classes each (like ImageNet's breeds → dog)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(6, dim, generator=g) * 3
+    source_y = torch.randint(0, 6, (n,), generator=g)
+    x = centers[source_y] + torch.randn(n, dim, generator=g) + 5  # off-centre, like pooled features
+    weight = centers.clone()  # nearest-centre logits: a classifier that knows the 6 classes
+    bias = -0.5 * (centers**2).sum(1) - weight @ torch.full((dim,), 5.0)
+    target_y = source_y // 2
+    return x, target_y, (weight, bias), source_y
+
+
+def test_relationship_rows_are_distributions_and_find_the_source_classes():
+    x, y, (weight, bias), _ = source_task()
+    relation = category_relationship(x, y, 4, weight, bias)  # class 3 has no train rows
+    assert relation.shape == (4, 6)
+    assert torch.allclose(relation.sum(1), torch.ones(4))
+    # Each target class puts its mass on its own two source classes.
+    for k in range(3):
+        assert relation[k, 2 * k : 2 * k + 2].sum() > 0.95
+    overall = torch.softmax(x @ weight.T + bias, 1).mean(0)
+    assert torch.allclose(relation[3], overall)
+
+
+def test_source_init_is_the_relabelled_source_classifier_exactly():
+    x, y, (weight, bias), _ = source_task()
+    head = create_head(x.shape[1], 3, dropout=0.5)
+    relation = init_from_source(head, x, y, weight, bias)
+    head.eval()
+    with torch.no_grad():
+        expected = (x @ weight.T + bias) @ relation.T  # Σ_j p(j|k) · source logit j
+        assert torch.allclose(head(x), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_source_init_starts_where_the_pretrained_classifier_is():
+    x, y, source, _ = source_task()
+    feats = FeatureSet(x[:60], y[:60], x[60:], y[60:], ["a", "b", "c"], {"backbone": "toy"})
+    params = HeadParams(epochs=1, batch_size=16, lr=1.0e-4)
+    seeded = train_head_on_features(feats, params, seed=0, source=source).metrics
+    scratch = train_head_on_features(feats, params, seed=0, source=None).metrics
+    assert seeded["init"] == "source" and scratch["init"] == "random"
+    assert seeded["init_valid_acc"] > 0.95 and seeded["valid_acc"] > 0.95
+    assert scratch["init_valid_acc"] < 0.7 and scratch["valid_acc"] < seeded["valid_acc"]
+
+
+def test_head_init_follows_the_params():
+    source = (torch.zeros(6, 16), torch.zeros(6))
+    assert resolve_head_init(HeadParams(init="auto"), source, "b") is source
+    assert resolve_head_init(HeadParams(init="auto"), None, "b") is None
+    assert resolve_head_init(HeadParams(init="random"), source, "b") is None
+    assert resolve_head_init(HeadParams(init="auto", hidden=(8,)), source, "b") is None
+    with pytest.raises(ValueError, match=r"weights of resnet18 carry no classifier.*allowed: auto"):
+        resolve_head_init(HeadParams(init="source"), None, "resnet18")

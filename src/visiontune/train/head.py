@@ -22,7 +22,7 @@ from torch import nn
 from visiontune.config import HeadParams
 from visiontune.features import FeatureSet
 from visiontune.fileio import atomic_path
-from visiontune.models.head import create_head
+from visiontune.models.head import create_head, init_from_source
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import create_schedule, set_lrs
 
@@ -97,10 +97,13 @@ def train_head(
     weight_decay: float = 1.0e-2,
     label_smoothing: float = 0.0,
     seed: int = 42,
+    source: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> HeadResult:
     """Fit BN → dropout → linear (optional hidden layers) with a cosine schedule per step.
 
     `lr="auto"` first runs the LR range test on the features and takes its `valley`.
+    `source` (the backbone's pretrained classifier weight and bias) starts the head as
+    that classifier re-labelled to these classes (`init_from_source`) instead of at random.
     Runs on one CPU thread: for 64×1280 matrices, thread synchronisation costs more than
     it saves, and far more on a shared machine.
     """
@@ -110,7 +113,7 @@ def train_head(
         return _train_head(
             train_x, train_y, valid_x, valid_y, num_classes, hidden=hidden, dropout=dropout,
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-            weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+            weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed, source=source,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -132,10 +135,14 @@ def _train_head(
     weight_decay: float,
     label_smoothing: float,
     seed: int,
+    source: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> HeadResult:
     torch.manual_seed(seed)
     train_x, valid_x = train_x.float(), valid_x.float()
     head = create_head(train_x.shape[1], num_classes, hidden, dropout)
+    if source is not None:
+        init_from_source(head, train_x, train_y, *source)
+    init_loss, init_acc = evaluate_head(head, valid_x, valid_y, label_smoothing)
     generator = torch.Generator().manual_seed(seed)
     batches = feature_batches(train_x, train_y, min(batch_size, len(train_x)), generator)
     opt = create_optimizer(head.parameters(), optimizer, 1.0, weight_decay)
@@ -194,6 +201,9 @@ def _train_head(
         "train_loss": last["train_loss"],
         "lr": float(lr),
         "epochs": epochs,
+        "init": "random" if source is None else "source",
+        "init_valid_acc": init_acc,
+        "init_valid_loss": init_loss,
         "train_seconds": seconds,
         "n_train": len(train_x),
         "n_valid": len(valid_x),
@@ -224,8 +234,31 @@ def load_head(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
     return head.eval(), meta
 
 
-def train_head_on_features(features: FeatureSet, params: HeadParams, seed: int) -> HeadResult:
-    """`train_head` with the `head` params section on a loaded feature cache."""
+def resolve_head_init(
+    params: HeadParams, source: tuple[torch.Tensor, torch.Tensor] | None, backbone: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The source classifier to start from, per `head.init` (None: random init)."""
+    if params.init == "random" or params.hidden:
+        return None
+    if source is None and params.init == "source":
+        raise ValueError(
+            f"head.init: source, but the weights of {backbone} carry no classifier that sits "
+            "on the pooled features; allowed: auto (falls back to random), random"
+        )
+    return source
+
+
+def train_head_on_features(
+    features: FeatureSet,
+    params: HeadParams,
+    seed: int,
+    source: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> HeadResult:
+    """`train_head` with the `head` params section on a loaded feature cache.
+
+    `source` is the backbone's pretrained classifier, used as `params.init` says.
+    """
+    backbone = str(features.fingerprint.get("backbone"))
     return train_head(
         features.train_x,
         features.train_y,
@@ -241,6 +274,7 @@ def train_head_on_features(features: FeatureSet, params: HeadParams, seed: int) 
         weight_decay=params.weight_decay,
         label_smoothing=params.label_smoothing,
         seed=seed,
+        source=resolve_head_init(params, source, backbone),
     )
 
 
