@@ -23,7 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from project import REPO_ROOT, deep_merge, git_state, make_project, run_pipeline
-from summary import collect_outputs, markdown, summarize
+from summary import collect_outputs, markdown, summarize, versus_fastai
 
 BENCH = Path(__file__).resolve().parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -201,6 +201,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_fastai and record["stages_ok"]:
         print("-- fastai reference", flush=True)
         record["fastai"] = run_fastai(project, args.fastai_precision)
+        record["summary"]["versus_fastai"] = versus_fastai(record["summary"], record["fastai"])
     elif not args.no_fastai:
         record["fastai"] = {"error": "skipped: the visiontune pipeline failed"}
     record["load_after"] = load()

@@ -117,6 +117,31 @@ def test_summarize_ratios_against_limits() -> None:
     }
 
 
+def test_versus_fastai_times_visiontune_until_it_matches_fastais_best_accuracy() -> None:
+    s = {
+        "stages": [
+            {"name": "fetch", "wall_s": 100.0},  # not in fastai's run: not counted
+            {"name": "precompute", "wall_s": 30.0},
+            {"name": "train_head", "wall_s": 5.0},
+            {"name": "lr_find", "wall_s": 20.0},
+            {"name": "finetune", "wall_s": 300.0},
+            {"name": "evaluate", "wall_s": 45.0},
+        ],
+        "accuracy": {"head": 0.97, "finetune": 0.99, "evaluate": 0.99, "evaluate_tta": 0.995},
+    }
+    fastai = {"total_s": 600.0, "accuracy": 0.96, "accuracy_tta": 0.968}
+    v = summary.versus_fastai(s, fastai)
+    assert v["matched_at"] == "train_head" and v["time_to_match_s"] == 35.0
+    assert v["time_to_match_vs_fastai"] == pytest.approx(35 / 600)
+    assert v["visiontune_s"] == 400.0 and v["visiontune_vs_fastai"] == pytest.approx(400 / 600)
+    # Only the TTA evaluation reaches a stronger fastai: the clock runs to the end.
+    v = summary.versus_fastai(s, {**fastai, "accuracy_tta": 0.992})
+    assert v["matched_at"] == "evaluate" and v["time_to_match_s"] == 400.0
+    v = summary.versus_fastai(s, {**fastai, "accuracy_tta": 0.999})
+    assert v["matched_at"] is None and v["time_to_match_vs_fastai"] is None
+    assert summary.versus_fastai(s, {"error": "not installed"}) is None
+
+
 def test_run_measured_does_not_charge_the_parents_memory_to_the_stage(tmp_path: Path) -> None:
     # Linux carries ru_maxrss across fork + exec: spawned straight from a big benchmark
     # process, a tiny stage would report the benchmark's RSS.
