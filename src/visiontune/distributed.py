@@ -165,22 +165,22 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return (value / ctx.world_size).to(tensor.device, dtype=tensor.dtype)
 
 
-def all_reduce_max(value: float, ctx: DistContext) -> float:
-    """Largest `value` over the ranks."""
+def _all_reduce_scalar(value: float, ctx: DistContext, op: dist.ReduceOp) -> float:
     if not ctx.enabled:
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    dist.all_reduce(tensor, op=op, group=ctx.control_group)
     return float(tensor.item())
+
+
+def all_reduce_max(value: float, ctx: DistContext) -> float:
+    """Largest `value` over the ranks."""
+    return _all_reduce_scalar(value, ctx, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(value: float, ctx: DistContext) -> float:
     """Sum of `value` over the ranks."""
-    if not ctx.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=ctx.control_group)
-    return float(tensor.item())
+    return _all_reduce_scalar(value, ctx, dist.ReduceOp.SUM)
 
 
 def all_gather_varlen(tensor: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
