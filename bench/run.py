@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,44 @@ def load() -> str:
 def busy() -> bool:
     """Whether other work competes for the cores (1-min load above half of them)."""
     return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+
+
+# Above this many cores kept busy by other work on average, a run's throughputs are flagged:
+# quiet, the same stage varies by ~5-10 % from run to run on these 2 cores.
+BUSY_OTHER_CORES = 0.25
+CpuSnapshot = tuple[float, float]
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """(busy CPU seconds of the whole machine, of this process and its waited-for children).
+
+    Two snapshots tell how much CPU *other* work took in between, which the load average
+    cannot: right after a run, the 1-minute load is mostly the run itself. None where
+    /proc/stat does not exist (not Linux).
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait;
+    # steal (what the hypervisor gave other guests) counts as other work.
+    ticks = [int(value) for value in fields[1:9]]
+    machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    own = sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
+    return machine, own
+
+
+def other_load(start: CpuSnapshot | None, end: CpuSnapshot | None, wall_s: float) -> float | None:
+    """Mean number of cores that work other than this process tree kept busy in between."""
+    if start is None or end is None or wall_s <= 0:
+        return None
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / wall_s
 
 
 def wait_quiet(max_s: float) -> None:
@@ -173,6 +212,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"visiontune-bench-{name}-"))
     project = make_project(workdir / "repo", params)
     typed = load_params(project / "params.yaml")  # fail fast on a bad override
+    started, snapshot = time.monotonic(), cpu_snapshot()
     record: dict[str, Any] = {
         "dataset": name,
         "quick": args.quick,
@@ -205,7 +245,8 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     elif not args.no_fastai:
         record["fastai"] = {"error": "skipped: the visiontune pipeline failed"}
     record["load_after"] = load()
-    record["busy_after"] = busy()
+    record["other_load_cores"] = other_load(snapshot, cpu_snapshot(), time.monotonic() - started)
+    record["busy_during"] = (record["other_load_cores"] or 0.0) > BUSY_OTHER_CORES
     suffix = "-quick" if args.quick else ""
     results = args.results / f"{name}{suffix}.json"
     record = portable(record)

@@ -249,12 +249,13 @@ def markdown(name: str, record: Mapping[str, Any]) -> str:
         f"# Benchmark: {name}",
         "",
         f"{record['started']} · commit `{record['git']['commit'][:10]}`"
-        f"{' (dirty)' if record['git']['dirty'] else ''} · load before/after "
-        f"{record['load_before']} / {record['load_after']} · "
+        f"{' (dirty)' if record['git']['dirty'] else ''} · load before "
+        f"{record['load_before']} · other work during the run "
+        f"{_fmt(record.get('other_load_cores'), '.2f')} cores · "
         f"{'quick' if record['quick'] else 'full'} run"
         + (
             " · **machine busy: throughputs and ratios not representative**"
-            if record.get("busy_before") or record.get("busy_after")
+            if record.get("busy_before") or record.get("busy_during")
             else ""
         ),
         "",

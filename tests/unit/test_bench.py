@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,20 @@ def test_stage_commands_are_resolved_like_dvc_templating() -> None:
     assert resolved == "torchrun --standalone --nproc_per_node=2 stages/x.py"
     with pytest.raises(KeyError, match=r"distributed\.nope"):
         project.resolve_templating("${distributed.nope} x", launcher)
+
+
+def test_other_load_counts_only_cpu_outside_this_process_tree() -> None:
+    start = run.cpu_snapshot()
+    if start is None:
+        pytest.skip("no /proc/stat on this platform")
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # our own work: not "other"
+        pass
+    subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"], check=True)
+    end = run.cpu_snapshot()
+    assert end is not None
+    assert end[1] - start[1] >= 0.3  # this process and the child it waited for
+    assert end[0] - start[0] >= 0.25  # the machine saw that work too
+    assert run.other_load((10.0, 2.0), (16.0, 5.0), 2.0) == 1.5  # 6 busy s, 3 ours, in 2 s
+    assert run.other_load((10.0, 2.0), (12.0, 5.0), 2.0) == 0.0  # tick rounding: never < 0
+    assert run.other_load(None, end, 2.0) is None
