@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,21 +78,17 @@ BUSY_OTHER_CORES = 0.25
 CpuSnapshot = tuple[float, float]
 
 
-def cpu_snapshot() -> CpuSnapshot | None:
+def cpu_snapshot() -> CpuSnapshot:
     """(busy CPU seconds of the whole machine, of this process and its waited-for children).
 
     Two snapshots tell how much CPU *other* work took in between, which the load average
-    cannot: right after a run, the 1-minute load is mostly the run itself. None where
-    /proc/stat does not exist (not Linux).
+    cannot: right after a run, the 1-minute load is mostly the run itself.
     """
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait;
-    # steal (what the hypervisor gave other guests) counts as other work.
-    ticks = [int(value) for value in fields[1:9]]
-    machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    times = psutil.cpu_times()
+    # Busy is all but idle and iowait; steal (what the hypervisor gave other guests, Linux)
+    # counts as other work; Linux already counts guest time inside user time.
+    skipped = ("idle", "iowait", "guest", "guest_nice")
+    machine = sum(getattr(times, f) for f in times._fields if f not in skipped)
     own = sum(
         usage.ru_utime + usage.ru_stime
         for usage in (
