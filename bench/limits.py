@@ -7,6 +7,7 @@ so the limits use exactly the backbone, precision, memory format and batch sizes
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -164,31 +165,86 @@ def decode_limit(
     }
 
 
+class LimitProbe:
+    """The backbone and network the limits are measured on, kept for re-measuring.
+
+    On shared cores the host's speed drifts: on 2026-11-23 the forward limit read 99 img/s
+    at the start of a run and 83 in the precompute stage two minutes later, and 81-125
+    over a day. A limit taken once at the start is the wrong yardstick for a stage ten
+    minutes on, so the benchmark re-measures each stage's limit right before and right
+    after it (`around`). The training copy is separate, so forward passes always run on
+    the untouched pretrained weights.
+    """
+
+    def __init__(self, params: Params, num_classes: int) -> None:
+        from visiontune.models.backbone import create_backbone, resolve_data_config
+        from visiontune.models.head import create_head
+
+        self.params = params
+        self.runtime = resolve_runtime(params.base)
+        body, self.weights = create_backbone(params.model.backbone, params.model.weights)
+        self.data_config = resolve_data_config(body, params.model)
+        self.body = prepare_module(body, self.runtime)
+        head = create_head(
+            int(body.num_features), num_classes, params.head.hidden, params.head.dropout
+        )
+        self.network = prepare_module(nn.Sequential(copy.deepcopy(self.body), head), self.runtime)
+        self.num_classes = num_classes
+
+    @property
+    def image_size(self) -> int:
+        return self.data_config.image_size
+
+    def forward(self, batch_size: int, **timing: int) -> dict[str, Any]:
+        return forward_limit(self.body, self.runtime, batch_size, self.image_size, **timing)
+
+    def train_step(self, **timing: int) -> dict[str, Any]:
+        return train_step_limit(
+            self.network,
+            self.runtime,
+            self.params.finetune.batch_size,
+            self.image_size,
+            self.num_classes,
+            self.params.finetune.freeze_bn,
+            **timing,
+        )
+
+    def around(self, stage: str) -> dict[str, Any] | None:
+        """The limit a stage's ratio is taken against, measured now (shorter than at the
+        start: one warm-up call, 3 runs of 2 steps), or None for a stage without one."""
+        p = self.params
+        if stage in ("precompute", "evaluate"):
+            bs = p.precompute.batch_size if stage == "precompute" else p.tta.batch_size
+            return {"limit": "forward", **self.forward(bs, warmup=1, repeats=3, steps=2)}
+        if stage == "finetune":
+            return {"limit": "train_step", **self.train_step(warmup=1, repeats=3, steps=2)}
+        return None
+
+
 def measure_limits(
-    params: Params, image_dir: Path, num_classes: int, decode_images: int = 384, echo: bool = True
+    probe: LimitProbe, image_dir: Path, decode_images: int = 384, echo: bool = True
 ) -> dict[str, Any]:
-    """All machine limits for these params; see the module docstring."""
+    """All machine limits for the probe's params; see the module docstring."""
     from visiontune.data.transforms import (
         create_eval_transform,
         create_train_transform,
         eval_min_size,
         train_min_size,
     )
-    from visiontune.models.backbone import create_backbone, resolve_data_config
-    from visiontune.models.head import create_head
 
     def say(text: str) -> None:
         if echo:
             print(f"  {text}", flush=True)
 
-    runtime = resolve_runtime(params.base)
-    body, weights = create_backbone(params.model.backbone, params.model.weights)
-    data_cfg = resolve_data_config(body, params.model)
-    size = data_cfg.image_size
-    prepare_module(body, runtime)
+    params, runtime, data_cfg, size = (
+        probe.params,
+        probe.runtime,
+        probe.data_config,
+        probe.image_size,
+    )
     info: dict[str, Any] = {
         "backbone": params.model.backbone,
-        "weights": weights.source,
+        "weights": probe.weights.source,
         "image_size": size,
         "device": str(runtime.device),
         "precision": runtime.precision,
@@ -206,16 +262,11 @@ def measure_limits(
 
     forward: dict[str, Any] = {}
     for batch_size in sorted({params.precompute.batch_size, params.tta.batch_size}):
-        forward[str(batch_size)] = forward_limit(body, runtime, batch_size, size)
+        forward[str(batch_size)] = probe.forward(batch_size)
         say(f"forward   bs={batch_size:<3} {forward[str(batch_size)]['images_per_s']:7.1f} img/s")
 
-    in_features = int(body.num_features)
-    head = create_head(in_features, num_classes, params.head.hidden, params.head.dropout)
-    model = prepare_module(nn.Sequential(body, head), runtime)
-    bs = params.finetune.batch_size
-    train = train_step_limit(model, runtime, bs, size, num_classes, params.finetune.freeze_bn)
-    say(f"train step bs={bs:<3} {train['images_per_s']:7.1f} img/s")
-    del model, head, body
+    train = probe.train_step()
+    say(f"train step bs={train['batch_size']:<3} {train['images_per_s']:7.1f} img/s")
 
     paths = sample_images(image_dir, decode_images)
     decode = {

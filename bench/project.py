@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,11 +212,17 @@ def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
     return sorted(declared.values(), key=lambda s: rank.get(s[0], len(rank)))
 
 
-def run_pipeline(project: Path, runner: str = "script", echo: bool = True) -> list[StageRun]:
+def run_pipeline(
+    project: Path,
+    runner: str = "script",
+    echo: bool = True,
+    around: Callable[[str, str], None] | None = None,
+) -> list[StageRun]:
     """Run every stage in order (stop at the first failure), then let DVC record outputs.
 
     runner "script": each stage's cmd as DVC would run it, then `dvc commit` + `dvc status`
     (timed as a pseudo-stage `dvc`); runner "dvc": `dvc repro -s <stage>` per stage.
+    `around(stage, "before" | "after")` is called next to each stage, outside its timing.
     """
     env = project_env(project)
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -224,10 +230,14 @@ def run_pipeline(project: Path, runner: str = "script", echo: bool = True) -> li
     runs: list[StageRun] = []
     for name, cmd, wdir in pipeline_stages(project):
         command: str | list[str] = cmd if runner == "script" else [dvc, "repro", "-s", name]
+        if around:
+            around(name, "before")
         run = run_measured(
             name, command, wdir if runner == "script" else project, env, logs / f"{name}.log"
         )
         runs.append(run)
+        if around and run.returncode == 0:
+            around(name, "after")
         if echo:
             print(
                 f"  {name:<11} {run.wall_s:8.1f} s  peak RSS {run.peak_rss_mb:7.0f} MiB"

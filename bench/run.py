@@ -220,17 +220,29 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "params": typed.model_dump(mode="json"),
     }
-    limits = None
+    limits, around = None, None
     if not args.no_limits:
-        from limits import measure_limits
+        from limits import LimitProbe, measure_limits
 
         print("-- machine limits", flush=True)
+        probe = LimitProbe(typed, num_classes=2 if name == "dogscats" else 120)
         source = Path(params["data"]["source"])
-        classes = 2 if name == "dogscats" else 120
-        limits = measure_limits(typed, source, classes, decode_images=128 if args.quick else 384)
+        limits = measure_limits(probe, source, decode_images=128 if args.quick else 384)
+        limits["adjacent"] = {}
+
+        def around(stage: str, when: str) -> None:
+            measured = probe.around(stage)
+            if measured is not None:
+                limits["adjacent"].setdefault(stage, {})[when] = measured
+                print(
+                    f"  {'':<11} {measured['limit']} limit {when}: "
+                    f"{measured['images_per_s']:.1f} img/s",
+                    flush=True,
+                )
+
     record["limits"] = limits
     print("-- pipeline", flush=True)
-    runs = run_pipeline(project, runner=args.runner)
+    runs = run_pipeline(project, runner=args.runner, around=around)
     record["stages_ok"] = bool(runs) and all(r.returncode == 0 for r in runs)
     outputs = collect_outputs(project)
     record["outputs"] = outputs

@@ -114,6 +114,23 @@ def ratio(value: float | None, limit: float | None) -> float | None:
     return value / limit if value and limit else None
 
 
+def stage_limit(limits: Mapping[str, Any], stage: str, at_start: float) -> dict[str, Any]:
+    """The limit a stage's ratio is taken against: the mean of the measurements right
+    before and after the stage (`limits["adjacent"]`, see bench/limits.py LimitProbe),
+    else the one taken at the start of the run."""
+    adjacent = (limits.get("adjacent") or {}).get(stage) or {}
+    around = {
+        when: adjacent[when]["images_per_s"] for when in ("before", "after") if when in adjacent
+    }
+    value = sum(around.values()) / len(around) if around else at_start
+    return {
+        "images_per_s": value,
+        "source": "next to the stage" if around else "start of run",
+        "at_start": at_start,
+        **around,
+    }
+
+
 def summarize(
     stages: list[Mapping[str, Any]],
     outputs: Mapping[str, Any],
@@ -167,20 +184,24 @@ def summarize(
 
     fwd = limits["forward"]
     pre_bs, tta_bs = str(params["precompute"]["batch_size"]), str(params["tta"]["batch_size"])
-    train_step = limits["train_step"]["images_per_s"]
+    used = {
+        "precompute": stage_limit(limits, "precompute", fwd[pre_bs]["images_per_s"]),
+        "evaluate": stage_limit(limits, "evaluate", fwd[tta_bs]["images_per_s"]),
+        "finetune": stage_limit(limits, "finetune", limits["train_step"]["images_per_s"]),
+    }
+    result["limits_used"] = used
     epoch_rate = outputs["train_images"] / epoch_s if epoch_s else None
     head_wall = walls.get("train_head")
     head_inner = find_number(m["head"], ("train_seconds", "train_s", "seconds"))
+    pre, ev = used["precompute"]["images_per_s"], used["evaluate"]["images_per_s"]
     result["ratios"] = {
-        "precompute_vs_forward": ratio(rate("precompute"), fwd[pre_bs]["images_per_s"]),
+        "precompute_vs_forward": ratio(rate("precompute"), pre),
         "precompute_wall_vs_forward": ratio(
-            by_name.get("precompute", {}).get("images_per_s_wall"), fwd[pre_bs]["images_per_s"]
+            by_name.get("precompute", {}).get("images_per_s_wall"), pre
         ),
-        "evaluate_vs_forward": ratio(rate("evaluate"), fwd[tta_bs]["images_per_s"]),
-        "evaluate_wall_vs_forward": ratio(
-            by_name.get("evaluate", {}).get("images_per_s_wall"), fwd[tta_bs]["images_per_s"]
-        ),
-        "finetune_epoch_vs_train_step": ratio(epoch_rate, train_step),
+        "evaluate_vs_forward": ratio(rate("evaluate"), ev),
+        "evaluate_wall_vs_forward": ratio(by_name.get("evaluate", {}).get("images_per_s_wall"), ev),
+        "finetune_epoch_vs_train_step": ratio(epoch_rate, used["finetune"]["images_per_s"]),
         "train_head_vs_finetune_epoch": ratio(head_wall, epoch_s),
         "train_head_inner_vs_finetune_epoch": ratio(head_inner, epoch_s),
     }
@@ -302,6 +323,21 @@ def markdown(name: str, record: Mapping[str, Any]) -> str:
                 f"| decode {key} ({dec['num_workers']} workers) | {dec['batch_size']} | "
                 f"{_fmt(dec['images_per_s'])} |"
             )
+        used = s.get("limits_used") or {}
+        if any(u["source"] != "start of run" for u in used.values()):
+            lines += [
+                "",
+                "Each ratio's limit, re-measured next to its stage (the host's speed drifts):",
+                "",
+                "| stage | limit | at start | before | after | used |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+            for stage, u in used.items():
+                kind = "train step" if stage == "finetune" else "forward"
+                lines.append(
+                    f"| {stage} | {kind} | {_fmt(u['at_start'])} | {_fmt(u.get('before'))} | "
+                    f"{_fmt(u.get('after'))} | {_fmt(u['images_per_s'])} |"
+                )
         lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
         for key, value in s["ratios"].items():
             bound = TARGETS.get(key)

@@ -119,6 +119,76 @@ def test_summarize_ratios_against_limits() -> None:
     }
 
 
+def test_ratios_use_the_limits_measured_next_to_each_stage() -> None:
+    params = {
+        "finetune": {"cycle_len": 1, "cycle_mult": 1, "n_cycles": 1},
+        "tta": {"n_augment": 0, "batch_size": 32},
+        "precompute": {"batch_size": 64},
+        "lr_find": {"batch_size": 32},
+    }
+    outputs = {
+        "train_images": 100,
+        "valid_images": 50,
+        "prepared_images": 150,
+        "lr_find_iterations": 0,
+        "metrics": {
+            "precompute": {"images_per_s": 80.0},
+            "head": {},
+            "finetune": {},
+            "evaluate": {"images_per_s": 70.0, "n_views": 1},
+        },
+        "finetune_history": [{"train_s": "10"}],
+    }
+    stages = [
+        {"name": n, "wall_s": 10.0, "cpu_s": 15.0, "peak_rss_mb": 900.0}
+        for n in ("precompute", "finetune", "evaluate")
+    ]
+    limits = {
+        "forward": {"32": {"images_per_s": 120.0}, "64": {"images_per_s": 125.0}},
+        "train_step": {"images_per_s": 20.0},
+        "adjacent": {  # the host slowed down after the start-of-run limits
+            "precompute": {"before": {"images_per_s": 90.0}, "after": {"images_per_s": 110.0}},
+            "finetune": {"after": {"images_per_s": 12.5}},  # e.g. "before" failed
+        },
+    }
+    result = summary.summarize(stages, outputs, params, limits)
+    used = result["limits_used"]
+    assert used["precompute"] == {
+        "images_per_s": 100.0,
+        "source": "next to the stage",
+        "at_start": 125.0,
+        "before": 90.0,
+        "after": 110.0,
+    }
+    assert used["finetune"]["images_per_s"] == 12.5
+    assert used["evaluate"] == {"images_per_s": 120.0, "source": "start of run", "at_start": 120.0}
+    ratios = result["ratios"]
+    assert ratios["precompute_vs_forward"] == pytest.approx(0.8)
+    assert ratios["finetune_epoch_vs_train_step"] == pytest.approx(10 / 12.5)
+    assert ratios["evaluate_vs_forward"] == pytest.approx(70 / 120)
+    record = {
+        "started": "now",
+        "git": {"commit": "abc", "dirty": False},
+        "load_before": [0.1],
+        "quick": False,
+        "summary": result,
+        "limits": {
+            **limits,
+            "backbone": "b",
+            "image_size": 224,
+            "precision": "bf16",
+            "channels_last": True,
+            "torch_threads": 2,
+            "cpu_model": "cpu",
+            "train_step": {"batch_size": 32, "images_per_s": 20.0},
+            "decode": {},
+        },
+    }
+    table = summary.markdown("x", record)
+    assert "| precompute | forward | 125.0 | 90.0 | 110.0 | 100.0 |" in table
+    assert "| evaluate | forward | 120.0 | – | – | 120.0 |" in table
+
+
 def test_versus_fastai_times_visiontune_until_it_matches_fastais_best_accuracy() -> None:
     s = {
         "stages": [
