@@ -59,7 +59,10 @@ def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
             ["git", *args], cwd=root, capture_output=True, text=True, check=False
         ).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    # bench/results left out: a run of several datasets writes the first one's results
+    # there before it copies the repo for the next.
+    status = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
 
 
 def make_project(dest: Path, params: Mapping[str, Any], root: Path = REPO_ROOT) -> Path:

@@ -251,3 +251,19 @@ def test_other_load_counts_only_cpu_outside_this_process_tree() -> None:
     assert run.other_load((10.0, 2.0), (16.0, 5.0), 2.0) == 1.5  # 6 busy s, 3 ours, in 2 s
     assert run.other_load((10.0, 2.0), (12.0, 5.0), 2.0) == 0.0  # tick rounding: never < 0
     assert run.other_load(None, end, 2.0) is None
+
+
+def test_git_state_ignores_earlier_results_but_not_other_changes(tmp_path: Path) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "dogscats.md").write_text("old\n")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    assert project.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "bench" / "results" / "dogscats.md").write_text("new\n")
+    (tmp_path / "bench" / "results" / "dogbreeds.json").write_text("{}\n")
+    assert project.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert project.git_state(tmp_path)["dirty"] is True
