@@ -37,6 +37,8 @@ class BaseParams(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto = min(cores, 8); decoding JPEGs in workers keeps the model fed.
     num_workers: int | Literal["auto"] = "auto"
+    # auto = idle on CPU: decode workers run only on cycles the model's threads leave free.
+    worker_priority: Literal["auto", "normal", "idle"] = "auto"
     deterministic: bool = False
 
 

@@ -6,6 +6,7 @@ augmentation repeat exactly for a given seed.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.runtime import Runtime
+from visiontune.runtime import Runtime, lower_to_idle_priority
 
 
 class ImageDataset(Dataset):
@@ -57,12 +58,14 @@ class ImageDataset(Dataset):
         return self.transform(image), label, index
 
 
-def _seed_worker(worker_id: int) -> None:
+def _seed_worker(worker_id: int, idle: bool = False) -> None:
     # torch seeds each worker from the loader's generator; derive the other RNGs from it
     # so that numpy- or random-based transforms repeat too.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    if idle:
+        lower_to_idle_priority()
 
 
 def create_loader(
@@ -77,7 +80,8 @@ def create_loader(
 ) -> DataLoader:
     """A DataLoader with the runtime's workers and pinning, reproducible for a given seed.
 
-    A `sampler` (e.g. a DistributedSampler) replaces `shuffle`.
+    A `sampler` (e.g. a DistributedSampler) replaces `shuffle`. With `runtime.idle_workers`
+    the workers run at idle CPU priority (see `resolve_runtime`).
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -94,5 +98,7 @@ def create_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         generator=generator,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=(
+            functools.partial(_seed_worker, idle=runtime.idle_workers) if workers > 0 else None
+        ),
     )
