@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from visiontune.config import BaseParams
+from visiontune.data.dataset import create_loader
 from visiontune.runtime import (
     autocast,
     cpu_count,
@@ -71,3 +73,30 @@ def test_seed_everything_repeats_every_generator() -> None:
     assert draw() == first
     seed_everything(8)
     assert draw() != first
+
+
+class _SchedulerOfWorker(torch.utils.data.Dataset):
+    """Each item is the scheduling policy of the process that produced it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return torch.tensor(os.sched_getscheduler(0)), 0, index
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+@pytest.mark.parametrize(
+    ("priority", "policy"), [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")]
+)
+def test_loader_workers_run_at_the_asked_priority(priority: str, policy: str) -> None:
+    runtime = resolve_runtime(BaseParams(device="cpu", num_workers=2, worker_priority=priority))
+    loader = create_loader(_SchedulerOfWorker(), 1, runtime, shuffle=False, seed=0)
+    seen = {int(batch[0]) for batch, _, _ in loader}
+    assert seen == {getattr(os, policy)}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the main process keeps its own
+
+
+def test_worker_priority_auto_is_idle_on_cpu_only() -> None:
+    assert resolve_runtime(BaseParams(device="cpu")).idle_workers
+    assert not resolve_runtime(BaseParams(device="cpu", worker_priority="normal")).idle_workers
