@@ -48,19 +48,24 @@ def fingerprint(split: tuple[Path, Path], **changes) -> dict:
     return compute_fingerprint(**{**args, **changes})
 
 
-@pytest.fixture
-def cache(tmp_path: Path, split) -> Path:
+def write_cache(path: Path, fingerprint: dict, source=None) -> Path:
+    """A two-image cache with `fingerprint` (and the source classifier, if given)."""
     features = FeatureSet(
         train_x=torch.randn(2, 8),
         train_y=torch.tensor([0, 1]),
         valid_x=torch.randn(1, 8),
         valid_y=torch.tensor([1]),
         classes=["cat", "dog"],
-        fingerprint=fingerprint(split),
+        fingerprint=fingerprint,
+        source=source,
     )
-    path = tmp_path / "features.safetensors"
     save_features(path, features)
     return path
+
+
+@pytest.fixture
+def cache(tmp_path: Path, split) -> Path:
+    return write_cache(tmp_path / "features.safetensors", fingerprint(split))
 
 
 def test_round_trip_with_the_same_fingerprint(cache: Path, split) -> None:
@@ -113,23 +118,14 @@ def _inputs_cache(tmp_path: Path, split, **model) -> tuple[Path, ModelParams, Ba
     torch.save({"w": torch.ones(2)}, weights)
     params = ModelParams(weights=str(weights), **model)
     base = BaseParams(precision="fp32")
-    features = FeatureSet(
-        train_x=torch.randn(2, 8),
-        train_y=torch.tensor([0, 1]),
-        valid_x=torch.randn(1, 8),
-        valid_y=torch.tensor([1]),
-        classes=["cat", "dog"],
-        fingerprint=fingerprint(
-            split,
-            weights=weights_identity(params.backbone, params.weights),
-            overrides=model_overrides(params),
-            precision="fp32",
-        ),
-        source=(torch.randn(5, 8), torch.randn(5)),
+    written = fingerprint(
+        split,
+        weights=weights_identity(params.backbone, params.weights),
+        overrides=model_overrides(params),
+        precision="fp32",
     )
-    path = tmp_path / "inputs.safetensors"
-    save_features(path, features)
-    return path, params, base
+    source = (torch.randn(5, 8), torch.randn(5))
+    return write_cache(tmp_path / "inputs.safetensors", written, source), params, base
 
 
 def test_the_check_without_the_backbone_accepts_its_own_cache(tmp_path: Path, split) -> None:
