@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from visiontune.config import Params
-from visiontune.runtime import Runtime, autocast, prepare_module, resolve_runtime, to_device
+from visiontune.runtime import (
+    Runtime,
+    autocast,
+    configure_memory,
+    prepare_module,
+    resolve_runtime,
+    to_device,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -181,6 +188,7 @@ class LimitProbe:
         from visiontune.models.head import create_head
 
         self.params = params
+        configure_memory(params.base)  # as each stage does, before any model is built
         self.runtime = resolve_runtime(params.base)
         body, self.weights = create_backbone(params.model.backbone, params.model.weights)
         self.data_config = resolve_data_config(body, params.model)

@@ -18,7 +18,7 @@ from rich.table import Table
 from visiontune.config import BaseParams, TtaParams
 from visiontune.evaluate.predict import Prediction, collect_inputs, predict_files
 from visiontune.models.classifier import load_model_file
-from visiontune.runtime import resolve_runtime
+from visiontune.runtime import configure_memory, resolve_runtime
 
 
 def _positive_int(text: str) -> int:
@@ -63,9 +63,9 @@ def _predict(args: argparse.Namespace) -> int:
     # Worker processes cost more than they save for a handful of images.
     workers = 0 if len(files) <= args.batch_size else "auto"
     try:
-        runtime = resolve_runtime(
-            BaseParams(device=args.device, precision=args.precision, num_workers=workers)
-        )
+        base = BaseParams(device=args.device, precision=args.precision, num_workers=workers)
+        configure_memory(base)
+        runtime = resolve_runtime(base)
         model, info = load_model_file(args.model, map_location=runtime.device)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)

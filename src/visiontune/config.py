@@ -39,6 +39,8 @@ class BaseParams(Section):
     num_workers: int | Literal["auto"] = "auto"
     # auto = idle on CPU: decode workers run only on cycles the model's threads leave free.
     worker_priority: Literal["auto", "normal", "idle"] = "auto"
+    # auto = true on Linux: large CPU tensors on transparent huge pages (see runtime).
+    huge_pages: bool | Literal["auto"] = "auto"
     deterministic: bool = False
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -101,6 +102,36 @@ def resolve_runtime(base: BaseParams) -> Runtime:
         pin_memory=use_cuda,
         idle_workers=idle,
     )
+
+
+# PyTorch's CPU allocator madvises allocations of 2 MiB and more as huge pages when this
+# variable is 1; it reads it once, at the first such allocation.
+_THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+
+
+def configure_memory(base: BaseParams, environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Put large CPU tensors on transparent huge pages (`base.huge_pages`); call before
+    building any model. Returns whether they are on.
+
+    A forward pass allocates its activations afresh: with 4 KiB pages a Lite0 batch of 64
+    took ~350 000 page faults, which on a 2-core VM was more than half of the forward
+    (110 -> 250 images/s with huge pages; precompute 90-100 -> 141-156). `auto` is on
+    where the kernel has transparent huge pages (Linux); a value already in the
+    environment wins.
+    """
+    wanted = base.huge_pages if base.huge_pages != "auto" else thp_available()
+    if wanted:
+        environ.setdefault(_THP_VARIABLE, "1")
+    return environ.get(_THP_VARIABLE) == "1"
+
+
+def thp_available() -> bool:
+    """Whether the kernel lets a process ask for transparent huge pages (madvise or always)."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "[never]" not in mode
 
 
 def lower_to_idle_priority() -> None:

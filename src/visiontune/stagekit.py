@@ -9,6 +9,7 @@ from pathlib import Path
 
 from visiontune import tracking
 from visiontune.config import Params, ParamsError, load_params
+from visiontune.runtime import configure_memory
 
 # Exit codes of the stage scripts (0 is success, 1 a failure of the stage's own work).
 EXIT_BAD_PARAMS = 2
@@ -34,6 +35,7 @@ def open_stage(stage: str, params_path: str | Path) -> tuple[Params, tracking.St
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         raise StageExit(EXIT_BAD_PARAMS) from None
+    configure_memory(params.base)  # before any model or batch is allocated
     if launch_rank(os.environ) > 0:
         # Only rank 0 logs: the other ranks of a torchrun job get a disabled tracker.
         return params, tracking.StageTracker(stage, required=False)

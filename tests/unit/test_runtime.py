@@ -13,11 +13,13 @@ from visiontune.config import BaseParams
 from visiontune.data.dataset import create_loader
 from visiontune.runtime import (
     autocast,
+    configure_memory,
     cpu_count,
     cpu_supports_bf16,
     prepare_module,
     resolve_runtime,
     seed_everything,
+    thp_available,
     to_device,
 )
 
@@ -100,3 +102,41 @@ def test_loader_workers_run_at_the_asked_priority(priority: str, policy: str) ->
 def test_worker_priority_auto_is_idle_on_cpu_only() -> None:
     assert resolve_runtime(BaseParams(device="cpu")).idle_workers
     assert not resolve_runtime(BaseParams(device="cpu", worker_priority="normal")).idle_workers
+
+
+def test_huge_pages_follow_the_param_and_leave_a_users_setting_alone() -> None:
+    env: dict[str, str] = {}
+    assert configure_memory(BaseParams(huge_pages=True), env) and env == {
+        "THP_MEM_ALLOC_ENABLE": "1"
+    }
+    env = {}
+    assert not configure_memory(BaseParams(huge_pages=False), env) and env == {}
+    env = {"THP_MEM_ALLOC_ENABLE": "0"}
+    assert not configure_memory(BaseParams(huge_pages=True), env)
+    assert configure_memory(BaseParams(huge_pages="auto"), {}) == thp_available()
+
+
+@pytest.mark.skipif(not thp_available(), reason="the kernel offers no transparent huge pages")
+def test_configured_memory_puts_large_tensors_on_huge_pages(tmp_path) -> None:
+    """In a fresh process (torch reads the setting once): a 64 MiB tensor lands on huge pages
+    after configure_memory, and on none without it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import re, sys, torch\n"
+        "from visiontune.config import BaseParams\n"
+        "from visiontune.runtime import configure_memory\n"
+        "configure_memory(BaseParams(huge_pages=sys.argv[1] == 'on'))\n"
+        "x = torch.ones(16 * 2**20)\n"
+        "text = open('/proc/self/smaps_rollup').read()\n"
+        "print(int(re.search(r'AnonHugePages:\\s+(\\d+)', text).group(1)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def anon_huge_kib(mode: str) -> int:
+        run = [sys.executable, "-c", script, mode]
+        return int(subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout)
+
+    kib = {mode: anon_huge_kib(mode) for mode in ("on", "off")}
+    assert kib["on"] >= 32 * 1024 and kib["off"] < kib["on"]
