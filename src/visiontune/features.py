@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,19 +92,10 @@ def compute_fingerprint(
     classes: Sequence[str],
 ) -> dict[str, Any]:
     """Everything the feature values depend on, as a flat JSON-able dict."""
-    return _json_safe(
-        {
-            "features_version": FEATURES_VERSION,
-            "backbone": backbone,
-            "weights_source": weights.source,
-            "weights_sha256": weights.sha256,
-            "data_config": data_config.to_dict(),
-            "timm_version": metadata.version("timm"),
-            "model_overrides": _json_safe(overrides),
-            "precision": precision,
-            "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
-        }
+    inputs = _fingerprint_inputs(
+        backbone, weights, overrides, precision, train_csv, valid_csv, classes
     )
+    return {**inputs, "data_config": _json_safe(data_config.to_dict())}
 
 
 def expected_inputs(
@@ -118,16 +109,35 @@ def expected_inputs(
     weights = weights_identity(model.backbone, model.weights)
     if weights is None:
         return None
-    return {
-        "features_version": FEATURES_VERSION,
-        "backbone": model.backbone,
-        "weights_source": weights.source,
-        "weights_sha256": weights.sha256,
-        "timm_version": metadata.version("timm"),
-        "model_overrides": model_overrides(model),
-        "precision": resolve_runtime(base).precision,
-        "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
-    }
+    precision = resolve_runtime(base).precision
+    overrides = model_overrides(model)
+    return _fingerprint_inputs(
+        model.backbone, weights, overrides, precision, train_csv, valid_csv, classes
+    )
+
+
+def _fingerprint_inputs(
+    backbone: str,
+    weights: WeightsInfo,
+    overrides: dict[str, Any],
+    precision: str,
+    train_csv: Path,
+    valid_csv: Path,
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """Every fingerprint key but the derived data config."""
+    return _json_safe(
+        {
+            "features_version": FEATURES_VERSION,
+            "backbone": backbone,
+            "weights_source": weights.source,
+            "weights_sha256": weights.sha256,
+            "timm_version": package_version("timm"),
+            "model_overrides": overrides,
+            "precision": precision,
+            "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
+        }
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -165,11 +175,11 @@ def save_features(path: Path, features: FeatureSet) -> None:
     if features.source is not None:
         for name, tensor in zip(_SOURCE_TENSORS, features.source, strict=True):
             tensors[name] = tensor.float().contiguous()
-    metadata_ = {
+    metadata = {
         "classes": json.dumps(features.classes),
         "fingerprint": json.dumps(features.fingerprint, sort_keys=True),
     }
-    write_safetensors(path, tensors, metadata_)  # canonical header: same bytes every run
+    write_safetensors(path, tensors, metadata)  # canonical header: same bytes every run
 
 
 def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSet:
@@ -178,10 +188,10 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
     if not path.is_file():
         raise FileNotFoundError(f"feature cache not found: {path}; run the precompute stage first")
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        metadata_ = handle.metadata() or {}
-        if "fingerprint" not in metadata_ or "classes" not in metadata_:
+        metadata = handle.metadata() or {}
+        if "fingerprint" not in metadata or "classes" not in metadata:
             raise StaleCacheError(f"{path} has no fingerprint: not a visiontune feature cache")
-        fingerprint = json.loads(metadata_["fingerprint"])
+        fingerprint = json.loads(metadata["fingerprint"])
         check_fingerprint(fingerprint, expected_fingerprint, str(path))
         tensors = {name: handle.get_tensor(name) for name in _TENSORS}
         names = set(handle.keys())
@@ -191,7 +201,7 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
             source = (weight, bias)
     return FeatureSet(
         **tensors,
-        classes=json.loads(metadata_["classes"]),
+        classes=json.loads(metadata["classes"]),
         fingerprint=fingerprint,
         source=source,
     )

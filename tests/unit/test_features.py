@@ -180,3 +180,24 @@ def test_hub_weights_cannot_be_identified_without_loading_them(split) -> None:
 
 def test_a_cache_without_a_source_classifier_loads_without_one(cache: Path, split) -> None:
     assert load_features(cache, fingerprint(split)).source is None
+
+
+def test_the_train_head_stage_imports_neither_timm_nor_torchvision() -> None:
+    """The point of the check without the backbone: reading the cache costs no timm import."""
+    import subprocess
+    import sys
+
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['stages/train_head.py', '--help']\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip().splitlines()[-1] == "[]"
