@@ -1,6 +1,6 @@
 """What this machine can do at best with the pipeline's own settings, measured in-process.
 
-Model-only forward and train-step throughput on random tensors, and JPEG decode+resize
+Model-only forward and train-step throughput on random uint8 pixels, and JPEG decode+resize
 throughput of the loader alone, all built with visiontune's own runtime/model/data builders
 so the limits use exactly the backbone, precision, memory format and batch sizes the stages use.
 """
@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from visiontune.config import Params
+from visiontune.data.transforms import PixelNormalize
+from visiontune.inference import random_pixels
 from visiontune.runtime import (
     Runtime,
     autocast,
@@ -75,9 +77,9 @@ def forward_limit(
     repeats: int = 3,
     steps: int = 4,
 ) -> dict[str, Any]:
-    """Model-only inference images/s on random tensors (eval, inference_mode, autocast)."""
+    """Model-only inference images/s on random uint8 pixels (eval, inference_mode, autocast)."""
     body.eval()
-    batch = to_device(torch.randn(batch_size, 3, image_size, image_size), runtime)
+    batch = to_device(random_pixels(batch_size, image_size), runtime)
 
     def step() -> int:
         with torch.inference_mode(), autocast(runtime):
@@ -101,14 +103,14 @@ def train_step_limit(
     repeats: int = 3,
     steps: int = 3,
 ) -> dict[str, Any]:
-    """Forward + backward + SGD step images/s on random tensors, whole network trainable."""
+    """Forward + backward + SGD step images/s on random uint8 pixels, whole network trainable."""
     model.train()
     if freeze_bn:
-        freeze_batchnorm(model[0] if isinstance(model, nn.Sequential) else model)
+        freeze_batchnorm(getattr(model, "body", model))
     for param in model.parameters():
         param.requires_grad_(True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1.0e-4)
-    batch = to_device(torch.randn(batch_size, 3, image_size, image_size), runtime)
+    batch = to_device(random_pixels(batch_size, image_size), runtime)
     labels = torch.randint(0, num_classes, (batch_size,), device=runtime.device)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -185,18 +187,24 @@ class LimitProbe:
 
     def __init__(self, params: Params, num_classes: int) -> None:
         from visiontune.models.backbone import create_backbone, resolve_data_config
+        from visiontune.models.classifier import ImageClassifier
         from visiontune.models.head import create_head
+        from visiontune.precompute import pixel_encoder
 
         self.params = params
         configure_memory(params.base)  # as each stage does, before any model is built
         self.runtime = resolve_runtime(params.base)
         body, self.weights = create_backbone(params.model.backbone, params.model.weights)
         self.data_config = resolve_data_config(body, params.model)
-        self.body = prepare_module(body, self.runtime)
+        # Both take uint8 pixels behind a PixelNormalize layer, as in the stages.
+        self.body = prepare_module(pixel_encoder(body, self.data_config), self.runtime)
         head = create_head(
             int(body.num_features), num_classes, params.head.hidden, params.head.dropout
         )
-        self.network = prepare_module(nn.Sequential(copy.deepcopy(self.body), head), self.runtime)
+        network = ImageClassifier(
+            PixelNormalize.from_config(self.data_config), copy.deepcopy(body), head
+        )
+        self.network = prepare_module(network, self.runtime)
         self.num_classes = num_classes
 
     @property

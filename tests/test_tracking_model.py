@@ -84,6 +84,9 @@ def test_logged_model_is_registered_and_predicts_like_the_cli(
     loaded = mlflow.pyfunc.load_model("models:/tiny-cats@candidate")
     metadata = loaded.metadata.metadata
     assert metadata["classes"] == CLASSES
+    # Served as pixels: the model normalises them itself, a client needs no mean/std.
+    (spec,) = loaded.metadata.get_input_schema().inputs
+    assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, 3, 64, 64)
     # The plain view exactly as `visiontune predict` (and `evaluate`) decode and crop it.
     plain = ViewMaker(DataConfig(**metadata["data_config"]), tta_views(0))
     for row in rows:

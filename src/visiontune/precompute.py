@@ -17,7 +17,12 @@ import torch
 from visiontune.config import BaseParams, ModelParams, PrecomputeParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.manifest import read_split
-from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
+from visiontune.data.transforms import (
+    DataConfig,
+    PixelNormalize,
+    create_eval_transform,
+    eval_min_size,
+)
 from visiontune.distributed import (
     SINGLE,
     DistContext,
@@ -53,6 +58,11 @@ def expected_fingerprint(
     )
 
 
+def pixel_encoder(backbone: torch.nn.Module, data_config: DataConfig) -> torch.nn.Sequential:
+    """The backbone behind the input normalisation: uint8 pixel batches → pooled features."""
+    return torch.nn.Sequential(PixelNormalize.from_config(data_config), backbone)
+
+
 def _extract(
     backbone: torch.nn.Module,
     csv_paths: Sequence[Path],
@@ -83,16 +93,17 @@ def _extract(
         create_eval_transform(data_config),
         min_size=eval_min_size(data_config),
     )
+    encoder = pixel_encoder(backbone, data_config)
     start = time.perf_counter()
     if not dist.enabled:
         loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
-        features, all_labels, rate = run_inference(backbone, loader, runtime, desc="features")
+        features, all_labels, rate = run_inference(encoder, loader, runtime, desc="features")
     else:
         # Each rank extracts every world_size-th image; rows are gathered back in order.
         if len(dataset) > 0:
             loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
             features, all_labels, _ = run_inference(
-                backbone, loader, runtime, desc=f"features (rank {dist.rank})"
+                encoder, loader, runtime, desc=f"features (rank {dist.rank})"
             )
         else:  # more ranks than images
             features = torch.zeros(0, backbone.num_features)
@@ -156,7 +167,11 @@ def precompute_features(
     }
     if params.benchmark_batches > 0:
         forward = benchmark_forward(
-            backbone, runtime, params.batch_size, data_config.image_size, params.benchmark_batches
+            pixel_encoder(backbone, data_config),
+            runtime,
+            params.batch_size,
+            data_config.image_size,
+            params.benchmark_batches,
         )
         forward = all_reduce_sum(forward, dist)
         stats["forward_images_per_s"] = forward

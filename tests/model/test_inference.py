@@ -10,7 +10,7 @@ import torch
 from visiontune.config import BaseParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.images import UnreadableImageError
-from visiontune.data.transforms import DataConfig, create_eval_transform
+from visiontune.data.transforms import DataConfig, PixelNormalize, create_eval_transform
 from visiontune.inference import run_inference
 from visiontune.runtime import resolve_runtime
 
@@ -28,6 +28,7 @@ def test_dataset_yields_image_label_index(photos) -> None:
     dataset = ImageDataset(photos, [0, 0, 0, 1, 1, 1], create_eval_transform(DATA), min_size=73)
     image, label, index = dataset[4]
     assert image.shape == (3, 64, 64) and label == 1 and index == 4
+    assert image.dtype == torch.uint8  # pixels; the model's first layer normalises
     unlabelled = ImageDataset(photos, None, create_eval_transform(DATA))
     assert unlabelled[0][1] == -1
     with pytest.raises(ValueError, match="6 paths but 2 labels"):
@@ -43,10 +44,10 @@ def test_an_image_broken_after_fetch_names_its_path(tmp_path: Path) -> None:
 
 
 class Mean(torch.nn.Module):
-    """A tiny deterministic 'backbone': per-channel image means."""
+    """A tiny deterministic 'backbone': per-channel means of the uint8 pixels."""
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.mean(dim=(2, 3))
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.float().mean(dim=(2, 3))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -55,7 +56,7 @@ def test_inference_returns_dataset_order_even_when_shuffled(photos, workers: int
     dataset = ImageDataset(photos, [0, 0, 0, 1, 1, 1], create_eval_transform(DATA))
     loader = create_loader(dataset, 4, runtime, shuffle=True, seed=3)
     outputs, labels, speed = run_inference(Mean(), loader, runtime, desc="test")
-    expected = torch.stack([dataset[i][0].mean(dim=(1, 2)) for i in range(len(dataset))])
+    expected = torch.stack([dataset[i][0].float().mean(dim=(1, 2)) for i in range(len(dataset))])
     assert torch.allclose(outputs, expected, atol=1e-6)
     assert labels.tolist() == [0, 0, 0, 1, 1, 1] and speed > 0
     assert outputs.dtype == torch.float32
@@ -65,7 +66,10 @@ def test_bf16_inference_returns_float32(photos) -> None:
     runtime = resolve_runtime(BaseParams(precision="bf16", num_workers=0))
     dataset = ImageDataset(photos[:2], None, create_eval_transform(DATA))
     conv = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        PixelNormalize.from_config(DATA),
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
     )
     outputs, labels, _ = run_inference(
         conv, create_loader(dataset, 2, runtime, shuffle=False, seed=0), runtime

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from visiontune.config import ModelParams
 from visiontune.data.images import open_rgb
-from visiontune.data.transforms import create_eval_transform
+from visiontune.data.transforms import PixelNormalize, create_eval_transform
 from visiontune.models.backbone import (
     create_backbone,
     create_timm_model,
@@ -22,6 +22,7 @@ from visiontune.models.backbone import (
     source_classifier,
 )
 from visiontune.models.head import create_head, init_from_source
+from visiontune.precompute import pixel_encoder
 
 DOG_CLASSES = range(151, 269)  # ImageNet-1k dog breeds
 CAT_CLASSES = range(281, 286)  # domestic cats
@@ -37,11 +38,12 @@ CAT_CLASSES = range(281, 286)  # domestic cats
 )
 def test_pypi_lite0_recognises_dogs_and_cats(dogscats: Path, files, expected, other) -> None:
     model, _ = create_timm_model("tf_efficientnet_lite0", "pypi", num_classes=1000)
-    transform = create_eval_transform(resolve_data_config(model, ModelParams()))
+    data_config = resolve_data_config(model, ModelParams())
+    transform = create_eval_transform(data_config)
     folder = dogscats / "valid" / ("cats" if files[0].startswith("cat") else "dogs")
-    images = torch.stack([transform(open_rgb(folder / name)) for name in files])
+    pixels = torch.stack([transform(open_rgb(folder / name)) for name in files])
     with torch.no_grad():
-        probs = model.eval()(images).softmax(dim=1)
+        probs = model.eval()(PixelNormalize.from_config(data_config)(pixels)).softmax(dim=1)
     assert all(int(top) in expected for top in probs.argmax(dim=1))
     mass = probs[:, list(expected)].sum(dim=1)
     assert (mass > 0.5).all() and (mass > 5 * probs[:, list(other)].sum(dim=1)).all()
@@ -67,14 +69,16 @@ def test_source_init_head_tells_real_cats_from_dogs_before_any_training(dogscats
     """Three photos per class fix the category relationship; the head it seeds, untrained,
     classifies the other valid photos (the backbone already knows cats and dogs)."""
     backbone, _ = create_backbone("tf_efficientnet_lite0", "pypi")
-    transform = create_eval_transform(resolve_data_config(backbone, ModelParams()))
+    data_config = resolve_data_config(backbone, ModelParams())
+    transform = create_eval_transform(data_config)
     paths, labels = [], []
     for label, folder in enumerate(("cats", "dogs")):
         names = sorted((dogscats / "valid" / folder).iterdir())[:8]
         paths += names
         labels += [label] * len(names)
     with torch.no_grad():
-        x = backbone.eval()(torch.stack([transform(open_rgb(p)) for p in paths]))
+        encoder = pixel_encoder(backbone, data_config).eval()
+        x = encoder(torch.stack([transform(open_rgb(p)) for p in paths]))
     y = torch.tensor(labels)
     fit = torch.tensor([i % 8 < 3 for i in range(len(y))])
     head = create_head(x.shape[1], 2)

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from visiontune.config import AugmentParams, BaseParams, FinetuneParams, LrFindParams
-from visiontune.data.transforms import DataConfig
+from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.models.classifier import ImageClassifier
 from visiontune.models.head import create_head
 from visiontune.runtime import resolve_runtime
@@ -55,7 +55,8 @@ def data(dogscats):
 def new_model() -> ImageClassifier:
     torch.manual_seed(0)
     body = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    return ImageClassifier(body, create_head(body.num_features, 2, (), 0.25))
+    head = create_head(body.num_features, 2, (), 0.25)
+    return ImageClassifier(PixelNormalize.from_config(DATA_CONFIG), body, head)
 
 
 def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=None):

@@ -78,7 +78,7 @@ def test_every_accepted_file_goes_through_dataloader_workers(prepared: Path, kin
     seen = []
     for _ in range(2):  # two epochs on the same persistent workers
         for images, labels, indices in loader:
-            assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
+            assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.uint8
             assert torch.isfinite(images).all() and (labels >= 0).all()
             seen += indices.tolist()
     assert sorted(seen) == sorted(list(range(len(loader.dataset))) * 2)

@@ -1,4 +1,4 @@
-"""Eval and training transforms: sizes, normalisation from the data config, crop geometry."""
+"""Eval and training transforms (uint8 pixels, crop geometry) and the batch normalisation."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from visiontune.config import AugmentParams
 from visiontune.data.transforms import (
     DataConfig,
+    PixelNormalize,
     RandomZoomCrop,
     ResizeCenterCrop,
-    ToNormalizedTensor,
     create_eval_transform,
     create_train_transform,
     eval_min_size,
@@ -33,13 +33,17 @@ def test_data_config_round_trips_through_json() -> None:
     assert train_min_size(CFG, AugmentParams(max_zoom=1.5)) == 96
 
 
-def test_eval_transform_normalises_with_the_config_statistics() -> None:
+def test_eval_transform_yields_pixels_that_the_model_normalises_with_the_config() -> None:
     white = create_eval_transform(CFG)(Image.new("RGB", (300, 200), (255, 255, 255)))
-    assert white.shape == (3, 64, 64) and white.dtype == torch.float32
-    assert torch.allclose(white, torch.ones_like(white))  # (1 - 0.5) / 0.5
+    assert white.shape == (3, 64, 64) and white.dtype == torch.uint8
+    assert bool((white == 255).all())
+    normalised = PixelNormalize.from_config(CFG)(white[None])
+    assert normalised.dtype == torch.float32
+    assert torch.allclose(normalised, torch.ones_like(normalised))  # (1 - 0.5) / 0.5
     imagenet = DataConfig(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 1.0)
     black = create_eval_transform(imagenet)(Image.new("RGB", (64, 64)))
-    assert torch.allclose(black[0], torch.full((64, 64), -0.485 / 0.229))
+    normalised = PixelNormalize.from_config(imagenet)(black[None])[0]
+    assert torch.allclose(normalised[0], torch.full((64, 64), -0.485 / 0.229))
 
 
 def test_eval_transform_centre_crops_after_resizing_the_short_side() -> None:
@@ -48,8 +52,8 @@ def test_eval_transform_centre_crops_after_resizing_the_short_side() -> None:
     image.paste((255, 0, 0), (0, 0, 100, 200))
     image.paste((255, 0, 0), (300, 0, 400, 200))
     out = create_eval_transform(CFG)(image)
-    assert torch.allclose(out[0], torch.full((64, 64), -1.0))  # no red left
-    assert torch.allclose(out[2], torch.ones(64, 64))
+    assert bool((out[0] == 0).all())  # no red left
+    assert bool((out[2] == 255).all())
 
 
 def test_train_transform_is_random_but_seedable() -> None:
@@ -111,10 +115,25 @@ def test_fused_eval_crop_matches_resize_then_centre_crop(dogscats, name, portrai
     assert tensor_path.shape == (3, 87, 87)
 
 
-def test_fused_normalisation_matches_torchvision() -> None:
+def test_pixel_normalisation_matches_torchvision() -> None:
     image = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 50).convert("RGB")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     reference = v2.Compose(
         [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     )
-    assert torch.allclose(ToNormalizedTensor(mean, std)(image), reference(image), atol=1e-5)
+    batch = torch.stack([pil_to_tensor(image), pil_to_tensor(image.rotate(180))])
+    expected = torch.stack([reference(image), reference(image.rotate(180))])
+    assert torch.allclose(PixelNormalize(mean, std)(batch), expected, atol=1e-5)
+
+
+def test_pixel_normalisation_keeps_the_layout_and_leaves_its_input_alone() -> None:
+    normalize = PixelNormalize((0.5,) * 3, (0.25,) * 3)
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    channels_last = pixels.contiguous(memory_format=torch.channels_last)
+    out = normalize(channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, normalize(pixels))  # the same numbers in either layout
+    as_float = pixels.float()
+    normalize(as_float)
+    assert torch.equal(as_float, pixels.float())  # not normalised in place
+    assert normalize.state_dict() == {}  # mean/std live in the data config, not the weights

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from visiontune.config import BaseParams
-from visiontune.data.transforms import DataConfig, create_eval_transform
+from visiontune.data.transforms import DataConfig, PixelNormalize, create_eval_transform
 from visiontune.evaluate.tta import (
     _CORNERS,
     MAX_AUGMENT,
@@ -54,20 +54,29 @@ def test_view_zero_is_the_eval_transform_and_views_are_deterministic(dogscats: P
     maker = ViewMaker(cfg, tta_views(MAX_AUGMENT), zoom=1.15)
     views = maker(img)
     assert views.shape == (MAX_AUGMENT + 1, 3, 64, 64)
+    assert views.dtype == torch.uint8  # pixels: the model normalises
     expected = create_eval_transform(cfg)(img)
-    torch.testing.assert_close(views[0], expected, atol=1e-6, rtol=0)
+    assert torch.equal(views[0], expected)
     flip = [v.name for v in tta_views(MAX_AUGMENT)].index("crop_center_flip")
-    torch.testing.assert_close(views[flip], expected.flip(-1), atol=1e-6, rtol=0)
+    assert torch.equal(views[flip], expected.flip(-1))
     assert torch.equal(maker(img), views)
-    flat = views.flatten(1)
+    flat = PixelNormalize.from_config(cfg)(views).flatten(1)
     distances = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
     assert distances.min() > 1.0  # no two views are the same picture
 
 
 class LeftMinusRight(torch.nn.Module):
-    """Logits (d, 0, -d) with d = mean of the left half minus the right half: flip negates d."""
+    """Logits (d, 0, -d) with d = mean of the left half minus the right half: flip negates d.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    It takes pixels and normalises them with CFG first, as an ImageClassifier does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalize = PixelNormalize.from_config(CFG)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(pixels)
         half = x.shape[-1] // 2
         d = x[:, :, :, :half].mean(dim=(1, 2, 3)) - x[:, :, :, half:].mean(dim=(1, 2, 3))
         return torch.stack([d, torch.zeros_like(d), -d], dim=1)

@@ -1,6 +1,7 @@
 """Image → tensor transforms: the eval pipeline (resize + centre crop) and training augmentation.
 
-Both normalise with the backbone's own data config (`DataConfig`), never with constants.
+Both end in uint8 CHW pixels; `PixelNormalize`, the model's first layer, normalises whole
+batches with the backbone's own data config (`DataConfig`), never with constants.
 """
 
 from __future__ import annotations
@@ -57,21 +58,32 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
         raise ValueError(f"unknown interpolation {name!r}; allowed: {allowed}") from None
 
 
-class ToNormalizedTensor(torch.nn.Module):
-    """PIL RGB (or uint8 CHW tensor) → float32 CHW, normalised with `mean`/`std` (0-1 scale).
+class PixelNormalize(torch.nn.Module):
+    """0-255 pixels (a uint8 N×3×H×W batch, on any device) → float32 normalised with `mean`/`std`.
 
-    One fused subtract-multiply on 0-255 values: the same numbers as ToImage → ToDtype →
-    Normalize, in a third of the time (it runs once per image in the decode workers).
+    `mean`/`std` are on the 0-1 scale, as in timm's data configs. One fused
+    subtract-multiply on 0-255 values gives the same numbers as ToDtype(scale) → Normalize
+    in a third of the passes. It is the model's first layer, not a loader transform:
+    workers hand over uint8 batches, a quarter of the bytes through shared memory, pinned
+    memory and the host-to-device copy, and the normalisation runs on the model's device.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        self.offset = torch.tensor([255 * m for m in mean]).view(3, 1, 1)
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
+        # Not persistent: the model file stores mean/std in its data config, not as tensors.
+        offset = torch.tensor([255 * m for m in mean]).view(1, 3, 1, 1)
+        scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+        self.register_buffer("offset", offset, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
 
-    def forward(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
-        pixels = F.pil_to_tensor(img) if isinstance(img, Image.Image) else img
-        return pixels.float().sub_(self.offset).mul_(self.scale)
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> PixelNormalize:
+        return cls(cfg.mean, cfg.std)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # copy=True: a float input must not be normalised in place under its caller.
+        images = pixels.to(torch.float32, copy=True)
+        return images.sub_(self.offset).mul_(self.scale)
 
 
 class ResizeCenterCrop(torch.nn.Module):
@@ -118,12 +130,12 @@ def train_min_size(cfg: DataConfig, aug: AugmentParams) -> int:
 
 
 def create_eval_transform(cfg: DataConfig) -> Transform:
-    """Resize the short side to `image_size / crop_pct`, centre-crop `image_size`, normalise."""
+    """Resize the short side to `image_size / crop_pct`, centre-crop `image_size` (uint8 CHW)."""
     mode = interpolation_mode(cfg.interpolation)
     return v2.Compose(
         [
             ResizeCenterCrop(cfg.resize_size, cfg.image_size, mode),
-            ToNormalizedTensor(cfg.mean, cfg.std),
+            v2.PILToTensor(),
         ]
     )
 
@@ -185,4 +197,4 @@ def create_train_transform(cfg: DataConfig, aug: AugmentParams) -> Transform:
         steps.append(v2.RandomHorizontalFlip())
     if aug.brightness > 0 or aug.contrast > 0:
         steps.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
-    return v2.Compose([*steps, ToNormalizedTensor(cfg.mean, cfg.std)])
+    return v2.Compose([*steps, v2.PILToTensor()])

@@ -66,7 +66,10 @@ def tta_views(n_augment: int) -> tuple[TtaView, ...]:
 
 
 class ViewMaker:
-    """Turns one decoded RGB image into a normalised V×3×H×W tensor of TTA views."""
+    """Turns one decoded RGB image into a uint8 V×3×H×W tensor of TTA views.
+
+    Pixels, not normalised values: the model's `PixelNormalize` layer normalises them.
+    """
 
     def __init__(self, cfg: DataConfig, views: Sequence[TtaView], zoom: float = 1.15) -> None:
         if zoom < 1:
@@ -79,8 +82,6 @@ class ViewMaker:
         self.zoom_size = round(self.base_size * zoom)
         self.interpolation = interpolation_mode(cfg.interpolation)
         self.plain_crop = ResizeCenterCrop(self.base_size, self.size, self.interpolation)
-        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
 
     @property
     def min_decode_size(self) -> int:
@@ -104,8 +105,7 @@ class ViewMaker:
                 scaled[view.zoom] = TF.pil_to_tensor(resized)
             crop = self._crop(scaled[view.zoom], view.position)
             crops.append(TF.horizontal_flip(crop) if view.flip else crop)
-        batch = torch.stack(crops).float().div_(255.0)
-        return batch.sub_(self.mean).div_(self.std)
+        return torch.stack(crops)
 
     def _crop(self, image: torch.Tensor, position: Position) -> torch.Tensor:
         if position == "center":
@@ -152,7 +152,8 @@ class TtaDataset(torch.utils.data.Dataset):
             if not self.skip_unreadable:
                 raise
             size = self.views.size
-            return torch.zeros(len(self.views.views), 3, size, size), label, index, exc.reason
+            blank = torch.zeros(len(self.views.views), 3, size, size, dtype=torch.uint8)
+            return blank, label, index, exc.reason
         return self.views(img), label, index, ""
 
 
@@ -191,7 +192,8 @@ def predict_views(
     desc: str = "",
     max_forward: int | None = None,
 ) -> ViewPredictions:
-    """Run every view of every image through `model`; rows come back in dataset order.
+    """Run every view of every image through `model` (it takes uint8 pixels); rows come
+    back in dataset order.
 
     The B×V views of a batch go through the model `max_forward` images at a time
     (default: the loader's batch size), so TTA needs no more memory than a plain pass.

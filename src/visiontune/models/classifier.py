@@ -17,9 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from visiontune.data.transforms import DataConfig
+from visiontune.config import ModelParams
+from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.fileio import atomic_path
-from visiontune.models.backbone import WeightsInfo, create_backbone
+from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
 from visiontune.models.head import create_head
 
 FORMAT_VERSION = 1
@@ -27,15 +28,22 @@ METADATA_KEY = "visiontune"
 
 
 class ImageClassifier(torch.nn.Module):
-    """`body` (headless timm model → pooled features) followed by `head` (→ logits)."""
+    """0-255 pixels → `normalize` → `body` (headless timm model → pooled features) → `head`.
 
-    def __init__(self, body: torch.nn.Module, head: torch.nn.Module) -> None:
+    It takes the uint8 batches the loaders yield (N×3×H×W, any device) and returns logits.
+    `normalize` holds no saved tensors, so the state dict is the body's and the head's.
+    """
+
+    def __init__(
+        self, normalize: PixelNormalize, body: torch.nn.Module, head: torch.nn.Module
+    ) -> None:
         super().__init__()
+        self.normalize = normalize
         self.body = body
         self.head = head
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(images))
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.normalize(pixels)))
 
 
 @dataclass(frozen=True)
@@ -74,18 +82,23 @@ def create_classifier(
     num_classes: int,
     hidden: Sequence[int] = (),
     dropout: float = 0.25,
+    data_config: DataConfig | None = None,
 ) -> tuple[ImageClassifier, WeightsInfo]:
-    """A pretrained body with a fresh head for `num_classes`."""
+    """A pretrained body with a fresh head for `num_classes`.
+
+    The input normalisation is `data_config`'s, by default the backbone's pretrained one.
+    """
     body, info = create_backbone(backbone, weights)
+    data_config = data_config or resolve_data_config(body, ModelParams(backbone=backbone))
     head = create_head(body.num_features, num_classes, hidden, dropout)
-    return ImageClassifier(body, head), info
+    return ImageClassifier(PixelNormalize.from_config(data_config), body, head), info
 
 
 def build_classifier(info: ModelInfo) -> ImageClassifier:
     """An untrained classifier with the architecture `info` describes (for loading into)."""
     body = timm.create_model(info.backbone, pretrained=False, num_classes=0)
     head = create_head(body.num_features, len(info.classes), info.head_hidden, info.head_dropout)
-    return ImageClassifier(body, head)
+    return ImageClassifier(PixelNormalize.from_config(info.data_config), body, head)
 
 
 def save_model_file(path: Path, model: ImageClassifier, info: ModelInfo) -> None:

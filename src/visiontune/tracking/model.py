@@ -1,9 +1,10 @@
 """The fine-tuned model in MLflow: pytorch flavour + registry alias + the safetensors file.
 
 The MLflow model takes the plain centre view that `visiontune predict` feeds its model
-(float32 N×3×H×W, built from the data config in the model's metadata) and returns class
-probabilities in the order of the `classes` metadata, so `mlflow.pyfunc.load_model(uri)
-.predict(batch)` matches `visiontune predict` on the same images.
+(uint8 pixels N×3×H×W, cut as the data config in the model's metadata says; the model
+normalises them itself) and returns class probabilities in the order of the `classes`
+metadata, so `mlflow.pyfunc.load_model(uri).predict(batch)` matches `visiontune predict`
+on the same images.
 """
 
 from __future__ import annotations
@@ -66,17 +67,17 @@ def log_model(
     served = ProbabilityModel(classifier).eval()
     size = info.data_config.image_size
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, size, size))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(info.classes)))]),
     )
     # Two mid-grey images: the default "pt2" format (torch.export, no pickle) traces with
     # this example and would freeze a batch dimension of size 1.
-    example = np.zeros((2, 3, size, size), dtype=np.float32)
+    example = np.full((2, 3, size, size), 128, dtype=np.uint8)
     metadata = {
         "classes": list(info.classes),
         "data_config": dataclasses.asdict(info.data_config),
         "backbone": info.backbone,
-        # How `visiontune predict` and `evaluate` feed the model (no TTA):
+        # How `visiontune predict` and `evaluate` feed the model (no TTA; uint8 pixels):
         "preprocessing": "ViewMaker(DataConfig(**data_config), tta_views(0))"
         "(open_rgb(path, min_size=maker.min_decode_size)) from visiontune.evaluate.tta",
     }

@@ -17,6 +17,7 @@ from visiontune.config import FinetuneParams, LrFindParams, ModelParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.transforms import (
     DataConfig,
+    PixelNormalize,
     create_eval_transform,
     create_train_transform,
     eval_min_size,
@@ -59,7 +60,7 @@ def load_classifier(
         head_hidden=tuple(meta["hidden"]),
         head_dropout=float(meta["dropout"]),
     )
-    return ImageClassifier(body, head), info, weights
+    return ImageClassifier(PixelNormalize.from_config(data_config), body, head), info, weights
 
 
 def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
