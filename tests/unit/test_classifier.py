@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from visiontune.data.transforms import DataConfig
+from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.models.classifier import (
     ModelInfo,
     create_classifier,
@@ -21,7 +21,7 @@ from visiontune.models.classifier import (
 )
 from visiontune.models.head import create_head
 
-DATA = DataConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
+DATA = DataConfig(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)
 
 
 def test_head_is_bn_dropout_linear() -> None:
@@ -42,10 +42,12 @@ def test_head_hidden_layers_are_linear_relu_bn_dropout() -> None:
 
 @pytest.fixture(scope="module")
 def trained_like() -> tuple[nn.Module, ModelInfo]:
-    model, _ = create_classifier("tf_efficientnet_lite0", "none", 3, hidden=(8,), dropout=0.2)
+    model, _ = create_classifier(
+        "tf_efficientnet_lite0", "none", 3, hidden=(8,), dropout=0.2, data_config=DATA
+    )
     model.train()
     with torch.no_grad():  # move BN running statistics away from their init values
-        model(torch.randn(4, 3, 64, 64))
+        model(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8))
     info = ModelInfo("tf_efficientnet_lite0", ["a", "b", "c"], DATA, (8,), 0.2)
     return model.eval(), info
 
@@ -57,12 +59,23 @@ def test_model_file_round_trip_gives_identical_logits(trained_like, tmp_path: Pa
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp files left
     loaded, loaded_info = load_model_file(path)
     assert loaded_info == info and not loaded.training
-    images = torch.randn(2, 3, 64, 64)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        assert torch.equal(loaded(images), model(images))
+        assert torch.equal(loaded(pixels), model(pixels))
+    # The input normalisation is rebuilt from the data config; the file holds no copy of it.
+    assert not any(key.startswith("normalize") for key in model.state_dict())
+    expected = PixelNormalize.from_config(DATA)(pixels)
+    assert torch.equal(loaded.normalize(pixels), expected)
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()["visiontune"])
     assert meta["format_version"] == 1 and meta["data_config"]["image_size"] == 64
+
+
+def test_the_classifier_normalises_with_the_backbones_pretrained_config_by_default() -> None:
+    model, _ = create_classifier("tf_efficientnet_lite0", "none", 2)
+    white = torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)
+    # EfficientNet-Lite's mean = std = 0.5: white is 1.0 after normalisation
+    assert torch.equal(model.normalize(white), torch.ones(1, 3, 8, 8))
 
 
 def test_model_file_rejects_mismatched_classes(trained_like, tmp_path: Path) -> None:
