@@ -109,8 +109,8 @@ def test_stages_chain_and_write_their_outputs(project):
             "--head", str(root / "head" / "head.safetensors")]  # fmt: skip
     assert stage("lr_find")([*common, *data, "--out", str(root / "lr_find")]) == 0
     suggestion = json.loads((root / "lr_find" / "suggestion.json").read_text())
-    assert suggestion["method"] == "valley"
-    assert suggestion["lr"] == suggestion["suggestions"]["valley"] > 0
+    assert suggestion["method"] == "slide"
+    assert suggestion["lr"] == suggestion["suggestions"]["slide"] > 0
     curve = pd.read_csv(root / "lr_find" / "curve.csv")
     assert list(curve.columns) == ["step", "lr", "loss", "smoothed_loss"]
 

@@ -14,6 +14,7 @@ from visiontune.train.lr_find import (
     exponential_lrs,
     find_lr,
     lr_range_test,
+    slide_index,
     suggest_lrs,
     valley_index,
 )
@@ -51,9 +52,36 @@ def test_suggestions_on_a_known_curve():
     assert s["min/10"] == pytest.approx(lrs[np.argmin(loss)] / 10)
     assert 10**-3.2 < s["steepest"] < 10**-2.8  # the inflection point of the descent
     assert 1e-4 < s["valley"] < 1e-1
+    # slide anchors on the take-off: past the steep descent, short of the minimum
+    assert s["steepest"] < s["slide"] < lrs[np.argmin(loss)]
     # fastai's arithmetic, kept exactly: start = end - length = -1, sections = 5 / 3
     assert valley_index([5, 4, 3, 2, 1, 2, 3]) == -1 + 1 + 0
     assert valley_index([9, 9, 9, 8, 7, 6, 5, 4, 3, 2, 1, 5]) == 1 + 3 + 1
+
+
+def test_slide_walks_back_from_the_take_off_by_its_window():
+    # gradients 0 … 0, .5, 1.5, 3, 6, 8: the window's ends agree once its left end is 2
+    # points into the flat part, 3 before the first rising point
+    assert slide_index([1, 1, 1, 1, 1, 1, 2, 4, 8, 16], lr_diff=3) == 2
+    assert slide_index([1.0, 1.0, 1.0]) == 0  # a window wider than the curve shrinks
+    assert slide_index([1.0, 1.1, 1.3, 1.6, 2.0], lr_diff=2, thresh=1.0) == 2
+
+
+def test_slide_is_stable_on_a_flat_curve_that_diverges():
+    """After a trained head the loss is flat (batch noise only) until the LR nears the
+    take-off, here 3e-2: slide stays two decades below it on every noise draw, where the
+    longest-descent rule (`valley`) lands anywhere between 4e-5 and 6e-3."""
+    found = []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+
+        def step(lr: float, rng=rng) -> float:
+            return 0.6 + rng.normal(0, 0.08) + 3 * max(0.0, math.log10(lr / 3e-2))
+
+        result = lr_range_test(step, start_lr=1e-7, end_lr=10, num_iter=60)
+        found.append(result.suggestion("slide"))
+    assert min(found) > 1e-4 and max(found) < 1e-3
+    assert max(found) / min(found) < 3
 
 
 def test_range_test_stops_when_loss_diverges():

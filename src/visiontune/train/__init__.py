@@ -5,7 +5,7 @@ ones, like `schedules`, stay light):
   schedules   SGDR / one-cycle LR multipliers as pure functions of the step
   groups      layer groups from timm's group_matcher, optimizer param groups
   head        the head trained on cached features; head file save/load
-  lr_find     LR range test core and suggestion methods (min/10, steepest, valley)
+  lr_find     LR range test core and suggestion methods (min/10, steepest, valley, slide)
   checkpoint  atomic weights-only checkpoints, RNG capture, SIGTERM stop event
   loop        the fine-tune loop (differential LRs, per-step schedule, resume)
   recipes     classifier + datasets + full-network LR finder for the stages

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-SUGGESTION_METHODS = ("min/10", "steepest", "valley")
+SUGGESTION_METHODS = ("min/10", "steepest", "valley", "slide")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,25 @@ def valley_index(losses: Sequence[float]) -> int:
     return max_start + int(sections) + int(sections / 2)
 
 
+def slide_index(losses: Sequence[float], lr_diff: int = 15, thresh: float = 0.005) -> int:
+    """fastai's `slide` (the interval slide rule): walk back from the divergence until the
+    loss gradient at the two ends of a `lr_diff`-point window agrees within `thresh`.
+
+    It anchors on where the loss takes off, not on a descent, so it still gives a usable
+    LR when the curve is flat until it diverges, as after a trained head, where `valley`
+    picks a point out of noise. `lr_diff` shrinks for curves shorter than the window.
+    """
+    grads = np.gradient(np.asarray(losses, dtype=np.float64))
+    n = len(grads)
+    window = min(lr_diff, n - 1)
+    right, left = n - 1, n - 1 - window
+    found = left
+    while left >= 0 and abs(grads[right] - grads[left]) > thresh:
+        found = left
+        right, left = right - 1, left - 1
+    return found
+
+
 def suggest_lrs(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> dict[str, float]:
     """Every suggestion method on a smoothed curve, trimmed like fastai (first 10 %, last 5)."""
     lrs_arr = np.asarray(lrs, dtype=np.float64)
@@ -73,6 +92,7 @@ def suggest_lrs(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> dict[
         "min/10": float(lrs_arr[int(np.argmin(losses))] / 10),
         "steepest": float(lrs_arr[int(np.argmin(grads))]),
         "valley": float(lrs_arr[valley_index(losses.tolist())]),
+        "slide": float(lrs_arr[slide_index(losses.tolist())]),
     }
 
 
