@@ -99,7 +99,7 @@ def test_loader_workers_run_at_the_asked_priority(priority: str, policy: str) ->
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the main process keeps its own
 
 
-def test_worker_priority_auto_is_idle_on_cpu_only() -> None:
+def test_worker_priority_auto_is_idle_on_cpu() -> None:
     assert resolve_runtime(BaseParams(device="cpu")).idle_workers
     assert not resolve_runtime(BaseParams(device="cpu", worker_priority="normal")).idle_workers
 
