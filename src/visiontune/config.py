@@ -41,6 +41,8 @@ class BaseParams(Section):
     worker_priority: Literal["auto", "normal", "idle"] = "auto"
     # auto = true on Linux: large CPU tensors on transparent huge pages (see runtime).
     huge_pages: bool | Literal["auto"] = "auto"
+    # auto = true with glibc: freed memory stays in the process for the next batch (see runtime).
+    keep_freed_memory: bool | Literal["auto"] = "auto"
     deterministic: bool = False
 
 

@@ -16,6 +16,7 @@ from visiontune.runtime import (
     configure_memory,
     cpu_count,
     cpu_supports_bf16,
+    is_glibc,
     prepare_module,
     resolve_runtime,
     seed_everything,
@@ -105,15 +106,58 @@ def test_worker_priority_auto_is_idle_on_cpu() -> None:
 
 
 def test_huge_pages_follow_the_param_and_leave_a_users_setting_alone() -> None:
+    def huge_pages(setting: bool | str, env: dict[str, str]) -> bool:
+        base = BaseParams(huge_pages=setting, keep_freed_memory=False)
+        return configure_memory(base, env).huge_pages
+
     env: dict[str, str] = {}
-    assert configure_memory(BaseParams(huge_pages=True), env) and env == {
-        "THP_MEM_ALLOC_ENABLE": "1"
-    }
+    assert huge_pages(True, env) and env == {"THP_MEM_ALLOC_ENABLE": "1"}
     env = {}
-    assert not configure_memory(BaseParams(huge_pages=False), env) and env == {}
-    env = {"THP_MEM_ALLOC_ENABLE": "0"}
-    assert not configure_memory(BaseParams(huge_pages=True), env)
-    assert configure_memory(BaseParams(huge_pages="auto"), {}) == thp_available()
+    assert not huge_pages(False, env) and env == {}
+    assert not huge_pages(True, {"THP_MEM_ALLOC_ENABLE": "0"})
+    assert huge_pages("auto", {}) == thp_available()
+
+
+def test_keep_freed_memory_auto_leaves_a_users_malloc_settings_alone() -> None:
+    base = BaseParams(huge_pages=False)
+    assert not configure_memory(base, {"MALLOC_TRIM_THRESHOLD_": "0"}).keep_freed_memory
+    assert not configure_memory(
+        base.model_copy(update={"keep_freed_memory": False}), {}
+    ).keep_freed_memory
+
+
+@pytest.mark.skipif(not is_glibc(), reason="the allocator setting is glibc's")
+@pytest.mark.parametrize("keep", [True, False])
+def test_kept_memory_serves_the_next_batch_without_page_faults(keep: bool) -> None:
+    """In a fresh process: after a 64 MiB tensor is freed, a 32 MiB one faults its 8192
+    pages in afresh unless freed memory is kept (a forward pass's activations, batch
+    after batch)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys, torch\n"
+        "from visiontune.config import BaseParams\n"
+        "from visiontune.runtime import configure_memory\n"
+        "keep = sys.argv[1] == 'on'\n"
+        "settings = configure_memory(BaseParams(huge_pages=False, keep_freed_memory=keep))\n"
+        "assert settings.keep_freed_memory == keep, settings\n"
+        "x = torch.ones(16 * 2**20); del x\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "x = torch.ones(8 * 2**20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+    }
+    run = [sys.executable, "-c", script, "on" if keep else "off"]
+    faults = int(subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout)
+    if keep:
+        assert faults < 1000
+    else:
+        assert faults > 6000  # 32 MiB in 4 KiB pages is 8192
 
 
 @pytest.mark.skipif(not thp_available(), reason="the kernel offers no transparent huge pages")
