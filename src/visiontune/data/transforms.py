@@ -88,39 +88,6 @@ class PixelNormalize(torch.nn.Module):
         return images.sub_(self.offset).mul_(self.scale)
 
 
-class ResizeCenterCrop(torch.nn.Module):
-    """Resize the short side to `resize_size`, then centre-crop `size` (timm's eval crop).
-
-    For PIL images both happen in one resampling of the crop box in source coordinates:
-    the same pixels (mean difference ~0.01 grey level) for less work, since only the
-    kept region is interpolated.
-    """
-
-    def __init__(self, resize_size: int, size: int, interpolation: v2.InterpolationMode) -> None:
-        super().__init__()
-        self.resize_size, self.size, self.interpolation = resize_size, size, interpolation
-        # torchvision's NEAREST_EXACT has no Pillow counterpart: it takes the generic path.
-        self.resample = Image.Resampling.__members__.get(interpolation.name)
-
-    def forward(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
-        if not isinstance(img, Image.Image) or self.resample is None:
-            resized = F.resize(
-                img, self.resize_size, interpolation=self.interpolation, antialias=True
-            )
-            return F.center_crop(resized, self.size)
-        width, height = img.size
-        # The resized size and crop offsets exactly as v2.Resize and v2.CenterCrop compute them.
-        if width <= height:
-            new_w, new_h = self.resize_size, int(self.resize_size * height / width)
-        else:
-            new_w, new_h = int(self.resize_size * width / height), self.resize_size
-        top = round((new_h - self.size) / 2)
-        left = round((new_w - self.size) / 2)
-        sx, sy = width / new_w, height / new_h
-        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
-        return img.resize((self.size, self.size), self.resample, box=box)
-
-
 def eval_min_size(cfg: DataConfig) -> int:
     """Smallest short side an image needs for the eval transform without upsampling."""
     return cfg.resize_size
@@ -132,12 +99,18 @@ def train_min_size(cfg: DataConfig, aug: AugmentParams) -> int:
 
 
 def create_eval_transform(cfg: DataConfig) -> Transform:
-    """Resize the short side to `image_size / crop_pct`, centre-crop `image_size` (uint8 CHW)."""
+    """Resize the short side to `image_size / crop_pct`, centre-crop `image_size` (uint8 CHW).
+
+    The resize runs on the uint8 tensor, not the PIL image: torch's antialiased kernel
+    took 0.25 ms against Pillow's 0.85-1.4 per dogscats photo (1 core), more than the
+    JPEG decode itself, for the same pixels up to ~0.02 grey levels on average.
+    """
     mode = interpolation_mode(cfg.interpolation)
     return v2.Compose(
         [
-            ResizeCenterCrop(cfg.resize_size, cfg.image_size, mode),
             v2.PILToTensor(),
+            v2.Resize(cfg.resize_size, interpolation=mode, antialias=True),
+            v2.CenterCrop(cfg.image_size),
         ]
     )
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from visiontune.config import ReportParams
 from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.data.transforms import DataConfig, interpolation_mode
+from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
 from visiontune.evaluate import metrics, plots
 from visiontune.fileio import write_csv, write_text
 
@@ -55,9 +55,8 @@ def read_probabilities(
 
 def evaluated_view(path: Path, cfg: DataConfig) -> Image.Image:
     """The image as the model saw it without TTA: upright, resized, centre-cropped."""
-    img = open_rgb(path, min_size=cfg.resize_size)
-    img = TF.resize(img, [cfg.resize_size], interpolation_mode(cfg.interpolation), antialias=True)
-    return TF.center_crop(img, [cfg.image_size, cfg.image_size])
+    img = open_rgb(path, min_size=eval_min_size(cfg))
+    return TF.to_pil_image(create_eval_transform(cfg)(img))
 
 
 def markdown_table(frame: pd.DataFrame, floats: str = ".3f") -> str:

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.data.transforms import DataConfig, ResizeCenterCrop, interpolation_mode
+from visiontune.data.transforms import DataConfig, interpolation_mode
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 
 Position = Literal["center", "top_left", "top_right", "bottom_left", "bottom_right"]
@@ -81,7 +81,6 @@ class ViewMaker:
         self.base_size = cfg.resize_size
         self.zoom_size = round(self.base_size * zoom)
         self.interpolation = interpolation_mode(cfg.interpolation)
-        self.plain_crop = ResizeCenterCrop(self.base_size, self.size, self.interpolation)
 
     @property
     def min_decode_size(self) -> int:
@@ -89,20 +88,15 @@ class ViewMaker:
         return self.zoom_size if any(v.zoom for v in self.views) else self.base_size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        pixels = TF.pil_to_tensor(img)
         scaled: dict[bool, torch.Tensor] = {}
         crops = []
-        plain: torch.Tensor | None = None
         for view in self.views:
-            if not view.zoom and view.position == "center":
-                # The very pixels of the eval transform (precompute, finetune validation).
-                if plain is None:
-                    plain = TF.pil_to_tensor(self.plain_crop(img))
-                crops.append(TF.horizontal_flip(plain) if view.flip else plain)
-                continue
             if view.zoom not in scaled:
                 size = self.zoom_size if view.zoom else self.base_size
-                resized = TF.resize(img, [size], interpolation=self.interpolation, antialias=True)
-                scaled[view.zoom] = TF.pil_to_tensor(resized)
+                scaled[view.zoom] = TF.resize(
+                    pixels, [size], interpolation=self.interpolation, antialias=True
+                )
             crop = self._crop(scaled[view.zoom], view.position)
             crops.append(TF.horizontal_flip(crop) if view.flip else crop)
         return torch.stack(crops)
