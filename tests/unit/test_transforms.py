@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -88,6 +90,40 @@ def test_zoom_crop_zooms_at_most_max_zoom() -> None:
     # The crop height is between 1/2 and all of the image, so is the grey-level span.
     assert min(spans) > 255 / 2 * 0.9 and max(spans) <= 256
     assert max(spans) - min(spans) > 30  # the zoom really varies
+
+
+@pytest.mark.parametrize("degrees", [0.0, 10.0])
+def test_zoom_crop_turns_the_crop_by_at_most_degrees(degrees: float) -> None:
+    """A photo-sized image with a horizontal edge: the edge in the crop tilts by the
+    drawn angle, never more than `degrees`, and it really varies."""
+    image = Image.new("RGB", (400, 300))
+    image.paste((255, 255, 255), (0, 150, 400, 300))
+    crop = RandomZoomCrop(64, max_zoom=3.0, ratio=(1.0, 1.0), degrees=degrees)
+    torch.manual_seed(3)
+    tilts = []
+    for _ in range(40):
+        out = pil_to_tensor(crop(image))[0].float()
+        # The edge's row in the columns a quarter from each side (sub-pixel, from the mean).
+        rows = [float((out[:, c] > 127).logical_not().sum()) for c in (16, 48)]
+        if all(4 < r < 60 for r in rows):  # the edge crosses both columns inside the crop
+            tilts.append(math.degrees(math.atan2(rows[0] - rows[1], 32)))
+    assert len(tilts) >= 10
+    if degrees == 0:
+        assert max(abs(t) for t in tilts) < 1.5
+    else:
+        assert max(abs(t) for t in tilts) <= degrees + 1.5
+        assert max(tilts) > degrees / 3 and min(tilts) < -degrees / 3
+
+
+def test_zoom_crop_shrinks_large_photos_before_resampling() -> None:
+    """A fine stripe pattern far above the output scale averages to grey (antialiased)
+    instead of aliasing into stripes, as a one-step affine resampling would."""
+    stripes = np.tile(np.array([0, 255], dtype=np.uint8).repeat(2), 400)[:1600]
+    image = Image.fromarray(np.stack([np.tile(stripes, (1200, 1))] * 3, axis=-1))
+    crop = RandomZoomCrop(64, max_zoom=1.0, ratio=(1.0, 1.0), degrees=5.0)
+    torch.manual_seed(0)
+    out = pil_to_tensor(crop(image)).float()
+    assert out[:, 8:-8, 8:-8].std() < 20  # about 127 everywhere inside the black corners
 
 
 def test_unknown_interpolation_is_named() -> None:
