@@ -189,6 +189,22 @@ def thp_available() -> bool:
     return "[never]" not in mode
 
 
+def release_freed_memory() -> None:
+    """Hand the memory freed so far back to the system (glibc's `malloc_trim`), before
+    forking loader workers.
+
+    With `keep_freed_memory` the heap holds the last batches' freed activations. Forked
+    workers share those pages copy-on-write, so every page either process wrote again
+    was copied first: fine-tune steps with a fresh loader per epoch ran at 0.80-0.85 of
+    the same steps on a fixed batch, and at 0.86-1.06 after trimming (2 cores, dogscats;
+    0.75-1.02 without kept memory). Trimming costs the next batch one round of page
+    faults, as every batch paid before.
+    """
+    if is_glibc():
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
+
+
 def lower_to_idle_priority() -> None:
     """Run this process only on CPU time nothing else wants (SCHED_IDLE, else nice 19).
 

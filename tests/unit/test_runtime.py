@@ -127,6 +127,34 @@ def test_keep_freed_memory_auto_leaves_a_users_malloc_settings_alone() -> None:
 
 
 @pytest.mark.skipif(not is_glibc(), reason="the allocator setting is glibc's")
+def test_kept_memory_is_released_before_workers_fork() -> None:
+    """Kept memory stays resident until `release_freed_memory`, which `create_loader`
+    calls before its workers fork (they would share those pages copy-on-write)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from visiontune.config import BaseParams\n"
+        "from visiontune.data.dataset import create_loader\n"
+        "from visiontune.runtime import configure_memory, resolve_runtime\n"
+        "configure_memory(BaseParams(huge_pages=False, keep_freed_memory=True))\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+        "x = torch.ones(16 * 2**20); start = rss(); del x\n"
+        "kept = rss()\n"
+        "create_loader(list(range(4)), 2, resolve_runtime(BaseParams(num_workers=1)),"
+        " shuffle=False, seed=0)\n"
+        "print(start, kept, rss())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_"))}
+    run = [sys.executable, "-c", script]
+    out = subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout
+    start, kept, released = map(int, out.split())
+    assert kept > start - 8  # freed but resident
+    assert released < kept - 48  # the 64 MiB went back before the workers could fork
+
+
+@pytest.mark.skipif(not is_glibc(), reason="the allocator setting is glibc's")
 @pytest.mark.parametrize("keep", [True, False])
 def test_kept_memory_serves_the_next_batch_without_page_faults(keep: bool) -> None:
     """In a fresh process: after a 64 MiB tensor is freed, a 32 MiB one faults its 8192

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.runtime import Runtime, lower_to_idle_priority
+from visiontune.runtime import Runtime, lower_to_idle_priority, release_freed_memory
 
 
 class ImageDataset(Dataset):
@@ -86,6 +86,8 @@ def create_loader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = runtime.num_workers
+    if workers > 0:
+        release_freed_memory()  # the workers fork when the loader is first iterated
     return DataLoader(
         dataset,
         batch_size=batch_size,
