@@ -166,7 +166,7 @@ def keep_freed_memory() -> bool:
     and then, and batches took 2-5x their median. With mmap off and trimming at 2 GiB
     the heap keeps what a batch freed for the next one (2 cores, alternating fresh
     processes: forward 136/130 -> 223/225 images/s, 35 000 -> 500 huge-page faults;
-    precompute 139/150 -> 183/204; a train step +10 %). The price: the process keeps its
+    the precompute loop 139 -> 183; a train step +10-18 %). The price: the process keeps its
     peak memory until it exits, which for a stage is the working set it needs anyway.
     Forked loader workers inherit the setting.
     """
