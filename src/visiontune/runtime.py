@@ -156,6 +156,17 @@ def is_glibc() -> bool:
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (whose allocator calls this module uses)."""
+    if not is_glibc():
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the process for reuse; returns whether it took.
 
@@ -170,11 +181,9 @@ def keep_freed_memory() -> bool:
     peak memory until it exits, which for a stage is the working set it needs anyway.
     Forked loader workers inherit the setting.
     """
-    if not is_glibc():
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
@@ -200,9 +209,9 @@ def release_freed_memory() -> None:
     0.75-1.02 without kept memory). Trimming costs the next batch one round of page
     faults, as every batch paid before.
     """
-    if is_glibc():
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).malloc_trim(0)
+    malloc_trim = getattr(_glibc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def lower_to_idle_priority() -> None:
