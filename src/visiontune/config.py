@@ -177,6 +177,10 @@ class FinetuneParams(Section):
     # statistics of a few dozen images are noisier than ImageNet's running ones.
     freeze_bn: bool = True
     augment: AugmentParams = AugmentParams()
+    # Training steps on one fixed random batch, timed after the last epoch, to report how
+    # close an epoch (decoding and augmenting included) comes to the model's own step
+    # (epoch_vs_train_step); 0 skips it.
+    benchmark_steps: int = Field(2, ge=0, le=100)
 
     @model_validator(mode="after")
     def _ratios_match_groups(self) -> FinetuneParams:
