@@ -144,11 +144,12 @@ def decode_limit(
     batch_size: int,
     num_workers: int | None = None,
     repeats: int = 2,
+    per_image_seeds: bool = False,
 ) -> dict[str, Any]:
     """Images/s of the DataLoader alone (decode + resize + transform), no model.
 
     The first pass warms the page cache and starts the workers; the median of the
-    next `repeats` passes is reported.
+    next `repeats` passes is reported. `per_image_seeds` as the training loaders.
     """
     from dataclasses import replace
 
@@ -159,7 +160,9 @@ def decode_limit(
     dataset = ImageDataset([str(p) for p in paths], [0] * len(paths), transform, min_size=min_size)
     rates = []
     for attempt in range(repeats + 1):
-        loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=0)
+        loader = create_loader(
+            dataset, batch_size, runtime, shuffle=False, seed=0, per_image_seeds=per_image_seeds
+        )
         start, images = time.perf_counter(), 0
         for batch in loader:
             images += len(batch[0])
@@ -299,6 +302,7 @@ def measure_limits(
             train_min_size(data_cfg, params.finetune.augment),
             runtime,
             params.finetune.batch_size,
+            per_image_seeds=True,
         ),
         "eval_one_process": decode_limit(
             paths[:128],

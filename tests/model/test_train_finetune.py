@@ -18,6 +18,7 @@ from visiontune.runtime import resolve_runtime
 from visiontune.train.loop import (
     TrainingInterrupted,
     benchmark_train_step,
+    epoch_loader,
     finetune,
     set_train_mode,
 )
@@ -184,6 +185,52 @@ def test_train_step_timing_restores_weights_optimizer_and_rngs(data):
     for param, momentum in zip(model.parameters(), momenta, strict=True):
         assert torch.equal(optimizer.state[param]["momentum_buffer"], momentum)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset) -> None:
+        self.dataset, self.calls = dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        self.calls += 1
+        return self.dataset[key]
+
+
+def test_augmentation_is_the_same_with_any_number_of_workers(data):
+    _, train, _ = data
+
+    def epoch(workers: int) -> list[torch.Tensor]:
+        runtime = resolve_runtime(BaseParams(num_workers=workers))
+        return [images for images, _, _ in epoch_loader(train, 4, runtime, 3, 1)]
+
+    rng = torch.get_rng_state()
+    in_process = epoch(0)
+    assert torch.equal(torch.get_rng_state(), rng), "loading drew from the caller's RNG"
+    for a, b in zip(in_process, epoch(2), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_each_pass_augments_anew_and_a_resumed_epoch_skips_without_decoding(data):
+    runtime, train, _ = data
+    loader = epoch_loader(train, 4, runtime, 3, 1)
+    first, second = list(loader), list(loader)  # lr_find walks one loader several times
+    for (a, _, index_a), (b, _, index_b) in zip(first, second, strict=True):
+        assert torch.equal(index_a, index_b) and not torch.equal(a, b)
+    counted = CountingDataset(train)
+    rest = list(epoch_loader(counted, 4, runtime, 3, 1, skip_batches=1))
+    assert counted.calls == 2 * 4
+    for (a, _, _), (b, _, _) in zip(first[1:], rest, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_format_starts_fresh(data, tmp_path):
+    torch.save({"format_version": 1, "step": 4}, tmp_path / "last.pt")
+    result, messages = run(data, tmp_path)
+    assert result.resumed_from is None
+    assert any("checkpoint format 1" in m and "starting fresh" in m for m in messages)
 
 
 def test_lr_find_on_the_full_network_restores_it(data):

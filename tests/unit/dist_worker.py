@@ -30,7 +30,8 @@ from visiontune.train.loop import epoch_loader
 
 
 class Indices(torch.utils.data.Dataset):
-    """Items that are just their index, in the (image, label, index) shape of ImageDataset."""
+    """Items in the (image, label, index) shape of ImageDataset: the "image" is the
+    augmentation seed the loader gave the item (its key is an (index, seed) pair)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -38,13 +39,15 @@ class Indices(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
-        return torch.zeros(1), 0, i
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        return torch.tensor([seed]), 0, index
 
 
-def global_batches(dataset, batch_size: int, epoch: int, ctx, runtime) -> list[list[int]]:
+def global_batches(dataset, batch_size: int, epoch: int, ctx, runtime) -> list[list[list[int]]]:
+    """Each global batch as sorted [index, augmentation seed] pairs."""
     loader = epoch_loader(dataset, batch_size, runtime, 3, epoch, ctx)
-    local = torch.stack([index for _, _, index in loader])
+    local = torch.stack([torch.stack([index, seed[:, 0]], 1) for seed, _, index in loader])
     parts = all_gather_varlen(local, ctx)
     return [sorted(torch.cat([part[k] for part in parts]).tolist()) for k in range(len(local))]
 
@@ -66,7 +69,8 @@ def main(out: Path) -> None:
     }
     dataset = Indices(13)  # 13 images, global batch 4: 3 steps, one image left over
     single = [
-        sorted(index.tolist()) for _, _, index in epoch_loader(dataset, 4, runtime, 3, 1, SINGLE)
+        sorted(torch.stack([index, seed[:, 0]], 1).tolist())
+        for seed, _, index in epoch_loader(dataset, 4, runtime, 3, 1, SINGLE)
     ]
     report["single_epoch1"] = single
     report["global_epoch1"] = global_batches(dataset, 4, 1, ctx, runtime)

@@ -57,7 +57,8 @@ def test_collectives_and_sampler_under_torchrun(tmp_path: Path) -> None:
         assert report["any_when_rank1"] is True and report["any_when_none"] is False
         assert report["mean_of_ranks"] == 0.5
         assert report["drift_detected"]
-        # A global batch of 2 ranks holds exactly the images of the single-process batch.
+        # A global batch of 2 ranks holds exactly the images of the single-process batch,
+        # each with the same augmentation seed.
         assert report["global_epoch1"] == report["single_epoch1"]
         assert len(report["global_epoch1"]) == 13 // 4
         assert all(len(batch) == 4 for batch in report["global_epoch1"])

@@ -19,7 +19,9 @@ import torch
 
 from visiontune.fileio import atomic_path
 
-FORMAT_VERSION = 1
+# 2: the training data's augmentation is seeded per image (PerImageSeeds), so a
+# checkpoint no longer carries the RNG state of the epoch's start ("epoch_rng").
+FORMAT_VERSION = 2
 CHECKPOINT_NAME = "last.pt"
 
 
@@ -86,6 +88,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+class CheckpointFormatError(ValueError):
+    """A checkpoint written by a visiontune whose checkpoints this one cannot resume."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """Read a checkpoint (tensors and primitives only), or None when there is none."""
     path = Path(path)
@@ -93,9 +99,9 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointFormatError(
             f"{path} has checkpoint format {state.get('format_version')}; "
-            f"this visiontune reads format {FORMAT_VERSION} (delete it to start fresh)"
+            f"this visiontune reads format {FORMAT_VERSION}"
         )
     return state
 

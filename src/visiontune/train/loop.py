@@ -38,6 +38,7 @@ from visiontune.inference import run_inference
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 from visiontune.train.checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointFormatError,
     capture_rng,
     config_differences,
     load_checkpoint,
@@ -105,13 +106,15 @@ def epoch_loader(
     seed: int,
     epoch: int,
     dist: DistContext = SINGLE,
+    skip_batches: int = 0,
 ) -> torch.utils.data.DataLoader:
     """This rank's training batches of `epoch`: batch_size / world_size images each.
 
     Every world size walks the same seeded permutation of the epoch and each rank takes
     every world_size-th image of it (DistributedSampler, tail dropped), so global batch k
-    holds exactly the images of a single process's batch k. The loader's own generator,
-    seeded by the epoch, seeds the augmentation in the workers.
+    holds exactly the images of a single process's batch k, augmented alike: each image's
+    augmentation is seeded from (seed + epoch, index), not from a worker's or a rank's RNG.
+    `skip_batches` starts the epoch that many batches in, without decoding them.
     """
     sampler = DistributedSampler(
         dataset,
@@ -122,14 +125,17 @@ def epoch_loader(
         drop_last=True,
     )
     sampler.set_epoch(epoch)
+    per_rank = batch_size // dist.world_size
     return create_loader(
         dataset,
-        batch_size // dist.world_size,
+        per_rank,
         runtime,
         shuffle=False,
         seed=seed + epoch,
         drop_last=True,
         sampler=sampler,
+        per_image_seeds=True,
+        skip=skip_batches * per_rank,
     )
 
 
@@ -197,7 +203,11 @@ def finetune(
     layout = [{"name": g.name, "n_tensors": len(g.param_names)} for g in groups]
     state = _Progress(steps_per_epoch=steps_per_epoch)
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-    saved = load_checkpoint(checkpoint_path)
+    try:
+        saved = load_checkpoint(checkpoint_path)
+    except CheckpointFormatError as exc:
+        log(f"finetune: not resuming: {exc}; starting fresh")
+        saved = None
     resumed_from = None
     if saved is not None:
         why = _incompatible(saved, config, layout, schedule)
@@ -218,8 +228,6 @@ def finetune(
                 f"{checkpoint_dir} must be on storage every node shares"
             )
 
-    epoch_rng = capture_rng()
-
     def checkpoint() -> None:
         if not dist.is_main:
             return
@@ -234,7 +242,6 @@ def finetune(
                 "progress": state.to_dict(),
                 "param_groups": layout,
                 "rng": capture_rng(),
-                "epoch_rng": epoch_rng,
                 "config": config,
             },
         )
@@ -242,18 +249,12 @@ def finetune(
     while state.step < schedule.total_steps:
         epoch = state.step // steps_per_epoch
         skip = state.step - epoch * steps_per_epoch
-        resuming = resumed_from is not None and state.step == resumed_from
-        if resuming:
-            restore_rng(saved["epoch_rng"])
-        epoch_rng = capture_rng()
+        if resumed_from is not None and state.step == resumed_from:
+            restore_rng(saved["rng"])  # the RNGs as they were at the interruption
         # One loader per epoch, seeded by the epoch: same order and augmentation whether
-        # or not the run was interrupted.
-        loader = epoch_loader(train_dataset, batch_size, runtime, seed, epoch, dist)
+        # or not the run was interrupted (the data never draws from these RNGs).
+        loader = epoch_loader(train_dataset, batch_size, runtime, seed, epoch, dist, skip)
         batches = iter(loader)
-        for _ in range(skip):  # replay the data side of a partly done epoch
-            next(batches)
-        if resuming:
-            restore_rng(saved["rng"])  # the RNG as it was at the interruption
         ddp_model.train()
         set_train_mode(model, params.freeze_bn)
         started, losses, images = time.perf_counter(), [], 0
@@ -299,7 +300,6 @@ def finetune(
             f"{state.history[-1]['train_loss']:.4f} valid_loss {valid_loss:.4f} "
             f"valid_acc {valid_acc:.4f} ({images / seconds:.1f} img/s)"
         )
-        epoch_rng = capture_rng()  # where the next epoch starts
         checkpoint()
     check_in_sync(model, dist)
     step_rate = None

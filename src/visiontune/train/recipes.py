@@ -126,7 +126,13 @@ def run_lr_find(
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     batch_size = min(params.batch_size, len(train_dataset))
     loader = create_loader(
-        train_dataset, batch_size, runtime, shuffle=True, seed=seed, drop_last=True
+        train_dataset,
+        batch_size,
+        runtime,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+        per_image_seeds=True,
     )
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
