@@ -21,7 +21,7 @@ from visiontune.fileio import read_json, save_config, write_csv, write_json
 from visiontune.models.classifier import save_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
 from visiontune.stagekit import StageExit, open_stage
-from visiontune.train.checkpoint import stop_on_signals
+from visiontune.train.checkpoint import discard_checkpoint, stop_on_signals
 from visiontune.train.loop import TrainingInterrupted, finetune
 from visiontune.train.recipes import (
     StaleHeadError,
@@ -156,7 +156,10 @@ def _run(args, params, tracker, runtime, dist) -> int:
         f"{ceiling}"
     )
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
-    return tracking.log_stage(tracker, params, out)
+    code = tracking.log_stage(tracker, params, out)
+    if code == 0 and discard_checkpoint(out / "checkpoints"):
+        print("finetune: outputs written and logged; removed the final checkpoint")
+    return code
 
 
 if __name__ == "__main__":

@@ -130,6 +130,9 @@ def test_killed_finetune_resumes_under_dvc_repro(project, signum: int) -> None:
     pd.testing.assert_frame_equal(steps[LR_COLUMNS], expected[LR_COLUMNS], rtol=0, atol=0)
     # Same data order and RNG after the resume: the losses match the uninterrupted run.
     pd.testing.assert_series_equal(steps["loss"], expected["loss"], rtol=1e-4)
+    # Finished and recorded: the checkpoint is gone (a code change must retrain) and DVC
+    # accepts the empty persisted folder.
+    assert not (root / CHECKPOINT).exists() and (root / CHECKPOINT).parent.is_dir()
     assert "Data and pipelines are up to date" in dvc(root, "status", "finetune").stdout
     _no_temp_files(root)
 

@@ -106,6 +106,23 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return state
 
 
+def discard_checkpoint(checkpoint_dir: Path) -> bool:
+    """Remove a finished run's checkpoint; return whether there was one.
+
+    Called once the run's outputs are written and logged. Until then the final checkpoint
+    stays, so a stage that failed after training (a tracking error) is rerun without
+    training again. After it, nothing may be resumed: DVC reruns the stage when its code
+    changes, and code is not part of a checkpoint's config, so a kept final checkpoint
+    would hand back the old model untrained.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two (nested) config dicts."""
     diffs = []
