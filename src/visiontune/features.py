@@ -137,6 +137,9 @@ def _fingerprint_inputs(
             "weights_sha256": weights.sha256,
             "timm_version": package_version("timm"),
             "torch_version": torch.__version__,
+            # The JPEG decoders the pixels come from (visiontune.data.pixels).
+            "pillow_version": package_version("pillow"),
+            "torchcodec_version": package_version("torchcodec"),
             "model_overrides": overrides,
             "precision": precision,
             "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),

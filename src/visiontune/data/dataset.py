@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -25,12 +24,14 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from visiontune.data.images import UnreadableImageError, open_rgb
+from visiontune.data.images import UnreadableImageError
+from visiontune.data.pixels import open_pixels
 from visiontune.runtime import Runtime, lower_to_idle_priority, release_freed_memory
 
 
 class ImageDataset(Dataset):
-    """(image tensor, label or -1, index) for each path, decoded with `open_rgb`.
+    """(image tensor, label or -1, index) for each path, decoded with `open_pixels`: the
+    transform gets uint8 3×H×W pixels.
 
     `min_size` is the short side the transform needs: JPEGs are decoded in draft mode
     at the largest DCT reduction that keeps at least that many pixels (several times
@@ -44,7 +45,7 @@ class ImageDataset(Dataset):
         self,
         paths: Sequence[str | Path],
         labels: Sequence[int] | None,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[torch.Tensor], torch.Tensor],
         min_size: int | None = None,
     ) -> None:
         self.paths = [str(path) for path in paths]
@@ -61,7 +62,7 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.paths[index]
         try:
-            image = open_rgb(Path(path), min_size=self.min_size)
+            image = open_pixels(path, min_size=self.min_size)
         except UnreadableImageError as exc:
             # fetch only accepts readable images, so the file changed since then.
             raise UnreadableImageError(

@@ -18,7 +18,9 @@ from torchvision.transforms.v2 import functional as F
 
 from visiontune.config import AugmentParams
 
-Transform = Callable[[Image.Image], torch.Tensor]
+# A decoded image (uint8 3×H×W, as `visiontune.data.pixels.open_pixels` gives it, or a
+# Pillow RGB image) → uint8 3×H×W pixels.
+Transform = Callable[[torch.Tensor | Image.Image], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def create_eval_transform(cfg: DataConfig) -> Transform:
     mode = interpolation_mode(cfg.interpolation)
     return v2.Compose(
         [
-            v2.PILToTensor(),
+            v2.PILToTensor(),  # a Pillow image; decoded pixels pass through unchanged
             v2.Resize(cfg.resize_size, interpolation=mode, antialias=True),
             v2.CenterCrop(cfg.image_size),
         ]
@@ -145,8 +147,9 @@ class RandomZoomCrop(torch.nn.Module):
         self.interpolation = interpolation
         self.degrees = degrees
 
-    def forward(self, img: Image.Image) -> Image.Image:
-        width, height = img.size
+    def forward(self, img: torch.Tensor | Image.Image) -> Image.Image:
+        pixels = img if isinstance(img, torch.Tensor) else None
+        height, width = pixels.shape[-2:] if pixels is not None else img.size[::-1]
         # Uniform in area (like RandomResizedCrop's scale), then a mild aspect jitter.
         area = torch.empty(1).uniform_(1 / self.max_zoom**2, 1).item()
         aspect = math.exp(torch.empty(1).uniform_(*self.log_ratio).item())
@@ -163,14 +166,15 @@ class RandomZoomCrop(torch.nn.Module):
         if shrink > 1:
             new_w, new_h = max(1, round(width / shrink)), max(1, round(height / shrink))
             pixels = F.resize(
-                F.pil_to_tensor(img),
+                F.pil_to_tensor(img) if pixels is None else pixels,
                 [new_h, new_w],
                 interpolation=self.interpolation,
                 antialias=True,
             )
-            img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
             sx, sy = new_w / width, new_h / height
             box = (left * sx, top * sy, crop_w * sx, crop_h * sy)
+        if pixels is not None:  # Pillow's affine: the crop's output pixels only
+            img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
         return img.transform(
             (self.size, self.size),
             Image.Transform.AFFINE,

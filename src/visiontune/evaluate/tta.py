@@ -18,7 +18,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visiontune.data.images import UnreadableImageError, open_rgb
+from visiontune.data.images import UnreadableImageError
+from visiontune.data.pixels import open_pixels
 from visiontune.data.transforms import DataConfig, interpolation_mode
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 
@@ -87,8 +88,9 @@ class ViewMaker:
         """Smallest short side a reduced JPEG decode may have without losing detail."""
         return self.zoom_size if any(v.zoom for v in self.views) else self.base_size
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        pixels = TF.pil_to_tensor(img)
+    def __call__(self, img: torch.Tensor | Image.Image) -> torch.Tensor:
+        """`img`: uint8 3×H×W pixels (`open_pixels`) or a Pillow RGB image."""
+        pixels = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
         scaled: dict[bool, torch.Tensor] = {}
         crops = []
         for view in self.views:
@@ -141,7 +143,7 @@ class TtaDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
         label = self.labels[index] if self.labels is not None else -1
         try:
-            img = open_rgb(self.paths[index], min_size=self.views.min_decode_size)
+            img = open_pixels(self.paths[index], min_size=self.views.min_decode_size)
         except UnreadableImageError as exc:
             if not self.skip_unreadable:
                 raise
