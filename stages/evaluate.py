@@ -13,7 +13,7 @@ from visiontune.evaluate.evaluation import evaluate_model
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.classifier import load_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/evaluate", help="output folder")
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("evaluate", args.params)
     except StageExit as exc:
         return exc.code
@@ -52,6 +52,8 @@ def _run(args, params, tracker, runtime, dist) -> int:
     except (OSError, ValueError) as exc:
         print(f"evaluate failed: {exc}", file=sys.stderr)
         return 1
+    if code := wait_for_tracking(tracker):
+        return code
     result = evaluate_model(
         model, info.classes, info.data_config, valid, Path(args.images), params.tta, runtime, dist
     )

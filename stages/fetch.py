@@ -13,7 +13,7 @@ from visiontune.data.download import DownloadError
 from visiontune.data.prepare import format_summary, prepare_dataset
 from visiontune.data.sources import SourceError
 from visiontune.fileio import atomic_dir, save_config
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("fetch", args.params)
     except StageExit as exc:
         return exc.code
 
+    if code := wait_for_tracking(tracker):
+        return code
     out = Path(args.out)
     try:
         with atomic_dir(out) as tmp:

@@ -20,7 +20,7 @@ from visiontune.data.manifest import read_split
 from visiontune.fileio import read_json, save_config, write_csv, write_json
 from visiontune.models.classifier import save_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 from visiontune.train.checkpoint import discard_checkpoint, stop_on_signals
 from visiontune.train.loop import TrainingInterrupted, finetune
 from visiontune.train.recipes import (
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/finetune", help="output folder")
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("finetune", args.params)
     except StageExit as exc:
         return exc.code
@@ -118,6 +118,8 @@ def _run(args, params, tracker, runtime, dist) -> int:
     total = len(dataset) // min(ft.batch_size, len(dataset)) * ft.epochs
     bar = tqdm(total=total, desc="finetune", unit="step", mininterval=5.0, disable=not dist.is_main)
     log = tqdm.write if dist.is_main else (lambda line: None)
+    if code := wait_for_tracking(tracker):
+        return code
     with stop_on_signals() as stop, bar:
         try:
             result = finetune(

@@ -10,7 +10,7 @@ from visiontune import tracking
 from visiontune.data.manifest import read_split
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.runtime import resolve_runtime, seed_everything
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 from visiontune.train.recipes import (
     StaleHeadError,
     create_train_dataset,
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/lr_find", help="output folder")
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("lr_find", args.params)
     except StageExit as exc:
         return exc.code
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lr_find failed: {exc}", file=sys.stderr)
         return 1
     dataset = create_train_dataset(train, info.classes, info.data_config, params.finetune.augment)
+    if code := wait_for_tracking(tracker):
+        return code
     try:
         result = run_lr_find(
             model, dataset, params.finetune, params.lr_find, runtime, seed=params.base.seed

@@ -15,7 +15,7 @@ from visiontune.fileio import atomic_dir, save_config, write_json
 from visiontune.models.weights import WeightsError
 from visiontune.precompute import precompute_features
 from visiontune.runtime import resolve_runtime
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/features", help="feature cache folder")
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("precompute", args.params)
     except StageExit as exc:
         return exc.code
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, params, tracker, dist) -> int:
     prepared, split, out = Path(args.prepared), Path(args.split), Path(args.out)
+    if code := wait_for_tracking(tracker):
+        return code
     try:
         features, stats = precompute_features(
             params.model,

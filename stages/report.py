@@ -12,7 +12,7 @@ from visiontune import tracking
 from visiontune.evaluate.report import build_report, read_probabilities
 from visiontune.fileio import read_json, save_config
 from visiontune.models.classifier import read_model_info
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/report", help="output folder")
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("report", args.params)
     except StageExit as exc:
         return exc.code
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
+    if code := wait_for_tracking(tracker):
+        return code
     files = build_report(
         Path(args.out), probs, labels, paths, classes, Path(args.images), info.data_config,
         eval_metrics, params.report, lr_curve=curve, lr_suggestion=suggestion, steps=steps,

@@ -10,7 +10,7 @@ from visiontune import tracking
 from visiontune.data.manifest import SPLIT_COLUMNS, read_manifest, write_classes, write_table
 from visiontune.data.split import split_manifest
 from visiontune.fileio import atomic_dir, save_config, write_json
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="data/split", help="split output folder")
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("split", args.params)
     except StageExit as exc:
         return exc.code
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
+    if code := wait_for_tracking(tracker):
+        return code
     with atomic_dir(args.out) as tmp:
         write_table(tmp / "train.csv", split.train, SPLIT_COLUMNS)
         write_table(tmp / "valid.csv", split.valid, SPLIT_COLUMNS)

@@ -11,7 +11,7 @@ from visiontune.data.manifest import read_classes
 from visiontune.features import StaleCacheError, expected_inputs, load_features
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.weights import WeightsError
-from visiontune.stagekit import StageExit, open_stage
+from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
 from visiontune.train.head import head_metadata, save_head, train_head_on_features
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/head", help="output folder")
     args = parser.parse_args(argv)
     try:
-        # Params validated and the tracking store checked before any work.
+        # Params validated before any work; the tracking run opens alongside.
         params, tracker = open_stage("train_head", args.params)
     except StageExit as exc:
         return exc.code
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_head failed: {exc}", file=sys.stderr)
         return 1
 
+    if code := wait_for_tracking(tracker):
+        return code
     save_head(out / "head.safetensors", result.head, head_metadata(features, params.head))
     write_csv(out / "history.csv", result.history)
     metrics = dict(result.metrics)

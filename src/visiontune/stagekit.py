@@ -24,11 +24,16 @@ class StageExit(Exception):
         self.code = code
 
 
-def open_stage(stage: str, params_path: str | Path) -> tuple[Params, tracking.StageTracker]:
-    """Load and validate the params, then check the tracking store — both before any work.
+def open_stage(
+    stage: str, params_path: str | Path
+) -> tuple[Params, tracking.StageTracker | tracking.TrackingAgent]:
+    """Load and validate the params, and start opening the stage's tracking run.
 
-    Errors are printed (the key path and what is allowed, or why the store is unusable)
-    and raised as StageExit with the exit code the script should return.
+    The run is opened by a helper process while the stage goes on (`TrackingAgent`): the
+    stage calls `wait_for_tracking` before its long work or its first output, so an
+    unusable store still stops it before anything that matters. Errors are printed (the
+    key path and what is allowed, or why the store is unusable) and raised as StageExit
+    with the exit code the script should return.
     """
     try:
         params = load_params(params_path)
@@ -39,12 +44,26 @@ def open_stage(stage: str, params_path: str | Path) -> tuple[Params, tracking.St
     if launch_rank(os.environ) > 0:
         # Only rank 0 logs: the other ranks of a torchrun job get a disabled tracker.
         return params, tracking.StageTracker(stage, required=False)
+    if not params.tracking.enabled:
+        return params, tracking.StageTracker(stage, required=False)
+    agent = tracking.TrackingAgent.start(
+        params, stage, environ=os.environ, runtime_tags=tracking.runtime_tags_of(params)
+    )
+    return params, agent
+
+
+def wait_for_tracking(tracker: tracking.StageTracker | tracking.TrackingAgent) -> int:
+    """Wait until the stage's tracking run is open; the exit code to stop with, else 0.
+
+    3 when the store is unusable and `tracking.required` (the reason is printed); an
+    optional store only warns, and the stage goes on without tracking.
+    """
     try:
-        tracker = tracking.preflight(params, stage, environ=os.environ)
+        tracker.ready()
     except tracking.TrackingError as exc:
         print(exc, file=sys.stderr)
-        raise StageExit(EXIT_TRACKING_UNAVAILABLE) from None
-    return params, tracker
+        return EXIT_TRACKING_UNAVAILABLE
+    return 0
 
 
 def launch_rank(environ: Mapping[str, str]) -> int:

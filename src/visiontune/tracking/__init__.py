@@ -1,12 +1,15 @@
 """MLflow tracking of pipeline stages: the only package that imports mlflow.
 
-A stage calls `preflight` before any work (fails fast on an unreachable store) and
-`log_stage` after all its outputs are written; everything logged is read from those outputs.
+A stage's `open_stage` starts a `TrackingAgent`, a helper process that runs `preflight`
+(fails fast on an unreachable store) while the stage reads its inputs and builds its model;
+the stage waits for it before its long work or its first output, and calls `log_stage`
+after all its outputs are written. Everything logged is read from those outputs.
 
 Failure policy: with `tracking.required: true` an unreachable store stops the stage before
-work starts (exit 3 from the stage), and a logging error after the outputs are written makes
-the stage exit 1 (DVC then does not record it, so the next `dvc repro` re-runs and re-logs it;
-the outputs stay on disk). With `required: false` both only warn and the stage succeeds.
+its long work and before it writes anything (exit 3 from the stage), and a logging error
+after the outputs are written makes the stage exit 1 (DVC then does not record it, so the
+next `dvc repro` re-runs and re-logs it; the outputs stay on disk). With `required: false`
+both only warn and the stage succeeds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import visiontune
 from visiontune.config import Params, TrackingParams, flatten
+from visiontune.tracking.agent import TrackingAgent
 from visiontune.tracking.store import (
     DVC_EXP_NAME_ENV,
     TRACKING_URI_ENV,
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "StageTracker",
     "Store",
+    "TrackingAgent",
     "TrackingError",
     "TrackingUnavailableError",
     "log_stage",
@@ -64,7 +69,8 @@ def __getattr__(name: str) -> Any:
 DEFAULT_MANIFEST = Path("data/prepared/manifest.csv")
 
 
-def _runtime_tags(params: Params) -> dict[str, str]:
+def runtime_tags_of(params: Params) -> dict[str, str]:
+    """The device and precision a stage runs with, as run tags."""
     try:
         from visiontune.runtime import resolve_runtime
 
@@ -81,12 +87,16 @@ def preflight(
     environ: Mapping[str, str],
     cwd: Path | None = None,
     timeout_s: float = 5.0,
+    pid: int | None = None,
+    runtime_tags: Mapping[str, str] | None = None,
 ) -> StageTracker:
     """Open `stage`'s run before any work; raise TrackingUnavailableError if that fails.
 
     `environ` supplies MLFLOW_TRACKING_URI (overrides `tracking.uri`), DVC_ROOT (the repo
     relative stores resolve against), DVC_EXP_NAME and VISIONTUNE_PIPELINE_ID. With
     `tracking.required: false` a failure only warns and returns a disabled tracker.
+    `pid` is the stage's process (default: this one) and `runtime_tags` its device and
+    precision (default: resolved here), for a helper process that tracks for a stage.
     """
     from mlflow.tracking import MlflowClient
 
@@ -100,7 +110,7 @@ def preflight(
     try:
         check_reachable(store, timeout_s)
         commit, dirty = git_state(cwd)
-        runtime = _runtime_tags(params)
+        runtime = dict(runtime_tags) if runtime_tags is not None else runtime_tags_of(params)
         common = {"visiontune.version": visiontune.__version__, **runtime}
         parent_tags = {
             **common,
@@ -116,7 +126,7 @@ def preflight(
             store,
             experiment=section.experiment,
             stage=stage,
-            pipeline_key=pipeline_id(environ, os.getpid()),
+            pipeline_key=pipeline_id(environ, os.getpid() if pid is None else pid),
             required=section.required,
             parent_params=flatten(params),
             parent_tags=parent_tags,
@@ -134,7 +144,7 @@ def preflight(
 
 
 def log_stage(
-    tracker: StageTracker,
+    tracker: StageTracker | TrackingAgent,
     params: Params,
     out_dir: str | Path,
     *,
@@ -145,7 +155,10 @@ def log_stage(
 
     0 when logged (or tracking is off); 1 when logging failed and tracking is required.
     The outputs are never touched. `metrics` adds scalars the stage has but did not write.
+    With a `TrackingAgent` (what `open_stage` gives) its helper process does the logging.
     """
+    if isinstance(tracker, TrackingAgent):
+        return tracker.log(out_dir, metrics=metrics, manifest=manifest)
     if not tracker.enabled:
         return 0
     from visiontune.tracking.collect import collect

@@ -98,6 +98,9 @@ class StageTracker:
     def enabled(self) -> bool:
         return self.client is not None
 
+    def ready(self) -> None:
+        """Opened by `preflight` already (the same call as `TrackingAgent.ready`)."""
+
     def _target(self, parent: bool) -> str:
         run_id = self.parent_id if parent else self.run_id
         assert run_id is not None
