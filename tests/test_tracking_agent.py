@@ -22,6 +22,7 @@ from test_tracking import free_port
 STAGE = textwrap.dedent("""\
     import json, os, sys
     from pathlib import Path
+    import numpy
     from visiontune import tracking
     from visiontune.stagekit import open_stage, wait_for_tracking
 
@@ -39,7 +40,8 @@ STAGE = textwrap.dedent("""\
         os.kill(os.getpid(), 9)
     if action == "fail":
         raise SystemExit(1)
-    code = tracking.log_stage(tracker, params, out)
+    # A scalar the stage has but did not write (a NumPy one crosses the pipe too).
+    code = tracking.log_stage(tracker, params, out, metrics={"extra": numpy.float32(0.5)})
     print(json.dumps({"code": code, "mlflow": "mlflow" in sys.modules}))
     raise SystemExit(code)
     """)
@@ -83,7 +85,7 @@ def test_the_helper_logs_for_the_stage_which_never_imports_mlflow(tmp_path: Path
     found = runs(tmp_path)
     stage, parent = found["train_head"], found["parent"]
     assert stage.info.status == parent.info.status == "FINISHED"
-    assert stage.data.metrics["head/valid_acc"] == 0.75
+    assert stage.data.metrics["head/valid_acc"] == 0.75 and stage.data.metrics["head/extra"] == 0.5
     # Runtime tags come from the stage's process; the pipeline is keyed by that process too.
     assert stage.data.tags["device"] == "cpu" and stage.data.tags["precision"] in ("bf16", "fp32")
     assert f":{started['pid']}:" in parent.data.tags["visiontune.pipeline_id"]

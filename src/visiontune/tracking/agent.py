@@ -76,7 +76,9 @@ class TrackingAgent:
             "cwd": str(cwd),
             "runtime_tags": dict(runtime_tags),
         }
-        _send(process.stdin, opening)
+        # A helper that died at start closes its pipe: `ready()` then reports its exit code.
+        with contextlib.suppress(BrokenPipeError):
+            _send(process.stdin, opening)
         return cls(stage, process, required=params.tracking.required)
 
     @property
@@ -115,7 +117,7 @@ class TrackingAgent:
             return 0
         request = {
             "out_dir": str(out_dir),
-            "metrics": {key: float(value) for key, value in (metrics or {}).items()},
+            "metrics": dict(metrics or {}),  # non-numbers are skipped by the helper
             "manifest": str(manifest),
         }
         try:
@@ -152,7 +154,7 @@ class TrackingAgent:
 
 def _send(stream: IO[str] | None, message: Mapping[str, Any]) -> None:
     assert stream is not None
-    stream.write(json.dumps(message) + "\n")
+    stream.write(json.dumps(message, default=float) + "\n")  # NumPy scalars too
     stream.flush()
 
 
