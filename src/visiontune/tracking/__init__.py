@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from visiontune.tracking.store import (
     check_reachable,
     file_sha256,
     git_state,
+    logging_failed,
     pipeline_id,
     redact,
     repo_root,
@@ -190,12 +190,7 @@ def log_stage(
         # The store is what failed; the message below says so.
         with contextlib.suppress(Exception):
             tracker.end("FAILED")
-        message = (
-            f"logging stage {tracker.stage!r} to MLflow failed: {type(exc).__name__}: {exc}. "
-            f"Its outputs in {out_dir} are complete and kept."
+        return logging_failed(
+            tracker.stage, f"{type(exc).__name__}: {exc}", out_dir, required=tracker.required
         )
-        if tracker.required:
-            print(f"error: {message} (tracking.required is true)", file=sys.stderr)
-            return 1
-        logger.warning("%s (tracking.required is false: continuing)", message)
     return 0

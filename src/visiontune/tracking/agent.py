@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -31,9 +30,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from visiontune.config import Params, parse_params
-from visiontune.tracking.store import TrackingError, TrackingUnavailableError, redact
-
-logger = logging.getLogger(__name__)
+from visiontune.tracking.store import (
+    TrackingError,
+    TrackingUnavailableError,
+    logging_failed,
+    redact,
+)
 
 # How long a stage waits at exit for the helper to close its runs.
 _CLOSE_TIMEOUT_S = 60.0
@@ -128,15 +130,8 @@ class TrackingAgent:
         self.close()
         if reply is not None:
             return int(reply["code"])
-        message = (
-            f"logging stage {self.stage!r} to MLflow failed: the tracking helper exited with "
-            f"code {self._process.returncode}. Its outputs in {out_dir} are complete and kept."
-        )
-        if self.required:
-            print(f"error: {message} (tracking.required is true)", file=sys.stderr)
-            return 1
-        logger.warning("%s (tracking.required is false: continuing)", message)
-        return 0
+        reason = f"the tracking helper exited with code {self._process.returncode}"
+        return logging_failed(self.stage, reason, out_dir, required=self.required)
 
     def close(self) -> None:
         """Let the helper finish (runs not logged are marked FAILED) and wait for it."""

@@ -8,10 +8,12 @@ in a throwaway copy without git-ignored files), and a pipeline execution is keye
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DVC_ROOT_ENV = "DVC_ROOT"
 DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
 # `scheme://user:password@host`: the user-info part of any URI in a value.
+logger = logging.getLogger("visiontune.tracking")
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
@@ -44,6 +47,23 @@ class TrackingError(RuntimeError):
 
 class TrackingUnavailableError(TrackingError):
     """The tracking store cannot be reached or written."""
+
+
+def logging_failed(stage: str, reason: str, out_dir: str | Path, *, required: bool) -> int:
+    """Say that logging `stage` failed (its outputs are kept); the stage's exit code.
+
+    1 with `tracking.required` (DVC then does not record the stage, so the next `dvc repro`
+    reruns and re-logs it), else 0 after a warning.
+    """
+    message = (
+        f"logging stage {stage!r} to MLflow failed: {reason}. "
+        f"Its outputs in {out_dir} are complete and kept."
+    )
+    if required:
+        print(f"error: {message} (tracking.required is true)", file=sys.stderr)
+        return 1
+    logger.warning("%s (tracking.required is false: continuing)", message)
+    return 0
 
 
 @dataclass(frozen=True)
