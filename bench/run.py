@@ -24,20 +24,35 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from baseline import logistic_baseline
 from project import REPO_ROOT, deep_merge, git_state, make_project, run_pipeline
 from summary import collect_outputs, markdown, summarize, versus_fastai
 
 BENCH = Path(__file__).resolve().parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FASTAI_VENV = BENCH / ".venv-fastai"
-DATASETS = ("dogscats", "dogbreeds")
+# Two ImageNet-class sets (the course's) and two far from ImageNet: handwritten digits, and
+# photo defects generated from the shared photos (bench/defects.py).
+DATASETS = ("dogscats", "dogbreeds", "digits", "defects")
+CLASS_COUNTS = {"dogscats": 2, "dogbreeds": 120, "digits": 10, "defects": 5}
 
 
-def data_overrides(name: str, data_root: Path) -> dict[str, Any]:
-    """Absolute data paths for a dataset (the copy lives elsewhere, so no relative paths)."""
+def data_overrides(name: str, data_root: Path, scratch: Path) -> dict[str, Any]:
+    """Absolute data paths for a dataset (the copy lives elsewhere, so no relative paths).
+
+    `defects` is generated into `scratch`, outside the repo, on first use.
+    """
     root = (data_root / name).resolve()
-    if name == "dogscats":
+    if name in ("dogscats", "digits"):
         return {"data": {"source": str(root), "mirrors": [], "labels": None}}
+    if name == "defects":
+        made = scratch / "defects"
+        if not made.is_dir():
+            from defects import make_defects
+
+            make_defects(made.with_suffix(".tmp"), shared_data=data_root)
+            made.with_suffix(".tmp").rename(made)
+        return {"data": {"source": str(made), "mirrors": [], "labels": None}}
     if name == "dogbreeds":
         return {
             "data": {
@@ -49,7 +64,9 @@ def data_overrides(name: str, data_root: Path) -> dict[str, Any]:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
-def bench_params(name: str, data_root: Path, quick: bool, tracking: bool) -> dict[str, Any]:
+def bench_params(
+    name: str, data_root: Path, quick: bool, tracking: bool, scratch: Path
+) -> dict[str, Any]:
     """The repo's params.yaml with the benchmark's overrides (bench/params/*.yaml) on top."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     layers = [BENCH / "params" / f"{name}.yaml"] + (
@@ -57,7 +74,7 @@ def bench_params(name: str, data_root: Path, quick: bool, tracking: bool) -> dic
     )
     for layer in layers:
         params = deep_merge(params, yaml.safe_load(layer.read_text()) or {})
-    params = deep_merge(params, data_overrides(name, data_root))
+    params = deep_merge(params, data_overrides(name, data_root, scratch))
     if not tracking:
         params = deep_merge(params, {"tracking": {"enabled": False}})
     return params
@@ -205,7 +222,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     wait_quiet(args.wait_quiet)
     print(f"== {name} ({'quick' if args.quick else 'full'}) load {load()}", flush=True)
-    params = bench_params(name, args.data_root, args.quick, not args.no_tracking)
+    params = bench_params(name, args.data_root, args.quick, not args.no_tracking, args.scratch)
     workdir = Path(tempfile.mkdtemp(prefix=f"visiontune-bench-{name}-"))
     project = make_project(workdir / "repo", params)
     typed = load_params(project / "params.yaml")  # fail fast on a bad override
@@ -225,7 +242,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         from limits import LimitProbe, measure_limits
 
         print("-- machine limits", flush=True)
-        probe = LimitProbe(typed, num_classes=2 if name == "dogscats" else 120)
+        probe = LimitProbe(typed, num_classes=CLASS_COUNTS[name])
         source = Path(params["data"]["source"])
         limits = measure_limits(probe, source, decode_images=128 if args.quick else 384)
         limits["adjacent"] = {}
@@ -246,6 +263,10 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     record["stages_ok"] = bool(runs) and all(r.returncode == 0 for r in runs)
     outputs = collect_outputs(project)
     record["outputs"] = outputs
+    features = project / "outputs" / "features" / "features.safetensors"
+    if features.is_file():
+        record["baseline"] = logistic_baseline(features)
+        outputs["baseline"] = record["baseline"]
     record["summary"] = summarize([r.to_dict() for r in runs], outputs, record["params"], limits)
     if not args.no_fastai and record["stages_ok"]:
         print("-- fastai reference", flush=True)
@@ -297,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to wait for the load to drop below half the cores before each dataset",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp project copy")
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "visiontune-bench-data",
+        help="where generated datasets (defects) are written, outside the repo",
+    )
     args = parser.parse_args(argv)
     names = DATASETS if args.dataset == "all" else (args.dataset,)
     ok = True

@@ -162,6 +162,7 @@ def summarize(
         outputs["finetune_history"], walls.get("finetune"), epochs
     )
     accuracy = {
+        "baseline": (outputs.get("baseline") or {}).get("accuracy"),
         "head": find_number(m["head"], ACCURACY_KEYS),
         "finetune": find_number(m["finetune"], ACCURACY_KEYS),
         "evaluate": find_number(m["evaluate"], ("accuracy",)),
@@ -300,17 +301,29 @@ def markdown(name: str, record: Mapping[str, Any]) -> str:
     lines += [f"| **total** | {_fmt(s['total_wall_s'])} | | | | | |", ""]
     acc = s["accuracy"]
     lines += [
-        "| accuracy | head | fine-tune | evaluate | evaluate + TTA |",
-        "|---|---:|---:|---:|---:|",
-        f"| visiontune | {_fmt(acc['head'], '.2%')} | {_fmt(acc['finetune'], '.2%')} | "
-        f"{_fmt(acc['evaluate'], '.2%')} | {_fmt(acc['evaluate_tta'], '.2%')} |",
+        "| accuracy | logistic baseline | head | fine-tune | evaluate | evaluate + TTA |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| visiontune | {_fmt(acc.get('baseline'), '.2%')} | {_fmt(acc['head'], '.2%')} | "
+        f"{_fmt(acc['finetune'], '.2%')} | {_fmt(acc['evaluate'], '.2%')} | "
+        f"{_fmt(acc['evaluate_tta'], '.2%')} |",
     ]
     fa = record.get("fastai")
     if fa and "accuracy" in fa:
         lines.append(
-            f"| fastai {fa['fastai_version']} | | | {_fmt(fa['accuracy'], '.2%')} | "
+            f"| fastai {fa['fastai_version']} | | | | {_fmt(fa['accuracy'], '.2%')} | "
             f"{_fmt(fa['accuracy_tta'], '.2%')} |"
         )
+    walls = {row["name"]: row["wall_s"] for row in s["stages"]}
+    baseline_s = (record.get("baseline") or {}).get("seconds")
+    lines += [
+        "",
+        "| wall s | logistic baseline | head (train_head) | fine-tune (lr_find + finetune) "
+        "| evaluate + TTA |",
+        "|---|---:|---:|---:|---:|",
+        f"| {name} | {_fmt(baseline_s)} | {_fmt(walls.get('train_head'))} | "
+        f"{_fmt((walls.get('lr_find') or 0) + (walls.get('finetune') or 0))} | "
+        f"{_fmt(walls.get('evaluate'))} |",
+    ]
     lines.append("")
     limits = record.get("limits")
     if limits:

@@ -28,6 +28,7 @@ from visiontune.train.recipes import (
     create_train_dataset,
     create_valid_loader,
     load_classifier,
+    resolve_lr_ratios,
 )
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, params, tracker, runtime, dist) -> int:
     runtime = distributed.rank_runtime(runtime, dist, params.base.num_workers == "auto")
-    ft = params.finetune
     try:
+        ft = resolve_lr_ratios(params.finetune, Path(args.head))
         lr = ft.lr if ft.lr != "auto" else float(read_json(args.suggestion)["lr"])
         model, info, weights = load_classifier(params.model, Path(args.head))
         train = read_split(Path(args.train), Path(args.images))

@@ -15,6 +15,7 @@ from visiontune.train.recipes import (
     StaleHeadError,
     create_train_dataset,
     load_classifier,
+    resolve_lr_ratios,
     run_lr_find,
 )
 from visiontune.train.schedules import group_lrs
@@ -37,17 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base)
     try:
+        finetune = resolve_lr_ratios(params.finetune, Path(args.head))
         model, info, _ = load_classifier(params.model, Path(args.head))
         train = read_split(Path(args.train), Path(args.images))
     except (OSError, ValueError, StaleHeadError) as exc:
         print(f"lr_find failed: {exc}", file=sys.stderr)
         return 1
-    dataset = create_train_dataset(train, info.classes, info.data_config, params.finetune.augment)
+    dataset = create_train_dataset(train, info.classes, info.data_config, finetune.augment)
     if code := wait_for_tracking(tracker):
         return code
     try:
         result = run_lr_find(
-            model, dataset, params.finetune, params.lr_find, runtime, seed=params.base.seed
+            model, dataset, finetune, params.lr_find, runtime, seed=params.base.seed
         )
     except ValueError as exc:  # too few points before the loss diverged
         print(f"lr_find failed: {exc}", file=sys.stderr)
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": params.lr_find.method,
         "lr": lr,
         "suggestions": result.suggestions,
-        "group_lrs": group_lrs(lr, params.finetune.lr_ratios),
-        "lr_ratios": list(params.finetune.lr_ratios),
+        "group_lrs": group_lrs(lr, finetune.lr_ratios),
+        "lr_ratios": list(finetune.lr_ratios),
         "stopped_early": result.stopped_early,
         "iterations": len(result.curve),
     }
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     save_config(
         out / "config.json",
         {"base": params.base, "model": params.model, "lr_find": params.lr_find,
-         "finetune": params.finetune,
+         "finetune": finetune,
          "runtime": {"device": str(runtime.device), "precision": runtime.precision}},
     )  # fmt: skip
     others = ", ".join(f"{k} {v:.2e}" for k, v in sorted(result.suggestions.items()))

@@ -12,7 +12,8 @@ from visiontune.features import StaleCacheError, expected_inputs, load_features
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.weights import WeightsError
 from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
-from visiontune.train.head import head_metadata, save_head, train_head_on_features
+from visiontune.train.head import save_head
+from visiontune.train.head_choice import head_metadata, train_head_on_features
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if code := wait_for_tracking(tracker):
         return code
-    save_head(out / "head.safetensors", result.head, head_metadata(features, params.head))
+    meta = head_metadata(features, params.head, result)
+    save_head(out / "head.safetensors", result.head, meta)
     write_csv(out / "history.csv", result.history)
     metrics = dict(result.metrics)
     if result.lr_find is not None:  # head.lr: auto
@@ -58,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "metrics.json", metrics)
     save_config(out / "config.json", {"base": params.base, "head": params.head})
     m = result.metrics
+    how = (
+        f"logistic regression (C {m['logreg_C']:.2g})"
+        if m["init"] == "logreg"
+        else f"{m['init']} init + {m['epochs']} epochs at lr {m['lr']:.2e}"
+    )
     print(
-        f"train_head: {m['epochs']} epochs on {m['n_train']} features, lr {m['lr']:.2e}, "
-        f"valid_acc {m['valid_acc']:.4f} (loss {m['valid_loss']:.4f}) "
-        f"in {m['train_seconds']:.1f}s; {m['init']} init at valid_acc {m['init_valid_acc']:.4f}"
+        f"train_head: {how} on {m['n_train']} features: valid_acc {m['valid_acc']:.4f} "
+        f"(loss {m['valid_loss']:.4f}); {m['init_reason']}; {m['domain']} domain"
     )
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out)

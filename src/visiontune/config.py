@@ -94,10 +94,11 @@ class ModelParams(Section):
 class HeadParams(Section):
     # Hidden layer sizes between the features and the classes; [] = BN → dropout → linear.
     hidden: tuple[Annotated[int, Field(ge=1)], ...] = ()
-    # How the last Linear starts: "source" re-uses the backbone's own pretrained classifier
-    # through the category relationship measured on the train features (Co-Tuning);
-    # "random" is PyTorch's init; "auto" = source when the weights carry a classifier.
-    init: Literal["auto", "source", "random"] = "auto"
+    # How the head starts: "source" re-uses the backbone's own pretrained classifier
+    # through the category relationship measured on the train features (Co-Tuning), then
+    # `epochs` of SGD; "logreg" fits it as an L2 logistic regression (C by CV on train);
+    # "random" is PyTorch's init + SGD; "auto" picks source or logreg by CV on train.
+    init: Literal["auto", "source", "logreg", "random"] = "auto"
     # Heavy dropout and decay: ~7 images per class (dogbreeds) overfit a 1280→120 linear map.
     dropout: Fraction = 0.5
     # From a source init, 10 epochs at 1e-4 refine without forgetting it (measured on
@@ -112,10 +113,10 @@ class HeadParams(Section):
 
     @model_validator(mode="after")
     def _source_init_needs_linear_head(self) -> HeadParams:
-        if self.init == "source" and self.hidden:
+        if self.init in ("source", "logreg") and self.hidden:
             raise ValueError(
-                "init: source maps the backbone's classifier onto a single Linear; "
-                "use hidden: [] with it, or init: random (or auto) with hidden layers"
+                f"init: {self.init} fits a single Linear; use hidden: [] with it, "
+                "or init: random (or auto) with hidden layers"
             )
         return self
 
@@ -158,7 +159,9 @@ class LrFindParams(Section):
 
 class FinetuneParams(Section):
     layer_groups: int = Field(3, ge=2, le=10)
-    lr_ratios: tuple[PositiveFloat, ...] = (0.01, 0.1, 1.0)
+    # LR of each group relative to `lr`, early layers first; "auto" follows the head's start
+    # (see `visiontune.train.recipes.resolve_lr_ratios`).
+    lr_ratios: tuple[PositiveFloat, ...] | Literal["auto"] = "auto"
     # Top-group LR; "auto" takes the lr_find suggestion.
     lr: PositiveFloat | Literal["auto"] = "auto"
     schedule: Literal["sgdr", "one_cycle"] = "sgdr"
@@ -184,7 +187,7 @@ class FinetuneParams(Section):
 
     @model_validator(mode="after")
     def _ratios_match_groups(self) -> FinetuneParams:
-        if len(self.lr_ratios) != self.layer_groups:
+        if self.lr_ratios != "auto" and len(self.lr_ratios) != self.layer_groups:
             raise ValueError(
                 f"lr_ratios has {len(self.lr_ratios)} entries but layer_groups is "
                 f"{self.layer_groups}: give one ratio per group"

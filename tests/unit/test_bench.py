@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -29,12 +30,13 @@ def test_deep_merge_merges_sections_and_replaces_leaves() -> None:
     assert base["data"]["mirrors"] == ["m"]  # the input is not mutated
 
 
-@pytest.mark.parametrize("name", ["dogscats", "dogbreeds"])
+@pytest.mark.parametrize("name", run.DATASETS)
 @pytest.mark.parametrize("quick", [False, True])
 def test_bench_params_are_valid_params_with_absolute_data_paths(
     name: str, quick: bool, tmp_path: Path
 ) -> None:
-    raw = run.bench_params(name, tmp_path, quick=quick, tracking=False)
+    (tmp_path / "defects").mkdir()  # already generated: the params only point at it
+    raw = run.bench_params(name, tmp_path, quick=quick, tracking=False, scratch=tmp_path)
     params = parse_params(raw)
     assert Path(params.data.source).is_absolute()
     assert params.data.mirrors == ()
@@ -112,6 +114,7 @@ def test_summarize_ratios_against_limits() -> None:
         "train_head_vs_finetune_epoch": True,
     }
     assert result["accuracy"] == {
+        "baseline": None,
         "head": 0.9,
         "finetune": 0.95,
         "evaluate": 0.96,
@@ -267,3 +270,31 @@ def test_git_state_ignores_earlier_results_but_not_other_changes(tmp_path: Path)
     assert project.git_state(tmp_path)["dirty"] is False
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert project.git_state(tmp_path)["dirty"] is True
+
+
+def test_defects_are_balanced_deterministic_and_one_photo_each(tmp_path: Path) -> None:
+    from defects import CLASSES, make_defects
+
+    shared = BENCH.parents[1] / "shared" / "data"
+    if not (shared / "dogscats").is_dir():
+        pytest.skip("sample photos not found")
+    a = make_defects(tmp_path / "a", per_class=3, seed=1, shared_data=shared)
+    b = make_defects(tmp_path / "b", per_class=3, seed=1, shared_data=shared)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert [len(list((a / c).glob("*.jpg"))) for c in CLASSES] == [3] * len(CLASSES)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert len({(a / f).read_bytes() for f in files}) == len(files)
+
+
+def test_logistic_baseline_scores_a_feature_cache(tmp_path: Path) -> None:
+    from baseline import logistic_baseline
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 3
+    y = torch.arange(90) % 3
+    x = centers[y] + torch.randn(90, 8, generator=g)
+    path = tmp_path / "features.safetensors"
+    save_file({"train_x": x[:60], "train_y": y[:60], "valid_x": x[60:], "valid_y": y[60:]}, path)
+    result = logistic_baseline(path)
+    assert result["accuracy"] > 0.9 and 0 < result["loss"] < 0.5 and result["C"] > 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from visiontune.config import HeadParams
 from visiontune.train.head import feature_batches, train_head
 from visiontune.train.lr_find import (
     exponential_lrs,
@@ -159,13 +160,15 @@ def test_suggested_lr_trains_a_small_problem_well():
     """The valley LR trains a 4-class problem better than 100× less, before the loss minimum."""
     x, y = blobs(512)
     vx, vy = blobs(256, seed=0)  # same centres, fresh noise would need the same generator
-    result = train_head(x, y, vx, vy, 4, epochs=2, batch_size=32, lr="auto", optimizer="sgd")
+    params = HeadParams(epochs=2, batch_size=32, lr="auto", optimizer="sgd", weight_decay=0.01)
+    result = train_head(x, y, vx, vy, 4, params, seed=42)
     lr = result.metrics["lr"]
     assert result.lr_find is not None and lr == result.lr_find.suggestion("valley")
     assert 1e-4 < lr < 10
     losses = {}
     for scale in (0.01, 1.0):
-        run = train_head(x, y, vx, vy, 4, epochs=2, batch_size=32, lr=lr * scale, optimizer="sgd")
+        scaled = params.model_copy(update={"lr": lr * scale})
+        run = train_head(x, y, vx, vy, 4, scaled, seed=42)
         losses[scale] = run.metrics["train_loss"]
     assert losses[1.0] < losses[0.01]
     curve = result.lr_find.curve

@@ -9,11 +9,10 @@ from safetensors.torch import save_file
 from visiontune.config import HeadParams
 from visiontune.features import FeatureSet
 from visiontune.models.head import category_relationship, create_head, init_from_source
-from visiontune.train.head import (
+from visiontune.train.head import load_head, save_head
+from visiontune.train.head_choice import (
     head_metadata,
-    load_head,
     resolve_head_init,
-    save_head,
     train_head_on_features,
 )
 
@@ -39,24 +38,26 @@ def features(n: int = 200, dim: int = 24, classes: int = 3) -> FeatureSet:
 
 def test_head_learns_and_round_trips(tmp_path):
     feats = features()
-    params = HeadParams(epochs=6, batch_size=32, hidden=(16,), dropout=0.1, lr=3.0e-3)
+    params = HeadParams(
+        init="random", epochs=6, batch_size=32, hidden=(16,), dropout=0.1, lr=3.0e-3
+    )
     result = train_head_on_features(feats, params, seed=0)
     assert result.metrics["valid_acc"] > 0.9
     assert result.history["epoch"].tolist() == list(range(6))
     lrs = result.history["lr"].tolist()  # cosine over the whole run: decreasing
     assert lrs[0] == pytest.approx(params.lr) and lrs == sorted(lrs, reverse=True)
     path = tmp_path / "head.safetensors"
-    save_head(path, result.head, head_metadata(feats, params))
+    save_head(path, result.head, head_metadata(feats, params, result))
     head, meta = load_head(path)
     assert meta["classes"] == ["c0", "c1", "c2"] and meta["hidden"] == [16]
-    assert meta["weights_sha256"] == "ab" * 32
+    assert meta["weights_sha256"] == "ab" * 32 and meta["init"] == "random"
     with torch.no_grad():
         assert torch.equal(head(feats.valid_x), result.head(feats.valid_x))
 
 
 def test_same_seed_same_head():
     feats = features()
-    params = HeadParams(epochs=2, batch_size=32)
+    params = HeadParams(init="random", epochs=2, batch_size=32)
     a = train_head_on_features(feats, params, seed=5).head.state_dict()
     b = train_head_on_features(feats, params, seed=5).head.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -107,9 +108,12 @@ def test_source_init_is_the_relabelled_source_classifier_exactly():
 def test_source_init_starts_where_the_pretrained_classifier_is():
     x, y, source, _ = source_task()
     feats = FeatureSet(x[:60], y[:60], x[60:], y[60:], ["a", "b", "c"], {"backbone": "toy"})
-    params = HeadParams(epochs=1, batch_size=16, lr=1.0e-4)
-    seeded = train_head_on_features(feats, params, seed=0, source=source).metrics
-    scratch = train_head_on_features(feats, params, seed=0, source=None).metrics
+    seeded = train_head_on_features(
+        feats, HeadParams(init="source", epochs=1, batch_size=16), seed=0, source=source
+    ).metrics
+    scratch = train_head_on_features(
+        feats, HeadParams(init="random", epochs=1, batch_size=16), seed=0, source=source
+    ).metrics
     assert seeded["init"] == "source" and scratch["init"] == "random"
     assert seeded["init_valid_acc"] > 0.95 and seeded["valid_acc"] > 0.95
     assert scratch["init_valid_acc"] < 0.7 and scratch["valid_acc"] < seeded["valid_acc"]
@@ -117,9 +121,10 @@ def test_source_init_starts_where_the_pretrained_classifier_is():
 
 def test_head_init_follows_the_params():
     source = (torch.zeros(6, 16), torch.zeros(6))
-    assert resolve_head_init(HeadParams(init="auto"), source, "b") is source
-    assert resolve_head_init(HeadParams(init="auto"), None, "b") is None
-    assert resolve_head_init(HeadParams(init="random"), source, "b") is None
-    assert resolve_head_init(HeadParams(init="auto", hidden=(8,)), source, "b") is None
+    assert resolve_head_init(HeadParams(init="auto"), source, "b") == "auto"
+    assert resolve_head_init(HeadParams(init="auto"), None, "b") == "logreg"
+    assert resolve_head_init(HeadParams(init="logreg"), source, "b") == "logreg"
+    assert resolve_head_init(HeadParams(init="random"), source, "b") == "random"
+    assert resolve_head_init(HeadParams(init="auto", hidden=(8,)), source, "b") == "random"
     with pytest.raises(ValueError, match=r"weights of resnet18 carry no classifier.*allowed: auto"):
         resolve_head_init(HeadParams(init="source"), None, "resnet18")

@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from visiontune.config import HeadParams
-from visiontune.features import FeatureSet
 from visiontune.fileio import atomic_path
 from visiontune.models.head import create_head, init_from_source
 from visiontune.train.lr_find import LrFindResult, find_lr
@@ -87,21 +86,14 @@ def train_head(
     valid_x: torch.Tensor,
     valid_y: torch.Tensor,
     num_classes: int,
+    params: HeadParams,
     *,
-    hidden: tuple[int, ...] = (),
-    dropout: float = 0.25,
-    epochs: int = 8,
-    batch_size: int = 64,
-    lr: float | Literal["auto"] = 1.0e-2,
-    optimizer: Literal["sgd", "adamw"] = "adamw",
-    weight_decay: float = 1.0e-2,
-    label_smoothing: float = 0.0,
-    seed: int = 42,
+    seed: int,
     source: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> HeadResult:
-    """Fit BN → dropout → linear (optional hidden layers) with a cosine schedule per step.
+    """Fit BN → dropout → linear (optional hidden layers) by SGD, a cosine schedule per step.
 
-    `lr="auto"` first runs the LR range test on the features and takes its `valley`.
+    `params.lr="auto"` first runs the LR range test on the features and takes its `valley`.
     `source` (the backbone's pretrained classifier weight and bias) starts the head as
     that classifier re-labelled to these classes (`init_from_source`) instead of at random.
     Runs on one CPU thread: for 64×1280 matrices, thread synchronisation costs more than
@@ -111,10 +103,8 @@ def train_head(
     torch.set_num_threads(1)
     try:
         return _train_head(
-            train_x, train_y, valid_x, valid_y, num_classes, hidden=hidden, dropout=dropout,
-            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-            weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed, source=source,
-        )  # fmt: skip
+            train_x, train_y, valid_x, valid_y, num_classes, params, seed=seed, source=source
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -125,18 +115,13 @@ def _train_head(
     valid_x: torch.Tensor,
     valid_y: torch.Tensor,
     num_classes: int,
+    params: HeadParams,
     *,
-    hidden: tuple[int, ...],
-    dropout: float,
-    epochs: int,
-    batch_size: int,
-    lr: float | Literal["auto"],
-    optimizer: Literal["sgd", "adamw"],
-    weight_decay: float,
-    label_smoothing: float,
     seed: int,
     source: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> HeadResult:
+    hidden, dropout, epochs = params.hidden, params.dropout, params.epochs
+    batch_size, lr, label_smoothing = params.batch_size, params.lr, params.label_smoothing
     torch.manual_seed(seed)
     train_x, valid_x = train_x.float(), valid_x.float()
     head = create_head(train_x.shape[1], num_classes, hidden, dropout)
@@ -145,7 +130,7 @@ def _train_head(
     init_loss, init_acc = evaluate_head(head, valid_x, valid_y, label_smoothing)
     generator = torch.Generator().manual_seed(seed)
     batches = feature_batches(train_x, train_y, min(batch_size, len(train_x)), generator)
-    opt = create_optimizer(head.parameters(), optimizer, 1.0, weight_decay)
+    opt = create_optimizer(head.parameters(), params.optimizer, 1.0, params.weight_decay)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(head(x), y, label_smoothing=label_smoothing)
@@ -232,60 +217,3 @@ def load_head(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
     head = create_head(meta["in_features"], len(meta["classes"]), meta["hidden"], meta["dropout"])
     head.load_state_dict(state, strict=True)
     return head.eval(), meta
-
-
-def resolve_head_init(
-    params: HeadParams, source: tuple[torch.Tensor, torch.Tensor] | None, backbone: str
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The source classifier to start from, per `head.init` (None: random init)."""
-    if params.init == "random" or params.hidden:
-        return None
-    if source is None and params.init == "source":
-        raise ValueError(
-            f"head.init: source, but the weights of {backbone} carry no classifier that sits "
-            "on the pooled features; allowed: auto (falls back to random), random"
-        )
-    return source
-
-
-def train_head_on_features(
-    features: FeatureSet,
-    params: HeadParams,
-    seed: int,
-    source: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> HeadResult:
-    """`train_head` with the `head` params section on a loaded feature cache.
-
-    `source` is the backbone's pretrained classifier, used as `params.init` says.
-    """
-    backbone = str(features.fingerprint.get("backbone"))
-    return train_head(
-        features.train_x,
-        features.train_y,
-        features.valid_x,
-        features.valid_y,
-        len(features.classes),
-        hidden=params.hidden,
-        dropout=params.dropout,
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        lr=params.lr,
-        optimizer=params.optimizer,
-        weight_decay=params.weight_decay,
-        label_smoothing=params.label_smoothing,
-        seed=seed,
-        source=resolve_head_init(params, source, backbone),
-    )
-
-
-def head_metadata(features: FeatureSet, params: HeadParams) -> dict[str, Any]:
-    """What `save_head` stores beside the tensors: shape, classes, the features it fits."""
-    return {
-        "in_features": int(features.train_x.shape[1]),
-        "classes": list(features.classes),
-        "hidden": list(params.hidden),
-        "dropout": params.dropout,
-        "backbone": features.fingerprint.get("backbone"),
-        "weights_sha256": features.fingerprint.get("weights_sha256"),
-        "features_fingerprint": features.fingerprint,
-    }

@@ -6,12 +6,14 @@ training set, the same layer groups and optimizer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from visiontune.config import FinetuneParams, LrFindParams, ModelParams
 from visiontune.data.dataset import ImageDataset, create_loader
@@ -27,10 +29,39 @@ from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_dat
 from visiontune.models.classifier import ImageClassifier, ModelInfo
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 from visiontune.train.groups import create_layer_groups, create_param_groups
-from visiontune.train.head import create_optimizer, load_head
+from visiontune.train.head import HEAD_METADATA_KEY, create_optimizer, load_head
 from visiontune.train.loop import set_train_mode
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import group_lrs
+
+# The course's layer-group ratios for lr_ratios: auto. Where the backbone's own classifier
+# already explains your classes (a "near" domain), the early layers need
+# little change: lr/100, lr/10, lr. Data far from ImageNet (the course's satellite images)
+# needs its early layers to move: lr/9, lr/3, lr. Other group counts space the ratios
+# geometrically between the same ends.
+NEAR_EARLIEST_RATIO = 0.01
+FAR_EARLIEST_RATIO = 1 / 9
+
+
+def resolve_lr_ratios(finetune: FinetuneParams, head_path: Path) -> FinetuneParams:
+    """`finetune` with concrete `lr_ratios`: `auto` follows the head's domain.
+
+    train_head records the domain from the train features alone: "near" when the
+    backbone's own classifier, re-labelled, nearly matches a logistic fit in CV.
+    """
+    if finetune.lr_ratios != "auto":
+        return finetune
+    earliest = NEAR_EARLIEST_RATIO if head_domain(head_path) == "near" else FAR_EARLIEST_RATIO
+    last = finetune.layer_groups - 1
+    ratios = tuple(earliest ** ((last - g) / last) for g in range(finetune.layer_groups))
+    return finetune.model_copy(update={"lr_ratios": ratios})
+
+
+def head_domain(head_path: Path) -> str:
+    """ "near" or "far" from ImageNet, as train_head found it (a head's metadata alone)."""
+    with safe_open(str(head_path), framework="pt", device="cpu") as handle:
+        meta = json.loads((handle.metadata() or {}).get(HEAD_METADATA_KEY, "{}"))
+    return str(meta.get("domain", "far"))
 
 
 class StaleHeadError(RuntimeError):
