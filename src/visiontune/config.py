@@ -146,7 +146,7 @@ class LrFindParams(Section):
     diverge: float = Field(4.0, gt=1)
     # slide, not valley: after a trained head the curve is flat until it diverges, and
     # valley then picks from noise (1.5e-5 and 2e-5 on two of four dogbreeds splits).
-    method: Literal["min/10", "steepest", "valley", "slide"] = "slide"
+    method: Literal["min/10", "steepest", "valley", "slide", "takeoff/10"] = "slide"
 
     @model_validator(mode="after")
     def _range(self) -> LrFindParams:

@@ -183,3 +183,25 @@ def test_noise_on_a_near_zero_loss_is_not_divergence():
     result = lr_range_test(lambda lr: next(losses), start_lr=1e-6, end_lr=1.0, num_iter=100)
     assert result.stopped_early
     assert len(result.curve) > 45  # stopped by the real rise, not by the early blip
+
+
+# The smoothed lr_find curve after a logistic head on digits (far from ImageNet): noise on
+# a flat loss, then the rise. 60 iterations from 1e-7 to 10, stopped at 53.
+DIGITS_CURVE = [
+    0.6523, 0.5087, 0.5158, 0.5447, 0.5577, 0.5119, 0.5834, 0.5575, 0.6086, 0.6063, 0.5702,
+    0.5866, 0.5707, 0.6296, 0.6614, 0.6885, 0.6669, 0.6587, 0.7769, 0.7465, 0.7254, 0.7310,
+    0.7150, 0.7330, 0.7484, 0.7636, 0.7861, 0.7897, 0.7869, 0.8056, 0.8312, 0.8785, 0.9077,
+    1.0068, 1.0434, 1.0767, 1.1380, 1.1934, 1.2448, 1.2932, 1.3302, 1.3751, 1.4211, 1.4626,
+    1.4934, 1.5209, 1.5782, 1.6096, 1.7219, 1.7774, 1.8816, 2.0764, 2.2942,
+]  # fmt: skip
+
+
+def test_slide_falls_back_to_the_takeoff_on_a_noisy_plateau():
+    """The slide walk finds no agreeing window on this curve and used to return the smallest
+    LR tried (4.8e-7: a fine-tune that changed nothing); the take-off rule gives a tenth of
+    the last LR before the loss leaves its plateau for good."""
+    lrs = 1e-7 * (10 / 1e-7) ** (np.arange(53) / 59)
+    found = suggest_lrs(lrs, DIGITS_CURVE)
+    assert found["slide"] == found["takeoff/10"]
+    assert 1e-4 < found["slide"] < 5e-4
+    assert slide_index(DIGITS_CURVE[5:48]) is None

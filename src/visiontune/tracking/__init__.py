@@ -172,9 +172,9 @@ def log_stage(
         for path, artifact_path in record.artifacts:
             tracker.log_artifact(path, artifact_path)
         tracker.log_metrics(record.parent_metrics, parent=True)
-        fingerprint = {"data.fingerprint": file_sha256(manifest)}
-        tracker.set_tags(fingerprint)
-        tracker.set_tags(fingerprint, parent=True)
+        tags = {"data.fingerprint": file_sha256(manifest), **record.tags}
+        tracker.set_tags(tags)
+        tracker.set_tags(tags, parent=True)
         model_file = out_dir / "model.safetensors"
         if tracker.stage == "finetune" and model_file.is_file():
             from visiontune.tracking.model import log_model

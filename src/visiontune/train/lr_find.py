@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-SUGGESTION_METHODS = ("min/10", "steepest", "valley", "slide")
+SUGGESTION_METHODS = ("min/10", "steepest", "valley", "slide", "takeoff/10")
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,15 @@ def valley_index(losses: Sequence[float]) -> int:
     return max_start + int(sections) + int(sections / 2)
 
 
-def slide_index(losses: Sequence[float], lr_diff: int = 15, thresh: float = 0.005) -> int:
+def slide_index(losses: Sequence[float], lr_diff: int = 15, thresh: float = 0.005) -> int | None:
     """fastai's `slide` (the interval slide rule): walk back from the divergence until the
     loss gradient at the two ends of a `lr_diff`-point window agrees within `thresh`.
 
     It anchors on where the loss takes off, not on a descent, so it still gives a usable
     LR when the curve is flat until it diverges, as after a trained head, where `valley`
     picks a point out of noise. `lr_diff` shrinks for curves shorter than the window.
+    None when the walk reaches the start without agreement: on a noisy plateau (digits,
+    far from ImageNet, batch 16) it would otherwise return the smallest LR tried.
     """
     grads = np.gradient(np.asarray(losses, dtype=np.float64))
     n = len(grads)
@@ -73,7 +75,20 @@ def slide_index(losses: Sequence[float], lr_diff: int = 15, thresh: float = 0.00
     while left >= 0 and abs(grads[right] - grads[left]) > thresh:
         found = left
         right, left = right - 1, left - 1
-    return found
+    return None if left < 0 else found
+
+
+def takeoff_index(losses: Sequence[float], rise: float = 1.5) -> int:
+    """The last point before the loss leaves its plateau for good.
+
+    The plateau is the median loss over the first half of the curve; the take-off is the
+    last point at or below `rise` times it. A tenth of its LR is a safe training LR on a
+    curve that never descends (a trained head), whatever the noise on the plateau.
+    """
+    values = np.asarray(losses, dtype=np.float64)
+    plateau = float(np.median(values[: max(1, len(values) // 2)]))
+    below = np.flatnonzero(values <= rise * plateau)
+    return int(below[-1]) if len(below) else 0
 
 
 def suggest_lrs(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> dict[str, float]:
@@ -88,11 +103,14 @@ def suggest_lrs(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> dict[
     lo, hi = n // 10, n - 5 if n - 5 - n // 10 >= 3 else n
     lrs_arr, losses = lrs_arr[lo:hi], losses[lo:hi]
     grads = np.diff(losses) / np.diff(np.log(lrs_arr))
+    slide = slide_index(losses.tolist())
+    takeoff = float(lrs_arr[takeoff_index(losses.tolist())] / 10)
     return {
         "min/10": float(lrs_arr[int(np.argmin(losses))] / 10),
         "steepest": float(lrs_arr[int(np.argmin(grads))]),
         "valley": float(lrs_arr[valley_index(losses.tolist())]),
-        "slide": float(lrs_arr[slide_index(losses.tolist())]),
+        "slide": float(lrs_arr[slide]) if slide is not None else takeoff,
+        "takeoff/10": takeoff,
     }
 
 
