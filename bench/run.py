@@ -37,12 +37,11 @@ def data_overrides(name: str, data_root: Path) -> dict[str, Any]:
     """Absolute data paths for a dataset (the copy lives elsewhere, so no relative paths)."""
     root = (data_root / name).resolve()
     if name == "dogscats":
-        return {"data": {"source": str(root), "mirrors": [], "labels": None}}
+        return {"data": {"source": str(root), "labels": None}}
     if name == "dogbreeds":
         return {
             "data": {
                 "source": str(root / "train"),
-                "mirrors": [],
                 "labels": str(root / "labels.csv"),
             }
         }

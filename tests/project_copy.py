@@ -13,13 +13,16 @@ from typing import Any
 
 import yaml
 
+from visiontune.config import DEMO_SOURCE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # The real params.yaml, shrunk: a few real photos per class, small images, one short cycle
-# each, so the whole pipeline runs in a minute or two on two CPU cores.
+# each, so the whole pipeline runs in a minute or two on two CPU cores. The data is the demo's:
+# the shipped source URL, read from its mirror (given absolute: the copy lives elsewhere).
 SMALL_OVERRIDES: dict[str, Any] = {
-    "data": {"source": str(SHARED_DATA / "dogscats"), "mirrors": [], "max_per_class": 12},
+    "data": {"mirrors": {DEMO_SOURCE: [str(SHARED_DATA / "dogscats")]}, "max_per_class": 12},
     "model": {"image_size": 96},
     "precompute": {"batch_size": 16},
     "head": {"epochs": 3, "batch_size": 16},
