@@ -11,7 +11,7 @@ from visiontune.data.manifest import read_classes
 from visiontune.features import StaleCacheError, expected_inputs, load_features
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.weights import WeightsError
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 from visiontune.train.head import head_metadata, save_head, train_head_on_features
 
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         f"valid_acc {m['valid_acc']:.4f} (loss {m['valid_loss']:.4f}) "
         f"in {m['train_seconds']:.1f}s; {m['init']} init at valid_acc {m['init_valid_acc']:.4f}"
     )
+    print_outputs("train_head", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out)
 

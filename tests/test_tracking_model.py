@@ -57,6 +57,9 @@ def test_logged_model_is_registered_and_predicts_like_the_cli(
     env = {"VISIONTUNE_PIPELINE_ID": "model-test"}
     tracker = tracking.preflight(params, "finetune", environ=env, cwd=tmp_path)
     assert tracking.log_stage(tracker, params, finetune_out) == 0
+    printed = capsys.readouterr()
+    assert "registered model" not in printed.err and "Created version" not in printed.err
+    assert " INFO " not in printed.err, "MLflow's INFO lines stay out of the stage's output"
 
     client = MlflowClient(tracking_uri=params.tracking.uri)
     version = client.get_model_version_by_alias("tiny-cats", "candidate")
