@@ -91,6 +91,36 @@ def project_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def make_command(project: Path, *args: str) -> list[str]:
+    """`make ARGS` as a user runs it, with this interpreter's venv as the Makefile's VENV.
+
+    STAMP points at a fresh file beside the project, so `setup` is up to date and make
+    never installs the project copy into the venv the tests run in.
+    """
+    stamp = project.parent / "venv-installed.stamp"
+    stamp.touch()
+    venv = Path(sys.executable).parent.parent
+    return ["make", "-s", f"VENV={venv}", f"STAMP={stamp}", *args]
+
+
+def make(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 900):
+    """Run a Makefile target in `project`; fail the test with its output if it fails."""
+    result = subprocess.run(
+        make_command(project, *args),
+        cwd=project,
+        env=dict(env or project_env()),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"make {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
 def dvc(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 600):
     """Run the venv's dvc in `project`; fail the test with its output if it fails."""
     command = [str(Path(sys.executable).parent / "dvc"), *args]
