@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import mlflow.pyfunc
@@ -20,6 +21,7 @@ from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig
 from visiontune.evaluate.tta import ViewMaker, tta_views
 from visiontune.models.classifier import ModelInfo, create_classifier, save_model_file
+from visiontune.tracking.model import register_version
 
 CLASSES = ["cats", "dogs"]
 
@@ -38,6 +40,14 @@ def finetune_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.safetensors").write_bytes(b"not logged")
     return out
+
+
+def test_versions_are_registered_without_printing(tmp_path: Path, capsys) -> None:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = SimpleNamespace(model_uri=(tmp_path / "model").as_uri(), model_id=None)
+    versions = [register_version(client, "tiny", logged, run_id=None) for _ in range(2)]
+    assert versions == ["1", "2"]  # the second finds the registered model already there
+    assert "registered model" not in capsys.readouterr().err
 
 
 @pytest.mark.slow  # torch.export of the model + a registry round trip: ~15-40 s on 2 cores

@@ -20,7 +20,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
@@ -53,7 +53,7 @@ def _requirements() -> list[str]:
     ]
 
 
-def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id: str) -> str:
+def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id: str | None) -> str:
     """A new version of registered model `name` (created if missing) for the logged model.
 
     What `log_model(registered_model_name=...)` does, without its "Successfully registered
@@ -62,7 +62,9 @@ def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id:
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
-        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+        if exc.error_code not in {
+            ErrorCode.Name(c) for c in (RESOURCE_ALREADY_EXISTS, ALREADY_EXISTS)
+        }:
             raise
     created = client.create_model_version(
         name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id
