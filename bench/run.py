@@ -44,7 +44,7 @@ def data_overrides(name: str, data_root: Path, scratch: Path) -> dict[str, Any]:
     """
     root = (data_root / name).resolve()
     if name in ("dogscats", "digits"):
-        return {"data": {"source": str(root), "mirrors": [], "labels": None}}
+        return {"data": {"source": str(root), "labels": None}}
     if name == "defects":
         made = scratch / "defects"
         if not made.is_dir():
@@ -52,12 +52,11 @@ def data_overrides(name: str, data_root: Path, scratch: Path) -> dict[str, Any]:
 
             make_defects(made.with_suffix(".tmp"), shared_data=data_root)
             made.with_suffix(".tmp").rename(made)
-        return {"data": {"source": str(made), "mirrors": [], "labels": None}}
+        return {"data": {"source": str(made), "labels": None}}
     if name == "dogbreeds":
         return {
             "data": {
                 "source": str(root / "train"),
-                "mirrors": [],
                 "labels": str(root / "labels.csv"),
             }
         }

@@ -13,7 +13,7 @@ from visiontune.evaluate.evaluation import evaluate_model
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.classifier import load_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +77,7 @@ def _run(args, params, tracker, runtime, dist) -> int:
         f"TTA x{m['n_views']} {m['accuracy_tta']:.4f} (loss {m['loss_tta']:.4f}), "
         f"gain {m['tta_gain'] * 100:+.2f} pts, {m['images_per_s']:.1f} img/s"
     )
+    print_outputs("evaluate", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out)
 

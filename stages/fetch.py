@@ -13,7 +13,7 @@ from visiontune.data.download import DownloadError
 from visiontune.data.prepare import format_summary, prepare_dataset
 from visiontune.data.sources import SourceError
 from visiontune.fileio import atomic_dir, save_config
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fetch failed: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary, out / "rejects.csv"))
+    print_outputs("fetch", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out, manifest=out / "manifest.csv")
 

@@ -20,7 +20,7 @@ from visiontune.data.manifest import read_split
 from visiontune.fileio import read_json, save_config, write_csv, write_json
 from visiontune.models.classifier import save_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 from visiontune.train.checkpoint import discard_checkpoint, stop_on_signals
 from visiontune.train.loop import TrainingInterrupted, finetune
 from visiontune.train.recipes import (
@@ -158,6 +158,7 @@ def _run(args, params, tracker, runtime, dist) -> int:
         f"(loss {metrics['valid_loss']:.4f}), lr {lr:.2e}, {metrics['images_per_s']:.1f} img/s"
         f"{ceiling}"
     )
+    print_outputs("finetune", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     code = tracking.log_stage(tracker, params, out)
     if code == 0 and discard_checkpoint(out / "checkpoints"):

@@ -10,7 +10,7 @@ from visiontune import tracking
 from visiontune.data.manifest import read_split
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.runtime import resolve_runtime, seed_everything
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 from visiontune.train.recipes import (
     StaleHeadError,
     create_train_dataset,
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (stopped: loss diverged)' if result.stopped_early else ''}; "
         f"{params.lr_find.method} suggests lr {lr:.2e} ({others})"
     )
+    print_outputs("lr_find", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out)
 

@@ -15,7 +15,7 @@ from visiontune.fileio import atomic_dir, save_config, write_json
 from visiontune.models.weights import WeightsError
 from visiontune.precompute import precompute_features
 from visiontune.runtime import resolve_runtime
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +84,7 @@ def _run(args, params, tracker, dist) -> int:
             f"(pipeline at {stats['pipeline_vs_forward']:.0%})"
         )
     print(line)
+    print_outputs("precompute", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out, manifest=prepared / "manifest.csv")
 

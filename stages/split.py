@@ -10,7 +10,7 @@ from visiontune import tracking
 from visiontune.data.manifest import SPLIT_COLUMNS, read_manifest, write_classes, write_table
 from visiontune.data.split import split_manifest
 from visiontune.fileio import atomic_dir, save_config, write_json
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for warning in report["warnings"]:
         print(f"split: warning: {warning}")
+    print_outputs("split", args.out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(
         tracker, params, args.out, manifest=Path(args.prepared) / "manifest.csv"

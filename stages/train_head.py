@@ -11,7 +11,7 @@ from visiontune.data.manifest import read_classes
 from visiontune.features import StaleCacheError, expected_inputs, load_features
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.weights import WeightsError
-from visiontune.stagekit import StageExit, open_stage, wait_for_tracking
+from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 from visiontune.train.head import save_head
 from visiontune.train.head_choice import head_metadata, train_head_on_features
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train_head: {how} on {m['n_train']} features: valid_acc {m['valid_acc']:.4f} "
         f"(loss {m['valid_loss']:.4f}); {m['init_reason']}; {m['domain']} domain"
     )
+    print_outputs("train_head", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).
     return tracking.log_stage(tracker, params, out)
 

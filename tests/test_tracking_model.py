@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import mlflow.pyfunc
@@ -20,6 +21,7 @@ from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig
 from visiontune.evaluate.tta import ViewMaker, tta_views
 from visiontune.models.classifier import ModelInfo, create_classifier, save_model_file
+from visiontune.tracking.model import register_version
 
 CLASSES = ["cats", "dogs"]
 
@@ -40,6 +42,14 @@ def finetune_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_versions_are_registered_without_printing(tmp_path: Path, capsys) -> None:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = SimpleNamespace(model_uri=(tmp_path / "model").as_uri(), model_id=None)
+    versions = [register_version(client, "tiny", logged, run_id=None) for _ in range(2)]
+    assert versions == ["1", "2"]  # the second finds the registered model already there
+    assert "registered model" not in capsys.readouterr().err
+
+
 @pytest.mark.slow  # torch.export of the model + a registry round trip: ~15-40 s on 2 cores
 def test_logged_model_is_registered_and_predicts_like_the_cli(
     finetune_out: Path, dogscats: Path, tmp_path: Path, capsys
@@ -57,6 +67,9 @@ def test_logged_model_is_registered_and_predicts_like_the_cli(
     env = {"VISIONTUNE_PIPELINE_ID": "model-test"}
     tracker = tracking.preflight(params, "finetune", environ=env, cwd=tmp_path)
     assert tracking.log_stage(tracker, params, finetune_out) == 0
+    printed = capsys.readouterr()
+    assert "registered model" not in printed.err and "Created version" not in printed.err
+    assert " INFO " not in printed.err, "MLflow's INFO lines stay out of the stage's output"
 
     client = MlflowClient(tracking_uri=params.tracking.uri)
     version = client.get_model_version_by_alias("tiny-cats", "candidate")

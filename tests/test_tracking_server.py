@@ -1,11 +1,15 @@
-"""End to end: `dvc repro` of the real pipeline against a real `mlflow server`, then MlflowClient.
+"""End to end: `make demo` (`dvc repro` of the real pipeline) against a real `mlflow server`,
+then MlflowClient.
 
-Also: a second `dvc repro` with nothing changed logs nothing, and `dvc exp run --temp` (which
-runs in a throwaway copy of the repo) lands its runs in the ORIGINAL repo's SQLite store.
+Also: a second `dvc repro` with nothing changed logs nothing, `dvc repro -f fetch` runs fetch
+alone, `dvc exp run --temp` (which runs in a throwaway copy of the repo) lands its runs in the
+ORIGINAL repo's SQLite store, `dvc exp show` lists it, and `make ui` serves that store. These
+are the commands README.md and docs/ show (tests/unit/test_doc_commands.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +28,7 @@ import pytest
 import requests
 import yaml
 from mlflow.tracking import MlflowClient
-from project_copy import dvc, make_project, project_env
+from project_copy import dvc, make, make_command, make_project, project_env
 
 from visiontune.config import flatten, load_params
 from visiontune.data.images import open_rgb
@@ -54,17 +58,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed below, after the process)
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log_path: Path, cwd: Path | None = None, env=None):
+    """Run an MLflow server command until the block ends; yield its URL once it is healthy."""
+    log = open(log_path, "w")  # noqa: SIM115 (closed below, after the process)
     process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -75,7 +75,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except requests.RequestException:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+                pytest.fail(f"{command} did not start serving:\n{log_path.read_text()}")
             time.sleep(0.5)
         yield url
     finally:
@@ -85,6 +85,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    command = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    with serving(command, port, root / "server.log") as url:
+        yield url
 
 
 def _runs(client: MlflowClient, experiment: str) -> list:
@@ -99,7 +112,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
 def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project", OVERRIDES)
     env = project_env(MLFLOW_TRACKING_URI=server)
-    dvc(project, "repro", env=env)
+    make(project, "demo", env=env)  # `dvc repro` of the whole pipeline
 
     # DVC sees the same numbers: metrics and plots of the workspace render.
     shown = json.loads(dvc(project, "metrics", "show", "--json", env=env).stdout)
@@ -188,6 +201,9 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     # Nothing changed: DVC skips every stage and MLflow gets nothing new.
     dvc(project, "repro", env=env)
     assert len(_runs(client, "e2e")) == len(runs)
+    # Files changed in place under data.source: fetch runs again when forced, alone.
+    forced = dvc(project, "repro", "-f", "fetch", env=env).stdout
+    assert "Running stage 'fetch'" in forced and "Running stage 'split'" not in forced
 
     # `dvc exp run --temp` runs in a copy without git-ignored files; with the default relative
     # store its runs must land in THIS repo's mlflow.db. (Stages whose `cache: false` metrics
@@ -208,6 +224,18 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     assert all(r.info.status == "FINISHED" for r in local_runs)
     assert exp_parent.data.tags["dvc.exp_name"] == "tta-one"
     assert exp_parent.data.params["tta.n_augment"] == "1"
+    assert "tta-one" in dvc(project, "exp", "show", env=local).stdout
+
+    # `make ui` serves this store: the experiment and its runs are there.
+    port = _free_port()
+    command = make_command(project, "ui", f"UI_PORT={port}")
+    with serving(command, port, tmp_path / "ui.log", cwd=project, env=local) as ui:
+        api = f"{ui}/api/2.0/mlflow"
+        found = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "e2e"})
+        assert found.status_code == 200, found.text
+        experiment_id = found.json()["experiment"]["experiment_id"]
+        searched = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment_id]})
+        assert len(searched.json()["runs"]) == len(local_runs)
 
 
 def test_queued_experiment_lands_in_the_original_store(tmp_path: Path) -> None:

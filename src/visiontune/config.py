@@ -46,10 +46,17 @@ class BaseParams(Section):
     deterministic: bool = False
 
 
+# The demo data set: Google's copy of Dogs vs Cats, and where the sample photos have it locally.
+DEMO_SOURCE = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+DEMO_MIRROR = "../shared/data/dogscats"
+
+
 class DataParams(Section):
-    source: str = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
-    # Local copies of `source` tried first, in order; the first that exists is used.
-    mirrors: tuple[str, ...] = ()
+    source: str = DEMO_SOURCE
+    # URL → local copies of that URL, tried in order before downloading it. A mirror stands
+    # in for its URL only: any other source (a folder, a CSV, an archive, another URL) is
+    # used as given, so pointing `source` at your own photos never fetches the demo set.
+    mirrors: dict[str, tuple[str, ...]] = {DEMO_SOURCE: (DEMO_MIRROR,)}
     labels: str | None = None
     id_column: str = "id"
     label_column: str = "label"
@@ -60,6 +67,29 @@ class DataParams(Section):
     max_per_class: int | None = Field(None, ge=1)
     # Pillow's decompression-bomb guard, in pixels.
     max_image_pixels: int = Field(89_478_485, ge=1)
+
+    @field_validator("mirrors", mode="before")
+    @classmethod
+    def _mirrors_by_url(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            raise ValueError(
+                "a list of mirrors is no longer accepted: a mirror stands in for one URL only; "
+                "give a mapping from that URL to its local copies, e.g. "
+                f"mirrors: {{{DEMO_SOURCE}: [{DEMO_MIRROR}]}}, or mirrors: {{}} for none"
+            )
+        if isinstance(value, Mapping):
+            bad = [str(url) for url in value if not str(url).startswith(("http://", "https://"))]
+            if bad:
+                raise ValueError(
+                    f"mirrors copy downloads, so each key must be the http(s) URL of the "
+                    f"archive it copies; not a URL: {', '.join(bad)} (a local source is used "
+                    "as given: put its path in data.source)"
+                )
+            # One copy may be written as a plain path.
+            return {
+                url: [paths] if isinstance(paths, str) else paths for url, paths in value.items()
+            }
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -292,6 +322,10 @@ def _field_at(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
         if isinstance(part, int):  # an index into a list value
             path.append(part)
             continue
+        if typing.get_origin(model) is dict:  # a key of a mapping value (data.mirrors)
+            path.append(part)
+            model = typing.get_args(model)[1]
+            continue
         if isinstance(model, type) and issubclass(model, BaseModel):
             if part not in model.model_fields:
                 break
@@ -323,6 +357,9 @@ def _allowed(annotation: Any, metadata: Iterable[Any] = ()) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_plural(_allowed(args[0]))}"
         return f"a list of {len(args)} values, each {_allowed(args[0])}"
+    if origin is dict:
+        key, value = typing.get_args(annotation)
+        return f"a mapping of {_plural(_allowed(key))} to {_plural(_allowed(value))}"
     if annotation is type(None):
         return "null"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -389,6 +426,8 @@ def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             flat.update(flatten(value, prefix=f"{key}."))
+        elif isinstance(value, dict):  # data.mirrors: {url: [paths]}
+            flat[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
         else:
             flat[key] = list(value) if isinstance(value, tuple) else value
     return flat

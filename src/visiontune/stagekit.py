@@ -66,6 +66,13 @@ def wait_for_tracking(tracker: tracking.StageTracker | tracking.TrackingAgent) -
     return 0
 
 
+def print_outputs(stage: str, out: str | Path) -> None:
+    """Say where the stage's outputs are: its folder and what is in it (one line)."""
+    out = Path(out)
+    names = sorted(f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir())
+    print(f"{stage}: wrote {out}/: {', '.join(n for n in names if not n.startswith('.'))}")
+
+
 def launch_rank(environ: Mapping[str, str]) -> int:
     """The global rank torchrun gave this process (0 when not launched by it).
 

@@ -12,6 +12,8 @@ from types import ModuleType
 import pytest
 import yaml
 
+from visiontune.config import DEMO_MIRROR, DEMO_SOURCE
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -42,7 +44,7 @@ def project(
     (data / "dogs" / "broken.jpg").write_bytes(b"")
     params = {
         "base": {"seed": 3},
-        "data": {"source": "photos", "mirrors": ["missing-mirror"]},
+        "data": {"source": "photos"},  # data.mirrors: the shipped default
         "split": {"valid_pct": 0.25, "seed": 5},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -62,11 +64,15 @@ def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
     }
     config = json.loads((prepared / "config.json").read_text())
     assert config["fetch"]["source"]["used"] == "photos"
-    assert config["data"]["mirrors"] == ["missing-mirror"] and config["base"] == {"seed": 3}
+    assert config["fetch"]["source"]["reason"] == "data.source, used as given"
+    assert config["data"]["mirrors"] == {DEMO_SOURCE: [DEMO_MIRROR]} and config["base"] == {
+        "seed": 3
+    }
     assert (prepared / "rejects.csv").read_text() == (
         "path,reason\ndogs/broken.jpg,empty file (0 bytes)\n"
     )
     out = capsys.readouterr().out
+    assert "fetch: source photos (a folder per class): data.source, used as given" in out
     assert "22 images in 3 classes" in out and "1 files rejected" in out
 
     assert split.main([]) == 0

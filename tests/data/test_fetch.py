@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from datagen import NASTY
 
-from visiontune.config import DataParams
+from visiontune.config import DataParams, load_params
 from visiontune.data.archive import UnsafeArchiveError
 from visiontune.data.manifest import read_classes, read_manifest, read_table
 from visiontune.data.prepare import prepare_dataset
-from visiontune.data.sources import SourceError
+from visiontune.data.sources import SourceError, pick_mirror
 
 
 def _prepare(tmp_path: Path, **params) -> tuple[dict, pd.DataFrame, dict[str, str], Path]:
@@ -25,7 +25,7 @@ def _prepare(tmp_path: Path, **params) -> tuple[dict, pd.DataFrame, dict[str, st
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    params.setdefault("mirrors", ())
+    # data.mirrors keeps its shipped default (the demo URL → ../shared/data/dogscats).
     summary = prepare_dataset(
         DataParams(**params), out, tmp_path / "downloads", seed=0, progress=False
     )
@@ -199,7 +199,7 @@ def test_unsafe_archive_source_is_refused(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("escaped.jpg"))
 
 
-def test_url_source_is_downloaded_once_and_mirrors_win(
+def test_url_source_is_downloaded_once_or_read_from_its_mirror(
     folder_dataset: Path, tmp_path: Path, server
 ) -> None:
     server.payload = _archive(folder_dataset, tmp_path / "served.zip").read_bytes()
@@ -207,22 +207,61 @@ def test_url_source_is_downloaded_once_and_mirrors_win(
     missing_mirror = str(tmp_path / "no such mirror")
     for _ in range(2):
         summary, manifest, _, _ = _prepare(
-            tmp_path / "b", source=server.url, mirrors=(missing_mirror,)
+            tmp_path / "b", source=server.url, mirrors={server.url: [missing_mirror]}
         )
         pd.testing.assert_frame_equal(manifest, expected)
         assert summary["source"]["used"] == server.url and summary["source"]["kind"] == "url"
+        assert missing_mirror in summary["source"]["reason"]
     assert server.requests == 1, "the second run uses the cached download"
+    assert "already downloaded" in summary["source"]["reason"]
 
-    summary, _, _, _ = _prepare(
-        tmp_path / "c", source=server.url, mirrors=(missing_mirror, str(folder_dataset))
-    )
+    mirrors = {server.url: [missing_mirror, str(folder_dataset)]}
+    summary, _, _, _ = _prepare(tmp_path / "c", source=server.url, mirrors=mirrors)
     assert summary["source"]["used"] == str(folder_dataset)
     assert summary["source"]["kind"] == "directory" and server.requests == 1
+    assert "local copy of" in summary["source"]["reason"]
 
 
-def test_missing_source_names_what_was_tried(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match=r"not found.*mirror-x"):
-        _prepare(tmp_path, source=str(tmp_path / "nothing"), mirrors=("mirror-x",))
+def test_a_mirror_stands_in_only_for_the_url_it_copies(
+    folder_dataset: Path, csv_dataset: Path, tmp_path: Path, server
+) -> None:
+    # The trap of a list of mirrors: the first existing one won over any source.
+    decoy = tmp_path / "demo mirror"
+    shutil.copytree(folder_dataset / "train" / "cats", decoy / "decoy")
+    mirrors = {"https://example.com/demo.zip": [str(decoy)]}
+    csv_params = {"labels": "labels.csv", "id_column": "file", "label_column": "class"}
+    summary, manifest, _, _ = _prepare(
+        tmp_path / "a", source=str(csv_dataset), mirrors=mirrors, **csv_params
+    )
+    assert summary["source"]["used"] == str(csv_dataset) and "decoy" not in set(manifest["label"])
+    assert summary["source"]["reason"] == "data.source, used as given"
+    archive = _archive(folder_dataset, tmp_path / "mine.zip")
+    summary, manifest, _, _ = _prepare(tmp_path / "b", source=str(archive), mirrors=mirrors)
+    assert summary["source"]["kind"] == "archive" and "decoy" not in set(manifest["label"])
+    # Another URL is downloaded, not replaced by the demo URL's mirror.
+    server.payload = archive.read_bytes()
+    summary, manifest, _, _ = _prepare(tmp_path / "c", source=server.url, mirrors=mirrors)
+    assert summary["source"]["used"] == server.url and "decoy" not in set(manifest["label"])
+    assert server.requests == 1
+
+
+def test_the_shipped_demo_source_reads_its_mirror_offline(
+    repo_root: Path, dogscats: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make demo` from the repo root: the demo URL, no download, the sample photos.
+    monkeypatch.chdir(repo_root)
+    data = load_params(repo_root / "params.yaml").data
+    assert data.source == DataParams().source and data.mirrors == DataParams().mirrors
+    assert Path(pick_mirror(data.source, data.mirrors)).resolve() == dogscats.resolve()
+    assert pick_mirror(str(dogscats.parent / "dogbreeds"), data.mirrors) is None
+
+
+def test_missing_source_says_where_relative_paths_start(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        SourceError, match=rf"not found: photos \(relative paths start at .*{tmp_path.name}"
+    ):
+        _prepare(tmp_path, source="photos")
 
 
 def test_max_per_class_is_a_seeded_deterministic_subset(

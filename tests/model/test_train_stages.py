@@ -14,6 +14,7 @@ import yaml
 from visiontune import tracking
 from visiontune.data.manifest import write_classes
 from visiontune.models.classifier import load_model_file
+from visiontune.train.checkpoint import NOTE_NAME
 from visiontune.train.head import load_head
 
 pytestmark = pytest.mark.slow
@@ -137,7 +138,7 @@ def test_stages_chain_and_write_their_outputs(project, monkeypatch):
     assert metrics["resumed_from_step"] == len(steps)
     # Done and logged: no checkpoint is left to resume, so a rerun (DVC reruns the stage
     # when its code changed) trains again, to the same steps.
-    assert list((out / "checkpoints").iterdir()) == []
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [NOTE_NAME]
     assert stage("finetune")(args) == 0
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] is None
     pd.testing.assert_frame_equal(pd.read_csv(out / "steps.csv"), steps)

@@ -41,7 +41,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_jpeg(source / "plain" / f"p{i}.jpg", seed=500 + i)
     out = root / "prepared"
     out.mkdir()
-    params = DataParams(source=str(source), mirrors=(), max_image_pixels=NASTY_MAX_PIXELS)
+    params = DataParams(source=str(source), max_image_pixels=NASTY_MAX_PIXELS)
     prepare_dataset(params, out, root / "downloads", seed=0, progress=False)
     return out
 

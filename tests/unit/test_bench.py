@@ -18,16 +18,17 @@ import run  # noqa: E402
 import summary  # noqa: E402
 
 from visiontune.config import parse_params  # noqa: E402
+from visiontune.data.sources import pick_mirror  # noqa: E402
 
 
 def test_deep_merge_merges_sections_and_replaces_leaves() -> None:
-    base = {"data": {"source": "a", "mirrors": ["m"]}, "head": {"epochs": 8}}
-    merged = project.deep_merge(base, {"data": {"mirrors": [], "labels": "x.csv"}})
+    base = {"data": {"source": "a", "max_per_class": 8}, "head": {"epochs": 8}}
+    merged = project.deep_merge(base, {"data": {"max_per_class": None, "labels": "x.csv"}})
     assert merged == {
-        "data": {"source": "a", "mirrors": [], "labels": "x.csv"},
+        "data": {"source": "a", "max_per_class": None, "labels": "x.csv"},
         "head": {"epochs": 8},
     }
-    assert base["data"]["mirrors"] == ["m"]  # the input is not mutated
+    assert base["data"]["max_per_class"] == 8  # the input is not mutated
 
 
 @pytest.mark.parametrize("name", run.DATASETS)
@@ -39,7 +40,8 @@ def test_bench_params_are_valid_params_with_absolute_data_paths(
     raw = run.bench_params(name, tmp_path, quick=quick, tracking=False, scratch=tmp_path)
     params = parse_params(raw)
     assert Path(params.data.source).is_absolute()
-    assert params.data.mirrors == ()
+    # A local source: the shipped mirror of the demo URL stays and is not used.
+    assert pick_mirror(params.data.source, params.data.mirrors) is None
     assert params.tracking.enabled is False
     if name == "dogbreeds":
         assert Path(params.data.labels).is_absolute()

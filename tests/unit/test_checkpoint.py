@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from visiontune.train.checkpoint import (
+    CHECKPOINT_NAME,
+    NOTE_NAME,
     capture_rng,
     config_differences,
+    discard_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -63,6 +66,15 @@ def test_missing_checkpoint_is_none_and_failed_write_keeps_the_old_one(tmp_path)
         save_checkpoint(path, {"step": object()})  # weights_only could not load it
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_discarded_checkpoint_leaves_a_note_not_an_empty_folder(tmp_path):
+    # DVC warns about an empty output folder on every `dvc repro`.
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {"step": 3})
+    assert discard_checkpoint(tmp_path) is True
+    assert [p.name for p in tmp_path.iterdir()] == [NOTE_NAME]
+    assert discard_checkpoint(tmp_path) is False
+    assert [p.name for p in tmp_path.iterdir()] == [NOTE_NAME]
 
 
 def test_config_differences_name_nested_keys():

@@ -11,11 +11,14 @@ from hypothesis import strategies as st
 
 from visiontune.config import Params, ParamsError, flatten, load_params, parse_params
 
+# Keys whose value is itself a mapping (URL → local copies), not a section.
+MAPPING_KEYS = {"data.mirrors"}
+
 
 def flatten_yaml(raw: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in raw.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in MAPPING_KEYS:
             flat.update(flatten_yaml(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -34,7 +37,8 @@ def test_the_repo_params_file_is_valid_and_complete(repo_root: Path) -> None:
     assert set(raw) == set(Params.model_fields), "every section is written out"
     written = set(flatten_yaml(raw))
     assert written == set(flatten(params)), "every key is written out (DVC tracks what it sees)"
-    assert params.data.mirrors and params.data.source.startswith("https://")
+    assert params.data.source.startswith("https://")
+    assert params.data.mirrors == Params().data.mirrors, "params.yaml and config.py agree"
 
 
 @pytest.mark.parametrize(
@@ -125,11 +129,29 @@ def test_file_level_errors(tmp_path: Path) -> None:
 
 
 def test_config_is_frozen_and_flattens_to_dotted_keys() -> None:
-    params = parse_params({"data": {"mirrors": ["a", "b"]}})
+    params = parse_params({"data": {"mirrors": {"https://h/a.zip": ["a", "b"]}}})
     with pytest.raises(ValueError, match="frozen"):
         params.data.source = "elsewhere"  # type: ignore[misc]
     flat = flatten(params)
-    assert flat["data.mirrors"] == ["a", "b"] and flat["finetune.augment.flip"] is True
+    assert flat["data.mirrors"] == {"https://h/a.zip": ["a", "b"]}
+    assert flat["finetune.augment.flip"] is True
+
+
+@pytest.mark.parametrize(
+    ("mirrors", "expected"),
+    [
+        (["../shared/data/dogscats"], "a list of mirrors is no longer accepted"),
+        (["x"], "give a mapping from that URL to its local copies, e.g. mirrors: {https://"),
+        ({"../photos": ["../copy"]}, "each key must be the http(s) URL"),
+        ("../copy", "data.mirrors: Input should be a valid dictionary"),
+        ({"https://h/a.zip": [1]}, "data.mirrors.https://h/a.zip.0: Input should be a valid"),
+    ],
+)
+def test_mirrors_are_a_mapping_from_url_to_local_copies(mirrors, expected: str) -> None:
+    assert expected in _error({"data": {"mirrors": mirrors}})
+    one = parse_params({"data": {"mirrors": {"https://h/a.zip": "../copy"}}}).data.mirrors
+    assert one == {"https://h/a.zip": ("../copy",)}
+    assert parse_params({"data": {"mirrors": {}}}).data.mirrors == {}
 
 
 _VALUES = st.one_of(

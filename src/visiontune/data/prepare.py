@@ -38,6 +38,7 @@ from visiontune.data.sources import (
 )
 
 IMAGES_DIR = "images"
+_LAYOUTS = {"folders": "a folder per class", "labels_csv": "images + a labels CSV"}
 
 
 def prepare_dataset(
@@ -109,6 +110,7 @@ def prepare_dataset(
             "kind": source.kind,
             "layout": listing.layout,
             "archive_sha256": source.archive_sha256,
+            "reason": source.reason,
         },
         "images": len(kept),
         "candidates": len(listing.candidates),
@@ -220,9 +222,10 @@ def select_images(
 def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
     """A few human lines for the end of the fetch stage."""
     hints = ", ".join(f"{k or 'no hint'} {v}" for k, v in summary["split_hints"].items())
+    source = summary["source"]
+    layout = _LAYOUTS.get(source["layout"], source["layout"])
     lines = [
-        f"fetch: source {summary['source']['used']} ({summary['source']['kind']}, "
-        f"{summary['source']['layout']})",
+        f"fetch: source {source['used']} ({layout}): {source['reason']}",
         f"fetch: {summary['images']} images in {summary['classes']} classes ({hints or 'none'})",
     ]
     if summary["rejected"]:

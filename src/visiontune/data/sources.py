@@ -1,4 +1,4 @@
-"""Find the dataset (mirror, folder, archive or URL) and list its labelled image files.
+"""Find the dataset (folder, archive, URL or a local mirror of that URL) and list its images.
 
 Two layouts are understood: folders per class (below any depth of train/valid/test
 folders), and a folder of images plus a CSV of labels. Files that cannot be used are
@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -61,55 +61,71 @@ class Listing:
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """Where the images were actually read from."""
+    """Where the images were actually read from, and why."""
 
     requested: str
     used: str  # the mirror, path or URL actually used
     kind: str  # directory | archive | url
     root: Path  # the directory holding the dataset (extracted, for archives)
     archive_sha256: str | None = None
+    reason: str = ""  # one phrase: why `used` (a mirror of the URL, as given, downloaded)
 
 
 class SourceError(ValueError):
     """A source that cannot be used at all (missing, bad CSV columns, ...)."""
 
 
+def pick_mirror(source: str, mirrors: Mapping[str, Sequence[str]]) -> str | None:
+    """The first existing local copy of `source`; None when `source` has none.
+
+    A mirror stands in only for the URL it copies: a local folder, a CSV or an archive, or
+    another URL, is always used as given.
+    """
+    if not is_url(source):
+        return None
+    return next((m for m in mirrors.get(source, ()) if Path(m).exists()), None)
+
+
 @contextlib.contextmanager
 def resolve_source(
     source: str,
-    mirrors: Sequence[str],
+    mirrors: Mapping[str, Sequence[str]],
     download_dir: Path,
     *,
     sha256: str | None = None,
     retries: int = 3,
     timeout_s: float = 60.0,
 ) -> Iterator[ResolvedSource]:
-    """Pick the first existing mirror, else `source`; download and extract as needed.
+    """Use a local copy of the `source` URL when `mirrors` has one, else `source` itself;
+    download and extract as needed.
 
     Archives are extracted to a temp folder under `download_dir`, removed on exit;
     downloads are cached in `download_dir` so a rerun does not fetch again.
     """
-    used = next((m for m in mirrors if Path(m).exists()), None)
-    if used is None:
-        used = source
-        if is_url(source):
-            path = download(
-                source,
-                Path(download_dir) / cache_name(source),
-                sha256=sha256,
-                retries=retries,
-                timeout_s=timeout_s,
-            )
-        else:
-            path = Path(source)
-            if not path.exists():
-                tried = ", ".join([*mirrors, source])
-                raise SourceError(f"data.source not found: {source} (tried {tried})")
-    else:
+    copies = list(mirrors.get(source, ())) if is_url(source) else []
+    used = pick_mirror(source, mirrors)
+    if used is not None:
         path = Path(used)
+        reason = f"the local copy of {source} in data.mirrors (nothing downloaded)"
+    elif is_url(source):
+        used = source
+        target = Path(download_dir) / cache_name(source)
+        cached = target.is_file()
+        path = download(source, target, sha256=sha256, retries=retries, timeout_s=timeout_s)
+        reason = f"{'already downloaded' if cached else 'downloaded'} to {target}"
+        if copies:
+            reason += f" (no data.mirrors copy found: {', '.join(copies)})"
+    else:
+        used = source
+        path = Path(source)
+        if not path.exists():
+            raise SourceError(
+                f"data.source not found: {source} (relative paths start at {Path.cwd()})"
+            )
+        reason = "data.source, used as given"
     kind = "url" if is_url(used) else "directory" if path.is_dir() else "archive"
     if path.is_dir():
-        yield ResolvedSource(source, used, kind, path)
+        yield ResolvedSource(source, used, kind, path, reason=reason)
         return
     if not is_archive_name(path.name):
         raise SourceError(f"{path}: not a directory or a .zip/.tar/.tar.gz/.tgz archive")
@@ -120,7 +136,7 @@ def resolve_source(
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=download_dir))
     try:
         extract_archive(path, tmp)
-        yield ResolvedSource(source, used, kind, _unwrap(tmp), digest)
+        yield ResolvedSource(source, used, kind, _unwrap(tmp), digest, reason)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

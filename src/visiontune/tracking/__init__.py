@@ -100,7 +100,9 @@ def preflight(
     """
     from mlflow.tracking import MlflowClient
 
-    from visiontune.tracking.runs import StageTracker, start_stage_run
+    from visiontune.tracking.runs import StageTracker, quiet_mlflow_logging, start_stage_run
+
+    quiet_mlflow_logging()
 
     section: TrackingParams = params.tracking
     if not section.enabled:

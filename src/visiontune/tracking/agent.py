@@ -39,6 +39,10 @@ from visiontune.tracking.store import (
 
 # How long a stage waits at exit for the helper to close its runs.
 _CLOSE_TIMEOUT_S = 60.0
+# The helper's command line. Not `python -m visiontune.tracking.agent`: runpy imports the
+# package first, whose __init__ imports this module, then runs it a second time as __main__
+# and warns about it ("found in sys.modules ... prior to execution") on every stage.
+_HELPER = "from visiontune.tracking.agent import main; raise SystemExit(main())"
 
 
 class TrackingAgent:
@@ -64,7 +68,7 @@ class TrackingAgent:
         """Start the helper; it opens `stage`'s run while the caller goes on."""
         cwd = Path.cwd() if cwd is None else cwd
         process = subprocess.Popen(
-            [sys.executable, "-m", "visiontune.tracking.agent"],
+            [sys.executable, "-c", _HELPER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=dict(environ),
@@ -217,7 +221,3 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return serve(sys.stdin, replies, os.environ)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -48,14 +48,20 @@ class StageRecord:
 
 
 def flatten_mapping(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` → `{"a.b": 1}`; lists become strings."""
+    """`{"a": {"b": 1}}` → `{"a.b": 1}`; lists become strings.
+
+    A mapping keyed by URLs (`data.mirrors`: URL → local copies) stays one value, a JSON
+    string: a URL is no MLflow name.
+    """
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and not any("://" in str(k) for k in value):
             flat.update(flatten_mapping(value, f"{name}{sep}", sep))
+        elif isinstance(value, Mapping | list | tuple):
+            flat[name] = json.dumps(value)
         else:
-            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else value
+            flat[name] = value
     return flat
 
 

@@ -17,7 +17,11 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 import visiontune
@@ -47,6 +51,25 @@ def _requirements() -> list[str]:
         f"safetensors=={safetensors.__version__}",
         f"visiontune=={visiontune.__version__}",
     ]
+
+
+def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id: str | None) -> str:
+    """A new version of registered model `name` (created if missing) for the logged model.
+
+    What `log_model(registered_model_name=...)` does, without its "Successfully registered
+    model" and "Created version" lines on stderr in the middle of the stage's output.
+    """
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in {
+            ErrorCode.Name(c) for c in (RESOURCE_ALREADY_EXISTS, ALREADY_EXISTS)
+        }:
+            raise
+    created = client.create_model_version(
+        name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id
+    )
+    return str(created.version)
 
 
 def log_model(
@@ -90,12 +113,12 @@ def log_model(
             input_example=example,
             metadata=metadata,
             pip_requirements=_requirements(),
-            registered_model_name=registered_model,
         )
     # The self-contained file `visiontune predict` loads: stored once, no checkpoints.
     tracker.log_artifact(model_file, "weights")
-    version = logged.registered_model_version
-    if registered_model and version is not None:
+    version = None
+    if registered_model:
+        version = register_version(tracker.client, registered_model, logged, tracker.run_id)
         tracker.client.set_registered_model_alias(registered_model, alias, str(version))
         tracker.client.set_model_version_tag(
             registered_model, str(version), "visiontune.backbone", info.backbone

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +28,18 @@ STAGE_TAG = "visiontune.stage"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow rejects longer param values.
 _MAX_PARAM_CHARS = 6000
+
+
+def quiet_mlflow_logging(environ: Mapping[str, str] = os.environ) -> None:
+    """Keep MLflow's warnings and errors, not its INFO lines, unless MLFLOW_LOGGING_LEVEL is set.
+
+    mlflow sets its logger to INFO when imported, so a new SQLite store printed "Creating
+    initial MLflow database tables..." and "Updating database tables" into the stage's
+    output. mlflow already holds alembic and SQLAlchemy at WARNING; only its own logger is
+    raised here, never the root logger.
+    """
+    if not environ.get("MLFLOW_LOGGING_LEVEL"):
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -23,6 +23,13 @@ from visiontune.fileio import atomic_path
 # checkpoint no longer carries the RNG state of the epoch's start ("epoch_rng").
 FORMAT_VERSION = 2
 CHECKPOINT_NAME = "last.pt"
+# What stays in the checkpoint folder once a run is done: an empty folder (a DVC output)
+# made `dvc repro` print "WARNING: 'outputs/finetune/checkpoints' is empty." every time.
+NOTE_NAME = "README.txt"
+_NOTE = (
+    f"{CHECKPOINT_NAME} here is the checkpoint of an unfinished fine-tune: `dvc repro` resumes "
+    "from it.\nThe finetune stage removes it once its outputs are written and logged.\n"
+)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -113,11 +120,15 @@ def discard_checkpoint(checkpoint_dir: Path) -> bool:
     stays, so a stage that failed after training (a tracking error) is rerun without
     training again. After it, nothing may be resumed: DVC reruns the stage when its code
     changes, and code is not part of a checkpoint's config, so a kept final checkpoint
-    would hand back the old model untrained.
+    would hand back the old model untrained. A note saying what the folder is for stays in
+    it, so the DVC output is never an empty folder.
     """
-    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        with atomic_path(checkpoint_dir / NOTE_NAME) as tmp:
+            tmp.write_text(_NOTE, encoding="utf-8")
     try:
-        path.unlink()
+        (checkpoint_dir / CHECKPOINT_NAME).unlink()
     except FileNotFoundError:
         return False
     return True

@@ -1,0 +1,79 @@
+"""README and docs/ stay true: a short README in the promised order, every params key in the
+parameter reference, every relative link pointing at a file (and heading) that exists."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from visiontune.config import Params, flatten
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = ["parameters", "data", "tracking", "scaling", "reproducibility", "design"]
+PAGES = [ROOT / "README.md", *(ROOT / "docs" / f"{name}.md" for name in DOCS)]
+
+
+def test_readme_is_short_enough_to_read_top_to_bottom():
+    lines = README.splitlines()
+    assert len(lines) <= 200, f"README has {len(lines)} lines"
+    wide = [f"{n}: {line}" for n, line in enumerate(lines, 1) if len(line) > 100]
+    assert not wide, "README lines over 100 characters:\n" + "\n".join(wide)
+
+
+def test_readme_sections_come_in_the_order_a_newcomer_needs():
+    headings = re.findall(r"(?m)^## (.+)$", README)
+    assert headings == [
+        "The two commands",
+        "What you get",
+        "Training on your own photos",
+        "Comparing experiments",
+        "Predicting",
+        "More",
+    ]
+    assert "make demo" in README and "make test" in README
+    assert "fetch → split → precompute → train_head → lr_find → finetune → evaluate" in README
+
+
+def test_readme_links_every_docs_page():
+    for name in DOCS:
+        assert f"(docs/{name}.md)" in README, name
+    assert set(DOCS) == {p.stem for p in (ROOT / "docs").glob("*.md")}
+
+
+def test_every_params_key_is_in_the_parameter_reference():
+    reference = (ROOT / "docs" / "parameters.md").read_text(encoding="utf-8")
+    missing = [key for key in flatten(Params()) if f"`{key}`" not in reference]
+    assert not missing, f"docs/parameters.md lacks {missing}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_point_at_existing_files_and_headings(page: Path):
+    text = page.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.exists(), f"{page.name}: broken link {target}"
+        if anchor:
+            headings = re.findall(r"(?m)^#+ (.+)$", resolved.read_text(encoding="utf-8"))
+            assert anchor in {_anchor(h) for h in headings}, f"{page.name}: no #{anchor}"
+
+
+def test_make_help_lists_the_targets():
+    # `make help` reads the Makefile only (no setup), as the README tells a newcomer.
+    shown = subprocess.run(
+        ["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    for target in ("setup", "demo", "test", "test-fast", "lint", "bench", "ui"):
+        assert re.search(rf"(?m)^  {target} ", shown), target
