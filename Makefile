@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,4 +46,15 @@ ui: setup ## MLflow UI for the default local store (mlflow.db + mlruns/), on loc
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--artifacts-destination $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-.PHONY: help setup demo test test-fast lint format bench ui
+# A lent GPU machine has its own python3 and torch but no venv, DVC, MLflow or network: these
+# targets need no `setup` (bench/README.md, "GPU check").
+gpu-check-prepare: ## before a GPU loan: wheels and a photo subset into .gpu/ (carried, < 60 MiB)
+	python3 bench/gpu_prepare.py
+
+gpu-check: ## on a lent GPU machine: the CUDA pipeline, measured (bench/results/gpu-*.json)
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
+
+gpu-check-dry-run: ## the GPU check, small, on this CPU (after gpu-check-prepare)
+	bash bench/gpu_check.sh --dry-run-cpu
+
+.PHONY: help setup demo test test-fast lint format bench ui gpu-check-prepare gpu-check gpu-check-dry-run

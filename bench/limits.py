@@ -11,7 +11,7 @@ import copy
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,22 +228,30 @@ class LimitProbe:
             **timing,
         )
 
-    def around(self, stage: str) -> dict[str, Any] | None:
+    def around(self, stage: str, steps: int = 2) -> dict[str, Any] | None:
         """The limit a stage's ratio is taken against, measured now (shorter than at the
-        start: one warm-up call, 3 runs of 2 steps), or None for a stage without one."""
+        start: one warm-up call, 3 runs of `steps` steps), or None for a stage without one."""
         p = self.params
         if stage in ("precompute", "evaluate"):
             bs = p.precompute.batch_size if stage == "precompute" else p.tta.batch_size
-            return {"limit": "forward", **self.forward(bs, warmup=1, repeats=3, steps=2)}
+            return {"limit": "forward", **self.forward(bs, warmup=1, repeats=3, steps=steps)}
         if stage == "finetune":
-            return {"limit": "train_step", **self.train_step(warmup=1, repeats=3, steps=2)}
+            return {"limit": "train_step", **self.train_step(warmup=1, repeats=3, steps=steps)}
         return None
 
 
 def measure_limits(
-    probe: LimitProbe, image_dir: Path, decode_images: int = 384, echo: bool = True
+    probe: LimitProbe,
+    image_dir: Path,
+    decode_images: int = 384,
+    echo: bool = True,
+    timing: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """All machine limits for the probe's params; see the module docstring."""
+    """All machine limits for the probe's params; see the module docstring.
+
+    `timing` overrides the forward and train-step timing (`warmup`, `repeats`, `steps`):
+    a GPU takes milliseconds per step, so its runs need more steps than a CPU's.
+    """
     from visiontune.data.transforms import (
         create_eval_transform,
         create_train_transform,
@@ -281,10 +289,10 @@ def measure_limits(
 
     forward: dict[str, Any] = {}
     for batch_size in sorted({params.precompute.batch_size, params.tta.batch_size}):
-        forward[str(batch_size)] = probe.forward(batch_size)
+        forward[str(batch_size)] = probe.forward(batch_size, **(timing or {}))
         say(f"forward   bs={batch_size:<3} {forward[str(batch_size)]['images_per_s']:7.1f} img/s")
 
-    train = probe.train_step()
+    train = probe.train_step(**(timing or {}))
     say(f"train step bs={train['batch_size']:<3} {train['images_per_s']:7.1f} img/s")
 
     paths = sample_images(image_dir, decode_images)

@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,12 +140,21 @@ def _fingerprint_inputs(
             "torch_version": torch.__version__,
             # The JPEG decoders the pixels come from (visiontune.data.pixels).
             "pillow_version": package_version("pillow"),
-            "torchcodec_version": package_version("torchcodec"),
+            # None without TorchCodec: then Pillow decodes every JPEG (data.pixels).
+            "torchcodec_version": installed_version("torchcodec"),
             "model_overrides": overrides,
             "precision": precision,
             "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
         }
     )
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of `distribution`, or None when it is not installed."""
+    try:
+        return package_version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 def _json_safe(value: Any) -> Any:

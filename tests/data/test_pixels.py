@@ -110,3 +110,13 @@ def test_transforms_give_the_same_pixels_from_a_tensor_as_from_a_pillow_image() 
                 from_image = train(image)
             assert from_tensor.shape == (3, 32, 32)
             assert torch.equal(from_tensor, from_image), (size, seed)
+
+
+def test_without_torchcodec_every_photo_goes_through_pillow(dogscats: Path, monkeypatch) -> None:
+    """A lent GPU machine has torch but not TorchCodec: the same pixels, from open_rgb."""
+    from visiontune.data import pixels
+
+    monkeypatch.setattr(pixels, "decode_jpeg", None)
+    for path in sorted((dogscats / "valid" / "cats").glob("*.jpg"))[:4]:
+        assert _direct_jpeg_bytes(path, 256) is None
+        assert torch.equal(open_pixels(path, min_size=256), pillow_pixels(path, 256)), path

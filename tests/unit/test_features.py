@@ -201,3 +201,21 @@ def test_the_train_head_stage_imports_neither_timm_nor_torchvision() -> None:
         [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, check=True
     )
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_fingerprint_records_no_torchcodec_where_it_is_not_installed(split, monkeypatch):
+    """Without TorchCodec Pillow decodes every JPEG (data.pixels): the cache says so."""
+    from importlib.metadata import PackageNotFoundError
+
+    import visiontune.features as features
+
+    real = features.package_version
+
+    def version(name: str) -> str:
+        if name == "torchcodec":
+            raise PackageNotFoundError(name)
+        return real(name)
+
+    assert fingerprint(split)["torchcodec_version"] is not None
+    monkeypatch.setattr(features, "package_version", version)
+    assert fingerprint(split)["torchcodec_version"] is None

@@ -11,7 +11,9 @@ photo (1 core); a 2-worker loader alone, 704-885 → 949-1064 images/s.
 
 Everything else goes through `open_rgb`: other formats, CMYK JPEGs (Adobe's inverted
 variants are Pillow's business), photos large enough for a reduced decode, and any file
-TorchCodec rejects, so its checks and error messages stay the only ones.
+TorchCodec rejects, so its checks and error messages stay the only ones. Without
+TorchCodec installed (a lent GPU machine has torch but not it) every image goes through
+`open_rgb`: the same pixels, only slower.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchcodec.decoders import decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from visiontune.data.images import open_rgb
+
+try:
+    from torchcodec.decoders import decode_jpeg
+except ImportError:  # not installed: open_rgb decodes everything (same pixels)
+    decode_jpeg = None
 
 # JPEG colour models TorchCodec's RGB decode handles as Pillow does.
 _DIRECT_MODES = frozenset({"RGB", "L"})
@@ -56,6 +62,8 @@ def _direct_jpeg_bytes(path: Path, min_size: int | None) -> bytes | None:
 
     Only the header is read to decide, so a file left to open_rgb is not read twice.
     """
+    if decode_jpeg is None:
+        return None
     try:
         with open(path, "rb") as file, Image.open(file) as img:
             if img.format != "JPEG" or img.mode not in _DIRECT_MODES:
