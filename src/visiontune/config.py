@@ -231,7 +231,7 @@ class FinetuneParams(Section):
 
 
 class TtaParams(Section):
-    n_augment: int = Field(4, ge=0, le=16)
+    n_augment: int = Field(1, ge=0, le=16)
     batch_size: int = Field(64, ge=1)
     # Zoom of the zoomed crop views (1.0 = no zoom).
     zoom: float = Field(1.15, ge=1, le=2)

@@ -28,9 +28,10 @@ CFG = DataConfig(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="
 
 def test_views_are_a_fixed_order_of_distinct_views():
     assert tta_views(0) == (TtaView(),)
-    # n_augment=4 is FiveCrop, 9 is TenCrop; zoomed views only after those.
-    assert [v.name for v in tta_views(4)] == [
+    # n_augment=1 is the mirror, 5 is FiveCrop + mirror, 9 is TenCrop; zoomed views last.
+    assert [v.name for v in tta_views(5)] == [
         "crop_center",
+        "crop_center_flip",
         "crop_top_left",
         "crop_top_right",
         "crop_bottom_left",
