@@ -99,9 +99,10 @@ def test_cross_field_checks() -> None:
     assert "lr_ratios has 2 entries but layer_groups is 3" in _error(
         {"finetune": {"lr_ratios": [0.1, 1.0]}}
     )
-    assert "init: source maps the backbone's classifier onto a single Linear" in _error(
-        {"head": {"init": "source", "hidden": [64]}}
-    )
+    for init in ("source", "logreg"):
+        assert f"init: {init} fits a single Linear; use hidden: []" in _error(
+            {"head": {"init": init, "hidden": [64]}}
+        )
 
 
 def test_yaml_exponent_strings_are_read_as_numbers(tmp_path: Path) -> None:

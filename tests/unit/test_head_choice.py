@@ -110,3 +110,18 @@ def test_the_validation_labels_choose_nothing():
         assert a.metrics["init"] == b.metrics["init"]
         sa, sb = a.head.state_dict(), b.head.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_keeps_a_logistic_heads_statistics():
+    """The fitted standardisation stays put in train mode; a trained head's BN still tracks."""
+    from torch import nn
+
+    from visiontune.models.classifier import ImageClassifier
+    from visiontune.train.loop import set_train_mode
+
+    for fixed in (True, False):
+        body = nn.Sequential(nn.BatchNorm1d(4))
+        model = ImageClassifier(nn.Identity(), body, create_head(4, 2), head_stats_fixed=fixed)
+        set_train_mode(model, freeze_bn=True)
+        assert not body[0].training and model.head[0].training is not fixed
+        assert model.head[-1].training  # the Linear and dropout still train

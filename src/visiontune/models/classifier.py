@@ -32,15 +32,22 @@ class ImageClassifier(torch.nn.Module):
 
     It takes the uint8 batches the loaders yield (N×3×H×W, any device) and returns logits.
     `normalize` holds no saved tensors, so the state dict is the body's and the head's.
+    `head_stats_fixed`: the head's BatchNorm holds the statistics its linear layer was
+    fitted with (a logistic-regression head); training keeps them (`set_train_mode`).
     """
 
     def __init__(
-        self, normalize: PixelNormalize, body: torch.nn.Module, head: torch.nn.Module
+        self,
+        normalize: PixelNormalize,
+        body: torch.nn.Module,
+        head: torch.nn.Module,
+        head_stats_fixed: bool = False,
     ) -> None:
         super().__init__()
         self.normalize = normalize
         self.body = body
         self.head = head
+        self.head_stats_fixed = head_stats_fixed
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.normalize(pixels)))

@@ -91,7 +91,9 @@ def load_classifier(
         head_hidden=tuple(meta["hidden"]),
         head_dropout=float(meta["dropout"]),
     )
-    return ImageClassifier(PixelNormalize.from_config(data_config), body, head), info, weights
+    normalize = PixelNormalize.from_config(data_config)
+    fixed = meta.get("init") == "logreg"  # its BatchNorm holds the fit's standardisation
+    return ImageClassifier(normalize, body, head, head_stats_fixed=fixed), info, weights
 
 
 def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
