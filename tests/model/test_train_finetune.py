@@ -27,7 +27,7 @@ from visiontune.train.recipes import create_train_dataset, create_valid_loader, 
 CLASSES = ["cats", "dogs"]
 DATA_CONFIG = DataConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 0.875)
 PARAMS = FinetuneParams(
-    n_cycles=2, cycle_len=1, cycle_mult=1, batch_size=4, warmup_pct=0.4,
+    n_cycles=2, cycle_len=1, cycle_mult=1, batch_size=4, warmup_pct=0.4, lr_ratios=(0.01, 0.1, 1),
     augment=AugmentParams(rotate_deg=10, max_zoom=1.2),
 )  # fmt: skip
 
@@ -240,6 +240,6 @@ def test_lr_find_on_the_full_network_restores_it(data):
     params = LrFindParams(num_iter=6, batch_size=4, start_lr=1e-5, end_lr=1.0)
     result = run_lr_find(model, train, PARAMS, params, runtime, seed=0)
     assert 1 <= len(result.curve) <= 6
-    assert set(result.suggestions) == {"min/10", "steepest", "valley", "slide"}
+    assert set(result.suggestions) == {"min/10", "steepest", "valley", "slide", "takeoff/10"}
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
