@@ -103,27 +103,8 @@ def make_command(project: Path, *args: str) -> list[str]:
     return ["make", "-s", f"VENV={venv}", f"STAMP={stamp}", *args]
 
 
-def make(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 900):
-    """Run a Makefile target in `project`; fail the test with its output if it fails."""
-    result = subprocess.run(
-        make_command(project, *args),
-        cwd=project,
-        env=dict(env or project_env()),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"make {' '.join(args)} failed ({result.returncode}):\n"
-            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
-
-
-def dvc(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 600):
-    """Run the venv's dvc in `project`; fail the test with its output if it fails."""
-    command = [str(Path(sys.executable).parent / "dvc"), *args]
+def _run_or_fail(command: list[str], project: Path, env, timeout: float, what: str):
+    """Run `command` in `project`; fail the test with its output if it fails."""
     result = subprocess.run(
         command,
         cwd=project,
@@ -134,7 +115,19 @@ def dvc(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout
     )
     if result.returncode != 0:
         raise AssertionError(
-            f"{' '.join(command)} failed ({result.returncode}):\n"
+            f"{what} failed ({result.returncode}):\n"
             f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def make(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 900):
+    """Run a Makefile target in `project`; fail the test with its output if it fails."""
+    command = make_command(project, *args)
+    return _run_or_fail(command, project, env, timeout, f"make {' '.join(args)}")
+
+
+def dvc(project: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 600):
+    """Run the venv's dvc in `project`; fail the test with its output if it fails."""
+    command = [str(Path(sys.executable).parent / "dvc"), *args]
+    return _run_or_fail(command, project, env, timeout, " ".join(command))
