@@ -174,10 +174,10 @@ class LrFindParams(Section):
     smooth: float = Field(0.98, ge=0, lt=1)
     # Stop when the smoothed loss exceeds this multiple of the best seen.
     diverge: float = Field(4.0, gt=1)
-    # takeoff/10: after a trained head the curve is flat until it takes off, and both
+    # takeoff/30: after a trained head the curve is flat until it takes off, and both
     # valley and slide can read the noise on that plateau as a tiny LR (valley: 1.5e-5 on
-    # dogbreeds; slide: 1.5e-5 on defects, where takeoff/10 gave 1.9e-3 and +10 points).
-    method: Literal["min/10", "steepest", "valley", "slide", "takeoff/10"] = "takeoff/10"
+    # dogbreeds; slide: 1.5e-5 on defects, where takeoff/30 gave 6.5e-4 and +5.5 points).
+    method: Literal["min/10", "steepest", "valley", "slide", "takeoff/30"] = "takeoff/30"
 
     @model_validator(mode="after")
     def _range(self) -> LrFindParams:

@@ -111,8 +111,8 @@ def test_stages_chain_and_write_their_outputs(project, monkeypatch):
             "--head", str(root / "head" / "head.safetensors")]  # fmt: skip
     assert stage("lr_find")([*common, *data, "--out", str(root / "lr_find")]) == 0
     suggestion = json.loads((root / "lr_find" / "suggestion.json").read_text())
-    assert suggestion["method"] == "takeoff/10"
-    assert suggestion["lr"] == suggestion["suggestions"]["takeoff/10"] > 0
+    assert suggestion["method"] == "takeoff/30"
+    assert suggestion["lr"] == suggestion["suggestions"]["takeoff/30"] > 0
     curve = pd.read_csv(root / "lr_find" / "curve.csv")
     assert list(curve.columns) == ["step", "lr", "loss", "smoothed_loss"]
 

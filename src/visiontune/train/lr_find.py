@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-SUGGESTION_METHODS = ("min/10", "steepest", "valley", "slide", "takeoff/10")
+SUGGESTION_METHODS = ("min/10", "steepest", "valley", "slide", "takeoff/30")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def takeoff_index(losses: Sequence[float], rise: float = 1.5) -> int:
     """The last point before the loss leaves its plateau for good.
 
     The plateau is the median loss over the first half of the curve; the take-off is the
-    last point at or below `rise` times it. A tenth of its LR is a safe training LR on a
+    last point at or below `rise` times it. A thirtieth of its LR is a safe training LR on a
     curve that never descends (a trained head), whatever the noise on the plateau.
     """
     values = np.asarray(losses, dtype=np.float64)
@@ -104,13 +104,15 @@ def suggest_lrs(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> dict[
     lrs_arr, losses = lrs_arr[lo:hi], losses[lo:hi]
     grads = np.diff(losses) / np.diff(np.log(lrs_arr))
     slide = slide_index(losses.tolist())
-    takeoff = float(lrs_arr[takeoff_index(losses.tolist())] / 10)
+    # /30, not /10: at a tenth dogbreeds (120 classes, 7 photos each) fell from 87.8 to
+    # 79.0 % in 3 epochs; at a thirtieth 86.8 % (slide's on that split), defects 54.5 %.
+    takeoff = float(lrs_arr[takeoff_index(losses.tolist())] / 30)
     return {
         "min/10": float(lrs_arr[int(np.argmin(losses))] / 10),
         "steepest": float(lrs_arr[int(np.argmin(grads))]),
         "valley": float(lrs_arr[valley_index(losses.tolist())]),
         "slide": float(lrs_arr[slide]) if slide is not None else takeoff,
-        "takeoff/10": takeoff,
+        "takeoff/30": takeoff,
     }
 
 
