@@ -81,8 +81,10 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) ->
     scaler = StandardScaler().fit(features)
     standard = scaler.transform(features)
     rows = _subsample(len(labels), CV_MAX_ROWS, seed)
-    folds = cv_folds(torch.from_numpy(labels[rows]), seed)
     everything = len(rows) == len(labels)
+    # Fancy indexing copies: with every row, the C search reads the matrix itself.
+    cv_x, cv_y = (standard, labels) if everything else (standard[rows], labels[rows])
+    folds = cv_folds(torch.from_numpy(cv_y), seed)
     with warnings.catch_warnings(record=True) as caught:
         # Recorded, not shown: `converged` reports it in the metrics.
         warnings.simplefilter("always", ConvergenceWarning)
@@ -95,16 +97,21 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) ->
             max_iter=LOGREG_MAX_ITER,
             tol=LOGREG_TOL,
             refit=everything,
-        ).fit(standard[rows], labels[rows])
+        ).fit(cv_x, cv_y)
         model = search
         if not everything:  # the C search saw a subsample: refit on every row at its C
             model = LogisticRegression(
                 C=float(search.C_), max_iter=LOGREG_MAX_ITER, tol=LOGREG_TOL
             ).fit(standard, labels)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    converged = True
+    for w in caught:  # record=True catches every warning: only non-convergence is absorbed
+        if issubclass(w.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     best = int(np.argmax(search.scores_.mean(axis=0).ravel()))
     coef, intercept = _full_classes(model.coef_, model.intercept_, model.classes_, num_classes)
-    held_out = [(standard[rows][test], labels[rows][test]) for _, test in folds]
+    held_out = [(cv_x[test], cv_y[test]) for _, test in folds]
     return LogRegFit(
         mean=torch.from_numpy(scaler.mean_).float(),
         scale=torch.from_numpy(scaler.scale_).float(),
