@@ -202,6 +202,10 @@ def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
     """
     spec = yaml.safe_load((project / "dvc.yaml").read_text()) or {}
     params = yaml.safe_load((project / "params.yaml").read_text()) or {}
+    # dvc.yaml's own `vars` (the stages' paths) resolve like params.yaml's values.
+    for entry in spec.get("vars") or []:
+        if isinstance(entry, Mapping):
+            params = {**params, **entry}
     declared = {}
     for name, stage in (spec.get("stages") or {}).items():
         cmd = stage["cmd"]

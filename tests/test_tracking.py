@@ -133,7 +133,13 @@ def test_pipeline_id_is_shared_by_the_children_of_one_dvc_process(tmp_path: Path
 def test_one_parent_per_pipeline_and_one_child_per_stage(params, tmp_path: Path) -> None:
     env = {"VISIONTUNE_PIPELINE_ID": f"pipeline-a-{time.time()}", "DVC_EXP_NAME": "tidy-lamb"}
     for stage in ("train_head", "finetune"):
-        tracker = tracking.preflight(params, stage, environ=env, cwd=tmp_path)
+        tracker = tracking.preflight(
+            params,
+            stage,
+            environ=env,
+            cwd=tmp_path,
+            runtime_tags={"device": "cpu", "precision": "fp32"},
+        )
         write_finetune_outputs(tmp_path / stage, steps=10)
         assert tracking.log_stage(tracker, params, tmp_path / stage) == 0
     other = tracking.preflight(params, "evaluate", environ={"VISIONTUNE_PIPELINE_ID": "b"})

@@ -34,7 +34,7 @@ from visiontune.config import flatten, load_params
 from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig
 from visiontune.evaluate.tta import ViewMaker, tta_views
-from visiontune.tracking.store import file_sha256
+from visiontune.fileio import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,7 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
                           text=True, check=True).stdout.strip()  # fmt: skip
     tags = parent.data.tags
     assert tags["git.commit"] == head and tags["git.dirty"] == "false"
-    assert tags["data.fingerprint"] == file_sha256(project / "data/prepared/manifest.csv")
+    assert tags["data.fingerprint"] == sha256_file(project / "data/prepared/manifest.csv")
     assert tags["backbone"] == params.model.backbone
     assert {"device", "precision", "visiontune.version"} <= tags.keys()
     evaluated = json.loads((project / "outputs/evaluate/metrics.json").read_text())

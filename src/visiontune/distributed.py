@@ -1,14 +1,16 @@
 """torch.distributed for the heavy stages: process group, rank-0 helpers, sharding, gathering.
 
-The stage layer reads torchrun's environment and calls `init_distributed`; library functions
+The stage runner enters `torch_stage`, which reads torchrun's environment; library functions
 take the resulting `DistContext` and run unchanged in one process (`SINGLE`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,8 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from visiontune.config import DistributedParams
-from visiontune.runtime import Runtime, cpu_count
+from visiontune.config import DistributedParams, Params
+from visiontune.runtime import (
+    Runtime,
+    configure_memory,
+    cpu_count,
+    resolve_runtime,
+    seed_everything,
+)
 
 T = TypeVar("T")
 
@@ -116,6 +124,26 @@ def init_from_environ(
         )
     except ValueError as exc:
         raise DistributedSetupError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def torch_stage(params: Params) -> Iterator[tuple[Runtime, DistContext]]:
+    """A torch stage's set-up, written once: (this rank's runtime, its process group).
+
+    Allocator settings first (before any tensor), then seeds, device and precision, then
+    torchrun's process group, left on exit. Raises ValueError or RuntimeError for a launch
+    these params cannot serve (the stage runner exits 2 with the message).
+    """
+    configure_memory(params.base)
+    seed_everything(params.base.seed, params.base.deterministic)
+    runtime = resolve_runtime(params.base)
+    if params.distributed.sync_bn:
+        check_sync_bn(runtime)
+    ctx = init_from_environ(params.distributed, runtime.device.type, os.environ)
+    try:
+        yield rank_runtime(runtime, ctx, params.base.num_workers == "auto"), ctx
+    finally:
+        cleanup(ctx)
 
 
 def cleanup(ctx: DistContext) -> None:

@@ -44,7 +44,7 @@ DERIVED_KEYS = {"data_config": ("backbone", "timm_version", "model_overrides")}
 _OVERRIDES = ("image_size", "mean", "std", "interpolation", "crop_pct")
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(ValueError):
     """A feature cache computed with other settings than the ones asked for."""
 
     def __init__(self, message: str, changed: Sequence[str] = ()) -> None:

@@ -1,69 +1,143 @@
-"""What every stage script does before any work: validated params, a usable tracking store."""
+"""The one way a stage script runs: params, seed, runtime, torchrun, tracking, exit codes.
+
+A stage script is its paths and a `work(stage)` function that reads inputs, calls the
+library and writes outputs; `run_stage` does everything around it, in this order:
+
+1. parse the paths (dvc.yaml passes each one, from its `vars`) and load the params; bad
+   params exit 2 with the key and what it allows, before any work;
+2. for torch stages, `setup` (`visiontune.distributed.torch_stage`): allocator settings,
+   seeds, device and precision, and the torchrun process group (a bad launch exits 2);
+3. open the tracking run on rank 0 (an unusable store exits 3 when `tracking.required`);
+4. run `work`; a `StageError` (or a bad input: OSError, ValueError) prints
+   "<stage> failed: why" and exits 1;
+5. print what was written and log the output folder to MLflow (exit 1 if that fails and
+   tracking is required).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from visiontune import tracking
 from visiontune.config import Params, ParamsError, load_params
-from visiontune.runtime import configure_memory
 
-# Exit codes of the stage scripts (0 is success, 1 a failure of the stage's own work).
+EXIT_FAILED = 1
 EXIT_BAD_PARAMS = 2
 EXIT_TRACKING_UNAVAILABLE = 3
 
 
-class StageExit(Exception):
-    """A stage must stop before doing any work; `code` is its exit status."""
+class StageError(Exception):
+    """The stage stops: the message says why, `code` is the exit status, `what` happened."""
 
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
+    def __init__(self, message: str, code: int = EXIT_FAILED, what: str = "failed") -> None:
+        super().__init__(message)
         self.code = code
+        self.what = what
 
 
-def open_stage(
-    stage: str, params_path: str | Path
-) -> tuple[Params, tracking.StageTracker | tracking.TrackingAgent]:
-    """Load and validate the params, and start opening the stage's tracking run.
+@dataclass
+class Stage:
+    """What `work` gets: the params, its paths, and (torch stages) runtime and process group."""
 
-    The run is opened by a helper process while the stage goes on (`TrackingAgent`): the
-    stage calls `wait_for_tracking` before its long work or its first output, so an
-    unusable store still stops it before anything that matters. Errors are printed (the
-    key path and what is allowed, or why the store is unusable) and raised as StageExit
-    with the exit code the script should return.
+    name: str
+    params: Params
+    paths: argparse.Namespace
+    tracker: tracking.StageTracker
+    # Torch stages: visiontune.runtime.Runtime and visiontune.distributed.DistContext (Any:
+    # fetch and split must not import torch to start).
+    runtime: Any = None
+    dist: Any = None
+    # Called once the outputs are logged (finetune drops its last checkpoint then).
+    after_logging: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or no torchrun): the process that writes outputs and logs them."""
+        return self.dist is None or self.dist.is_main
+
+
+def run_stage(
+    name: str,
+    work: Callable[[Stage], Path | None],
+    paths: Mapping[str, str],
+    *,
+    setup: Callable[[Params], AbstractContextManager[tuple[Any, Any]]] | None = None,
+    doc: str | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """Run stage `name`: `work` returns its output folder (None on ranks > 0); the exit code.
+
+    `paths` maps each path option (`out` → `--out`) to its help text; all are required.
+    `setup` gives torch stages their (runtime, process group) for the duration of `work`.
     """
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=doc)
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    for option, help_text in paths.items():
+        parser.add_argument(f"--{option.replace('_', '-')}", type=Path, required=True,
+                            help=help_text)  # fmt: skip
+    args = parser.parse_args(argv)
     try:
-        params = load_params(params_path)
+        params = load_params(args.params)
     except ParamsError as exc:
         print(exc, file=sys.stderr)
-        raise StageExit(EXIT_BAD_PARAMS) from None
-    configure_memory(params.base)  # before any model or batch is allocated
-    if launch_rank(os.environ) > 0:
-        # Only rank 0 logs: the other ranks of a torchrun job get a disabled tracker.
-        return params, tracking.StageTracker(stage, required=False)
-    if not params.tracking.enabled:
-        return params, tracking.StageTracker(stage, required=False)
-    agent = tracking.TrackingAgent.start(
-        params, stage, environ=os.environ, runtime_tags=tracking.runtime_tags_of(params)
+        return EXIT_BAD_PARAMS
+    stage = Stage(name, params, args, tracking.StageTracker(name, required=False))
+    with contextlib.ExitStack() as stack:
+        try:
+            if setup is not None:
+                stage.runtime, stage.dist = stack.enter_context(setup(params))
+        except (RuntimeError, ValueError) as exc:  # no such device, a bad torchrun launch
+            print(exc, file=sys.stderr)
+            return EXIT_BAD_PARAMS
+        try:
+            if stage.is_main:
+                stage.tracker = _open_tracking(stage)
+            out = work(stage)
+        except StageError as exc:
+            print(f"{name} {exc.what}: {exc}", file=sys.stderr)
+            return _fail(stage, exc.code)
+        except (OSError, ValueError, KeyError) as exc:  # unreadable or inconsistent inputs
+            print(f"{name} failed: {type(exc).__name__ if isinstance(exc, KeyError) else ''}"
+                  f"{exc}", file=sys.stderr)  # fmt: skip
+            return _fail(stage, EXIT_FAILED)
+    if out is None:
+        return 0
+    print_outputs(name, out)
+    manifest = (args.prepared if "prepared" in paths else out) / "manifest.csv"
+    code = tracking.log_stage(stage.tracker, params, out, manifest=manifest)
+    if code == 0:
+        for callback in stage.after_logging:
+            callback()
+    return code
+
+
+def _open_tracking(stage: Stage) -> tracking.StageTracker:
+    runtime = stage.runtime
+    tags = (
+        {"device": str(runtime.device), "precision": runtime.precision}
+        if runtime is not None
+        else {"device": stage.params.base.device, "precision": stage.params.base.precision}
     )
-    return params, agent
-
-
-def wait_for_tracking(tracker: tracking.StageTracker | tracking.TrackingAgent) -> int:
-    """Wait until the stage's tracking run is open; the exit code to stop with, else 0.
-
-    3 when the store is unusable and `tracking.required` (the reason is printed); an
-    optional store only warns, and the stage goes on without tracking.
-    """
     try:
-        tracker.ready()
+        return tracking.preflight(stage.params, stage.name, environ=os.environ, runtime_tags=tags)
     except tracking.TrackingError as exc:
         print(exc, file=sys.stderr)
-        return EXIT_TRACKING_UNAVAILABLE
-    return 0
+        raise StageError("no usable tracking store", EXIT_TRACKING_UNAVAILABLE) from None
+
+
+def _fail(stage: Stage, code: int) -> int:
+    # Ranks > 0 and disabled trackers have nothing to close.
+    if stage.tracker.enabled:
+        stage.tracker.end("FAILED")
+    return code
 
 
 def print_outputs(stage: str, out: str | Path) -> None:
@@ -71,12 +145,3 @@ def print_outputs(stage: str, out: str | Path) -> None:
     out = Path(out)
     names = sorted(f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir())
     print(f"{stage}: wrote {out}/: {', '.join(n for n in names if not n.startswith('.'))}")
-
-
-def launch_rank(environ: Mapping[str, str]) -> int:
-    """The global rank torchrun gave this process (0 when not launched by it).
-
-    Only rank 0 opens a tracking run; `visiontune.distributed.init_from_environ` joins the
-    process group.
-    """
-    return int(environ.get("RANK", "0"))

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from project_copy import stage_argv
 
 from visiontune.config import DEMO_MIRROR, DEMO_SOURCE
 
@@ -53,7 +54,7 @@ def project(
 
 
 def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
-    assert fetch.main([]) == 0
+    assert fetch.main(stage_argv("fetch")) == 0
     prepared = project / "data" / "prepared"
     assert {p.name for p in prepared.iterdir()} == {
         "images",
@@ -75,7 +76,7 @@ def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
     assert "fetch: source photos (a folder per class): data.source, used as given" in out
     assert "22 images in 3 classes" in out and "1 files rejected" in out
 
-    assert split.main([]) == 0
+    assert split.main(stage_argv("split")) == 0
     result = project / "data" / "split"
     report = json.loads((result / "report.json").read_text())
     assert report["dropped_classes"] == {"one": 1}
@@ -94,31 +95,31 @@ def test_outputs_are_byte_identical_across_runs(project: Path) -> None:
     names += ("split/train.csv", "split/valid.csv", "split/report.json")
     runs = []
     for _ in range(2):
-        assert fetch.main([]) == 0 and split.main([]) == 0
+        assert fetch.main(stage_argv("fetch")) == 0 and split.main(stage_argv("split")) == 0
         runs.append({name: (project / "data" / name).read_bytes() for name in names})
     assert runs[0] == runs[1]
 
 
 def test_bad_params_exit_2_naming_the_key(project: Path, capsys) -> None:
     (project / "bad.yaml").write_text("data:\n  sourse: photos\n")
-    assert fetch.main(["--params", "bad.yaml"]) == 2
-    assert split.main(["--params", "bad.yaml"]) == 2
+    assert fetch.main(stage_argv("fetch", params="bad.yaml")) == 2
+    assert split.main(stage_argv("split", params="bad.yaml")) == 2
     assert "data.sourse: unknown key" in capsys.readouterr().err
 
 
 def test_failed_fetch_keeps_the_previous_output(project: Path, capsys) -> None:
-    assert fetch.main([]) == 0
+    assert fetch.main(stage_argv("fetch")) == 0
     before = (project / "data/prepared/manifest.csv").read_bytes()
     with zipfile.ZipFile(project / "evil.zip", "w") as archive:
         archive.writestr("cats/a.jpg", b"x")
         archive.writestr("/etc/cron.d/evil", b"x")
     (project / "evil.yaml").write_text(yaml.safe_dump({"data": {"source": "evil.zip"}}))
-    assert fetch.main(["--params", "evil.yaml"]) == 1
+    assert fetch.main(stage_argv("fetch", params="evil.yaml")) == 1
     assert "absolute path" in capsys.readouterr().err
     assert (project / "data/prepared/manifest.csv").read_bytes() == before
     assert [p.name for p in (project / "data").iterdir() if p.name.startswith(".")] == []
 
 
 def test_split_without_manifest_fails_clearly(project: Path, capsys) -> None:
-    assert split.main([]) == 1
+    assert split.main(stage_argv("split")) == 1
     assert "manifest.csv" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from project_copy import deep_merge
+from project_copy import deep_merge, stage_argv
 from safetensors.torch import load_file
 
 from visiontune.models.classifier import load_model_file
@@ -64,9 +64,10 @@ def stage(name: str):
     return module.main
 
 
-def torchrun(root: Path, name: str, *args: str) -> None:
+def torchrun(root: Path, name: str, **paths: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(REPO / "stages" / f"{name}.py"), *args]
+    command += ["--nproc_per_node=2", str(REPO / "stages" / f"{name}.py")]
+    command += stage_argv(name, **paths)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -84,14 +85,13 @@ def project(dogscats, tmp_path_factory) -> Path:
     try:
         with pytest.MonkeyPatch.context() as monkeypatch:
             monkeypatch.chdir(root)
-            assert stage("fetch")(["--download-dir", "data/downloads"]) == 0
-            for name in ("split", "precompute", "train_head", "finetune"):
-                assert stage(name)([]) == 0, name
+            for name in ("fetch", "split", "precompute", "train_head", "finetune"):
+                assert stage(name)(stage_argv(name)) == 0, name
             valid = pd.read_csv(root / "data/split/valid.csv")
             valid.iloc[: len(valid) - 1 + len(valid) % 2].to_csv(
                 root / "valid_odd.csv", index=False
             )
-            args = ["--valid", "valid_odd.csv", "--out", "outputs/evaluate1"]
+            args = stage_argv("evaluate", valid="valid_odd.csv", out="outputs/evaluate1")
             assert stage("evaluate")(args) == 0
     finally:
         torch.set_num_threads(threads)
@@ -99,7 +99,7 @@ def project(dogscats, tmp_path_factory) -> Path:
 
 
 def test_precompute_on_two_ranks_gives_the_single_process_features(project: Path) -> None:
-    torchrun(project, "precompute", "--out", "outputs/features2")
+    torchrun(project, "precompute", out="outputs/features2")
     one = load_file(project / "outputs/features/features.safetensors")
     two = load_file(project / "outputs/features2/features.safetensors")
     assert one.keys() == two.keys()
@@ -114,7 +114,7 @@ def test_precompute_on_two_ranks_gives_the_single_process_features(project: Path
 
 
 def test_evaluate_on_two_ranks_counts_every_image_once(project: Path) -> None:
-    torchrun(project, "evaluate", "--valid", "valid_odd.csv", "--out", "outputs/evaluate2")
+    torchrun(project, "evaluate", valid="valid_odd.csv", out="outputs/evaluate2")
     n = len(pd.read_csv(project / "valid_odd.csv"))
     assert n % 2 == 1
     one = pd.read_csv(project / "outputs/evaluate1/predictions.csv")
@@ -134,7 +134,7 @@ def test_evaluate_on_two_ranks_counts_every_image_once(project: Path) -> None:
 
 
 def test_finetune_on_two_ranks_matches_one_process(project: Path) -> None:
-    torchrun(project, "finetune", "--out", "outputs/finetune2")
+    torchrun(project, "finetune", out="outputs/finetune2")
     one, two = project / "outputs/finetune", project / "outputs/finetune2"
     steps1, steps2 = pd.read_csv(one / "steps.csv"), pd.read_csv(two / "steps.csv")
     # Same number of steps and the same LR of every group at every step.
@@ -163,12 +163,11 @@ def test_finetune_on_two_ranks_resumes_after_sigterm_like_an_uninterrupted_run(
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"].update({"n_cycles": 3, "cycle_len": 1, "cycle_mult": 2, "batch_size": 8})
     (project / "params_long.yaml").write_text(yaml.safe_dump(params))
-    args = ["--params", "params_long.yaml"]
-    torchrun(project, "finetune", *args, "--out", "outputs/finetune_full")
+    torchrun(project, "finetune", params="params_long.yaml", out="outputs/finetune_full")
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(REPO / "stages/finetune.py"), *args]
-    command += ["--out", "outputs/finetune_resumed"]
+    command += ["--nproc_per_node=2", str(REPO / "stages/finetune.py")]
+    command += stage_argv("finetune", params="params_long.yaml", out="outputs/finetune_resumed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     checkpoint = project / "outputs/finetune_resumed/checkpoints/last.pt"
     with subprocess.Popen(command, cwd=project, env=env, stderr=subprocess.PIPE) as launcher:
@@ -181,7 +180,7 @@ def test_finetune_on_two_ranks_resumes_after_sigterm_like_an_uninterrupted_run(
     assert launcher.returncode != 0
     stops = re.findall(r"finetune interrupted: stopped at step (\d+)", stderr)
     assert len(stops) == 2 and len(set(stops)) == 1, stops  # both ranks, at the same step
-    torchrun(project, "finetune", *args, "--out", "outputs/finetune_resumed")
+    torchrun(project, "finetune", params="params_long.yaml", out="outputs/finetune_resumed")
 
     full, resumed = project / "outputs/finetune_full", project / "outputs/finetune_resumed"
     metrics = json.loads((resumed / "metrics.json").read_text())

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from project_copy import stage_argv
 
 from visiontune.data.transforms import DataConfig
 from visiontune.models.classifier import ModelInfo, create_classifier, save_model_file
@@ -68,8 +69,8 @@ def project(tmp_path: Path, dogscats: Path) -> Path:
 
 
 def test_evaluate_then_report(project: Path, dogscats: Path):
-    common = ["--params", str(project / "params.yaml"),
-              "--model", str(project / "model.safetensors"), "--images", str(dogscats)]  # fmt: skip
+    common = ["--params", str(project / "params.yaml"), "--model",
+              str(project / "model.safetensors"), "--prepared", str(dogscats)]  # fmt: skip
     evaluated = project / "evaluate"
     assert _stage("evaluate").main([*common, "--valid", str(project / "valid.csv"),
                                     "--out", str(evaluated)]) == 0  # fmt: skip
@@ -102,5 +103,5 @@ def test_evaluate_then_report(project: Path, dogscats: Path):
 
 def test_evaluate_rejects_bad_params(project: Path, capsys):
     (project / "bad.yaml").write_text("tta:\n  n_augment: 99\n")
-    assert _stage("evaluate").main(["--params", str(project / "bad.yaml")]) == 2
+    assert _stage("evaluate").main(stage_argv("evaluate", params=project / "bad.yaml")) == 2
     assert "tta.n_augment" in capsys.readouterr().err

@@ -107,7 +107,7 @@ def test_stages_chain_and_write_their_outputs(project, monkeypatch):
     ]
     assert len(history) == 3
 
-    data = ["--train", str(root / "split" / "train.csv"), "--images", str(root / "prepared"),
+    data = ["--train", str(root / "split" / "train.csv"), "--prepared", str(root / "prepared"),
             "--head", str(root / "head" / "head.safetensors")]  # fmt: skip
     assert stage("lr_find")([*common, *data, "--out", str(root / "lr_find")]) == 0
     suggestion = json.loads((root / "lr_find" / "suggestion.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from project_copy import SMALL_OVERRIDES, deep_merge
+from project_copy import SMALL_OVERRIDES, deep_merge, stage_argv
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,10 +44,8 @@ def run_pipeline(root: Path, dogscats: Path, monkeypatch: pytest.MonkeyPatch) ->
     params["data"]["source"] = str(dogscats)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(root)
-    # Defaults of each stage's options are the dvc.yaml paths; fetch's download dir aside.
-    assert stage("fetch")(["--download-dir", "data/downloads"]) == 0
-    for name in ("split", "precompute", "train_head", "finetune"):
-        assert stage(name)([]) == 0, name
+    for name in ("fetch", "split", "precompute", "train_head", "finetune"):
+        assert stage(name)(stage_argv(name)) == 0, name
 
 
 @pytest.fixture(scope="module")

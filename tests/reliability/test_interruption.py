@@ -37,8 +37,8 @@ LR_COLUMNS = ["lr_group0", "lr_group1", "lr_group2"]
 def test_dvc_declares_the_checkpoints_persistent(repo_root: Path) -> None:
     stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["finetune"]
     outs = {next(iter(out)) if isinstance(out, dict) else out: out for out in stage["outs"]}
-    entry = outs["outputs/finetune/checkpoints"]
-    assert isinstance(entry, dict) and entry["outputs/finetune/checkpoints"]["persist"] is True
+    entry = outs["${paths.finetune}/checkpoints"]
+    assert isinstance(entry, dict) and entry["${paths.finetune}/checkpoints"]["persist"] is True
 
 
 def _finetune_process(dvc_proc: subprocess.Popen, timeout: float = 120) -> psutil.Process:

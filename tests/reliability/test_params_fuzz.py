@@ -203,7 +203,8 @@ def test_the_stage_script_as_dvc_runs_it(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(_with(("split", "valid_pct"), [math.pi, {"x": None}])))
     result = subprocess.run(
-        [sys.executable, "stages/split.py", "--params", str(params), "--out", str(tmp_path / "o")],
+        [sys.executable, "stages/split.py", "--params", str(params), "--prepared", str(tmp_path),
+         "--out", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr

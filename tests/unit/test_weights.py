@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from visiontune.fileio import sha256_file
 from visiontune.models.backbone import check_backbone_name, create_backbone, source_classifier
 from visiontune.models.weights import (
     WeightsError,
     map_by_position,
     pypi_checkpoint,
     read_state_dict,
-    sha256_file,
 )
 
 LITE0 = "tf_efficientnet_lite0"

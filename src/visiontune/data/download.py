@@ -15,14 +15,14 @@ from urllib.parse import unquote, urlparse
 import requests
 from tqdm import tqdm
 
-from visiontune.fileio import atomic_path
+from visiontune.fileio import atomic_path, sha256_file
 
 _CHUNK = 1 << 20
 # Worth another try: the server or the network may do better in a moment.
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class DownloadError(RuntimeError):
+class DownloadError(OSError):
     """A download that failed for good (after retries, or on a checksum mismatch)."""
 
 
@@ -50,14 +50,6 @@ def cache_name(url: str) -> str:
     return f"{stem}-{digest}.{ext}" if dot and stem else f"{base}-{digest}"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(
     url: str,
     dest: Path,
@@ -78,7 +70,7 @@ def download(
     """
     dest = Path(dest)
     if dest.is_file():
-        if sha256 is None or file_sha256(dest) == sha256:
+        if sha256 is None or sha256_file(dest) == sha256:
             return dest
         print(f"cached {dest} does not match sha256 {sha256}; downloading again")
     for attempt in range(retries + 1):

@@ -18,7 +18,6 @@ import pandas as pd
 from tqdm import tqdm
 
 from visiontune.config import DataParams
-from visiontune.data.download import file_sha256
 from visiontune.data.images import inspect_image
 from visiontune.data.manifest import (
     MANIFEST_COLUMNS,
@@ -36,6 +35,7 @@ from visiontune.data.sources import (
     resolve_labels_path,
     resolve_source,
 )
+from visiontune.fileio import sha256_file
 
 IMAGES_DIR = "images"
 _LAYOUTS = {"folders": "a folder per class", "labels_csv": "images + a labels CSV"}
@@ -131,7 +131,7 @@ def hash_files(
 
     def digest(candidate: Candidate) -> str | Reject:
         try:
-            return file_sha256(root / candidate.path)
+            return sha256_file(root / candidate.path)
         except OSError as exc:
             reason = f"cannot read file: {exc.strerror or exc}"
             return Reject(candidate.path, reason, "unreadable")

@@ -18,8 +18,9 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from visiontune.data.archive import extract_archive, is_archive_name
-from visiontune.data.download import DownloadError, cache_name, download, file_sha256, is_url
+from visiontune.data.download import DownloadError, cache_name, download, is_url
 from visiontune.data.images import is_image_name
+from visiontune.fileio import sha256_file
 
 # Folder names that mark a predefined split (case-insensitive) → the split_hint value.
 SPLIT_FOLDERS = {
@@ -129,7 +130,7 @@ def resolve_source(
         return
     if not is_archive_name(path.name):
         raise SourceError(f"{path}: not a directory or a .zip/.tar/.tar.gz/.tgz archive")
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     if sha256 is not None and digest != sha256:
         raise DownloadError(f"{path}: sha256 mismatch: expected {sha256}, got {digest}")
     Path(download_dir).mkdir(parents=True, exist_ok=True)

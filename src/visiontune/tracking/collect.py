@@ -79,14 +79,20 @@ def _json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def epoch_metric_name(column: str) -> str:
+    """The MLflow name of a per-epoch history column (`valid_acc` → `valid/acc`)."""
+    return EPOCH_NAMES.get(column, f"epoch/{column}")
+
+
 def _epoch_series(history: pd.DataFrame) -> dict[str, list[tuple[int, float]]]:
     steps = history["epoch"] if "epoch" in history else pd.Series(range(len(history)))
     series = {}
     for column in history.select_dtypes("number").columns:
         if column == "epoch":
             continue
-        name = EPOCH_NAMES.get(column, f"epoch/{column}")
-        series[name] = list(zip(steps.astype(int), history[column].astype(float), strict=True))
+        series[epoch_metric_name(column)] = list(
+            zip(steps.astype(int), history[column].astype(float), strict=True)
+        )
     return series
 
 

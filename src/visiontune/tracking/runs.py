@@ -1,7 +1,9 @@
 """MLflow runs for one pipeline execution: a parent run found by tag, one child per stage.
 
 Everything goes through an explicit `MlflowClient` (no global fluent state), and series are
-sent with `log_batch` in chunks, which is ~20x faster than one call per point.
+sent with `log_batch` in chunks, which is ~20x faster than one call per point. Each run
+records the host and process that holds it open, so that a later stage can close the runs
+of a stage that was killed (`close_orphaned_runs`).
 """
 
 from __future__ import annotations
@@ -10,22 +12,29 @@ import atexit
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
+from visiontune.tracking.collect import epoch_metric_name
 from visiontune.tracking.store import Store, TrackingError, redact
 
 PIPELINE_TAG = "visiontune.pipeline_id"
 ROLE_TAG = "visiontune.role"
 STAGE_TAG = "visiontune.stage"
 PARENT_TAG = "mlflow.parentRunId"
+# The process holding a run open: its host, pid and start time (a pid alone is reused).
+HOST_TAG = "visiontune.host"
+PID_TAG = "visiontune.pid"
+PID_START_TAG = "visiontune.pid_start"
 # MLflow rejects longer param values.
 _MAX_PARAM_CHARS = 6000
 
@@ -102,18 +111,37 @@ class StageTracker:
         self.experiment_id = experiment_id
         self.parent_id = parent_id
         self.run_id = run_id
+        # (metric, step) points already sent while the stage ran (`log_epoch`).
+        self.logged_live: set[tuple[str, int]] = set()
         self._ended = client is None
         if not self._ended:
-            # A stage that crashes between preflight and log_stage must not leave its runs
-            # RUNNING forever.
+            # A stage that raises between opening its run and logging it must not leave
+            # its runs RUNNING; a killed one is closed by the next stage's start instead.
             atexit.register(self._end_if_open)
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
-    def ready(self) -> None:
-        """Opened by `preflight` already (the same call as `TrackingAgent.ready`)."""
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """Log one epoch's history row now, for people watching the run in the UI.
+
+        The same points come back from history.csv when the stage is logged: those sent
+        here are not sent twice. A store that fails mid-run only warns: the stage's own
+        logging at the end decides the exit code.
+        """
+        if not self.client or "epoch" not in row:
+            return
+        step = int(row["epoch"])
+        points = {epoch_metric_name(k): [(step, v)] for k, v in row.items() if k != "epoch"}
+        try:
+            self.log_series(points)
+        except Exception as exc:  # the store hiccupped: the final log retries every point
+            logging.getLogger("visiontune.tracking").warning(
+                "live logging of epoch %d failed: %s", step, redact(str(exc))
+            )
+            return
+        self.logged_live.update((name, step) for name in points)
 
     def _target(self, parent: bool) -> str:
         run_id = self.parent_id if parent else self.run_id
@@ -152,7 +180,7 @@ class StageTracker:
             Metric(key, float(value), now, int(step))
             for key, points in series.items()
             for step, value in points
-            if _is_number(value)
+            if _is_number(value) and (parent or (key, int(step)) not in self.logged_live)
         ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self._target(parent), metrics=chunk, synchronous=True)
@@ -210,8 +238,9 @@ def start_stage_run(
     """Open `stage`'s child run under the parent of `pipeline_key` (creating the parent)."""
     experiment_id = get_or_create_experiment(client, experiment, store)
     parent_id = find_parent_run(client, experiment_id, pipeline_key)
+    holder = process_tags()
     if parent_id is None:
-        tags = {PIPELINE_TAG: pipeline_key, ROLE_TAG: "pipeline", **parent_tags}
+        tags = {PIPELINE_TAG: pipeline_key, ROLE_TAG: "pipeline", **parent_tags, **holder}
         run_name = (
             parent_tags.get("dvc.exp_name") or f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"
         )
@@ -224,6 +253,8 @@ def start_stage_run(
         for chunk in _chunks(_param_entries(parent_params), MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(parent_id, params=chunk, synchronous=True)
     else:
+        # This stage holds the parent open now: if it is killed, its runs are closed.
+        client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in holder.items()])
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
     child_tags = {
         PARENT_TAG: parent_id,
@@ -231,6 +262,7 @@ def start_stage_run(
         ROLE_TAG: "stage",
         STAGE_TAG: stage,
         **run_tags,
+        **holder,
     }
     child = client.create_run(
         experiment_id,
@@ -246,3 +278,48 @@ def start_stage_run(
         parent_id=parent_id,
         run_id=child.info.run_id,
     )
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """The tags that say which process holds a run open (this one by default)."""
+    process = psutil.Process(pid)
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(process.pid),
+        PID_START_TAG: f"{process.create_time():.3f}",
+    }
+
+
+def _holder_alive(tags: Mapping[str, str]) -> bool:
+    try:
+        process = psutil.Process(int(tags[PID_TAG]))
+        return f"{process.create_time():.3f}" == tags.get(PID_START_TAG)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except (KeyError, ValueError, psutil.AccessDenied):
+        return True  # not ours to judge: leave the run alone
+
+
+def close_orphaned_runs(client: MlflowClient) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; their ids.
+
+    A stage killed by SIGKILL (or the OOM killer) cannot close its own runs. Every stage
+    calls this when it starts, so no run stays RUNNING past the next stage's start. Runs
+    of other hosts are never touched: a shared server holds runs of live processes
+    elsewhere, and a pid means nothing across hosts.
+    """
+    host = socket.gethostname().replace("'", "\\'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in runs:
+        if not _holder_alive(run.data.tags):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed

@@ -7,7 +7,6 @@ in a throwaway copy without git-ignored files), and a pipeline execution is keye
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -195,17 +194,6 @@ def pipeline_id(environ: Mapping[str, str], pid: int) -> str:
             break
     kind = "process" if owner is process else "dvc"
     return f"{kind}:{socket.gethostname()}:{owner.pid}:{owner.create_time():.3f}"
-
-
-def file_sha256(path: Path) -> str | None:
-    """SHA-256 of a file, None when it does not exist."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_state(cwd: Path) -> tuple[str | None, bool | None]:

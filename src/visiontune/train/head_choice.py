@@ -9,6 +9,7 @@ breeds, defects: the source start sits near chance). The validation split is nev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -160,3 +161,17 @@ def head_metadata(features: FeatureSet, params: HeadParams, result: HeadResult) 
         "weights_sha256": features.fingerprint.get("weights_sha256"),
         "features_fingerprint": features.fingerprint,
     }
+
+
+def describe(metrics: Mapping[str, Any]) -> str:
+    """One line on what the head is and how it scores, for the stage's output."""
+    how = (
+        f"logistic regression (C {metrics['logreg_C']:.2g})"
+        if metrics["init"] == "logreg"
+        else f"{metrics['init']} init + {metrics['epochs']} epochs at lr {metrics['lr']:.2e}"
+    )
+    return (
+        f"{how} on {metrics['n_train']} features: valid_acc {metrics['valid_acc']:.4f} "
+        f"(loss {metrics['valid_loss']:.4f}); {metrics['init_reason']}; "
+        f"{metrics['domain']} domain"
+    )

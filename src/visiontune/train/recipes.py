@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from visiontune.config import FinetuneParams, LrFindParams, ModelParams
+from visiontune.config import FinetuneParams, LrFindParams, ModelParams, Params
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.transforms import (
     DataConfig,
@@ -25,6 +26,7 @@ from visiontune.data.transforms import (
     eval_min_size,
     train_min_size,
 )
+from visiontune.fileio import sha256_file
 from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
 from visiontune.models.classifier import ImageClassifier, ModelInfo
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
@@ -64,7 +66,7 @@ def head_domain(head_path: Path) -> str:
     return str(meta.get("domain", "far"))
 
 
-class StaleHeadError(RuntimeError):
+class StaleHeadError(ValueError):
     """The trained head was fitted on features of another backbone or other weights."""
 
 
@@ -200,3 +202,30 @@ def run_lr_find(
         )
     finally:
         model.eval()
+
+
+def resume_config(
+    params: Params,
+    finetune: FinetuneParams,
+    lr: float,
+    runtime: Runtime,
+    weights: WeightsInfo,
+    head_path: Path,
+    train_csv: Path,
+) -> dict[str, Any]:
+    """Everything that shapes a fine-tune: a checkpoint is resumed only when it is the same.
+
+    What cannot change results (worker counts, tracking, timing) is left out, so changing
+    it keeps a checkpoint resumable.
+    """
+    return {
+        "base": params.base.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "finetune": finetune.model_dump(mode="json", exclude={"benchmark_steps"}),
+        "lr": lr,
+        "precision": runtime.precision,
+        "device": runtime.device.type,
+        "weights_sha256": weights.sha256,
+        "head_sha256": sha256_file(head_path),
+        "train_sha256": sha256_file(train_csv),
+    }
