@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from visiontune.data.manifest import read_classes
 from visiontune.distributed import torch_stage
+from visiontune.features import load_current_features
 from visiontune.fileio import save_config, write_csv, write_json
-from visiontune.precompute import load_current_features
 from visiontune.stagekit import Stage, run_stage
 from visiontune.train.head import save_head
 from visiontune.train.head_choice import describe, head_metadata, train_head_on_features

@@ -222,3 +222,22 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
         fingerprint=fingerprint,
         source=source,
     )
+
+
+def load_current_features(
+    path: Path,
+    model: ModelParams,
+    base: BaseParams,
+    train_csv: Path,
+    valid_csv: Path,
+    classes: Sequence[str],
+) -> FeatureSet:
+    """The feature cache at `path`, refused (StaleCacheError) unless these params and this
+    split produced it: the fingerprint is recomputed from them, not read from the cache."""
+    where = (model, base, train_csv, valid_csv)
+    expected = expected_inputs(*where, classes)
+    if expected is None:  # hub weights: identified by loading them (timm, imported only then)
+        from visiontune.precompute import expected_fingerprint
+
+        expected = expected_fingerprint(*where, classes)
+    return load_features(path, expected)

@@ -31,13 +31,7 @@ from visiontune.distributed import (
     rank_runtime,
     shard,
 )
-from visiontune.features import (
-    FeatureSet,
-    compute_fingerprint,
-    expected_inputs,
-    load_features,
-    model_overrides,
-)
+from visiontune.features import FeatureSet, compute_fingerprint, model_overrides
 from visiontune.inference import benchmark_forward, run_inference
 from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
 from visiontune.runtime import Runtime, resolve_runtime, seed_everything
@@ -203,20 +197,3 @@ def precompute_features(
         source=source_classifier(model.backbone, model.weights, int(train_x.shape[1])),
     )
     return features, stats
-
-
-def load_current_features(
-    path: Path,
-    model: ModelParams,
-    base: BaseParams,
-    train_csv: Path,
-    valid_csv: Path,
-    classes: Sequence[str],
-) -> FeatureSet:
-    """The feature cache at `path`, refused (StaleCacheError) unless these params and this
-    split produced it: the fingerprint is recomputed from them, not read from the cache."""
-    where = (model, base, train_csv, valid_csv)
-    expected = expected_inputs(*where, classes)
-    if expected is None:  # hub weights: identified by loading them (timm)
-        expected = expected_fingerprint(*where, classes)
-    return load_features(path, expected)
