@@ -11,8 +11,7 @@ from tqdm.auto import tqdm
 
 from visiontune.data.manifest import read_split
 from visiontune.distributed import shard, torch_stage
-from visiontune.fileio import read_json, save_config, write_csv, write_json
-from visiontune.models.classifier import save_model_file
+from visiontune.fileio import read_json
 from visiontune.stagekit import Stage, StageError, run_stage
 from visiontune.train.checkpoint import discard_checkpoint, stop_on_signals
 from visiontune.train.loop import TrainingInterrupted, finetune
@@ -20,9 +19,10 @@ from visiontune.train.recipes import (
     create_train_dataset,
     create_valid_loader,
     load_classifier,
-    resolve_lr_ratios,
+    resolve_lr_ratios,  # fmt: skip
     resume_config,
-)  # fmt: skip
+    save_finetune,
+)
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
 PATHS = {"train": "training table", "valid": "validation table", "prepared": "image folder",
@@ -41,43 +41,30 @@ def finetune_stage(stage: Stage):
     valid_loader = create_valid_loader(shard(valid, dist), info.classes, info.data_config,
                                        ft.batch_size, runtime, params.base.seed)  # fmt: skip
     config = resume_config(params, ft, lr, runtime, weights, paths.head, paths.train)
-    total = len(dataset) // min(ft.batch_size, len(dataset)) * ft.epochs
-    out = paths.out
-    with (
-        stop_on_signals() as stop,
-        tqdm(
-            total=total, desc="finetune", unit="step", mininterval=5.0, disable=not dist.is_main
-        ) as bar,
-    ):
+    steps = len(dataset) // min(ft.batch_size, len(dataset)) * ft.epochs
+    bar = tqdm(total=steps, desc="finetune", unit="step", mininterval=5.0,
+               disable=not dist.is_main)  # fmt: skip
+    with stop_on_signals() as stop, bar:
         try:
             result = finetune(
                 model, dataset, valid_loader, ft, runtime, lr=lr, seed=params.base.seed,
-                checkpoint_dir=out / "checkpoints", config=config, stop=stop,
+                checkpoint_dir=paths.out / "checkpoints", config=config, stop=stop,
                 on_step=lambda step: bar.update(step - bar.n), on_epoch=stage.tracker.log_epoch,
                 log=tqdm.write if dist.is_main else (lambda line: None), dist=dist,
                 sync_bn=params.distributed.sync_bn, valid_total=len(valid),
             )  # fmt: skip
         except TrainingInterrupted as exc:
-            raise StageError(
-                f"{exc}; run it again to resume", SIGTERM_EXIT, "interrupted"
-            ) from None
+            message = f"{exc}; run it again to resume"
+            raise StageError(message, SIGTERM_EXIT, "interrupted") from None
     if not dist.is_main:
         return None
-    save_model_file(out / "model.safetensors", result.model, info)
-    write_csv(out / "steps.csv", result.steps)
-    write_csv(out / "history.csv", result.history)
-    metrics = {**result.metrics, "lr": lr, "resumed_from_step": result.resumed_from}
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "layer_groups.json", result.layer_groups)
-    save_config(out / "config.json", {**config, "world_size": dist.world_size})
-    print(
-        f"finetune: {metrics['epochs']} epochs, valid_acc {metrics['valid_acc']:.4f} "
-        f"(loss {metrics['valid_loss']:.4f}), lr {lr:.2e}, {metrics['images_per_s']:.1f} img/s"
-    )
-    # The final checkpoint goes once the outputs are logged: a failed log reruns the stage,
+    m = save_finetune(paths.out, result, info, lr, {**config, "world_size": dist.world_size})
+    print(f"finetune: {m['epochs']} epochs, valid_acc {m['valid_acc']:.4f} "
+          f"(loss {m['valid_loss']:.4f}), lr {lr:.2e}, {m['images_per_s']:.1f} img/s")  # fmt: skip
+    # The last checkpoint goes once the outputs are logged: a failed log reruns the stage,
     # which then resumes at the end instead of training again.
-    stage.after_logging.append(lambda: discard_checkpoint(out / "checkpoints"))
-    return out
+    stage.after_logging.append(lambda: discard_checkpoint(paths.out / "checkpoints"))
+    return paths.out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,13 +26,13 @@ from visiontune.data.transforms import (
     eval_min_size,
     train_min_size,
 )
-from visiontune.fileio import sha256_file
+from visiontune.fileio import save_config, sha256_file, write_csv, write_json
 from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
-from visiontune.models.classifier import ImageClassifier, ModelInfo
+from visiontune.models.classifier import ImageClassifier, ModelInfo, save_model_file
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 from visiontune.train.groups import create_layer_groups, create_param_groups
 from visiontune.train.head import HEAD_METADATA_KEY, create_optimizer, load_head
-from visiontune.train.loop import set_train_mode
+from visiontune.train.loop import FinetuneResult, set_train_mode
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import group_lrs
 
@@ -229,3 +229,18 @@ def resume_config(
         "head_sha256": sha256_file(head_path),
         "train_sha256": sha256_file(train_csv),
     }
+
+
+def save_finetune(
+    out: Path, result: FinetuneResult, info: ModelInfo, lr: float, config: dict[str, Any]
+) -> dict[str, Any]:
+    """Write finetune's outputs (model file, per-step and per-epoch tables, metrics, layer
+    groups, config) into `out`; its metrics."""
+    save_model_file(out / "model.safetensors", result.model, info)
+    write_csv(out / "steps.csv", result.steps)
+    write_csv(out / "history.csv", result.history)
+    metrics = {**result.metrics, "lr": lr, "resumed_from_step": result.resumed_from}
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "layer_groups.json", result.layer_groups)
+    save_config(out / "config.json", config)
+    return metrics
