@@ -149,7 +149,7 @@ def test_finetune_on_two_ranks_matches_one_process(project: Path) -> None:
     assert abs(m1["valid_acc"] - m2["valid_acc"]) <= FINETUNE_ACC_TOL
     history1, history2 = pd.read_csv(one / "history.csv"), pd.read_csv(two / "history.csv")
     assert (history1["train_loss"] - history2["train_loss"]).abs().max() < FINETUNE_LOSS_TOL
-    assert json.loads((two / "config.json").read_text())["runtime"]["world_size"] == 2
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
     # No rank left a checkpoint or a temp file behind once rank 0 finished, and the model
     # loads.
     assert [p.name for p in (two / "checkpoints").iterdir()] == [NOTE_NAME]
