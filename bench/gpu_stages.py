@@ -121,7 +121,7 @@ def run_stages(check: Check, params: Any, work: Path, image_root: Path, probe: A
 
     record, limits = check.record, check.record["limits"]
     stages: dict[str, Any] = record.setdefault("stages", {})
-    runtime = resolve_runtime(params.base)
+    runtime = resolve_runtime(params.base, params.runtime)
     memory = GpuMemory(runtime.device)
     steps = check.around_steps
     split = work / "split"
@@ -134,7 +134,8 @@ def run_stages(check: Check, params: Any, work: Path, image_root: Path, probe: A
         start = time.perf_counter()
         with timed_loaders(precompute_module) as passes:
             features, stats = precompute_features(
-                params.model, params.base, params.precompute, train_csv=train_csv,
+                params.model, params.base, params.precompute, runtime_params=params.runtime,
+                train_csv=train_csv,
                 valid_csv=valid_csv, classes=classes, image_root=image_root,
             )  # fmt: skip
         stages["precompute"] = {

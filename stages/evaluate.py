@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
 
     seed_everything(params.base.seed, params.base.deterministic)
-    runtime = resolve_runtime(params.base)
+    runtime = resolve_runtime(params.base, params.runtime)
     try:
         # Under torchrun: join the process group; each rank scores its share of the images.
         dist = distributed.init_from_environ(params.distributed, runtime.device.type, os.environ)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, params, tracker, runtime, dist) -> int:
-    runtime = distributed.rank_runtime(runtime, dist, params.base.num_workers == "auto")
+    runtime = distributed.rank_runtime(runtime, dist, params.runtime.num_workers == "auto")
     try:
         model, info = load_model_file(Path(args.model), map_location=runtime.device)
         valid = read_table(Path(args.valid), SPLIT_COLUMNS)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
 
     seed_everything(params.base.seed, params.base.deterministic)
-    runtime = resolve_runtime(params.base)
+    runtime = resolve_runtime(params.base, params.runtime)
     try:
         if params.distributed.sync_bn:
             distributed.check_sync_bn(runtime)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, params, tracker, runtime, dist) -> int:
-    runtime = distributed.rank_runtime(runtime, dist, params.base.num_workers == "auto")
+    runtime = distributed.rank_runtime(runtime, dist, params.runtime.num_workers == "auto")
     try:
         ft = resolve_lr_ratios(params.finetune, Path(args.head))
         lr = ft.lr if ft.lr != "auto" else float(read_json(args.suggestion)["lr"])

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
 
     seed_everything(params.base.seed, params.base.deterministic)
-    runtime = resolve_runtime(params.base)
+    runtime = resolve_runtime(params.base, params.runtime)
     try:
         finetune = resolve_lr_ratios(params.finetune, Path(args.head))
         model, info, _ = load_classifier(params.model, Path(args.head))

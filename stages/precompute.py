@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     try:
         # Under torchrun: join the process group; the ranks share the images.
-        device_type = resolve_runtime(params.base).device.type
+        device_type = resolve_runtime(params.base, params.runtime).device.type
         dist = distributed.init_from_environ(params.distributed, device_type, os.environ)
     except (distributed.DistributedSetupError, RuntimeError) as exc:
         print(exc, file=sys.stderr)
@@ -54,6 +54,7 @@ def _run(args, params, tracker, dist) -> int:
             params.model,
             params.base,
             params.precompute,
+            runtime_params=params.runtime,
             train_csv=split / "train.csv",
             valid_csv=split / "valid.csv",
             classes=read_classes(split / "classes.json"),

@@ -40,7 +40,7 @@ def open_stage(
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         raise StageExit(EXIT_BAD_PARAMS) from None
-    configure_memory(params.base)  # before any model or batch is allocated
+    configure_memory(params.runtime)  # before any model or batch is allocated
     if launch_rank(os.environ) > 0:
         # Only rank 0 logs: the other ranks of a torchrun job get a disabled tracker.
         return params, tracking.StageTracker(stage, required=False)

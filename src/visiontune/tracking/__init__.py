@@ -74,7 +74,7 @@ def runtime_tags_of(params: Params) -> dict[str, str]:
     try:
         from visiontune.runtime import resolve_runtime
 
-        runtime = resolve_runtime(params.base)
+        runtime = resolve_runtime(params.base, params.runtime)
         return {"device": str(runtime.device), "precision": runtime.precision}
     except Exception:  # a device the params ask for but this machine lacks: the stage says so
         return {"device": params.base.device, "precision": params.base.precision}
