@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from real_config import default_raw, merge
 from test_tracking import free_port
 
 # A stage as the scripts in stages/ are written, cut down to its tracking. `action`: log
@@ -49,7 +50,7 @@ STAGE = textwrap.dedent("""\
 
 def run_stage(tmp_path: Path, action: str, tracking: dict) -> subprocess.CompletedProcess:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"tracking": tracking}))
+    params.write_text(yaml.safe_dump(merge(default_raw(), {"tracking": tracking})))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW"))}
     return subprocess.run(
         [sys.executable, "-c", STAGE, str(params), str(tmp_path / "out"), action],

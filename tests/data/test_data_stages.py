@@ -112,7 +112,9 @@ def test_failed_fetch_keeps_the_previous_output(project: Path, capsys) -> None:
     with zipfile.ZipFile(project / "evil.zip", "w") as archive:
         archive.writestr("cats/a.jpg", b"x")
         archive.writestr("/etc/cron.d/evil", b"x")
-    (project / "evil.yaml").write_text(yaml.safe_dump({"data": {"source": "evil.zip"}}))
+    evil = yaml.safe_load((project / "params.yaml").read_text())
+    evil["data"]["source"] = "evil.zip"
+    (project / "evil.yaml").write_text(yaml.safe_dump(evil))
     assert fetch.main(["--params", "evil.yaml"]) == 1
     assert "absolute path" in capsys.readouterr().err
     assert (project / "data/prepared/manifest.csv").read_bytes() == before

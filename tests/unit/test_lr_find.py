@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from real_config import default_section
 
 from visiontune.config import HeadParams
 from visiontune.train.head import feature_batches, train_head
@@ -160,7 +161,9 @@ def test_suggested_lr_trains_a_small_problem_well():
     """The valley LR trains a 4-class problem better than 100× less, before the loss minimum."""
     x, y = blobs(512)
     vx, vy = blobs(256, seed=0)  # same centres, fresh noise would need the same generator
-    params = HeadParams(epochs=2, batch_size=32, lr="auto", optimizer="sgd", weight_decay=0.01)
+    params = default_section(
+        HeadParams, epochs=2, batch_size=32, lr="auto", optimizer="sgd", weight_decay=0.01
+    )
     result = train_head(x, y, vx, vy, 4, params, seed=42)
     lr = result.metrics["lr"]
     assert result.lr_find is not None and lr == result.lr_find.suggestion("valley")
