@@ -31,13 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"split failed: cannot read {manifest_path}: {exc}", file=sys.stderr)
         return 1
-    split = split_manifest(
-        manifest,
-        valid_pct=params.split.valid_pct,
-        seed=params.split.seed,
-        min_per_class=params.split.min_per_class,
-        keep_predefined=params.split.keep_predefined,
-    )
+    split = split_manifest(manifest, params.split)
     if split.train.empty or split.valid.empty:
         print(
             f"split failed: {len(split.train)} train and {len(split.valid)} valid images "
