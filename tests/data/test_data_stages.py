@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from real_config import default_raw, merge
 
 from visiontune.config import DEMO_MIRROR, DEMO_SOURCE
 
@@ -44,10 +45,10 @@ def project(
     (data / "dogs" / "broken.jpg").write_bytes(b"")
     params = {
         "base": {"seed": 3},
-        "data": {"source": "photos"},  # data.mirrors: the shipped default
+        "data": {"source": "photos"},  # data.mirrors: the shipped one
         "split": {"valid_pct": 0.25, "seed": 5},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(default_raw(), params)))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
