@@ -80,14 +80,7 @@ def write_split(data_root: Path, params: Any, out: Path) -> dict[str, Any]:
         rank = manifest["path"].map(lambda path: seeded_rank(params.base.seed, path))
         picked = manifest.assign(rank=rank).sort_values("rank")
         manifest = picked.groupby(["label", "split_hint"]).head(params.data.max_per_class)
-    s = params.split
-    split = split_manifest(
-        manifest,
-        valid_pct=s.valid_pct,
-        seed=s.seed,
-        min_per_class=s.min_per_class,
-        keep_predefined=s.keep_predefined,
-    )
+    split = split_manifest(manifest, params.split)
     write_table(out / "train.csv", split.train, SPLIT_COLUMNS)
     write_table(out / "valid.csv", split.valid, SPLIT_COLUMNS)
     write_classes(out / "classes.json", split.classes)
