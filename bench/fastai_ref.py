@@ -64,7 +64,7 @@ def build_learner(project: Path, precision: str):
             self.learn.pred = self.learn.pred.float()
 
     cfg = load_params(project / "params.yaml")
-    runtime = resolve_runtime(cfg.base)
+    runtime = resolve_runtime(cfg.base, cfg.runtime)
     image_root = project / "data" / "prepared"
     train = read_split(project / "data" / "split" / "train.csv", image_root)
     valid = read_split(project / "data" / "split" / "valid.csv", image_root)

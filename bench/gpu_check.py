@@ -40,7 +40,8 @@ GPU_OVERRIDES: dict[str, Any] = {
 # On 2 shared cores: tiny images and batches, one epoch, fp32 (the fastest on a CPU); the
 # code paths are the GPU run's.
 DRY_RUN_OVERRIDES: dict[str, Any] = {
-    "base": {"device": "cpu", "precision": "fp32", "num_workers": 1},
+    "base": {"device": "cpu", "precision": "fp32"},
+    "runtime": {"num_workers": 1},
     "data": {"max_per_class": 6},
     "model": {"image_size": 32},
     "precompute": {"batch_size": 8, "benchmark_batches": 1},
@@ -229,7 +230,7 @@ def run_check(args: argparse.Namespace) -> int:
     from visiontune.runtime import resolve_runtime
 
     params = build_params(args.params, args.dry_run_cpu)
-    runtime = resolve_runtime(params.base)
+    runtime = resolve_runtime(params.base, params.runtime)
     name = "dry-run-cpu" if args.dry_run_cpu else slug(torch.cuda.get_device_name(runtime.device))
     # The dry run takes each limit once: on a CPU a first train step can take seconds.
     check = Check(args.results / f"gpu-{name}.json", args.budget_s, 0 if args.dry_run_cpu else 10)

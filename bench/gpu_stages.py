@@ -80,14 +80,7 @@ def write_split(data_root: Path, params: Any, out: Path) -> dict[str, Any]:
         rank = manifest["path"].map(lambda path: seeded_rank(params.base.seed, path))
         picked = manifest.assign(rank=rank).sort_values("rank")
         manifest = picked.groupby(["label", "split_hint"]).head(params.data.max_per_class)
-    s = params.split
-    split = split_manifest(
-        manifest,
-        valid_pct=s.valid_pct,
-        seed=s.seed,
-        min_per_class=s.min_per_class,
-        keep_predefined=s.keep_predefined,
-    )
+    split = split_manifest(manifest, params.split)
     write_table(out / "train.csv", split.train, SPLIT_COLUMNS)
     write_table(out / "valid.csv", split.valid, SPLIT_COLUMNS)
     write_classes(out / "classes.json", split.classes)
@@ -121,7 +114,7 @@ def run_stages(check: Check, params: Any, work: Path, image_root: Path, probe: A
 
     record, limits = check.record, check.record["limits"]
     stages: dict[str, Any] = record.setdefault("stages", {})
-    runtime = resolve_runtime(params.base)
+    runtime = resolve_runtime(params.base, params.runtime)
     memory = GpuMemory(runtime.device)
     steps = check.around_steps
     split = work / "split"
@@ -134,7 +127,8 @@ def run_stages(check: Check, params: Any, work: Path, image_root: Path, probe: A
         start = time.perf_counter()
         with timed_loaders(precompute_module) as passes:
             features, stats = precompute_features(
-                params.model, params.base, params.precompute, train_csv=train_csv,
+                params.model, params.base, params.precompute, runtime_params=params.runtime,
+                train_csv=train_csv,
                 valid_csv=valid_csv, classes=classes, image_root=image_root,
             )  # fmt: skip
         stages["precompute"] = {

@@ -195,8 +195,8 @@ class LimitProbe:
         from visiontune.precompute import pixel_encoder
 
         self.params = params
-        configure_memory(params.base)  # as each stage does, before any model is built
-        self.runtime = resolve_runtime(params.base)
+        configure_memory(params.runtime)  # as each stage does, before any model is built
+        self.runtime = resolve_runtime(params.base, params.runtime)
         body, self.weights = create_backbone(params.model.backbone, params.model.weights)
         self.data_config = resolve_data_config(body, params.model)
         # Both take uint8 pixels behind a PixelNormalize layer, as in the stages.

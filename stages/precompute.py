@@ -23,7 +23,7 @@ def precompute(stage: Stage):
         params.model, params.base, params.precompute,
         train_csv=paths.split / "train.csv", valid_csv=paths.split / "valid.csv",
         classes=read_classes(paths.split / "classes.json"), image_root=paths.prepared,
-        dist=stage.dist,
+        runtime_params=params.runtime, dist=stage.dist,
     )  # fmt: skip
     if not stage.is_main:
         return None

@@ -13,10 +13,7 @@ PATHS = {"prepared": "fetch output folder", "out": "split output folder"}
 def split(stage: Stage):
     params, paths = stage.params, stage.paths
     manifest = read_manifest(paths.prepared / "manifest.csv")
-    result = split_manifest(
-        manifest, valid_pct=params.split.valid_pct, seed=params.split.seed,
-        min_per_class=params.split.min_per_class, keep_predefined=params.split.keep_predefined,
-    )  # fmt: skip
+    result = split_manifest(manifest, params.split)
     if result.train.empty or result.valid.empty:
         raise StageError(
             f"{len(result.train)} train and {len(result.valid)} valid images ({len(manifest)} "

@@ -1,10 +1,18 @@
-"""Shared fixtures: the real sample photos in ../shared/data and a shrunken real config."""
+"""Shared fixtures: the real sample photos in ../shared/data and a shrunken real config.
+
+Tests build config from the repo's params.yaml, never from code defaults (there are none):
+`real_config.default_params()` / `default_section(HeadParams, epochs=2)`, or the
+`default_params` fixture.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from real_config import default_params as _default_params
+
+from visiontune.config import Params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -19,6 +27,12 @@ def _test_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _isolated_tracking(_test_tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stages run in-process log to a throwaway store, never to the repo's mlflow.db."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _test_tracking_store)
+
+
+@pytest.fixture(scope="session")
+def default_params() -> Params:
+    """The repo's params.yaml, validated (shrink it with `.model_copy(update=...)`)."""
+    return _default_params()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from test_tracking_server import server  # noqa: F401 (the real mlflow server fi
 pytestmark = pytest.mark.slow
 
 OVERRIDES = {
-    "base": {"num_workers": 0},
+    "runtime": {"num_workers": 0},
     "data": {"max_per_class": 6},
     "model": {"image_size": 64},
     "head": {"epochs": 1},

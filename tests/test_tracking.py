@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from real_config import default_params, default_section
 
 from visiontune import tracking
-from visiontune.config import TrackingParams, flatten, parse_params
+from visiontune.config import TrackingParams, flatten
 from visiontune.tracking.store import pipeline_id, repo_root, resolve_store, resolve_uri
 
 
@@ -29,7 +30,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def params(store_dir: Path, request: pytest.FixtureRequest):
     experiment = request.node.name.replace("[", "-").replace("]", "")
-    return parse_params(
+    return default_params(
         {
             "tracking": {
                 "uri": f"sqlite:///{store_dir / 'mlflow.db'}",
@@ -73,13 +74,15 @@ def free_port() -> int:
 
 
 def test_relative_stores_resolve_against_the_repo_root(tmp_path: Path) -> None:
-    store = resolve_store(TrackingParams(), tmp_path)
+    store = resolve_store(default_section(TrackingParams), tmp_path)
     assert store.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert store.artifact_location == (tmp_path / "mlruns").as_uri()
     assert resolve_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
     assert resolve_uri("file:runs", tmp_path) == (tmp_path / "runs").as_uri()
     assert resolve_uri("runs", tmp_path) == (tmp_path / "runs").as_uri()
-    server = resolve_store(TrackingParams(), tmp_path, env_uri="http://127.0.0.1:5000/")
+    server = resolve_store(
+        default_section(TrackingParams), tmp_path, env_uri="http://127.0.0.1:5000/"
+    )
     assert (server.uri, server.artifact_location) == ("http://127.0.0.1:5000", None)
 
 
@@ -211,7 +214,7 @@ def test_report_artifacts_and_lr_find_curve(params, tmp_path: Path) -> None:
 
 
 def test_disabled_tracking_touches_no_store(tmp_path: Path) -> None:
-    params = parse_params({"tracking": {"enabled": False, "uri": f"sqlite:///{tmp_path}/x.db"}})
+    params = default_params({"tracking": {"enabled": False, "uri": f"sqlite:///{tmp_path}/x.db"}})
     tracker = tracking.preflight(params, "fetch", environ={})
     assert not tracker.enabled
     assert tracking.log_stage(tracker, params, tmp_path) == 0
@@ -223,12 +226,12 @@ def test_disabled_tracking_touches_no_store(tmp_path: Path) -> None:
 
 def test_unreachable_server_fails_fast_or_warns(tmp_path: Path, caplog) -> None:
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
-    required = parse_params({})
+    required = default_params({})
     started = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailableError, match="unreachable"):
         tracking.preflight(required, "precompute", environ=env, timeout_s=2)
     assert time.monotonic() - started < 5
-    optional = parse_params({"tracking": {"required": False}})
+    optional = default_params({"tracking": {"required": False}})
     tracker = tracking.preflight(optional, "precompute", environ=env, timeout_s=2)
     assert not tracker.enabled
     assert "continuing without tracking" in caplog.text
@@ -236,7 +239,7 @@ def test_unreachable_server_fails_fast_or_warns(tmp_path: Path, caplog) -> None:
 
 @pytest.mark.parametrize("required", [True, False])
 def test_logging_failure_keeps_outputs(params, tmp_path: Path, required: bool, caplog) -> None:
-    params = parse_params(
+    params = default_params(
         {
             **params.model_dump(mode="json"),
             "tracking": {**params.tracking.model_dump(), "required": required},

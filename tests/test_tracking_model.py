@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from real_config import default_params
 
 from visiontune import tracking
 from visiontune.cli import main as cli_main
-from visiontune.config import parse_params
 from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig
 from visiontune.evaluate.tta import ViewMaker, tta_views
@@ -29,7 +29,9 @@ CLASSES = ["cats", "dogs"]
 @pytest.fixture(scope="module")
 def finetune_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model, _ = create_classifier("tf_efficientnet_lite0", "none", len(CLASSES), dropout=0.0)
+    model, _ = create_classifier(
+        "tf_efficientnet_lite0", "none", len(CLASSES), hidden=(), dropout=0.0
+    )
     with torch.no_grad():  # spread the untrained head's outputs so probabilities differ
         model.head[-1].weight.mul_(20)
     config = DataConfig(64, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
@@ -54,7 +56,7 @@ def test_versions_are_registered_without_printing(tmp_path: Path, capsys) -> Non
 def test_logged_model_is_registered_and_predicts_like_the_cli(
     finetune_out: Path, dogscats: Path, tmp_path: Path, capsys
 ) -> None:
-    params = parse_params(
+    params = default_params(
         {
             "tracking": {
                 "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

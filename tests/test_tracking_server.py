@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MODEL_NAME = "visiontune-e2e"
 OVERRIDES = {
-    "base": {"num_workers": 0},
+    "runtime": {"num_workers": 0},
     "data": {"max_per_class": 8},
     "model": {"image_size": 64},
     "head": {"epochs": 1},

@@ -1,6 +1,8 @@
 """The `visiontune` console script: subcommands for using a trained model file.
 
 `visiontune predict MODEL PATH...` prints the top-k labels of images or folders of images.
+TTA views and loader settings come from the run's params file (`--params`, else
+`params.yaml` in the current folder), never from defaults in code.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ import csv
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-from visiontune.config import BaseParams, TtaParams
+from visiontune.config import Params, ParamsError, load_params
 from visiontune.evaluate.predict import Prediction, collect_inputs, predict_files
 from visiontune.models.classifier import load_model_file
-from visiontune.runtime import configure_memory, resolve_runtime
+from visiontune.runtime import configure_memory, create_runtime
+
+PARAMS_FILE = "params.yaml"
 
 
 def _positive_int(text: str) -> int:
@@ -49,36 +54,72 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--tta",
         action="store_true",
-        help=f"average the centre crop and {TtaParams().n_augment} fixed augmented views",
+        help="average the centre crop and the fixed augmented views of the params' tta section",
+    )
+    predict.add_argument(
+        "--params",
+        help=f"the run's params file: TTA views, device, precision, loader and memory "
+        f"settings (default: {PARAMS_FILE} in the current folder when there is one)",
     )
     predict.add_argument("--batch-size", type=_positive_int, default=32)
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    predict.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    predict.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="default: base.device, else auto"
+    )
+    predict.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="default: base.precision, else auto",
+    )
     predict.set_defaults(run=_predict)
     return parser
 
 
+def _read_params(path: str | None) -> Params | None:
+    """The run's params: `path`, else ./params.yaml when there is one, else None."""
+    if path is None and not Path(PARAMS_FILE).is_file():
+        return None
+    return load_params(path or PARAMS_FILE)
+
+
 def _predict(args: argparse.Namespace) -> int:
-    files, missing = collect_inputs(args.paths)
-    # Worker processes cost more than they save for a handful of images.
-    workers = 0 if len(files) <= args.batch_size else "auto"
     try:
-        base = BaseParams(device=args.device, precision=args.precision, num_workers=workers)
-        configure_memory(base)
-        runtime = resolve_runtime(base)
+        params = _read_params(args.params)
+    except ParamsError as exc:
+        print(f"visiontune predict: {exc}", file=sys.stderr)
+        return 2
+    if args.tta and params is None:
+        print(
+            f"visiontune predict: --tta takes its views from the run's params (tta.n_augment, "
+            f"tta.zoom): pass --params PATH, or run where its {PARAMS_FILE} is",
+            file=sys.stderr,
+        )
+        return 2
+    files, missing = collect_inputs(args.paths)
+    base = params.base if params else None
+    workers = params.runtime.num_workers if params else "auto"
+    try:
+        if params:
+            configure_memory(params.runtime)
+        runtime = create_runtime(
+            device=args.device or (base.device if base else "auto"),
+            precision=args.precision or (base.precision if base else "auto"),
+            # Worker processes cost more than they save for a handful of images.
+            num_workers=0 if len(files) <= args.batch_size else workers,
+            worker_priority=params.runtime.worker_priority if params else "auto",
+        )
         model, info = load_model_file(args.model, map_location=runtime.device)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
-    tta = TtaParams()
+    use_tta = args.tta and params is not None
     results = missing + predict_files(
         model,
         info,
         files,
         runtime,
         top_k=args.top_k,
-        n_augment=tta.n_augment if args.tta else 0,
-        zoom=tta.zoom,
+        n_augment=params.tta.n_augment if use_tta else 0,
+        zoom=params.tta.zoom if use_tta else 1.0,
         batch_size=args.batch_size,
     )
     for result in results:

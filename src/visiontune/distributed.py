@@ -134,14 +134,14 @@ def torch_stage(params: Params) -> Iterator[tuple[Runtime, DistContext]]:
     torchrun's process group, left on exit. Raises ValueError or RuntimeError for a launch
     these params cannot serve (the stage runner exits 2 with the message).
     """
-    configure_memory(params.base)
+    configure_memory(params.runtime)
     seed_everything(params.base.seed, params.base.deterministic)
-    runtime = resolve_runtime(params.base)
+    runtime = resolve_runtime(params.base, params.runtime)
     if params.distributed.sync_bn:
         check_sync_bn(runtime)
     ctx = init_from_environ(params.distributed, runtime.device.type, os.environ)
     try:
-        yield rank_runtime(runtime, ctx, params.base.num_workers == "auto"), ctx
+        yield rank_runtime(runtime, ctx, params.runtime.num_workers == "auto"), ctx
     finally:
         cleanup(ctx)
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from visiontune.config import BaseParams, ModelParams
 from visiontune.fileio import write_safetensors
 from visiontune.models.weights import WeightsInfo, weights_identity
-from visiontune.runtime import resolve_runtime
+from visiontune.runtime import resolve_precision
 
 if TYPE_CHECKING:
     from visiontune.data.transforms import DataConfig
@@ -113,7 +113,7 @@ def expected_inputs(
     weights = weights_identity(model.backbone, model.weights)
     if weights is None:
         return None
-    precision = resolve_runtime(base).precision
+    precision = resolve_precision(base)
     overrides = model_overrides(model)
     return _fingerprint_inputs(
         model.backbone, weights, overrides, precision, train_csv, valid_csv, classes

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from visiontune.config import BaseParams, ModelParams, PrecomputeParams
+from visiontune.config import BaseParams, ModelParams, PrecomputeParams, RuntimeParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.manifest import read_split
 from visiontune.data.transforms import (
@@ -34,7 +34,7 @@ from visiontune.distributed import (
 from visiontune.features import FeatureSet, compute_fingerprint, model_overrides
 from visiontune.inference import benchmark_forward, run_inference
 from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
-from visiontune.runtime import Runtime, resolve_runtime, seed_everything
+from visiontune.runtime import Runtime, resolve_precision, resolve_runtime, seed_everything
 
 
 def expected_fingerprint(
@@ -51,7 +51,7 @@ def expected_fingerprint(
         weights=weights,
         data_config=resolve_data_config(backbone, model),
         overrides=model_overrides(model),
-        precision=resolve_runtime(base).precision,
+        precision=resolve_precision(base),
         train_csv=train_csv,
         valid_csv=valid_csv,
         classes=classes,
@@ -125,6 +125,7 @@ def precompute_features(
     base: BaseParams,
     params: PrecomputeParams,
     *,
+    runtime_params: RuntimeParams,
     train_csv: Path,
     valid_csv: Path,
     classes: Sequence[str],
@@ -133,6 +134,8 @@ def precompute_features(
 ) -> tuple[FeatureSet, dict[str, float]]:
     """Pooled eval-transform features of every train and valid image.
 
+    `runtime_params` (loader workers) change how fast, never which features: each image
+    is decoded alone, whichever worker decodes it.
     Under torchrun (`dist`) the ranks share the images and every rank gets all features;
     the model-only benchmark runs on all ranks at once and reports their summed rate.
 
@@ -142,7 +145,9 @@ def precompute_features(
         tensors (same batch size and precision), and their ratio.
     """
     seed_everything(base.seed, base.deterministic)
-    runtime = rank_runtime(resolve_runtime(base), dist, base.num_workers == "auto")
+    runtime = rank_runtime(
+        resolve_runtime(base, runtime_params), dist, runtime_params.num_workers == "auto"
+    )
     backbone, weights = create_backbone(model.backbone, model.weights)
     data_config = resolve_data_config(backbone, model)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Where and how tensors run: device, mixed precision, memory format, loader workers, seeds.
 
-`resolve_runtime` turns the `base` params into one frozen `Runtime` that every stage
-passes to the loaders, the inference loop and the training loop.
+`resolve_runtime` turns the `base` and `runtime` params into one frozen `Runtime` that
+every stage passes to the loaders, the inference loop and the training loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visiontune.config import BaseParams
+from visiontune.config import BaseParams, RuntimeParams
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,8 +39,12 @@ class Runtime:
     @property
     def precision(self) -> str:
         """`fp32`, `bf16` or `fp16`: the compute precision actually used."""
-        names = {dtype: name for name, dtype in _DTYPES.items()}
-        return "fp32" if self.amp_dtype is None else names[self.amp_dtype]
+        return _precision_name(self.amp_dtype)
+
+
+def _precision_name(amp_dtype: torch.dtype | None) -> str:
+    names = {dtype: name for name, dtype in _DTYPES.items()}
+    return "fp32" if amp_dtype is None else names[amp_dtype]
 
 
 def cpu_count() -> int:
@@ -66,8 +70,26 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_runtime(base: BaseParams) -> Runtime:
-    """Pick device, precision, memory format and loader workers from the `base` params.
+def resolve_runtime(base: BaseParams, settings: RuntimeParams) -> Runtime:
+    """The `Runtime` of the `base` (device, precision) and `runtime` (workers) params."""
+    return create_runtime(
+        device=base.device,
+        precision=base.precision,
+        num_workers=settings.num_workers,
+        worker_priority=settings.worker_priority,
+    )
+
+
+def resolve_precision(base: BaseParams) -> str:
+    """`fp32`, `bf16` or `fp16`: the precision the `base` params compute in on this machine
+    (what a feature cache's fingerprint records; loader settings play no part in it)."""
+    return _precision_name(_resolve_amp_dtype(base.precision, _resolve_device(base.device)))
+
+
+def create_runtime(
+    *, device: str, precision: str, num_workers: int | str, worker_priority: str
+) -> Runtime:
+    """Pick device, precision, memory format and loader workers.
 
     `auto` device is CUDA when available, else CPU. `auto` precision is bf16 (or fp16
     where bf16 is unsupported) AMP on CUDA, bf16 autocast on CPUs with native bf16,
@@ -75,36 +97,42 @@ def resolve_runtime(base: BaseParams) -> Runtime:
     precision (Lite0 fp32 forward measured ~1.6x faster with it here), and cuDNN's
     tensor-core kernels under AMP.
     """
-    if base.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("base.device is 'cuda' but no CUDA device is available; use auto or cpu")
-    use_cuda = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-
-    precision = base.precision
-    if precision == "auto":
-        if use_cuda:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
-    amp_dtype = _DTYPES.get(precision)
-
+    torch_device = _resolve_device(device)
+    use_cuda = torch_device.type == "cuda"
+    amp_dtype = _resolve_amp_dtype(precision, torch_device)
     # Decoding JPEGs in worker processes keeps the model fed; more than 8 rarely helps.
-    workers = min(cpu_count(), 8) if base.num_workers == "auto" else int(base.num_workers)
+    workers = min(cpu_count(), 8) if num_workers == "auto" else int(num_workers)
     # On a CPU the workers share the cores with the model's OpenMP threads: a worker that
     # preempts one thread stalls the whole parallel region while the other waits at its
     # barrier, so decoding cost the model about twice its own CPU time. At idle priority
     # the workers fill only the gaps the model leaves (2 cores, dogscats, alternating runs:
     # precompute 87 -> 99 and 104 -> 110 images/s, lr_find 6-12 % faster). On CUDA the
     # model runs on the GPU and the workers need the cores the main thread leaves.
-    idle = base.worker_priority == "idle" or (base.worker_priority == "auto" and not use_cuda)
+    idle = worker_priority == "idle" or (worker_priority == "auto" and not use_cuda)
     return Runtime(
-        device=device,
+        device=torch_device,
         amp_dtype=amp_dtype,
         channels_last=not use_cuda or amp_dtype is not None,
         num_workers=workers,
         pin_memory=use_cuda,
         idle_workers=idle,
     )
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("base.device is 'cuda' but no CUDA device is available; use auto or cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def _resolve_amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    return _DTYPES.get(precision)
 
 
 # PyTorch's CPU allocator madvises allocations of 2 MiB and more as huge pages when this
@@ -121,23 +149,23 @@ class MemorySettings:
 
 
 def configure_memory(
-    base: BaseParams, environ: MutableMapping[str, str] = os.environ
+    settings: RuntimeParams, environ: MutableMapping[str, str] = os.environ
 ) -> MemorySettings:
     """Set up the CPU allocator for batch after batch of large tensors; call before building
     any model.
 
-    A forward pass allocates its activations afresh. `base.huge_pages` puts tensors of
+    A forward pass allocates its activations afresh. `runtime.huge_pages` puts tensors of
     2 MiB and more on transparent huge pages: with 4 KiB pages a Lite0 batch of 64 took
     ~350 000 page faults, which on a 2-core VM was more than half of the forward (110 ->
     250 images/s; precompute 90-100 -> 141-156). `auto` is on where the kernel has
     transparent huge pages (Linux); a value already in the environment wins.
 
-    `base.keep_freed_memory` stops those faults altogether (see `keep_freed_memory`).
+    `runtime.keep_freed_memory` stops those faults altogether (see `keep_freed_memory`).
     """
-    wanted = base.huge_pages if base.huge_pages != "auto" else thp_available()
+    wanted = settings.huge_pages if settings.huge_pages != "auto" else thp_available()
     if wanted:
         environ.setdefault(_THP_VARIABLE, "1")
-    keep = base.keep_freed_memory
+    keep = settings.keep_freed_memory
     if keep == "auto":
         keep = is_glibc() and not any(name in environ for name in _MALLOC_VARIABLES)
     return MemorySettings(

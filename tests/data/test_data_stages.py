@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 import yaml
 from project_copy import stage_argv
+from real_config import default_raw, merge
 
 from visiontune.config import DEMO_MIRROR, DEMO_SOURCE
 
@@ -45,10 +46,10 @@ def project(
     (data / "dogs" / "broken.jpg").write_bytes(b"")
     params = {
         "base": {"seed": 3},
-        "data": {"source": "photos"},  # data.mirrors: the shipped default
+        "data": {"source": "photos"},  # data.mirrors: the shipped one
         "split": {"valid_pct": 0.25, "seed": 5},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(default_raw(), params)))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -113,7 +114,9 @@ def test_failed_fetch_keeps_the_previous_output(project: Path, capsys) -> None:
     with zipfile.ZipFile(project / "evil.zip", "w") as archive:
         archive.writestr("cats/a.jpg", b"x")
         archive.writestr("/etc/cron.d/evil", b"x")
-    (project / "evil.yaml").write_text(yaml.safe_dump({"data": {"source": "evil.zip"}}))
+    evil = yaml.safe_load((project / "params.yaml").read_text())
+    evil["data"]["source"] = "evil.zip"
+    (project / "evil.yaml").write_text(yaml.safe_dump(evil))
     assert fetch.main(stage_argv("fetch", params="evil.yaml")) == 1
     assert "absolute path" in capsys.readouterr().err
     assert (project / "data/prepared/manifest.csv").read_bytes() == before

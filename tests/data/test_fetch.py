@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from datagen import NASTY
+from real_config import default_section
 
-from visiontune.config import DataParams, load_params
+from visiontune.config import DEMO_MIRROR, DEMO_SOURCE, DataParams, load_params
 from visiontune.data.archive import UnsafeArchiveError
 from visiontune.data.manifest import read_classes, read_manifest, read_table
 from visiontune.data.prepare import prepare_dataset
@@ -27,7 +28,7 @@ def _prepare(tmp_path: Path, **params) -> tuple[dict, pd.DataFrame, dict[str, st
     out.mkdir(parents=True)
     # data.mirrors keeps its shipped default (the demo URL → ../shared/data/dogscats).
     summary = prepare_dataset(
-        DataParams(**params), out, tmp_path / "downloads", seed=0, progress=False
+        default_section(DataParams, **params), out, tmp_path / "downloads", seed=0, progress=False
     )
     manifest = read_manifest(out / "manifest.csv")
     rejects = read_table(out / "rejects.csv", ("path", "reason"))
@@ -251,7 +252,7 @@ def test_the_shipped_demo_source_reads_its_mirror_offline(
     # `make demo` from the repo root: the demo URL, no download, the sample photos.
     monkeypatch.chdir(repo_root)
     data = load_params(repo_root / "params.yaml").data
-    assert data.source == DataParams().source and data.mirrors == DataParams().mirrors
+    assert data.source == DEMO_SOURCE and data.mirrors == {DEMO_SOURCE: (DEMO_MIRROR,)}
     assert Path(pick_mirror(data.source, data.mirrors)).resolve() == dogscats.resolve()
     assert pick_mirror(str(dogscats.parent / "dogbreeds"), data.mirrors) is None
 
@@ -270,7 +271,7 @@ def test_max_per_class_is_a_seeded_deterministic_subset(
     def subset(seed: int) -> list[str]:
         out = tmp_path / f"s{seed}"
         out.mkdir(exist_ok=True)
-        params = DataParams(source=str(folder_dataset), max_per_class=2)
+        params = default_section(DataParams, source=str(folder_dataset), max_per_class=2)
         summary = prepare_dataset(params, out, tmp_path / "dl", seed=seed, progress=False)
         assert summary["skipped_by_max_per_class"] > 0
         frame = read_manifest(out / "manifest.csv")

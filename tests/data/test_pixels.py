@@ -9,6 +9,7 @@ import pytest
 import torch
 from data.datagen import NASTY, photo, write_jpeg
 from PIL import Image
+from real_config import default_section
 from torchvision.transforms.v2 import functional as F
 
 from visiontune.config import AugmentParams
@@ -95,7 +96,9 @@ def test_a_broken_file_gets_open_rgbs_error(tmp_path: Path, name: str) -> None:
 
 def test_transforms_give_the_same_pixels_from_a_tensor_as_from_a_pillow_image() -> None:
     cfg = DataConfig(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
-    train = create_train_transform(cfg, AugmentParams(rotate_deg=20.0, max_zoom=1.5))
+    train = create_train_transform(
+        cfg, default_section(AugmentParams, rotate_deg=20.0, max_zoom=1.5)
+    )
     views = ViewMaker(cfg, tta_views(4))
     # 120×80 is shrunk before the affine step; 30×20 (below the output size) is not.
     for size in ((120, 80), (30, 20)):

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Real photos, tiny; fp32 so that the two runs differ only where DDP must differ.
 OVERRIDES = {
-    "base": {"device": "cpu", "precision": "fp32", "num_workers": 0},
+    "base": {"device": "cpu", "precision": "fp32"},
+    "runtime": {"num_workers": 0},
     "data": {"max_per_class": 16},
     "model": {"image_size": 64},
     "precompute": {"batch_size": 16, "benchmark_batches": 0},

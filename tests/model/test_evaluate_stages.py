@@ -36,7 +36,7 @@ def _stage(name: str) -> ModuleType:
 @pytest.fixture
 def project(tmp_path: Path, dogscats: Path) -> Path:
     torch.manual_seed(0)
-    model, _ = create_classifier("tf_efficientnet_lite0", "none", 2, dropout=0.0)
+    model, _ = create_classifier("tf_efficientnet_lite0", "none", 2, hidden=(), dropout=0.0)
     with torch.no_grad():
         model.head[-1].weight.mul_(20)
     info = ModelInfo("tf_efficientnet_lite0", ["cats", "dogs"], CFG, (), 0.0)
@@ -48,7 +48,7 @@ def project(tmp_path: Path, dogscats: Path) -> Path:
     ]
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "valid.csv", index=False)
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["base"].update(num_workers=0)
+    params["runtime"].update(num_workers=0)
     params["tracking"].update(enabled=False)  # this test is about the files, not MLflow
     params["tta"].update(n_augment=2, batch_size=4)
     params["report"].update(top_losses=4)

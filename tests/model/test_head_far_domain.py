@@ -37,8 +37,9 @@ def digit_features(shared_data: Path, repo_root: Path, tmp_path_factory: pytest.
     params = load_params(repo_root / "params.yaml")
     features, _ = precompute_features(
         params.model,
-        params.base.model_copy(update={"num_workers": 0}),
+        params.base,
         params.precompute.model_copy(update={"benchmark_batches": 0}),
+        runtime_params=params.runtime.model_copy(update={"num_workers": 0}),
         train_csv=where / "train.csv",
         valid_csv=where / "valid.csv",
         classes=[str(d) for d in range(10)],

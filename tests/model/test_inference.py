@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from real_config import default_runtime
 
-from visiontune.config import BaseParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.transforms import DataConfig, PixelNormalize, create_eval_transform
 from visiontune.inference import run_inference
-from visiontune.runtime import resolve_runtime
 
 DATA = DataConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
@@ -52,7 +51,7 @@ class Mean(torch.nn.Module):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_inference_returns_dataset_order_even_when_shuffled(photos, workers: int) -> None:
-    runtime = resolve_runtime(BaseParams(precision="fp32", num_workers=workers))
+    runtime = default_runtime(precision="fp32", num_workers=workers)
     dataset = ImageDataset(photos, [0, 0, 0, 1, 1, 1], create_eval_transform(DATA))
     loader = create_loader(dataset, 4, runtime, shuffle=True, seed=3)
     outputs, labels, speed = run_inference(Mean(), loader, runtime, desc="test")
@@ -63,7 +62,7 @@ def test_inference_returns_dataset_order_even_when_shuffled(photos, workers: int
 
 
 def test_bf16_inference_returns_float32(photos) -> None:
-    runtime = resolve_runtime(BaseParams(precision="bf16", num_workers=0))
+    runtime = default_runtime(precision="bf16", num_workers=0)
     dataset = ImageDataset(photos[:2], None, create_eval_transform(DATA))
     conv = torch.nn.Sequential(
         PixelNormalize.from_config(DATA),
@@ -79,7 +78,7 @@ def test_bf16_inference_returns_float32(photos) -> None:
 
 
 def test_loader_shuffle_repeats_for_a_seed(photos) -> None:
-    runtime = resolve_runtime(BaseParams(precision="fp32", num_workers=0))
+    runtime = default_runtime(precision="fp32", num_workers=0)
     dataset = ImageDataset(photos, None, create_eval_transform(DATA))
 
     def order(seed: int) -> list[int]:
@@ -91,7 +90,7 @@ def test_loader_shuffle_repeats_for_a_seed(photos) -> None:
 
 
 def test_inference_over_a_subset_keeps_the_subset_order(photos) -> None:
-    runtime = resolve_runtime(BaseParams(precision="fp32", num_workers=0))
+    runtime = default_runtime(precision="fp32", num_workers=0)
     dataset = ImageDataset(photos, [0, 0, 0, 1, 1, 1], create_eval_transform(DATA))
     subset = torch.utils.data.Subset(dataset, [5, 1, 3])
     loader = create_loader(subset, 2, runtime, shuffle=False, seed=0)

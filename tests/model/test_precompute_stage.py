@@ -40,7 +40,7 @@ def project(tmp_path: Path, dogscats: Path, repo_root: Path, monkeypatch) -> Pat
             rows += [f"images/{part}/{label}/{f.name},{label}" for f in files]
         (split / f"{part}.csv").write_text("\n".join(rows) + "\n")
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["base"]["num_workers"] = 0
+    params["runtime"]["num_workers"] = 0
     params["model"]["image_size"] = 64
     params["precompute"] = {"batch_size": 4, "benchmark_batches": 1}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

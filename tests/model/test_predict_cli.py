@@ -29,7 +29,9 @@ CFG = DataConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model, _ = create_classifier("tf_efficientnet_lite0", "none", len(CLASSES), dropout=0.0)
+    model, _ = create_classifier(
+        "tf_efficientnet_lite0", "none", len(CLASSES), hidden=(), dropout=0.0
+    )
     with torch.no_grad():  # spread the untrained head's outputs so the ranking is clear-cut
         model.head[-1].weight.mul_(20)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
@@ -77,7 +79,7 @@ def test_predict_json_matches_direct_forward(model_file, photos, capsys):
 
 
 def test_predict_reports_unreadable_files_and_predicts_the_rest(model_file, photos, tmp_path,
-                                                                capsys):  # fmt: skip
+                                                                capsys, repo_root):  # fmt: skip
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     text = tmp_path / "readme.png"
@@ -85,7 +87,8 @@ def test_predict_reports_unreadable_files_and_predicts_the_rest(model_file, phot
     good = next(photos.rglob("*.jpg"))
     missing = tmp_path / "missing.jpg"
     code = main(["predict", str(model_file), str(empty), str(good), str(text), str(missing),
-                 "--format", "csv", "--tta", "--device", "cpu"])  # fmt: skip
+                 "--format", "csv", "--tta", "--params", str(repo_root / "params.yaml"),
+                 "--device", "cpu"])  # fmt: skip
     assert code == 0
     captured = capsys.readouterr()
     rows = list(csv.DictReader(io.StringIO(captured.out)))
@@ -113,3 +116,15 @@ def test_predict_table_on_a_terminal(model_file, photos, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "prediction" in out and "probability" in out
     assert out.count(".jpg") == 2
+
+
+def test_tta_views_come_from_the_runs_params_never_from_code(model_file, photos, tmp_path,
+                                                             capsys, monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    good = str(next(photos.rglob("*.jpg")))
+    assert main(["predict", str(model_file), good, "--tta", "--device", "cpu"]) == 2
+    assert "pass --params" in capsys.readouterr().err
+    assert main(["predict", str(model_file), good, "--device", "cpu"]) == 0  # no TTA: no params
+    (tmp_path / "bad.yaml").write_text("tta:\n  n_augment: 1\n")
+    assert main(["predict", str(model_file), good, "--tta", "--params", "bad.yaml"]) == 2
+    assert "base: required section missing" in capsys.readouterr().err

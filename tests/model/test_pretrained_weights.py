@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from real_config import default_section
 from safetensors.torch import save_file
 
 from visiontune.config import ModelParams
@@ -38,7 +39,7 @@ CAT_CLASSES = range(281, 286)  # domestic cats
 )
 def test_pypi_lite0_recognises_dogs_and_cats(dogscats: Path, files, expected, other) -> None:
     model, _ = create_timm_model("tf_efficientnet_lite0", "pypi", num_classes=1000)
-    data_config = resolve_data_config(model, ModelParams())
+    data_config = resolve_data_config(model, default_section(ModelParams))
     transform = create_eval_transform(data_config)
     folder = dogscats / "valid" / ("cats" if files[0].startswith("cat") else "dogs")
     pixels = torch.stack([transform(open_rgb(folder / name)) for name in files])
@@ -69,7 +70,7 @@ def test_source_init_head_tells_real_cats_from_dogs_before_any_training(dogscats
     """Three photos per class fix the category relationship; the head it seeds, untrained,
     classifies the other valid photos (the backbone already knows cats and dogs)."""
     backbone, _ = create_backbone("tf_efficientnet_lite0", "pypi")
-    data_config = resolve_data_config(backbone, ModelParams())
+    data_config = resolve_data_config(backbone, default_section(ModelParams))
     transform = create_eval_transform(data_config)
     paths, labels = [], []
     for label, folder in enumerate(("cats", "dogs")):

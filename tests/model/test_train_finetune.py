@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from real_config import default_runtime, default_section
 
-from visiontune.config import AugmentParams, BaseParams, FinetuneParams, LrFindParams
+from visiontune.config import AugmentParams, FinetuneParams, LrFindParams
 from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.models.classifier import ImageClassifier
 from visiontune.models.head import create_head
-from visiontune.runtime import resolve_runtime
 from visiontune.train.loop import (
     TrainingInterrupted,
     benchmark_train_step,
@@ -26,9 +26,9 @@ from visiontune.train.recipes import create_train_dataset, create_valid_loader, 
 
 CLASSES = ["cats", "dogs"]
 DATA_CONFIG = DataConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 0.875)
-PARAMS = FinetuneParams(
+PARAMS = default_section(FinetuneParams,
     n_cycles=2, cycle_len=1, cycle_mult=1, batch_size=4, warmup_pct=0.4, lr_ratios=(0.01, 0.1, 1),
-    augment=AugmentParams(rotate_deg=10, max_zoom=1.2),
+    augment=default_section(AugmentParams, rotate_deg=10, max_zoom=1.2),
 )  # fmt: skip
 
 
@@ -52,7 +52,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(dogscats):
-    runtime = resolve_runtime(BaseParams(num_workers=0))
+    runtime = default_runtime(num_workers=0)
     train = create_train_dataset(frame(dogscats, "train", 6), CLASSES, DATA_CONFIG, PARAMS.augment)
     valid = create_valid_loader(frame(dogscats, "valid", 2), CLASSES, DATA_CONFIG, 8, runtime, 0)
     return runtime, train, valid
@@ -203,7 +203,7 @@ def test_augmentation_is_the_same_with_any_number_of_workers(data):
     _, train, _ = data
 
     def epoch(workers: int) -> list[torch.Tensor]:
-        runtime = resolve_runtime(BaseParams(num_workers=workers))
+        runtime = default_runtime(num_workers=workers)
         return [images for images, _, _ in epoch_loader(train, 4, runtime, 3, 1)]
 
     rng = torch.get_rng_state()
@@ -237,7 +237,7 @@ def test_lr_find_on_the_full_network_restores_it(data):
     runtime, train, _ = data
     model = new_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    params = LrFindParams(num_iter=6, batch_size=4, start_lr=1e-5, end_lr=1.0)
+    params = default_section(LrFindParams, num_iter=6, batch_size=4, start_lr=1e-5, end_lr=1.0)
     result = run_lr_find(model, train, PARAMS, params, runtime, seed=0)
     assert 1 <= len(result.curve) <= 6
     assert set(result.suggestions) == {"min/10", "steepest", "valley", "slide", "takeoff/30"}

@@ -39,7 +39,7 @@ def one_thread():
 
 # The real params.yaml, shrunk: 96 px images, a few steps per stage, no tracking.
 SMALL = {
-    "base": {"num_workers": 0},
+    "runtime": {"num_workers": 0},
     "model": {"image_size": 96},
     "precompute": {"batch_size": 8},
     "head": {"epochs": 3, "batch_size": 8},

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Real photos, tiny: 4 per class and split, 64 px, a 1-epoch fine-tune at a fixed LR.
 OVERRIDES = {
-    "base": {"num_workers": 0},
+    "runtime": {"num_workers": 0},
     "data": {"max_per_class": 4},
     "model": {"image_size": 64},
     "precompute": {"batch_size": 8, "benchmark_batches": 0},

@@ -21,7 +21,7 @@ from project_copy import dvc, make_project, project_env
 # Real dogscats photos, tiny: 16 train images per class at 64 px, batch 4 → 8 steps per
 # epoch, two 1-epoch SGDR cycles: the kill lands in epoch 2, after the epoch-1 checkpoint.
 OVERRIDES = {
-    "base": {"num_workers": 0},
+    "runtime": {"num_workers": 0},
     "data": {"max_per_class": 16},
     "model": {"image_size": 64},
     "precompute": {"benchmark_batches": 0},

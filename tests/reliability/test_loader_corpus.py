@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from data.datagen import NASTY, NASTY_MAX_PIXELS, write_jpeg
+from real_config import default_section
 
 from visiontune.config import AugmentParams, DataParams
 from visiontune.data.dataset import ImageDataset, create_loader
@@ -41,7 +42,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_jpeg(source / "plain" / f"p{i}.jpg", seed=500 + i)
     out = root / "prepared"
     out.mkdir()
-    params = DataParams(source=str(source), max_image_pixels=NASTY_MAX_PIXELS)
+    params = default_section(DataParams, source=str(source), max_image_pixels=NASTY_MAX_PIXELS)
     prepare_dataset(params, out, root / "downloads", seed=0, progress=False)
     return out
 
@@ -72,7 +73,9 @@ def test_every_accepted_file_goes_through_dataloader_workers(prepared: Path, kin
     transform = (
         create_eval_transform(CONFIG)
         if kind == "eval"
-        else create_train_transform(CONFIG, AugmentParams(rotate_deg=30.0, max_zoom=1.5))
+        else create_train_transform(
+            CONFIG, default_section(AugmentParams, rotate_deg=30.0, max_zoom=1.5)
+        )
     )
     loader = _loader(prepared, transform)
     seen = []

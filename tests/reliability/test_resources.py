@@ -131,7 +131,7 @@ def test_a_write_failing_midway_keeps_the_old_file(tmp_path: Path) -> None:
 
 # The real params at the backbone's own input size (224 px), all 1000 dogbreeds photos.
 MEMORY_PARAMS = {
-    "base": {"num_workers": 2},
+    "runtime": {"num_workers": 2},
     "data": {"labels": "labels.csv", "label_column": "breed", "max_per_class": None},
     "precompute": {"batch_size": 64, "benchmark_batches": 0},
     "tracking": {"enabled": False},

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from real_config import default_params
 
 from visiontune import tracking
-from visiontune.config import parse_params
 from visiontune.models.weights import WeightsError, read_state_dict
 from visiontune.tracking.store import redact
 from visiontune.train.checkpoint import load_checkpoint
@@ -128,7 +128,7 @@ def test_redact_hides_uri_credentials(value: str, expected: str) -> None:
 def test_credentials_in_params_never_reach_the_store(tmp_path: Path, capsys) -> None:
     """A real SQLite store: a data URL and a (overridden) server URI carry credentials."""
     secret = "hunter2-secret"
-    params = parse_params(
+    params = default_params(
         {
             "data": {"source": f"https://bob:{secret}@data.example.com/pets.zip"},
             "tracking": {
@@ -167,7 +167,9 @@ def test_credentials_in_params_never_reach_the_store(tmp_path: Path, capsys) -> 
 
 
 def test_an_unreachable_store_error_does_not_print_its_credentials(tmp_path: Path) -> None:
-    params = parse_params({"tracking": {"uri": "http://bob:hunter2@127.0.0.1:9", "required": True}})
+    params = default_params(
+        {"tracking": {"uri": "http://bob:hunter2@127.0.0.1:9", "required": True}}
+    )
     with pytest.raises(tracking.TrackingError) as failure:
         tracking.preflight(params, "split", environ={}, cwd=tmp_path, timeout_s=0.5)
     assert "hunter2" not in str(failure.value)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visiontune.config import BaseParams, DistributedParams
+from visiontune.config import DistributedParams
 from visiontune.distributed import (
     SINGLE,
     all_gather_varlen,
@@ -25,7 +25,7 @@ from visiontune.distributed import (
     init_from_environ,
     shard,
 )
-from visiontune.runtime import resolve_runtime
+from visiontune.runtime import create_runtime
 from visiontune.train.loop import epoch_loader
 
 
@@ -53,8 +53,12 @@ def global_batches(dataset, batch_size: int, epoch: int, ctx, runtime) -> list[l
 
 
 def main(out: Path) -> None:
-    ctx = init_from_environ(DistributedParams(), "cpu", os.environ)
-    runtime = resolve_runtime(BaseParams(device="cpu", precision="fp32", num_workers=0))
+    # Spelled out: a torchrun script outside pytest, so no tests/real_config here.
+    settings = DistributedParams(
+        enabled=True, backend="gloo", sync_bn=False, timeout_s=1800.0, launcher="torchrun"
+    )
+    ctx = init_from_environ(settings, "cpu", os.environ)
+    runtime = create_runtime(device="cpu", precision="fp32", num_workers=0, worker_priority="auto")
     n = 7  # odd: the ranks hold 4 and 3 rows
     rows = torch.arange(n * 3, dtype=torch.float64).view(n, 3)
     mine = list(shard(list(range(n)), ctx))

@@ -72,7 +72,7 @@ def test_model_file_round_trip_gives_identical_logits(trained_like, tmp_path: Pa
 
 
 def test_the_classifier_normalises_with_the_backbones_pretrained_config_by_default() -> None:
-    model, _ = create_classifier("tf_efficientnet_lite0", "none", 2)
+    model, _ = create_classifier("tf_efficientnet_lite0", "none", 2, hidden=(), dropout=0.0)
     white = torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)
     # EfficientNet-Lite's mean = std = 0.5: white is 1.0 after normalisation
     assert torch.equal(model.normalize(white), torch.ones(1, 3, 8, 8))

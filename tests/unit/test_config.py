@@ -8,6 +8,8 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
+from real_config import default_raw, merge
 
 from visiontune.config import Params, ParamsError, flatten, load_params, parse_params
 
@@ -25,10 +27,31 @@ def flatten_yaml(raw: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _error(raw) -> str:
+def _error(overrides) -> str:
+    """The message for params.yaml with `overrides` merged in (every other key valid)."""
     with pytest.raises(ParamsError) as info:
-        parse_params(raw)
+        parse_params(merge(default_raw(), overrides))
     return str(info.value)
+
+
+def _with(section: str, key: str, value):
+    """params.yaml with one key replaced outright (a mapping value is not merged)."""
+    raw = default_raw()
+    raw[section][key] = value
+    return raw
+
+
+def _schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> dict[str, object]:
+    """Every leaf key of the schema (dotted) → its FieldInfo; data.mirrors is one key."""
+    keys: dict[str, object] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys[f"{prefix}{name}"] = field  # the section itself must be written too
+            keys.update(_schema_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = field
+    return keys
 
 
 def test_the_repo_params_file_is_valid_and_complete(repo_root: Path) -> None:
@@ -37,8 +60,56 @@ def test_the_repo_params_file_is_valid_and_complete(repo_root: Path) -> None:
     assert set(raw) == set(Params.model_fields), "every section is written out"
     written = set(flatten_yaml(raw))
     assert written == set(flatten(params)), "every key is written out (DVC tracks what it sees)"
+    leaves = {key for key, field in _schema_keys().items() if key not in _sections()}
+    assert written == leaves, "params.yaml and config.py's schema have the same keys"
     assert params.data.source.startswith("https://")
-    assert params.data.mirrors == Params().data.mirrors, "params.yaml and config.py agree"
+
+
+def _sections(model: type[BaseModel] = Params, prefix: str = "") -> set[str]:
+    found = set()
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found |= {f"{prefix}{name}"} | _sections(field.annotation, f"{prefix}{name}.")
+    return found
+
+
+def test_the_schema_has_no_defaults_of_its_own() -> None:
+    """params.yaml is the one place a value is written: a second copy in code drifts."""
+    defaulted = [key for key, field in _schema_keys().items() if not field.is_required()]
+    assert not defaulted, f"config.py gives these keys a default: {defaulted}"
+
+
+@pytest.mark.parametrize(
+    ("drop", "expected"),
+    [
+        (("lr_find", "num_iter"), "lr_find.num_iter: required key missing; set it to an integer"),
+        (("finetune", "augment"), "finetune.augment: required section missing; add"),
+        (("runtime",), "runtime: required section missing; add `runtime:` with keys huge_pages,"),
+    ],
+)
+def test_a_missing_key_is_named_with_what_to_write(drop, expected: str) -> None:
+    raw = default_raw()
+    node = raw
+    for part in drop[:-1]:
+        node = node[part]
+    del node[drop[-1]]
+    message = _error_of(raw)
+    assert expected in message and "docs/parameters.md" in message
+    assert len(message.splitlines()) == 2, message  # one line for the one missing key
+
+
+def test_a_moved_key_names_its_new_place() -> None:
+    raw = default_raw()
+    raw["base"]["num_workers"] = raw["runtime"].pop("num_workers")
+    message = _error_of(raw)
+    assert "base.num_workers: unknown key; it moved to runtime.num_workers" in message
+    assert "runtime.num_workers: required key missing" in message
+
+
+def _error_of(raw) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -83,8 +154,8 @@ def test_union_branches_read_as_one_line() -> None:
     assert "head.lr: invalid value -1; allowed: a number > 0 or 'auto'" in message
     assert "constrained-float" not in message and "literal" not in message
     assert message.count("head.lr") == 1
-    message = _error({"base": {"num_workers": "many"}})
-    assert "base.num_workers: invalid value 'many'; allowed: an integer or 'auto'" in message
+    message = _error({"runtime": {"num_workers": "many"}})
+    assert "runtime.num_workers: invalid value 'many'; allowed: an integer or 'auto'" in message
 
 
 def test_every_bad_key_is_reported_at_once() -> None:
@@ -109,7 +180,7 @@ def test_yaml_exponent_strings_are_read_as_numbers(tmp_path: Path) -> None:
     # PyYAML (YAML 1.1) reads `1e-2` as the string '1e-2'; DVC reads a float.
     text = "head:\n  lr: 1e-2\n  weight_decay: 5e-4\nlr_find:\n  start_lr: 1e-7\n"
     assert yaml.safe_load(text)["head"]["lr"] == "1e-2"
-    (tmp_path / "p.yaml").write_text(text)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(merge(default_raw(), yaml.safe_load(text))))
     params = load_params(tmp_path / "p.yaml")
     assert params.head.lr == pytest.approx(1e-2) and isinstance(params.head.lr, float)
     assert params.head.weight_decay == pytest.approx(5e-4)
@@ -126,11 +197,12 @@ def test_file_level_errors(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="mapping of sections"):
         load_params(tmp_path / "list.yaml")
     (tmp_path / "empty.yaml").write_text("")
-    assert load_params(tmp_path / "empty.yaml") == Params()
+    with pytest.raises(ParamsError, match="base: required section missing"):
+        load_params(tmp_path / "empty.yaml")
 
 
 def test_config_is_frozen_and_flattens_to_dotted_keys() -> None:
-    params = parse_params({"data": {"mirrors": {"https://h/a.zip": ["a", "b"]}}})
+    params = parse_params(_with("data", "mirrors", {"https://h/a.zip": ["a", "b"]}))
     with pytest.raises(ValueError, match="frozen"):
         params.data.source = "elsewhere"  # type: ignore[misc]
     flat = flatten(params)
@@ -149,10 +221,10 @@ def test_config_is_frozen_and_flattens_to_dotted_keys() -> None:
     ],
 )
 def test_mirrors_are_a_mapping_from_url_to_local_copies(mirrors, expected: str) -> None:
-    assert expected in _error({"data": {"mirrors": mirrors}})
-    one = parse_params({"data": {"mirrors": {"https://h/a.zip": "../copy"}}}).data.mirrors
+    assert expected in _error_of(_with("data", "mirrors", mirrors))
+    one = parse_params(_with("data", "mirrors", {"https://h/a.zip": "../copy"})).data.mirrors
     assert one == {"https://h/a.zip": ("../copy",)}
-    assert parse_params({"data": {"mirrors": {}}}).data.mirrors == {}
+    assert parse_params(_with("data", "mirrors", {})).data.mirrors == {}
 
 
 _VALUES = st.one_of(
@@ -174,7 +246,7 @@ def test_fuzzed_values_give_params_errors_never_tracebacks(data) -> None:
     key = data.draw(st.sampled_from([*fields, "unknown_key"]))
     value = data.draw(_VALUES)
     try:
-        parse_params({section: {key: value}})
+        parse_params(_with(section, key, value))
     except ParamsError as exc:
         first = str(exc).splitlines()[1].strip()
         assert first.startswith(f"{section}"), first

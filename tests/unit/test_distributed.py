@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from real_config import default_section
 
 from visiontune.config import DistributedParams
 from visiontune.distributed import (
@@ -24,15 +25,19 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 
 def test_a_plain_launch_is_a_single_process() -> None:
-    ctx = init_from_environ(DistributedParams(), "cpu", {})
+    ctx = init_from_environ(default_section(DistributedParams), "cpu", {})
     assert ctx is SINGLE and ctx.is_main and not ctx.enabled
 
 
 def test_a_multi_process_launch_with_distributed_disabled_is_refused() -> None:
     with pytest.raises(DistributedSetupError, match=r"distributed\.enabled is false"):
-        init_from_environ(DistributedParams(enabled=False), "cpu", {"WORLD_SIZE": "2"})
+        init_from_environ(
+            default_section(DistributedParams, enabled=False), "cpu", {"WORLD_SIZE": "2"}
+        )
     with pytest.raises(DistributedSetupError, match="nccl needs CUDA"):
-        init_from_environ(DistributedParams(backend="nccl"), "cpu", {"WORLD_SIZE": "2"})
+        init_from_environ(
+            default_section(DistributedParams, backend="nccl"), "cpu", {"WORLD_SIZE": "2"}
+        )
 
 
 def test_shards_cover_every_row_once_without_padding() -> None:

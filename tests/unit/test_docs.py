@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from visiontune.config import Params, flatten
+from visiontune.config import flatten, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -44,10 +45,52 @@ def test_readme_links_every_docs_page():
     assert set(DOCS) == {p.stem for p in (ROOT / "docs").glob("*.md")}
 
 
-def test_every_params_key_is_in_the_parameter_reference():
+# Keys whose reference row describes the shipped value in words rather than writing it.
+DESCRIBED_VALUES = {"data.source", "data.mirrors"}
+
+
+def _reference_rows() -> dict[str, str]:
+    """docs/parameters.md's table: each key → the value it says params.yaml ships.
+
+    A row may name several keys: `a`, `b` | 1, 2 (one value each) or | 0.05 (the same).
+    """
     reference = (ROOT / "docs" / "parameters.md").read_text(encoding="utf-8")
-    missing = [key for key in flatten(Params()) if f"`{key}`" not in reference]
+    rows: dict[str, str] = {}
+    for keys, value in re.findall(r"(?m)^\| (`[^|]+`) \| ([^|]*) \|", reference):
+        names = re.findall(r"`([^`]+)`", keys)
+        values = [v.strip() for v in value.split(",")]
+        for i, name in enumerate(names):
+            rows[name] = values[i] if len(values) == len(names) else value.strip()
+    return rows
+
+
+def _shipped() -> dict:
+    return flatten(load_params(ROOT / "params.yaml"))
+
+
+def test_every_params_key_is_in_the_parameter_reference():
+    missing = [key for key in _shipped() if key not in _reference_rows()]
     assert not missing, f"docs/parameters.md lacks {missing}"
+
+
+def test_the_parameter_reference_names_only_keys_that_exist():
+    stale = [key for key in _reference_rows() if key not in _shipped()]
+    assert not stale, f"docs/parameters.md documents keys params.yaml does not have: {stale}"
+
+
+def test_the_parameter_reference_shows_the_values_params_yaml_ships():
+    """The reference's value column is a copy of params.yaml; it must not drift from it."""
+    documented = _reference_rows()
+    wrong = []
+    for key, value in _shipped().items():
+        if key in DESCRIBED_VALUES:
+            continue
+        written = yaml.safe_load(documented[key])
+        if isinstance(written, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?e[-+]?\d+", written):
+            written = float(written)  # YAML 1.1 reads 1.0e-4 as a string
+        if written != value:
+            wrong.append(f"{key}: documented {documented[key]!r}, params.yaml {value!r}")
+    assert not wrong, "docs/parameters.md disagrees with params.yaml:\n" + "\n".join(wrong)
 
 
 def _anchor(heading: str) -> str:

@@ -16,9 +16,18 @@ from visiontune.config import Params
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
 STAGES = ("fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate", "report")
-# Tracking settings say where runs are logged, not what is computed: changing the store
-# must not retrain anything, so stages deliberately do not depend on the `tracking` section.
-NOT_A_DEPENDENCY = {"tracking"}
+# Sections a stage reads that cannot change what it computes, each with its reason. DVC
+# re-runs a stage when a params section it lists changes, so listing these would re-decode
+# every image (and, via finetune's checkpoint config, restart a resumable fine-tune) for
+# nothing.
+NOT_A_DEPENDENCY = {
+    # Where runs are logged, not what is computed: changing the store retrains nothing.
+    "tracking": "where runs are logged",
+    # Loader workers, their priority and allocator settings change speed only: every image
+    # is decoded and augmented from its own seed whichever worker (or none) handles it
+    # (tests/reliability/test_workers_invariance.py checks the bytes).
+    "runtime": "how fast, never what: per-image seeding",
+}
 # How a stage is launched (torchrun or not, backend, timeout) does not change what it
 # computes either; the launcher itself is part of `cmd`, which DVC compares. The one
 # distributed key that does change results (finetune's sync_bn) is declared by key.
@@ -127,7 +136,7 @@ def test_stage_declares_exactly_the_params_sections_it_reads(stage: str):
     declared = {entry.split(".")[0] for entry in spec.get("params", [])}
     source = (REPO / "stages" / f"{stage}.py").read_text(encoding="utf-8")
     read = set(re.findall(r"\bparams\.(\w+)", source)) & set(Params.model_fields)
-    assert declared - LAUNCH_ONLY == read - NOT_A_DEPENDENCY - LAUNCH_ONLY, (
+    assert declared - LAUNCH_ONLY == read - set(NOT_A_DEPENDENCY) - LAUNCH_ONLY, (
         stage,
         sorted(declared),
         sorted(read),
@@ -141,3 +150,23 @@ def test_finetune_depends_on_sync_bn_and_heavy_stages_take_the_launcher():
         assert pipeline[stage]["cmd"].startswith("${distributed.launcher} stages/"), stage
         source = (REPO / "stages" / f"{stage}.py").read_text(encoding="utf-8")
         assert "setup=torch_stage" in source, stage  # joins torchrun's process group
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_depends_on_settings_that_cannot_change_its_outputs(stage: str):
+    declared = {entry.split(".")[0] for entry in _pipeline()[stage].get("params", [])}
+    assert not declared & set(NOT_A_DEPENDENCY), (stage, sorted(declared & set(NOT_A_DEPENDENCY)))
+
+
+def test_finetune_checkpoint_config_leaves_out_the_runtime_section():
+    """A checkpoint resumes only when its config matches: the speed knobs must not be in it."""
+    source = (REPO / "src/visiontune/train/recipes.py").read_text(encoding="utf-8")
+    start = source.index("def resume_config(")
+    config = source[start : source.index("\n\n\ndef ", start)]
+    assert "params.runtime" not in config and "params.tracking" not in config
+    assert set(Params.model_fields["base"].annotation.model_fields) == {
+        "seed",
+        "device",
+        "precision",
+        "deterministic",
+    }, "base goes into the checkpoint config whole: only what shapes the results"

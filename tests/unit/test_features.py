@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from real_config import default_section
 
 from visiontune.config import BaseParams, ModelParams
 from visiontune.data.transforms import DataConfig
@@ -39,7 +40,7 @@ def fingerprint(split: tuple[Path, Path], **changes) -> dict:
         backbone="tf_efficientnet_lite0",
         weights=WEIGHTS,
         data_config=DATA,
-        overrides=model_overrides(ModelParams()),
+        overrides=model_overrides(default_section(ModelParams)),
         precision="bf16",
         train_csv=split[0],
         valid_csv=split[1],
@@ -85,7 +86,10 @@ def test_round_trip_with_the_same_fingerprint(cache: Path, split) -> None:
         ("data_config", {"data_config": replace(DATA, mean=(0.485, 0.456, 0.406))}),
         ("data_config", {"data_config": replace(DATA, interpolation="bilinear")}),
         ("data_config", {"data_config": replace(DATA, crop_pct=1.0)}),
-        ("model_overrides", {"overrides": model_overrides(ModelParams(image_size=240))}),
+        (
+            "model_overrides",
+            {"overrides": model_overrides(default_section(ModelParams, image_size=240))},
+        ),
         ("precision", {"precision": "fp32"}),
         ("manifest_sha256", {"classes": ["dog", "cat"]}),
     ],
@@ -116,8 +120,8 @@ def _inputs_cache(tmp_path: Path, split, **model) -> tuple[Path, ModelParams, Ba
     """A cache as precompute writes it for local-file weights, with a source classifier."""
     weights = tmp_path / "weights.pth"
     torch.save({"w": torch.ones(2)}, weights)
-    params = ModelParams(weights=str(weights), **model)
-    base = BaseParams(precision="fp32")
+    params = default_section(ModelParams, weights=str(weights), **model)
+    base = default_section(BaseParams, precision="fp32")
     written = fingerprint(
         split,
         weights=weights_identity(params.backbone, params.weights),
@@ -174,8 +178,8 @@ def test_a_partial_expectation_must_name_what_the_data_config_follows_from(
 
 
 def test_hub_weights_cannot_be_identified_without_loading_them(split) -> None:
-    params = ModelParams(weights="hub")
-    assert expected_inputs(params, BaseParams(), *split, ["cat", "dog"]) is None
+    params = default_section(ModelParams, weights="hub")
+    assert expected_inputs(params, default_section(BaseParams), *split, ["cat", "dog"]) is None
 
 
 def test_a_cache_without_a_source_classifier_loads_without_one(cache: Path, split) -> None:

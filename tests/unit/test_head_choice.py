@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from real_config import default_section
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -74,7 +75,9 @@ def relabelled_source(x, y, classes):
 def test_auto_keeps_the_source_start_where_it_explains_the_classes():
     x, y = blobs(90, 3)
     feats = split(x, y, 3, 60)
-    result = train_head_on_features(feats, HeadParams(), seed=0, source=relabelled_source(x, y, 3))
+    result = train_head_on_features(
+        feats, default_section(HeadParams), seed=0, source=relabelled_source(x, y, 3)
+    )
     m = result.metrics
     assert m["source_start_cv_acc"] > 0.9 and m["domain"] == "near"
     assert m["init"] == ("source" if m["source_cv_loss"] < m["logreg_cv_loss"] else "logreg")
@@ -86,7 +89,7 @@ def test_auto_fits_the_logistic_head_where_the_source_is_no_help():
     feats = split(x, y, 5, 100)
     g = torch.Generator().manual_seed(1)
     useless = (torch.randn(40, x.shape[1], generator=g), torch.zeros(40))  # unrelated classes
-    result = train_head_on_features(feats, HeadParams(), seed=0, source=useless)
+    result = train_head_on_features(feats, default_section(HeadParams), seed=0, source=useless)
     m = result.metrics
     assert m["init"] == "logreg" and m["domain"] == "far"
     assert m["logreg_cv_loss"] < m["source_cv_loss"]
@@ -104,7 +107,11 @@ def test_the_validation_labels_choose_nothing():
         feats.train_x, feats.train_y, feats.valid_x, feats.valid_y[torch.randperm(40, generator=g)],
         feats.classes, feats.fingerprint,
     )  # fmt: skip
-    for params in (HeadParams(), HeadParams(init="source"), HeadParams(init="random")):
+    for params in (
+        default_section(HeadParams),
+        default_section(HeadParams, init="source"),
+        default_section(HeadParams, init="random"),
+    ):
         a = train_head_on_features(feats, params, seed=3, source=source)
         b = train_head_on_features(shuffled, params, seed=3, source=source)
         assert a.metrics["init"] == b.metrics["init"]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from real_config import default_section
 
-from visiontune.config import HeadParams
+from visiontune.config import HeadParams, LrFindParams
 from visiontune.train.head import feature_batches, train_head
 from visiontune.train.lr_find import (
     exponential_lrs,
@@ -19,6 +20,10 @@ from visiontune.train.lr_find import (
     suggest_lrs,
     valley_index,
 )
+
+# The sweep's smoothing and stop rule as params.yaml ships them.
+_LR_FIND = default_section(LrFindParams)
+SWEEP = {"smooth": _LR_FIND.smooth, "diverge": _LR_FIND.diverge}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,7 +84,7 @@ def test_slide_is_stable_on_a_flat_curve_that_diverges():
         def step(lr: float, rng=rng) -> float:
             return 0.6 + rng.normal(0, 0.08) + 3 * max(0.0, math.log10(lr / 3e-2))
 
-        result = lr_range_test(step, start_lr=1e-7, end_lr=10, num_iter=60)
+        result = lr_range_test(step, start_lr=1e-7, end_lr=10, num_iter=60, **SWEEP)
         found.append(result.suggestion("slide"))
     assert min(found) > 1e-4 and max(found) < 1e-3
     assert max(found) / min(found) < 3
@@ -87,7 +92,11 @@ def test_slide_is_stable_on_a_flat_curve_that_diverges():
 
 def test_range_test_stops_when_loss_diverges():
     result = lr_range_test(
-        lambda lr: 1.0 if lr < 1e-2 else 1.0 + 1e4 * lr, start_lr=1e-5, end_lr=10, num_iter=100
+        lambda lr: 1.0 if lr < 1e-2 else 1.0 + 1e4 * lr,
+        start_lr=1e-5,
+        end_lr=10,
+        num_iter=100,
+        **SWEEP,
     )
     assert result.stopped_early
     assert len(result.curve) < 100
@@ -130,7 +139,9 @@ def test_find_lr_restores_weights_optimizer_and_rng_exactly():
     before_momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     rng = torch.get_rng_state()
     batches = feature_batches(x, y, 32, torch.Generator().manual_seed(1))
-    result = find_lr(model, opt, batches, step, [0.1, 1.0], start_lr=1e-5, end_lr=10, num_iter=40)
+    result = find_lr(
+        model, opt, batches, step, [0.1, 1.0], start_lr=1e-5, end_lr=10, num_iter=40, **SWEEP
+    )
     assert len(result.curve) > 5
     for key, value in model.state_dict().items():
         assert torch.equal(value, before_model[key]), key
@@ -151,7 +162,7 @@ def test_find_lr_keeps_group_ratios_during_the_sweep():
 
     x, y = blobs()
     batches = feature_batches(x, y, 32, torch.Generator().manual_seed(1))
-    find_lr(model, opt, batches, step, [0.1, 1.0], start_lr=1e-4, end_lr=1.0, num_iter=10)
+    find_lr(model, opt, batches, step, [0.1, 1.0], start_lr=1e-4, end_lr=1.0, num_iter=10, **SWEEP)
     assert seen[0] == pytest.approx([1e-5, 1e-4])
     assert all(lo / hi == pytest.approx(0.1) for lo, hi in seen)
 
@@ -160,7 +171,9 @@ def test_suggested_lr_trains_a_small_problem_well():
     """The valley LR trains a 4-class problem better than 100× less, before the loss minimum."""
     x, y = blobs(512)
     vx, vy = blobs(256, seed=0)  # same centres, fresh noise would need the same generator
-    params = HeadParams(epochs=2, batch_size=32, lr="auto", optimizer="sgd", weight_decay=0.01)
+    params = default_section(
+        HeadParams, epochs=2, batch_size=32, lr="auto", optimizer="sgd", weight_decay=0.01
+    )
     result = train_head(x, y, vx, vy, 4, params, seed=42)
     lr = result.metrics["lr"]
     assert result.lr_find is not None and lr == result.lr_find.suggestion("valley")
@@ -180,7 +193,9 @@ def test_noise_on_a_near_zero_loss_is_not_divergence():
     """After a trained head the loss is noise near 0: the first batch or two can be 20× lower."""
     noise = [0.001, 0.002, 0.05, 0.01, 0.03, 0.04, 0.02, 0.05, 0.03, 0.02]
     losses = iter(noise + [0.03] * 40 + [5.0] * 50)
-    result = lr_range_test(lambda lr: next(losses), start_lr=1e-6, end_lr=1.0, num_iter=100)
+    result = lr_range_test(
+        lambda lr: next(losses), start_lr=1e-6, end_lr=1.0, num_iter=100, **SWEEP
+    )
     assert result.stopped_early
     assert len(result.curve) > 45  # stopped by the real rise, not by the early blip
 

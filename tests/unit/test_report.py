@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from real_config import default_section
 
 from visiontune.config import ReportParams
 from visiontune.data.transforms import DataConfig
@@ -46,7 +47,7 @@ def test_report_files(tmp_path: Path, dogscats: Path, n_classes: int):
                           "smoothed_loss": 1 + (np.log10(lrs) + 3) ** 2 / 9})  # fmt: skip
     files = build_report(
         tmp_path / "report", probs, labels, paths, classes, dogscats, CFG,
-        _metrics(probs, labels), ReportParams(top_losses=4, most_confused=5),
+        _metrics(probs, labels), default_section(ReportParams, top_losses=4, most_confused=5),
         lr_curve=curve, lr_suggestion=1e-3, steps=steps,
     )  # fmt: skip
 

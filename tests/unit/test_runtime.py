@@ -8,8 +8,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from real_config import default_runtime, default_section
 
-from visiontune.config import BaseParams
+from visiontune.config import RuntimeParams
 from visiontune.data.dataset import create_loader
 from visiontune.runtime import (
     autocast,
@@ -18,7 +19,6 @@ from visiontune.runtime import (
     cpu_supports_bf16,
     is_glibc,
     prepare_module,
-    resolve_runtime,
     seed_everything,
     thp_available,
     to_device,
@@ -26,7 +26,7 @@ from visiontune.runtime import (
 
 
 def test_forced_fp32_has_no_autocast() -> None:
-    runtime = resolve_runtime(BaseParams(device="cpu", precision="fp32", num_workers=0))
+    runtime = default_runtime(device="cpu", precision="fp32", num_workers=0)
     assert runtime.amp_dtype is None
     assert runtime.precision == "fp32"
     assert runtime.channels_last  # oneDNN's fast CPU kernels want it in fp32 too
@@ -37,7 +37,7 @@ def test_forced_fp32_has_no_autocast() -> None:
 
 
 def test_forced_bf16_autocasts_and_uses_channels_last() -> None:
-    runtime = resolve_runtime(BaseParams(device="cpu", precision="bf16", num_workers=1))
+    runtime = default_runtime(device="cpu", precision="bf16", num_workers=1)
     assert runtime.amp_dtype is torch.bfloat16
     assert runtime.precision == "bf16"
     assert runtime.channels_last
@@ -53,7 +53,7 @@ def test_forced_bf16_autocasts_and_uses_channels_last() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
 def test_auto_follows_the_cpu_bf16_capability() -> None:
-    runtime = resolve_runtime(BaseParams(device="auto", precision="auto"))
+    runtime = default_runtime(device="auto", precision="auto")
     assert runtime.device.type == "cpu"
     expected = torch.bfloat16 if cpu_supports_bf16() else None
     assert runtime.amp_dtype is expected
@@ -63,7 +63,7 @@ def test_auto_follows_the_cpu_bf16_capability() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        resolve_runtime(BaseParams(device="cuda"))
+        default_runtime(device="cuda")
 
 
 def test_seed_everything_repeats_every_generator() -> None:
@@ -93,7 +93,7 @@ class _SchedulerOfWorker(torch.utils.data.Dataset):
     ("priority", "policy"), [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")]
 )
 def test_loader_workers_run_at_the_asked_priority(priority: str, policy: str) -> None:
-    runtime = resolve_runtime(BaseParams(device="cpu", num_workers=2, worker_priority=priority))
+    runtime = default_runtime(device="cpu", num_workers=2, worker_priority=priority)
     loader = create_loader(_SchedulerOfWorker(), 1, runtime, shuffle=False, seed=0)
     seen = {int(batch[0]) for batch, _, _ in loader}
     assert seen == {getattr(os, policy)}
@@ -101,14 +101,14 @@ def test_loader_workers_run_at_the_asked_priority(priority: str, policy: str) ->
 
 
 def test_worker_priority_auto_is_idle_on_cpu() -> None:
-    assert resolve_runtime(BaseParams(device="cpu")).idle_workers
-    assert not resolve_runtime(BaseParams(device="cpu", worker_priority="normal")).idle_workers
+    assert default_runtime(device="cpu").idle_workers
+    assert not default_runtime(device="cpu", worker_priority="normal").idle_workers
 
 
 def test_huge_pages_follow_the_param_and_leave_a_users_setting_alone() -> None:
     def huge_pages(setting: bool | str, env: dict[str, str]) -> bool:
-        base = BaseParams(huge_pages=setting, keep_freed_memory=False)
-        return configure_memory(base, env).huge_pages
+        settings = default_section(RuntimeParams, huge_pages=setting, keep_freed_memory=False)
+        return configure_memory(settings, env).huge_pages
 
     env: dict[str, str] = {}
     assert huge_pages(True, env) and env == {"THP_MEM_ALLOC_ENABLE": "1"}
@@ -119,10 +119,10 @@ def test_huge_pages_follow_the_param_and_leave_a_users_setting_alone() -> None:
 
 
 def test_keep_freed_memory_auto_leaves_a_users_malloc_settings_alone() -> None:
-    base = BaseParams(huge_pages=False)
-    assert not configure_memory(base, {"MALLOC_TRIM_THRESHOLD_": "0"}).keep_freed_memory
+    settings = default_section(RuntimeParams, huge_pages=False, keep_freed_memory="auto")
+    assert not configure_memory(settings, {"MALLOC_TRIM_THRESHOLD_": "0"}).keep_freed_memory
     assert not configure_memory(
-        base.model_copy(update={"keep_freed_memory": False}), {}
+        settings.model_copy(update={"keep_freed_memory": False}), {}
     ).keep_freed_memory
 
 
@@ -135,15 +135,18 @@ def test_kept_memory_is_released_before_workers_fork() -> None:
 
     script = (
         "import torch\n"
-        "from visiontune.config import BaseParams\n"
+        "from visiontune.config import BaseParams, RuntimeParams\n"
         "from visiontune.data.dataset import create_loader\n"
         "from visiontune.runtime import configure_memory, resolve_runtime\n"
-        "configure_memory(BaseParams(huge_pages=False, keep_freed_memory=True))\n"
+        "settings = RuntimeParams(num_workers=0, worker_priority='auto', huge_pages=False,"
+        " keep_freed_memory=True)\n"
+        "configure_memory(settings)\n"
         "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
         "x = torch.ones(16 * 2**20); start = rss(); del x\n"
         "kept = rss()\n"
-        "create_loader(list(range(4)), 2, resolve_runtime(BaseParams(num_workers=1)),"
-        " shuffle=False, seed=0)\n"
+        "base = BaseParams(seed=0, device='cpu', precision='fp32', deterministic=False)\n"
+        "runtime = resolve_runtime(base, settings.model_copy(update={'num_workers': 1}))\n"
+        "create_loader(list(range(4)), 2, runtime, shuffle=False, seed=0)\n"
         "print(start, kept, rss())\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_"))}
@@ -165,10 +168,11 @@ def test_kept_memory_serves_the_next_batch_without_page_faults(keep: bool) -> No
 
     script = (
         "import resource, sys, torch\n"
-        "from visiontune.config import BaseParams\n"
+        "from visiontune.config import RuntimeParams\n"
         "from visiontune.runtime import configure_memory\n"
         "keep = sys.argv[1] == 'on'\n"
-        "settings = configure_memory(BaseParams(huge_pages=False, keep_freed_memory=keep))\n"
+        "settings = configure_memory(RuntimeParams(num_workers=0, worker_priority='auto',"
+        " huge_pages=False, keep_freed_memory=keep))\n"
         "assert settings.keep_freed_memory == keep, settings\n"
         "x = torch.ones(16 * 2**20); del x\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -197,9 +201,10 @@ def test_configured_memory_puts_large_tensors_on_huge_pages(tmp_path) -> None:
 
     script = (
         "import re, sys, torch\n"
-        "from visiontune.config import BaseParams\n"
+        "from visiontune.config import RuntimeParams\n"
         "from visiontune.runtime import configure_memory\n"
-        "configure_memory(BaseParams(huge_pages=sys.argv[1] == 'on'))\n"
+        "configure_memory(RuntimeParams(num_workers=0, worker_priority='auto',"
+        " huge_pages=sys.argv[1] == 'on', keep_freed_memory='auto'))\n"
         "x = torch.ones(16 * 2**20)\n"
         "text = open('/proc/self/smaps_rollup').read()\n"
         "print(int(re.search(r'AnonHugePages:\\s+(\\d+)', text).group(1)))\n"

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from real_config import default_section
 from timm.scheduler import CosineLRScheduler
 
 from visiontune.config import FinetuneParams
@@ -77,7 +78,11 @@ def test_sgdr_restarts_and_cycle_lengths_multiply():
     schedule = create_schedule("sgdr", steps_per_epoch=10, n_cycles=3, cycle_len=1, cycle_mult=2)
     assert schedule.cycle_steps == (10, 20, 40)
     assert schedule.restarts == (0, 10, 30)
-    assert schedule.epochs == FinetuneParams(n_cycles=3, cycle_len=1, cycle_mult=2).epochs == 7
+    assert (
+        schedule.epochs
+        == default_section(FinetuneParams, n_cycles=3, cycle_len=1, cycle_mult=2).epochs
+        == 7
+    )
     factors = [schedule(s) for s in range(schedule.total_steps)]
     jumps = [s for s in range(1, len(factors)) if factors[s] > factors[s - 1]]
     assert jumps == [10, 30]

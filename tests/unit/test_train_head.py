@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from real_config import default_section
 from safetensors.torch import save_file
 
 from visiontune.config import HeadParams
@@ -38,8 +39,8 @@ def features(n: int = 200, dim: int = 24, classes: int = 3) -> FeatureSet:
 
 def test_head_learns_and_round_trips(tmp_path):
     feats = features()
-    params = HeadParams(
-        init="random", epochs=6, batch_size=32, hidden=(16,), dropout=0.1, lr=3.0e-3
+    params = default_section(
+        HeadParams, init="random", epochs=6, batch_size=32, hidden=(16,), dropout=0.1, lr=3.0e-3
     )
     result = train_head_on_features(feats, params, seed=0)
     assert result.metrics["valid_acc"] > 0.9
@@ -57,7 +58,7 @@ def test_head_learns_and_round_trips(tmp_path):
 
 def test_same_seed_same_head():
     feats = features()
-    params = HeadParams(init="random", epochs=2, batch_size=32)
+    params = default_section(HeadParams, init="random", epochs=2, batch_size=32)
     a = train_head_on_features(feats, params, seed=5).head.state_dict()
     b = train_head_on_features(feats, params, seed=5).head.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -109,10 +110,16 @@ def test_source_init_starts_where_the_pretrained_classifier_is():
     x, y, source, _ = source_task()
     feats = FeatureSet(x[:60], y[:60], x[60:], y[60:], ["a", "b", "c"], {"backbone": "toy"})
     seeded = train_head_on_features(
-        feats, HeadParams(init="source", epochs=1, batch_size=16), seed=0, source=source
+        feats,
+        default_section(HeadParams, init="source", epochs=1, batch_size=16),
+        seed=0,
+        source=source,
     ).metrics
     scratch = train_head_on_features(
-        feats, HeadParams(init="random", epochs=1, batch_size=16), seed=0, source=source
+        feats,
+        default_section(HeadParams, init="random", epochs=1, batch_size=16),
+        seed=0,
+        source=source,
     ).metrics
     assert seeded["init"] == "source" and scratch["init"] == "random"
     assert seeded["init_valid_acc"] > 0.95 and seeded["valid_acc"] > 0.95
@@ -121,10 +128,13 @@ def test_source_init_starts_where_the_pretrained_classifier_is():
 
 def test_head_init_follows_the_params():
     source = (torch.zeros(6, 16), torch.zeros(6))
-    assert resolve_head_init(HeadParams(init="auto"), source, "b") == "auto"
-    assert resolve_head_init(HeadParams(init="auto"), None, "b") == "logreg"
-    assert resolve_head_init(HeadParams(init="logreg"), source, "b") == "logreg"
-    assert resolve_head_init(HeadParams(init="random"), source, "b") == "random"
-    assert resolve_head_init(HeadParams(init="auto", hidden=(8,)), source, "b") == "random"
+    assert resolve_head_init(default_section(HeadParams, init="auto"), source, "b") == "auto"
+    assert resolve_head_init(default_section(HeadParams, init="auto"), None, "b") == "logreg"
+    assert resolve_head_init(default_section(HeadParams, init="logreg"), source, "b") == "logreg"
+    assert resolve_head_init(default_section(HeadParams, init="random"), source, "b") == "random"
+    assert (
+        resolve_head_init(default_section(HeadParams, init="auto", hidden=(8,)), source, "b")
+        == "random"
+    )
     with pytest.raises(ValueError, match=r"weights of resnet18 carry no classifier.*allowed: auto"):
-        resolve_head_init(HeadParams(init="source"), None, "resnet18")
+        resolve_head_init(default_section(HeadParams, init="source"), None, "resnet18")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from real_config import default_section
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -31,7 +32,7 @@ CFG = DataConfig(
 def test_data_config_round_trips_through_json() -> None:
     assert DataConfig.from_dict(json.loads(json.dumps(CFG.to_dict()))) == CFG
     assert CFG.resize_size == 80 == eval_min_size(CFG)
-    assert train_min_size(CFG, AugmentParams(max_zoom=1.5)) == 96
+    assert train_min_size(CFG, default_section(AugmentParams, max_zoom=1.5)) == 96
 
 
 def test_eval_transform_yields_pixels_that_the_model_normalises_with_the_config() -> None:
@@ -59,7 +60,9 @@ def test_eval_transform_centre_crops_after_resizing_the_short_side() -> None:
 
 def test_train_transform_is_random_but_seedable() -> None:
     image = Image.effect_mandelbrot((120, 90), (-2, -1.2, 1, 1.2), 50).convert("RGB")
-    transform = create_train_transform(CFG, AugmentParams(rotate_deg=10, max_zoom=1.3))
+    transform = create_train_transform(
+        CFG, default_section(AugmentParams, rotate_deg=10, max_zoom=1.3)
+    )
     torch.manual_seed(0)
     first = transform(image)
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from real_config import default_runtime
 
-from visiontune.config import BaseParams
 from visiontune.data.transforms import DataConfig, PixelNormalize, create_eval_transform
 from visiontune.evaluate.tta import (
     _CORNERS,
@@ -20,7 +20,6 @@ from visiontune.evaluate.tta import (
     predict_views,
     tta_views,
 )
-from visiontune.runtime import resolve_runtime
 
 CFG = DataConfig(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="nearest",
                  crop_pct=1.0)  # fmt: skip
@@ -95,7 +94,7 @@ def test_tta_probabilities_are_the_mean_of_per_view_softmax(tmp_path: Path):
     paths = [_split_image(tmp_path / f"{i}.png", v) for i, v in enumerate(lefts)]
     dataset = TtaDataset(paths, [0, 2, 1, 0, 1], ViewMaker(CFG, (TtaView(), TtaView(flip=True))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=2)
-    runtime = resolve_runtime(BaseParams(device="cpu", precision="fp32", num_workers=0))
+    runtime = default_runtime(device="cpu", precision="fp32", num_workers=0)
     out = predict_views(LeftMinusRight(), loader, runtime)
 
     # Normalised pixels are v/127.5 - 1, the right half is -1: d = left/127.5.
@@ -122,7 +121,7 @@ def test_unreadable_images_raise_or_are_reported(tmp_path: Path):
     with pytest.raises(ValueError, match="empty file"):
         TtaDataset([empty], None, maker)[0]
     dataset = TtaDataset([empty, good, text], None, maker, skip_unreadable=True)
-    runtime = resolve_runtime(BaseParams(device="cpu", precision="fp32", num_workers=0))
+    runtime = default_runtime(device="cpu", precision="fp32", num_workers=0)
     out = predict_views(LeftMinusRight(), torch.utils.data.DataLoader(dataset, 2), runtime)
     assert out.errors[1] == ""
     assert "empty" in out.errors[0] and "not an image" in out.errors[2]

@@ -93,9 +93,9 @@ def resolve_source(
     mirrors: Mapping[str, Sequence[str]],
     download_dir: Path,
     *,
-    sha256: str | None = None,
-    retries: int = 3,
-    timeout_s: float = 60.0,
+    sha256: str | None,
+    retries: int,
+    timeout_s: float,
 ) -> Iterator[ResolvedSource]:
     """Use a local copy of the `source` URL when `mirrors` has one, else `source` itself;
     download and extract as needed.

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from visiontune.config import SplitParams
 from visiontune.data.manifest import SPLIT_COLUMNS, seeded_rank, sorted_rows
 
 
@@ -31,21 +32,16 @@ def n_valid_for(n_images: int, valid_pct: float) -> int:
     return min(max(round(n_images * valid_pct), 1), n_images - 1)
 
 
-def split_manifest(
-    manifest: pd.DataFrame,
-    *,
-    valid_pct: float,
-    seed: int,
-    min_per_class: int = 2,
-    keep_predefined: bool = True,
-) -> Split:
+def split_manifest(manifest: pd.DataFrame, params: SplitParams) -> Split:
     """Split a manifest (path, label, split_hint) into train and valid tables.
 
-    Rows hinted `test` are held out. With `keep_predefined` and a source that has both
-    train and valid folders, the hints are the split; rows without a hint are split
+    Rows hinted `test` are held out. With `params.keep_predefined` and a source that has
+    both train and valid folders, the hints are the split; rows without a hint are split
     per class by `valid_pct`. Classes with fewer than `min_per_class` usable images
     are dropped and listed in the report.
     """
+    valid_pct, seed, min_per_class = params.valid_pct, params.seed, params.min_per_class
+    keep_predefined = params.keep_predefined
     usable = manifest[manifest["split_hint"] != "test"]
     counts = usable["label"].value_counts()
     dropped = {str(k): int(v) for k, v in sorted(counts.items()) if v < min_per_class}

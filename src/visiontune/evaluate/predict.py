@@ -49,10 +49,11 @@ def predict_files(
     info: ModelInfo,
     files: Sequence[Path],
     runtime: Runtime,
-    top_k: int = 5,
-    n_augment: int = 0,
-    zoom: float = 1.15,
-    batch_size: int = 32,
+    *,
+    top_k: int,
+    n_augment: int,
+    zoom: float,
+    batch_size: int,
 ) -> list[Prediction]:
     """Predict every file; unreadable ones come back with `error` set, in input order.
 

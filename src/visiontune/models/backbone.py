@@ -150,11 +150,23 @@ def sha256_state(state: Mapping[str, torch.Tensor]) -> str:
 
 def resolve_data_config(backbone: torch.nn.Module, params: ModelParams) -> DataConfig:
     """The backbone's pretrained data config (timm), with `model.*` overrides applied."""
+    cfg = pretrained_data_config(backbone)
+    return DataConfig(
+        image_size=params.image_size or cfg.image_size,
+        mean=tuple(params.mean or cfg.mean),  # type: ignore[arg-type]
+        std=tuple(params.std or cfg.std),  # type: ignore[arg-type]
+        interpolation=params.interpolation or cfg.interpolation,
+        crop_pct=params.crop_pct or cfg.crop_pct,
+    )
+
+
+def pretrained_data_config(backbone: torch.nn.Module) -> DataConfig:
+    """The backbone's own pretrained data config (timm's), no overrides."""
     cfg = timm_data_config({}, model=backbone)
     return DataConfig(
-        image_size=params.image_size or int(cfg["input_size"][-1]),
-        mean=tuple(params.mean or cfg["mean"]),  # type: ignore[arg-type]
-        std=tuple(params.std or cfg["std"]),  # type: ignore[arg-type]
-        interpolation=params.interpolation or str(cfg["interpolation"]),
-        crop_pct=params.crop_pct or float(cfg["crop_pct"]),
+        image_size=int(cfg["input_size"][-1]),
+        mean=tuple(cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(cfg["std"]),  # type: ignore[arg-type]
+        interpolation=str(cfg["interpolation"]),
+        crop_pct=float(cfg["crop_pct"]),
     )

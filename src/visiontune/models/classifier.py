@@ -17,10 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from visiontune.config import ModelParams
 from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.fileio import atomic_path
-from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
+from visiontune.models.backbone import WeightsInfo, create_backbone, pretrained_data_config
 from visiontune.models.head import create_head
 
 FORMAT_VERSION = 1
@@ -87,16 +86,18 @@ def create_classifier(
     backbone: str,
     weights: str,
     num_classes: int,
-    hidden: Sequence[int] = (),
-    dropout: float = 0.25,
+    *,
+    hidden: Sequence[int],
+    dropout: float,
     data_config: DataConfig | None = None,
 ) -> tuple[ImageClassifier, WeightsInfo]:
-    """A pretrained body with a fresh head for `num_classes`.
+    """A pretrained body with a fresh head for `num_classes` (`hidden` and `dropout` as in
+    `head.*`).
 
-    The input normalisation is `data_config`'s, by default the backbone's pretrained one.
+    The input normalisation is `data_config`'s, else the backbone's pretrained one.
     """
     body, info = create_backbone(backbone, weights)
-    data_config = data_config or resolve_data_config(body, ModelParams(backbone=backbone))
+    data_config = data_config or pretrained_data_config(body)
     head = create_head(body.num_features, num_classes, hidden, dropout)
     return ImageClassifier(PixelNormalize.from_config(data_config), body, head), info
 

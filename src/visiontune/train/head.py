@@ -28,6 +28,7 @@ from visiontune.train.schedules import create_schedule, set_lrs
 # The quick sweep for `lr: auto`: wide range, ~100 mini-batches of features.
 AUTO_LR_RANGE = (1.0e-6, 10.0)
 AUTO_LR_ITER = 100
+AUTO_LR_SMOOTH, AUTO_LR_DIVERGE = 0.98, 4.0  # fastai's EMA and stop rule
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,16 @@ def _train_head(
     if lr == "auto":
         low, high = AUTO_LR_RANGE
         found = find_lr(
-            head, opt, batches, step, [1.0], start_lr=low, end_lr=high, num_iter=AUTO_LR_ITER
+            head,
+            opt,
+            batches,
+            step,
+            [1.0],
+            start_lr=low,
+            end_lr=high,
+            num_iter=AUTO_LR_ITER,
+            smooth=AUTO_LR_SMOOTH,
+            diverge=AUTO_LR_DIVERGE,
         )
         lr = found.suggestion("valley")
     steps_per_epoch = max(1, len(train_x) // batch_size)

@@ -122,8 +122,8 @@ def lr_range_test(
     start_lr: float,
     end_lr: float,
     num_iter: int,
-    smooth: float = 0.98,
-    diverge: float = 4.0,
+    smooth: float,
+    diverge: float,
 ) -> LrFindResult:
     """Call `step(lr)` (one training step, returns its loss) for exponentially growing LRs.
 
@@ -160,8 +160,8 @@ def find_lr(
     start_lr: float,
     end_lr: float,
     num_iter: int,
-    smooth: float = 0.98,
-    diverge: float = 4.0,
+    smooth: float,
+    diverge: float,
 ) -> LrFindResult:
     """Range-test one multiplier over the whole `lr_ratios` vector, then restore everything.
 
