@@ -1,24 +1,37 @@
 """The `visiontune` console script: subcommands for using a trained model file.
 
-`visiontune predict MODEL PATH...` prints the top-k labels of images or folders of images.
+`visiontune predict MODEL PATH...` prints the top-k labels of images or folders of images,
+or with `--submission FILE` writes a submission table (id + a probability per class). The
+TTA views and the precision are the model file's own (its inference settings), as the
+served MLflow model uses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
 from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-from visiontune.config import BaseParams, TtaParams
-from visiontune.evaluate.predict import Prediction, collect_inputs, predict_files
-from visiontune.models.classifier import load_model_file
-from visiontune.runtime import configure_memory, resolve_runtime
+from visiontune.evaluate.predict import (
+    ID_KINDS,
+    Prediction,
+    find_inputs,
+    image_ids,
+    predict_files,
+    write_submission,
+)
+from visiontune.models.classifier import InferenceSettings, ModelInfo, load_model_file
+from visiontune.runtime import configure_memory, cpu_count
+from visiontune.serving.predictor import create_views, inference_runtime, inference_settings
 
 
 def _positive_int(text: str) -> int:
@@ -35,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict = commands.add_parser(
         "predict",
-        help="top-k labels for images or folders of images",
-        description="Predict the top-k labels of images (folders are searched recursively). "
-        "Unreadable files are reported on stderr and the rest are still predicted; the exit "
-        "status is 0 when at least one image was predicted.",
+        help="top-k labels, or a submission CSV, for images or folders of images",
+        description="Predict the top-k labels of images (folders are searched recursively), "
+        "or write a submission CSV with --submission. The TTA views and precision are the "
+        "model file's own, as the served MLflow model uses them. Unreadable files are "
+        "reported on stderr and the rest are still predicted; the exit status is 0 when at "
+        "least one image was predicted.",
     )
     predict.add_argument("model", help="model file written by finetune (model.safetensors)")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
@@ -48,38 +63,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--tta",
-        action="store_true",
-        help=f"average the centre crop and {TtaParams().n_augment} fixed augmented views",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average the model's TTA views (its inference settings; on by default); "
+        "--no-tta: the centre crop alone",
+    )
+    predict.add_argument(
+        "--params",
+        metavar="FILE",
+        help="take the TTA views from this params file's tta section instead of the model's",
+    )
+    predict.add_argument(
+        "--submission",
+        metavar="FILE",
+        help="write id + one probability column per class (class order) to FILE ('-': stdout)",
+    )
+    predict.add_argument(
+        "--id",
+        choices=ID_KINDS,
+        default="stem",
+        help="submission id: file name without extension, or path relative to its folder",
+    )
+    predict.add_argument(
+        "--positive", metavar="CLASS", help="submission: only this class's probability column"
     )
     predict.add_argument("--batch-size", type=_positive_int, default=32)
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    predict.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    predict.add_argument(
+        "--precision",
+        choices=("model", "fp32", "bf16", "fp16"),
+        default="model",
+        help="compute precision (default: the model's)",
+    )
     predict.set_defaults(run=_predict)
     return parser
 
 
+def _settings(info: ModelInfo, args: argparse.Namespace) -> InferenceSettings:
+    """The model's inference settings, with --params's TTA views and --precision applied."""
+    settings = inference_settings(info)
+    if args.params:
+        from visiontune.config import load_params
+
+        tta = load_params(args.params).tta
+        settings = dataclasses.replace(settings, n_augment=tta.n_augment, zoom=tta.zoom)
+    if args.precision != "model":
+        settings = dataclasses.replace(settings, precision=args.precision)
+    return settings
+
+
 def _predict(args: argparse.Namespace) -> int:
-    files, missing = collect_inputs(args.paths)
-    # Worker processes cost more than they save for a handful of images.
-    workers = 0 if len(files) <= args.batch_size else "auto"
+    found = find_inputs(args.paths)
+    files = found.files
     try:
-        base = BaseParams(device=args.device, precision=args.precision, num_workers=workers)
-        configure_memory(base)
-        runtime = resolve_runtime(base)
-        model, info = load_model_file(args.model, map_location=runtime.device)
+        ids = image_ids(found, args.id) if args.submission else []
+    except ValueError as exc:
+        print(f"visiontune predict: {exc}", file=sys.stderr)
+        return 2
+    # Worker processes cost more than they save for a handful of images.
+    workers = 0 if len(files) <= args.batch_size else min(cpu_count(), 8)
+    try:
+        # Large tensors on huge pages, freed memory kept for the next batch (see runtime).
+        configure_memory(SimpleNamespace(huge_pages="auto", keep_freed_memory="auto"))
+        model, info = load_model_file(args.model)
+        info = dataclasses.replace(info, inference=_settings(info, args))
+        runtime = inference_runtime(info.inference.precision, args.device, workers)
+        model = model.to(runtime.device)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
-    tta = TtaParams()
-    results = missing + predict_files(
-        model,
-        info,
-        files,
-        runtime,
-        top_k=args.top_k,
-        n_augment=tta.n_augment if args.tta else 0,
-        zoom=tta.zoom,
-        batch_size=args.batch_size,
+    views = create_views(info, args.tta)
+    if args.submission:
+        return _write_submission(args, model, info, files, ids, runtime, views, found.errors)
+    results = found.errors + predict_files(
+        model, info, files, runtime, views, top_k=args.top_k, batch_size=args.batch_size
     )
     for result in results:
         if result.error:
@@ -89,6 +146,30 @@ def _predict(args: argparse.Namespace) -> int:
     if not predicted:
         print("visiontune predict: no image could be predicted", file=sys.stderr)
     return 0 if predicted else 1
+
+
+def _write_submission(args, model, info, files, ids, runtime, views, missing) -> int:
+    from visiontune.fileio import atomic_open
+
+    if args.positive is not None and args.positive not in info.classes:
+        print(f"visiontune predict: --positive {args.positive!r} is not one of the classes "
+              f"{info.classes}", file=sys.stderr)  # fmt: skip
+        return 2
+    kwargs = {"positive": args.positive, "batch_size": args.batch_size}
+    if args.submission == "-":
+        summary = write_submission(model, info, files, ids, runtime, views, sys.stdout, **kwargs)
+    else:
+        Path(args.submission).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(args.submission, newline="") as out:
+            summary = write_submission(model, info, files, ids, runtime, views, out, **kwargs)
+    errors = missing + summary.errors
+    for error in errors:
+        print(f"visiontune predict: {error.path}: {error.error}", file=sys.stderr)
+    where = "stdout" if args.submission == "-" else args.submission
+    print(f"visiontune predict: {summary.rows} images predicted, {len(errors)} unreadable "
+          f"(left out) -> {where}", file=sys.stderr)  # fmt: skip
+    # An empty test folder gives a header alone; files that all fail are an error.
+    return 0 if summary.rows or not files else 1
 
 
 def write_results(results: Sequence[Prediction], fmt: str, out: TextIO) -> None:
