@@ -30,7 +30,11 @@ class ImageModel(PythonModel):
         device = os.environ.get(DEVICE_VARIABLE, "auto")
         self.predictor = ImagePredictor.from_file(context.artifacts["weights"], device=device)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None):
+    # pd.DataFrame: a type hint MLflow accepts without inferring a schema from it (the
+    # signature is the logged one).
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if INPUT_COLUMN not in frame.columns:
             raise ValueError(f"expected a column {INPUT_COLUMN!r}; got {list(frame.columns)}")
