@@ -8,6 +8,7 @@ writes the checkpoints and outputs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from visiontune import distributed, tracking
 from visiontune.data.manifest import read_split
 from visiontune.fileio import read_json, save_config, write_csv, write_json
-from visiontune.models.classifier import save_model_file
+from visiontune.models.classifier import InferenceSettings, save_model_file
 from visiontune.runtime import resolve_runtime, seed_everything
 from visiontune.stagekit import StageExit, open_stage, print_outputs, wait_for_tracking
 from visiontune.train.checkpoint import discard_checkpoint, stop_on_signals
@@ -135,6 +136,12 @@ def _run(args, params, tracker, runtime, dist) -> int:
     if not dist.is_main:
         return 0  # rank 0 writes the outputs and logs them
 
+    # How the model predicts (visiontune predict, the served MLflow model): the evaluated
+    # TTA views, at the precision asked for; `auto` serves at fp32, so that the answers
+    # do not hang on the serving machine's CPU flags.
+    precision = params.base.precision if params.base.precision != "auto" else "fp32"
+    inference = InferenceSettings(params.tta.n_augment, params.tta.zoom, precision)
+    info = dataclasses.replace(info, inference=inference)
     save_model_file(out / "model.safetensors", result.model, info)
     write_csv(out / "steps.csv", result.steps)
     write_csv(out / "history.csv", result.history)

@@ -174,3 +174,20 @@ def test_submission_of_an_empty_folder_is_a_header(model_file, tmp_path, capsys)
                  "--device", "cpu"])  # fmt: skip
     assert code == 0
     assert capsys.readouterr().out == "id," + ",".join(CLASSES) + "\n"
+
+
+def test_predict_test_stage_writes_the_submission_or_a_header(model_file, photos, tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "stages" / "predict_test.py"
+    spec = importlib.util.spec_from_file_location("stage_predict_test", script)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    out = tmp_path / "submission.csv"
+    assert stage.main(["--model", str(model_file), "--test", str(photos), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["id", *CLASSES] and len(rows) == 4
+    none = tmp_path / "none.csv"
+    missing = str(tmp_path / "no_test")
+    assert stage.main(["--model", str(model_file), "--test", missing, "--out", str(none)]) == 0
+    assert none.read_text() == "id," + ",".join(CLASSES) + "\n"

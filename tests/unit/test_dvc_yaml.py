@@ -15,7 +15,10 @@ from visiontune.config import Params
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
-STAGES = ("fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate", "report")
+STAGES = (
+    "fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate", "report",
+    "predict_test",
+)  # fmt: skip
 # Tracking settings say where runs are logged, not what is computed: changing the store
 # must not retrain anything, so stages deliberately do not depend on the `tracking` section.
 NOT_A_DEPENDENCY = {"tracking"}
