@@ -5,6 +5,7 @@ from __future__ import annotations
 from visiontune.data.manifest import SPLIT_COLUMNS, read_table
 from visiontune.distributed import torch_stage
 from visiontune.evaluate.evaluation import evaluate_model
+from visiontune.evaluate.predict import inference_from_params
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.classifier import load_model_file
 from visiontune.stagekit import Stage, run_stage
@@ -32,6 +33,8 @@ def evaluate(stage: Stage):
         "runtime": {"device": str(runtime.device), "precision": runtime.precision,
                     "world_size": dist.world_size},
     })  # fmt: skip
+    # The registered model predicts with the views and precision scored here.
+    stage.register_model = (paths.model, inference_from_params(params))
     m = result.metrics
     print(
         f"evaluate: {m['n_images']} images, accuracy {m['accuracy']:.4f} (loss {m['loss']:.4f}), "

@@ -1,15 +1,26 @@
-"""The logged MLflow model: registered, aliased, and predicting what `visiontune predict` does."""
+"""The logged MLflow model: registered, aliased, loaded from code, and predicting from image
+bytes what `visiontune predict` prints for the same files (in-process, `mlflow models
+predict` and `mlflow models serve` over HTTP)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import mlflow.pyfunc
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -17,13 +28,20 @@ from real_config import default_params
 
 from visiontune import tracking
 from visiontune.cli import main as cli_main
-from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig
-from visiontune.evaluate.tta import ViewMaker, tta_views
-from visiontune.models.classifier import ModelInfo, create_classifier, save_model_file
+from visiontune.models.classifier import (
+    InferenceSettings,
+    ModelInfo,
+    create_classifier,
+    save_model_file,
+)
 from visiontune.tracking.model import register_version
 
 CLASSES = ["cats", "dogs"]
+MODEL = "tiny-cats"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# What evaluate registers the model with: the centre crop and its mirror, at fp32.
+INFERENCE = InferenceSettings(n_augment=1, zoom=1.15, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +54,76 @@ def finetune_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.head[-1].weight.mul_(20)
     config = DataConfig(64, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     out = tmp_path_factory.mktemp("finetune")
-    info = ModelInfo("tf_efficientnet_lite0", CLASSES, config, head_hidden=(), head_dropout=0.0)
+    info = ModelInfo("tf_efficientnet_lite0", CLASSES, config, (), 0.0)
     save_model_file(out / "model.safetensors", model.eval(), info)
     (out / "metrics.json").write_text(json.dumps({"valid_acc": 0.5}))
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.safetensors").write_bytes(b"not logged")
     return out
+
+
+@pytest.fixture(scope="module")
+def photos(dogscats: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four JPEGs and a file that is no image."""
+    root = tmp_path_factory.mktemp("photos")
+    for kind in ("cats", "dogs"):
+        for image in sorted((dogscats / "valid" / kind).glob("*.jpg"))[:2]:
+            shutil.copy(image, root / image.name)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 a truncated header")
+    return root
+
+
+@pytest.fixture(scope="module")
+def registry(finetune_out: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The finetune stage's model logged and registered as `tiny-cats@candidate`."""
+    tmp = tmp_path_factory.mktemp("registry")
+    params = default_params(
+        {
+            "tracking": {
+                "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                "artifact_location": str(tmp / "mlruns"),
+                "registered_model": MODEL,
+                "alias": "candidate",
+            }
+        }
+    )
+    env = {"VISIONTUNE_PIPELINE_ID": "model-test"}
+    # As the evaluate stage logs it: the fine-tuned file and the views it was scored with.
+    tracker = tracking.preflight(params, "evaluate", environ=env, cwd=tmp)
+    model = (finetune_out / "model.safetensors", INFERENCE)
+    code = tracking.log_stage(tracker, params, finetune_out, model=model)
+    return SimpleNamespace(uri=params.tracking.uri, run_id=tracker.run_id, code=code, root=tmp)
+
+
+def _registered_weights(registry) -> Path:
+    """The registered model's own file, as a user downloads it for `visiontune predict`."""
+    uri = f"runs:/{registry.run_id}/weights/model.safetensors"
+    mlflow.set_tracking_uri(registry.uri)
+    return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(registry.root / "dl")))
+
+
+def _cli_probabilities(model_file: Path, photos: Path, capsys) -> dict[str, list[float]]:
+    """`visiontune predict` (the model's own TTA views and precision): name → probabilities."""
+    capsys.readouterr()
+    assert cli_main(["predict", str(model_file), str(photos), "--format", "json",
+                     "--top-k", str(len(CLASSES)), "--device", "cpu"]) == 0  # fmt: skip
+    out = {}
+    for row in json.loads(capsys.readouterr().out):
+        if not row["error"]:
+            cli = {p["label"]: p["probability"] for p in row["predictions"]}
+            out[Path(row["path"]).name] = [cli[name] for name in CLASSES]
+    return out
+
+
+def _check_answer(frame: pd.DataFrame, names: list[str], expected: dict[str, list[float]]):
+    assert list(frame.columns) == ["label", "error", *CLASSES]
+    for name, (_, row) in zip(names, frame.iterrows(), strict=True):
+        if name == "broken.jpg":  # an error for its row, not a failed batch
+            assert row["error"] and not row["label"]
+            continue
+        assert row["error"] == ""
+        assert [row[c] for c in CLASSES] == pytest.approx(expected[name], abs=1e-5)
+        assert row["label"] == CLASSES[max(range(len(CLASSES)), key=expected[name].__getitem__)]
 
 
 def test_versions_are_registered_without_printing(tmp_path: Path, capsys) -> None:
@@ -52,61 +134,141 @@ def test_versions_are_registered_without_printing(tmp_path: Path, capsys) -> Non
     assert "registered model" not in capsys.readouterr().err
 
 
-@pytest.mark.slow  # torch.export of the model + a registry round trip: ~15-40 s on 2 cores
-def test_logged_model_is_registered_and_predicts_like_the_cli(
-    finetune_out: Path, dogscats: Path, tmp_path: Path, capsys
+@pytest.mark.slow  # logging + loading the model from code: ~20-30 s on 2 cores
+def test_logged_model_takes_image_bytes_and_predicts_like_the_cli(
+    registry, finetune_out: Path, photos: Path, capsys
 ) -> None:
-    params = default_params(
-        {
-            "tracking": {
-                "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "artifact_location": str(tmp_path / "mlruns"),
-                "registered_model": "tiny-cats",
-                "alias": "candidate",
-            }
-        }
-    )
-    env = {"VISIONTUNE_PIPELINE_ID": "model-test"}
-    tracker = tracking.preflight(params, "finetune", environ=env, cwd=tmp_path)
-    assert tracking.log_stage(tracker, params, finetune_out) == 0
-    printed = capsys.readouterr()
-    assert "registered model" not in printed.err and "Created version" not in printed.err
-    assert " INFO " not in printed.err, "MLflow's INFO lines stay out of the stage's output"
-
-    client = MlflowClient(tracking_uri=params.tracking.uri)
-    version = client.get_model_version_by_alias("tiny-cats", "candidate")
-    assert version.run_id == tracker.run_id
-    # Weights once: the model and the self-contained file, never the checkpoints.
-    top = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert registry.code == 0
+    client = MlflowClient(tracking_uri=registry.uri)
+    version = client.get_model_version_by_alias(MODEL, "candidate")
+    assert version.run_id == registry.run_id
+    # Weights: the model's artifact and the self-contained file, never the checkpoints.
+    top = {a.path for a in client.list_artifacts(registry.run_id)}
     assert "weights" in top and not any("checkpoint" in p for p in top)
-    assert [a.path for a in client.list_artifacts(tracker.run_id, "weights")] == [
-        "weights/model.safetensors"
-    ]
 
-    images = sorted((dogscats / "valid" / "cats").glob("*.jpg"))[:2]
-    images += sorted((dogscats / "valid" / "dogs").glob("*.jpg"))[:2]
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for image in images:
-        shutil.copy(image, photos / image.name)
-    capsys.readouterr()
-    assert cli_main(["predict", str(finetune_out / "model.safetensors"), str(photos),
-                     "--format", "json", "--top-k", "2", "--device", "cpu",
-                     "--precision", "fp32"]) == 0  # fmt: skip
-    rows = json.loads(capsys.readouterr().out)
+    mlflow.set_tracking_uri(registry.uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@candidate"))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not any(name.endswith((".pkl", ".pt", ".pth")) for name in files), files
+    assert "code/visiontune/serving/predictor.py" in files
+    assert not any(n.endswith(("config.py", "fileio.py", "cli.py")) for n in files), files
+    requirements = (local / "requirements.txt").read_text()
+    assert "visiontune" not in requirements and "torch==" in requirements
 
-    mlflow.set_tracking_uri(params.tracking.uri)
-    loaded = mlflow.pyfunc.load_model("models:/tiny-cats@candidate")
-    metadata = loaded.metadata.metadata
-    assert metadata["classes"] == CLASSES
-    # Served as pixels: the model normalises them itself, a client needs no mean/std.
-    (spec,) = loaded.metadata.get_input_schema().inputs
-    assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, 3, 64, 64)
-    # The plain view exactly as `visiontune predict` (and `evaluate`) decode and crop it.
-    plain = ViewMaker(DataConfig(**metadata["data_config"]), tta_views(0))
-    for row in rows:
-        batch = plain(open_rgb(Path(row["path"]), min_size=plain.min_decode_size)).numpy()
-        probabilities = np.asarray(loaded.predict(batch))[0]
-        cli = {p["label"]: p["probability"] for p in row["predictions"]}
-        expected = [cli[name] for name in metadata["classes"]]
-        assert probabilities == pytest.approx(expected, abs=1e-4)
+    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}@candidate")
+    meta = loaded.metadata
+    assert meta.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert meta.metadata["classes"] == CLASSES
+    assert meta.metadata["inference"] == {"n_augment": 1, "zoom": 1.15, "precision": "fp32"}
+    (spec,) = meta.get_input_schema().inputs
+    assert (spec.name, spec.type.name) == ("image", "binary")
+    assert meta.get_output_schema().input_names() == ["label", "error", *CLASSES]
+
+    names = sorted(p.name for p in photos.iterdir())
+    frame = pd.DataFrame({"image": [(photos / n).read_bytes() for n in names]})
+    expected = _cli_probabilities(_registered_weights(registry), photos, capsys)
+    _check_answer(loaded.predict(frame), names, expected)
+    plain = loaded.predict(frame, params={"tta": False})  # the centre crop alone
+    assert names[1] != "broken.jpg"
+    assert plain.loc[1, CLASSES[0]] != pytest.approx(expected[names[1]][0], abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group (mlflow, uvicorn and its workers), SIGKILL what outlives
+    `grace_s`, and reap the leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        process.poll()  # reap the leader, so that a zombie does not count as alive
+        if not _group_alive(process.pid):
+            break
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    if process.stderr:
+        process.stderr.close()
+
+
+@pytest.mark.slow  # mlflow models serve + mlflow models predict: ~40-60 s on 2 cores
+def test_served_model_answers_posted_jpegs_like_the_cli(
+    registry, finetune_out: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
+    assert registry.code == 0
+    names = sorted(p.name for p in photos.iterdir())
+    payload = {"dataframe_split": {"columns": ["image"], "data": [
+        [base64.b64encode((photos / n).read_bytes()).decode("ascii")] for n in names]}}  # fmt: skip
+    # The venv's bin first: mlflow runs uvicorn from PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri, "PATH": path,
+           "PYTHONPATH": str(REPO_ROOT / "src"), "VISIONTUNE_DEVICE": "cpu"}  # fmt: skip
+    uri = f"models:/{MODEL}@candidate"
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
+         "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = pd.DataFrame(json.loads(response.read())["predictions"])
+    finally:
+        _stop_group(server)
+    with pytest.raises(ProcessLookupError):  # no process of the server's group is left
+        os.killpg(server.pid, 0)
+    expected = _cli_probabilities(_registered_weights(registry), photos, capsys)
+    _check_answer(served, names, expected)
+
+    request_file, answer_file = tmp_path / "request.json", tmp_path / "answer.json"
+    request_file.write_text(json.dumps(payload))
+    subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", uri, "-i", str(request_file),
+         "-t", "json", "-o", str(answer_file), "--env-manager", "local"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    predicted = pd.DataFrame(json.loads(answer_file.read_text())["predictions"])
+    _check_answer(predicted, names, expected)
+
+
+@pytest.mark.slow  # resolves the pinned requirements against the package index (network)
+def test_requirements_install_from_the_public_index(registry) -> None:
+    mlflow.set_tracking_uri(registry.uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@candidate"))
+    report = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", "-", "-r", str(local / "requirements.txt")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.stdout)["install"]}
+    assert {"torch", "timm", "safetensors", "mlflow"} <= names
+    assert "visiontune" not in names

@@ -1,27 +1,37 @@
 """The `visiontune` console script: subcommands for using a trained model file.
 
-`visiontune predict MODEL PATH...` prints the top-k labels of images or folders of images.
-TTA views and loader settings come from the run's params file (`--params`, else
-`params.yaml` in the current folder), never from defaults in code.
+`visiontune predict MODEL PATH...` prints the top-k labels of images or folders of images,
+or with `--submission FILE` writes a submission table (id + a probability per class). The
+TTA views and the precision are the model file's own (its inference settings), as the
+served MLflow model uses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-from visiontune.config import Params, ParamsError, load_params
-from visiontune.evaluate.predict import Prediction, collect_inputs, predict_files
-from visiontune.models.classifier import load_model_file
-from visiontune.runtime import configure_memory, create_runtime
+from visiontune.evaluate.predict import (
+    ID_KINDS,
+    Prediction,
+    find_inputs,
+    image_ids,
+    predict_files,
+    write_submission,
+)
+from visiontune.models.classifier import PLAIN, InferenceSettings, ModelInfo, load_model_file
+from visiontune.runtime import configure_memory, cpu_count
+from visiontune.serving.predictor import create_views, inference_runtime
 
 PARAMS_FILE = "params.yaml"
 
@@ -40,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict = commands.add_parser(
         "predict",
-        help="top-k labels for images or folders of images",
-        description="Predict the top-k labels of images (folders are searched recursively). "
-        "Unreadable files are reported on stderr and the rest are still predicted; the exit "
-        "status is 0 when at least one image was predicted.",
+        help="top-k labels, or a submission CSV, for images or folders of images",
+        description="Predict the top-k labels of images (folders are searched recursively), "
+        "or write a submission CSV with --submission. The TTA views and precision are the "
+        "model file's own, as the served MLflow model uses them. Unreadable files are "
+        "reported on stderr and the rest are still predicted; the exit status is 0 when at "
+        "least one image was predicted.",
     )
     predict.add_argument("model", help="model file written by finetune (model.safetensors)")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
@@ -53,74 +65,96 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--tta",
-        action="store_true",
-        help="average the centre crop and the fixed augmented views of the params' tta section",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average the model's TTA views (its inference settings; on by default); "
+        "--no-tta: the centre crop alone",
     )
     predict.add_argument(
         "--params",
-        help=f"the run's params file: TTA views, device, precision, loader and memory "
-        f"settings (default: {PARAMS_FILE} in the current folder when there is one)",
+        metavar="FILE",
+        help="the run's params file: TTA views (tta) and precision (base.precision) when the "
+        f"model file has none, or to override its own (default: ./{PARAMS_FILE} if present)",
+    )
+    predict.add_argument(
+        "--submission",
+        metavar="FILE",
+        help="write id + one probability column per class (class order) to FILE ('-': stdout)",
+    )
+    predict.add_argument(
+        "--id",
+        choices=ID_KINDS,
+        default="stem",
+        help="submission id: file name without extension, or path relative to its folder",
+    )
+    predict.add_argument(
+        "--positive", metavar="CLASS", help="submission: only this class's probability column"
     )
     predict.add_argument("--batch-size", type=_positive_int, default=32)
-    predict.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), help="default: base.device, else auto"
-    )
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     predict.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="default: base.precision, else auto",
+        choices=("model", "fp32", "bf16", "fp16"),
+        default="model",
+        help="compute precision (default: the model's)",
     )
     predict.set_defaults(run=_predict)
     return parser
 
 
-def _read_params(path: str | None) -> Params | None:
-    """The run's params: `path`, else ./params.yaml when there is one, else None."""
-    if path is None and not Path(PARAMS_FILE).is_file():
-        return None
-    return load_params(path or PARAMS_FILE)
+def _settings(info: ModelInfo, args: argparse.Namespace) -> InferenceSettings:
+    """The TTA views and precision to predict with, never defaults in code.
+
+    The model's own (a registered model carries those it was evaluated with); else the
+    run's params (`--params`, else ./params.yaml), as the evaluate stage uses them; else
+    the centre crop at fp32. `--params` also overrides the model's; `--precision` wins.
+    """
+    settings = info.inference
+    params_file = args.params or (PARAMS_FILE if Path(PARAMS_FILE).is_file() else None)
+    if args.params or (settings is None and params_file):
+        from visiontune.config import load_params
+        from visiontune.evaluate.predict import inference_from_params
+
+        settings = inference_from_params(load_params(params_file))
+    settings = settings or PLAIN
+    if args.precision != "model":
+        settings = dataclasses.replace(settings, precision=args.precision)
+    return settings
 
 
 def _predict(args: argparse.Namespace) -> int:
+    found = find_inputs(args.paths)
+    files = found.files
     try:
-        params = _read_params(args.params)
-    except ParamsError as exc:
+        ids = image_ids(found, args.id) if args.submission else []
+    except ValueError as exc:
         print(f"visiontune predict: {exc}", file=sys.stderr)
         return 2
-    if args.tta and params is None:
-        print(
-            f"visiontune predict: --tta takes its views from the run's params (tta.n_augment, "
-            f"tta.zoom): pass --params PATH, or run where its {PARAMS_FILE} is",
-            file=sys.stderr,
-        )
-        return 2
-    files, missing = collect_inputs(args.paths)
-    base = params.base if params else None
-    workers = params.runtime.num_workers if params else "auto"
+    # Worker processes cost more than they save for a handful of images.
+    workers = 0 if len(files) <= args.batch_size else min(cpu_count(), 8)
     try:
-        if params:
-            configure_memory(params.runtime)
-        runtime = create_runtime(
-            device=args.device or (base.device if base else "auto"),
-            precision=args.precision or (base.precision if base else "auto"),
-            # Worker processes cost more than they save for a handful of images.
-            num_workers=0 if len(files) <= args.batch_size else workers,
-            worker_priority=params.runtime.worker_priority if params else "auto",
-        )
-        model, info = load_model_file(args.model, map_location=runtime.device)
+        # Large tensors on huge pages, freed memory kept for the next batch (see runtime).
+        configure_memory(SimpleNamespace(huge_pages="auto", keep_freed_memory="auto"))
+        model, info = load_model_file(args.model)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
-    use_tta = args.tta and params is not None
-    results = missing + predict_files(
-        model,
-        info,
-        files,
-        runtime,
-        top_k=args.top_k,
-        n_augment=params.tta.n_augment if use_tta else 0,
-        zoom=params.tta.zoom if use_tta else 1.0,
-        batch_size=args.batch_size,
+    try:
+        info = dataclasses.replace(info, inference=_settings(info, args))
+    except ValueError as exc:  # a bad params file: its message names the key
+        print(f"visiontune predict: {exc}", file=sys.stderr)
+        return 2
+    try:
+        runtime = inference_runtime(info.inference.precision, args.device, workers)
+        model = model.to(runtime.device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
+        return 2
+    views = create_views(info, args.tta)
+    if args.submission:
+        return _write_submission(args, model, info, files, ids, runtime, views, found.errors)
+    results = found.errors + predict_files(
+        model, info, files, runtime, views, top_k=args.top_k, batch_size=args.batch_size
     )
     for result in results:
         if result.error:
@@ -130,6 +164,30 @@ def _predict(args: argparse.Namespace) -> int:
     if not predicted:
         print("visiontune predict: no image could be predicted", file=sys.stderr)
     return 0 if predicted else 1
+
+
+def _write_submission(args, model, info, files, ids, runtime, views, missing) -> int:
+    from visiontune.fileio import atomic_open
+
+    if args.positive is not None and args.positive not in info.classes:
+        print(f"visiontune predict: --positive {args.positive!r} is not one of the classes "
+              f"{info.classes}", file=sys.stderr)  # fmt: skip
+        return 2
+    kwargs = {"positive": args.positive, "batch_size": args.batch_size}
+    if args.submission == "-":
+        summary = write_submission(model, info, files, ids, runtime, views, sys.stdout, **kwargs)
+    else:
+        Path(args.submission).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(args.submission, newline="") as out:
+            summary = write_submission(model, info, files, ids, runtime, views, out, **kwargs)
+    errors = missing + summary.errors
+    for error in errors:
+        print(f"visiontune predict: {error.path}: {error.error}", file=sys.stderr)
+    where = "stdout" if args.submission == "-" else args.submission
+    print(f"visiontune predict: {summary.rows} images predicted, {len(errors)} unreadable "
+          f"(left out) -> {where}", file=sys.stderr)  # fmt: skip
+    # An empty test folder gives a header alone; files that all fail are an error.
+    return 0 if summary.rows or not files else 1
 
 
 def write_results(results: Sequence[Prediction], fmt: str, out: TextIO) -> None:

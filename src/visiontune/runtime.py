@@ -16,11 +16,13 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from visiontune.config import BaseParams, RuntimeParams
+if TYPE_CHECKING:  # a served model ships this module without the params code
+    from visiontune.config import BaseParams, RuntimeParams
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -57,6 +57,8 @@ class Stage:
     dist: Any = None
     # Called once the outputs are logged (finetune drops its last checkpoint then).
     after_logging: list[Callable[[], None]] = field(default_factory=list)
+    # A model file and the InferenceSettings it predicts with, to log and register.
+    register_model: tuple[Path, Any] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -112,7 +114,9 @@ def run_stage(
         return 0
     print_outputs(name, out)
     manifest = (args.prepared if "prepared" in paths else out) / "manifest.csv"
-    code = tracking.log_stage(stage.tracker, params, out, manifest=manifest)
+    code = tracking.log_stage(
+        stage.tracker, params, out, manifest=manifest, model=stage.register_model
+    )
     if code == 0:
         for callback in stage.after_logging:
             callback()

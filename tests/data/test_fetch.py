@@ -308,3 +308,26 @@ def test_real_dogbreeds_labels_csv(dogbreeds: Path, tmp_path: Path) -> None:
     assert all(
         truth[p] == label for p, label in zip(manifest["path"], manifest["label"], strict=True)
     )
+
+
+@pytest.mark.parametrize("layout", ["folders", "labels_csv"])
+def test_an_unlabelled_test_folder_beside_train_is_held_out(
+    layout: str, tmp_path: Path, make_jpeg: Callable[..., Path]
+) -> None:
+    """Kaggle's layout: labelled train/, unlabelled test/ (kept whole, not rejected)."""
+    root = tmp_path / layout
+    for i, label in enumerate(["cat", "cat", "dog", "dog"]):
+        folder = root / "train" / label if layout == "folders" else root / "train"
+        make_jpeg(folder / f"{label}{i}.jpg", seed=3000 + i)
+    for i in range(3):
+        make_jpeg(root / "test" / f"{i:04d}.jpg", seed=3100 + i)
+    (root / "test" / "broken.jpg").write_bytes(b"")  # predicted (and reported) later
+    params = {"source": str(root)}
+    if layout == "labels_csv":
+        (root / "labels.csv").write_text("id,label\ncat0,cat\ncat1,cat\ndog2,dog\ndog3,dog\n")
+        params["labels"] = "labels.csv"
+    summary, manifest, rejects, out = _prepare(tmp_path, **params)
+    assert len(manifest) == 4 and not rejects
+    assert summary["held_out_test"] == 4
+    held = sorted(p.name for p in (out / "test").iterdir())
+    assert held == ["0000.jpg", "0001.jpg", "0002.jpg", "broken.jpg"]

@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as F
 from visiontune.config import AugmentParams
 from visiontune.data.dataset import seeded_rngs
 from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.data.pixels import _direct_jpeg_bytes, open_pixels
+from visiontune.data.pixels import _direct_jpeg_bytes, decode_pixels, open_pixels
 from visiontune.data.transforms import DataConfig, create_eval_transform, create_train_transform
 from visiontune.evaluate.tta import ViewMaker, tta_views
 
@@ -79,6 +79,24 @@ def test_every_accepted_corpus_file_gives_pillows_pixels(tmp_path: Path) -> None
         assert torch.equal(open_pixels(path, 32), pillow_pixels(path, 32)), name
     # CMYK and the 6 MP photo (a 1/8 decode) are Pillow's; other formats are not JPEGs.
     assert direct == {"exif_rotated.jpg", "çà et là – ünïcode.jpg"}
+
+
+def test_bytes_decode_to_the_files_pixels_and_errors(tmp_path: Path, dogscats: Path) -> None:
+    """What a served model gets (the file's bytes) decodes as `visiontune predict` decodes
+    the file: EXIF orientation, alpha, CMYK, 16-bit, reduced JPEG decodes, the errors."""
+    photos = sorted((dogscats / "valid" / "cats").glob("*.jpg"))[:3]
+    for name, (writer, _) in NASTY.items():
+        writer(tmp_path / name)
+    for path in [*photos, *sorted(tmp_path.iterdir())]:
+        for min_size in (None, 32):
+            try:
+                expected = open_pixels(path, min_size)
+            except UnreadableImageError as exc:
+                with pytest.raises(UnreadableImageError) as ours:
+                    decode_pixels(path.read_bytes(), min_size)
+                assert ours.value.reason == exc.reason, path.name
+                continue
+            assert torch.equal(decode_pixels(path.read_bytes(), min_size), expected), path.name
 
 
 @pytest.mark.parametrize("name", ["truncated.jpg", "zero bytes.jpg", "text.jpg"])

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from real_config import default_raw, merge
 
 from visiontune.cli import main
 from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig, create_eval_transform
 from visiontune.models.classifier import (
+    InferenceSettings,
     ModelInfo,
     create_classifier,
     load_model_file,
@@ -35,7 +38,9 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():  # spread the untrained head's outputs so the ranking is clear-cut
         model.head[-1].weight.mul_(20)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    info = ModelInfo("tf_efficientnet_lite0", CLASSES, CFG, head_hidden=(), head_dropout=0.0)
+    # As finetune writes it: the centre crop and its mirror, fp32.
+    inference = InferenceSettings(n_augment=1, zoom=1.15, precision="fp32")
+    info = ModelInfo("tf_efficientnet_lite0", CLASSES, CFG, (), 0.0, inference)
     save_model_file(path, model.eval(), info)
     return path
 
@@ -64,7 +69,7 @@ def _direct_probs(model_path: Path, images: list[Path]) -> torch.Tensor:
 
 def test_predict_json_matches_direct_forward(model_file, photos, capsys):
     code = main(["predict", str(model_file), str(photos), "--format", "json", "--top-k", "2",
-                 "--device", "cpu", "--precision", "fp32"])  # fmt: skip
+                 "--device", "cpu", "--no-tta"])  # fmt: skip
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     images = sorted(p for p in photos.rglob("*.jpg"))
@@ -118,13 +123,78 @@ def test_predict_table_on_a_terminal(model_file, photos, capsys, monkeypatch):
     assert out.count(".jpg") == 2
 
 
-def test_tta_views_come_from_the_runs_params_never_from_code(model_file, photos, tmp_path,
-                                                             capsys, monkeypatch):  # fmt: skip
-    monkeypatch.chdir(tmp_path)  # no params.yaml here
-    good = str(next(photos.rglob("*.jpg")))
-    assert main(["predict", str(model_file), good, "--tta", "--device", "cpu"]) == 2
-    assert "pass --params" in capsys.readouterr().err
-    assert main(["predict", str(model_file), good, "--device", "cpu"]) == 0  # no TTA: no params
-    (tmp_path / "bad.yaml").write_text("tta:\n  n_augment: 1\n")
-    assert main(["predict", str(model_file), good, "--tta", "--params", "bad.yaml"]) == 2
-    assert "base: required section missing" in capsys.readouterr().err
+def _json_probs(model_file: Path, paths: list[str], *extra: str, capsys) -> dict[str, dict]:
+    code = main(["predict", str(model_file), *paths, "--format", "json", "--top-k", "3",
+                 "--device", "cpu", *extra])  # fmt: skip
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    return {Path(r["path"]).stem: {p["label"]: p["probability"] for p in r["predictions"]}
+            for r in rows}  # fmt: skip
+
+
+def test_tta_views_come_from_the_model_file_or_a_params_file(model_file, photos, tmp_path,
+                                                             capsys):  # fmt: skip
+    model_views = _json_probs(model_file, [str(photos)], capsys=capsys)
+    assert _json_probs(model_file, [str(photos)], "--tta", capsys=capsys) == model_views
+    plain = _json_probs(model_file, [str(photos)], "--no-tta", capsys=capsys)
+    assert plain != model_views  # the model's mirror view counts by default
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(merge(default_raw(), {"tta": {"n_augment": 0}})))
+    assert _json_probs(model_file, [str(photos)], "--params", str(params), capsys=capsys) == plain
+
+
+def test_submission_has_an_id_and_a_column_per_class_and_skips_unreadable_files(
+    model_file, photos, tmp_path, capsys
+):
+    test = tmp_path / "test"
+    shutil.copytree(photos, test)
+    (test / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "out" / "submission.csv"
+    code = main(["predict", str(model_file), str(test), "--submission", str(out),
+                 "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "1 unreadable" in err
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["id", *CLASSES]
+    images = sorted(p for p in photos.rglob("*.jpg"))
+    assert [r["id"] for r in rows] == [p.stem for p in images]  # file names without suffix
+    expected = _json_probs(model_file, [str(photos)], capsys=capsys)  # same views, top-k
+    for row in rows:
+        assert sum(float(row[c]) for c in CLASSES) == pytest.approx(1, abs=1e-5)
+        for name in CLASSES:
+            assert float(row[name]) == pytest.approx(expected[row["id"]][name], abs=1e-5)
+
+    relative = tmp_path / "relative.csv"
+    main(["predict", str(model_file), str(test), "--submission", str(relative), "--id", "path",
+          "--positive", "dogs", "--device", "cpu"])  # fmt: skip
+    rows = list(csv.DictReader(relative.open()))
+    assert list(rows[0]) == ["id", "dogs"]  # a binary task's p(class) column
+    assert {r["id"] for r in rows} == {p.relative_to(photos).as_posix() for p in images}
+
+
+def test_submission_of_an_empty_folder_is_a_header(model_file, tmp_path, capsys):
+    (tmp_path / "test").mkdir()
+    code = main(["predict", str(model_file), str(tmp_path / "test"), "--submission", "-",
+                 "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    assert capsys.readouterr().out == "id," + ",".join(CLASSES) + "\n"
+
+
+def test_predict_test_stage_writes_the_submission_or_a_header(model_file, photos, tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "stages" / "predict_test.py"
+    spec = importlib.util.spec_from_file_location("stage_predict_test", script)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(merge(default_raw(), {"tracking": {"enabled": False}})))
+    common = ["--params", str(params), "--model", str(model_file)]
+    out = tmp_path / "out"
+    assert stage.main([*common, "--test", str(photos), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "submission.csv").open()))
+    assert list(rows[0]) == ["id", *CLASSES] and len(rows) == 4
+    none, missing = tmp_path / "none", str(tmp_path / "no_test")
+    assert stage.main([*common, "--test", missing, "--out", str(none)]) == 0
+    assert (none / "submission.csv").read_text() == "id," + ",".join(CLASSES) + "\n"

@@ -14,7 +14,7 @@ from visiontune.config import flatten, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-DOCS = ["parameters", "data", "tracking", "scaling", "reproducibility", "design"]
+DOCS = ["parameters", "data", "tracking", "use-the-model", "scaling", "reproducibility", "design"]
 PAGES = [ROOT / "README.md", *(ROOT / "docs" / f"{name}.md" for name in DOCS)]
 
 

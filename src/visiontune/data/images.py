@@ -1,11 +1,13 @@
 """Safe image checking and loading: every photo passes through here before it reaches a model.
 
 `inspect_image` decides at fetch time whether a file is usable (and says why not);
-`open_rgb` turns any accepted file into an upright 8-bit RGB image.
+`open_rgb` turns any accepted file into an upright 8-bit RGB image, and `decode_rgb` does
+the same for encoded bytes (what a served model receives).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +69,29 @@ def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     return _load(Path(path), min_size=min_size, max_pixels=None)
 
 
-def _load(path: Path, min_size: int | None, max_pixels: int | None) -> Image.Image:
+def decode_rgb(data: bytes, min_size: int | None = None, name: str = "<bytes>") -> Image.Image:
+    """`open_rgb` for an encoded image held in memory (PNG, JPEG, WebP, ... bytes).
+
+    Raises:
+        UnreadableImageError: the bytes are empty, not an image, or corrupt; `name` is
+            the label its message uses.
+    """
+    if not data:
+        raise UnreadableImageError(name, "empty file (0 bytes)")
+    return _load(io.BytesIO(data), min_size=min_size, max_pixels=None, name=name)
+
+
+def _load(
+    source: Path | io.BytesIO,
+    min_size: int | None,
+    max_pixels: int | None,
+    name: str | None = None,
+) -> Image.Image:
+    path = name if name is not None else source
     try:
-        if path.stat().st_size == 0:
+        if isinstance(source, Path) and source.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise UnreadableImageError(

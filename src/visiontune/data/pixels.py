@@ -14,17 +14,21 @@ variants are Pillow's business), photos large enough for a reduced decode, and a
 TorchCodec rejects, so its checks and error messages stay the only ones. Without
 TorchCodec installed (a lent GPU machine has torch but not it) every image goes through
 `open_rgb`: the same pixels, only slower.
+
+`decode_pixels` does the same for bytes in memory, so a served model decodes a posted
+photo exactly as `visiontune predict` decodes the file.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from visiontune.data.images import open_rgb
+from visiontune.data.images import decode_rgb, open_rgb
 
 try:
     from torchcodec.decoders import decode_jpeg
@@ -57,6 +61,38 @@ def open_pixels(path: str | Path, min_size: int | None = None) -> torch.Tensor:
     return F.pil_to_tensor(open_rgb(path, min_size=min_size))
 
 
+def decode_pixels(data: bytes, min_size: int | None = None, name: str = "<bytes>") -> torch.Tensor:
+    """`open_pixels` for an encoded image in memory: the same decoder choice, the same pixels.
+
+    Raises:
+        UnreadableImageError: empty, not an image, or corrupt (`name` labels the message).
+    """
+    if decode_jpeg is not None:
+        try:
+            direct = _is_direct_jpeg(io.BytesIO(data), min_size)
+        except Exception:  # not an image: decode_rgb reports it
+            direct = False
+        if direct:
+            try:
+                return decode_jpeg(data, mode="RGB")
+            except RuntimeError:
+                pass
+    return F.pil_to_tensor(decode_rgb(data, min_size=min_size, name=name))
+
+
+def _is_direct_jpeg(file: io.BufferedIOBase | io.BytesIO, min_size: int | None) -> bool:
+    """Whether TorchCodec decodes this JPEG as Pillow would (reads the header only)."""
+    with Image.open(file) as img:
+        if img.format != "JPEG" or img.mode not in _DIRECT_MODES:
+            return False
+        if min_size is not None:
+            size = img.size
+            img.draft("RGB", (min_size, min_size))
+            if img.size != size:  # a reduced decode is Pillow's (several times faster)
+                return False
+    return True
+
+
 def _direct_jpeg_bytes(path: Path, min_size: int | None) -> bytes | None:
     """The file's bytes when TorchCodec may decode it, else None (open_rgb's case).
 
@@ -65,14 +101,9 @@ def _direct_jpeg_bytes(path: Path, min_size: int | None) -> bytes | None:
     if decode_jpeg is None:
         return None
     try:
-        with open(path, "rb") as file, Image.open(file) as img:
-            if img.format != "JPEG" or img.mode not in _DIRECT_MODES:
+        with open(path, "rb") as file:
+            if not _is_direct_jpeg(file, min_size):
                 return None
-            if min_size is not None:
-                size = img.size
-                img.draft("RGB", (min_size, min_size))
-                if img.size != size:  # a reduced decode is Pillow's (several times faster)
-                    return None
             file.seek(0)
             return file.read()
     except Exception:  # missing, unreadable, not an image: open_rgb reports it

@@ -1,7 +1,9 @@
 """Build the prepared dataset: check every image, drop duplicates, subset, copy, write tables.
 
 Output (under `out_dir`): `images/<layout of the source>`, `manifest.csv`
-(path,label,split_hint), `classes.json`, `rejects.csv` (path,reason).
+(path,label,split_hint), `classes.json`, `rejects.csv` (path,reason), and `test/`: the
+source's unlabelled test images, held out as they are (not decoded here: every one of them
+needs a prediction; `visiontune predict --submission` reports the unreadable ones).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from visiontune.data.sources import (
 from visiontune.fileio import sha256_file
 
 IMAGES_DIR = "images"
+TEST_DIR = "test"
 _LAYOUTS = {"folders": "a folder per class", "labels_csv": "images + a labels CSV"}
 
 
@@ -93,6 +96,16 @@ def prepare_dataset(
             target = out_dir / IMAGES_DIR / candidate.path
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source.root / candidate.path, target)
+        held_out = 0
+        for path, below in listing.held_out:
+            target = out_dir / TEST_DIR / below
+            if target.exists():  # two test folders with the same file name
+                reason = f"test image name taken: {TEST_DIR}/{below}"
+                rejects.append(Reject(path, reason, "duplicate"))
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.root / path, target)
+            held_out += 1
 
     manifest = pd.DataFrame(
         [(f"{IMAGES_DIR}/{c.path}", c.label, c.split_hint) for c in kept],
@@ -121,6 +134,7 @@ def prepare_dataset(
         "per_class": dict(sorted(Counter(manifest["label"]).items())),
         "split_hints": dict(sorted(Counter(manifest["split_hint"]).items())),
         "empty_classes": sorted(listing.class_folders - set(classes)),
+        "held_out_test": held_out,
     }
 
 
@@ -235,6 +249,11 @@ def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
         lines.append("fetch: no files rejected")
     if summary["skipped_by_max_per_class"]:
         lines.append(f"fetch: {summary['skipped_by_max_per_class']} left out by max_per_class")
+    if summary.get("held_out_test"):
+        lines.append(
+            f"fetch: {summary['held_out_test']} unlabelled test images held out in "
+            f"{rejects_path.parent / TEST_DIR} (the predict_test stage predicts them)"
+        )
     if summary["empty_classes"]:
         lines.append(f"fetch: class folders without usable images: {summary['empty_classes']}")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Two layouts are understood: folders per class (below any depth of train/valid/test
 folders), and a folder of images plus a CSV of labels. Files that cannot be used are
-returned as rejects with a reason, never dropped silently.
+returned as rejects with a reason, never dropped silently. Unlabelled images in a test
+folder (Kaggle's `test/` beside `train/`) are held out: listed apart, to be predicted.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class Listing:
     rejects: list[Reject] = field(default_factory=list)
     class_folders: set[str] = field(default_factory=set)  # every class folder seen
     layout: str = "folders"
+    # Unlabelled images in a test folder: (path from the source root, path in that folder).
+    held_out: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,17 @@ def _split_hint(parts: Sequence[str]) -> str:
     return hints[-1] if hints else ""
 
 
+def _in_test_folder(parts: Sequence[str]) -> str | None:
+    """The path below the last test folder among `parts` (a file's folders + its name),
+    or None when the file is not in one."""
+    for i in range(len(parts) - 2, -1, -1):
+        if SPLIT_FOLDERS.get(parts[i].lower()) == "test":
+            return PurePosixPath(*parts[i + 1 :]).as_posix()
+        if parts[i].lower() in SPLIT_FOLDERS:
+            return None
+    return None
+
+
 def list_folders(root: Path) -> Listing:
     """List a folder-per-class tree: the label is the image's parent folder name."""
     listing = Listing(layout="folders")
@@ -182,6 +196,10 @@ def list_folders(root: Path) -> Listing:
                     suffix = Path(name).suffix or "none"
                     reason = f"not an image file name (suffix {suffix})"
                     listing.rejects.append(Reject(path, reason, "not an image"))
+                continue
+            held = _in_test_folder((*rel, name)) if not in_class else None
+            if held is not None:
+                listing.held_out.append((path, held))
                 continue
             if not in_class:
                 where = f"directly in split folder {rel[-1]!r}" if rel else "at the top level"
@@ -243,6 +261,10 @@ def list_labelled(root: Path, labels_csv: Path, id_column: str, label_column: st
             rows.setdefault(matches[0], []).append((line, label))
     for path in images:
         entries = rows.get(path)
+        held = _in_test_folder(PurePosixPath(path).parts)
+        if entries is None and held is not None:
+            listing.held_out.append((path, held))
+            continue
         if entries is None:
             reason = f"not listed in {csv_name}"
             listing.rejects.append(Reject(path, reason, "unlabelled"))

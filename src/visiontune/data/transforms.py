@@ -9,14 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from visiontune.config import AugmentParams
+if TYPE_CHECKING:  # a served model ships this module without the params code
+    from visiontune.config import AugmentParams
 
 # A decoded image (uint8 3×H×W, as `visiontune.data.pixels.open_pixels` gives it, or a
 # Pillow RGB image) → uint8 3×H×W pixels.

@@ -8,7 +8,7 @@ the model forward per view, not extra JPEG decodes.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,7 +16,6 @@ from typing import Literal
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from tqdm.auto import tqdm
 
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.pixels import open_pixels
@@ -184,7 +183,47 @@ def average_views(probs: torch.Tensor) -> torch.Tensor:
     return probs.mean(dim=1)
 
 
-@torch.inference_mode()
+def forward_views(
+    model: torch.nn.Module, views: torch.Tensor, runtime: Runtime, chunk: int
+) -> torch.Tensor:
+    """Softmax probabilities (B×V×C, float32, CPU) of a uint8 B×V×3×H×W stack of views.
+
+    The views go through `model` (prepared for `runtime`, in eval mode) `chunk` images at a
+    time. `visiontune predict`, `evaluate` and the served MLflow model all call this.
+    """
+    b, v = views.shape[:2]
+    with torch.inference_mode(), autocast(runtime):
+        logits = torch.cat(
+            [model(to_device(x, runtime)).float() for x in views.flatten(0, 1).split(chunk)]
+        )
+    return logits.softmax(dim=-1).view(b, v, -1).cpu()
+
+
+@dataclass(frozen=True)
+class ViewBatch:
+    """One loader batch through the model: rows `index` of the dataset."""
+
+    index: torch.Tensor
+    probs: torch.Tensor  # B×V×C
+    labels: torch.Tensor
+    errors: list[str]
+
+
+def iter_view_batches(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    runtime: Runtime,
+    max_forward: int | None = None,
+) -> Iterator[ViewBatch]:
+    """Every loader batch of a TtaDataset through `model`, as it comes: nothing is kept, so
+    a caller that writes each batch out predicts any number of images in flat memory."""
+    prepare_module(model, runtime).eval()
+    chunk = max_forward or loader.batch_size or 1
+    for views, labels, index, errors in loader:
+        probs = forward_views(model, views, runtime, chunk)
+        yield ViewBatch(index=index, probs=probs, labels=labels, errors=list(errors))
+
+
 def predict_views(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -198,28 +237,22 @@ def predict_views(
     The B×V views of a batch go through the model `max_forward` images at a time
     (default: the loader's batch size), so TTA needs no more memory than a plain pass.
     """
-    prepare_module(model, runtime).eval()
-    chunk = max_forward or loader.batch_size or 1
+    from tqdm.auto import tqdm  # a served model ships this module without tqdm
+
     n = len(loader.dataset)
     probs: torch.Tensor | None = None
     labels = torch.full((n,), -1, dtype=torch.long)
     errors = [""] * n
     start = time.perf_counter()
     with tqdm(total=n, desc=desc or "tta", unit="img", leave=False) as bar:
-        for views, batch_labels, index, batch_errors in loader:
-            b, v = views.shape[:2]
-            with autocast(runtime):
-                logits = torch.cat(
-                    [model(to_device(x, runtime)).float() for x in views.flatten(0, 1).split(chunk)]
-                )
-            batch_probs = logits.softmax(dim=-1).view(b, v, -1).cpu()
+        for batch in iter_view_batches(model, loader, runtime, max_forward):
             if probs is None:
-                probs = torch.zeros(n, v, batch_probs.shape[-1])
-            probs[index] = batch_probs
-            labels[index] = batch_labels
-            for i, error in zip(index.tolist(), batch_errors, strict=True):
+                probs = torch.zeros(n, batch.probs.shape[1], batch.probs.shape[-1])
+            probs[batch.index] = batch.probs
+            labels[batch.index] = batch.labels
+            for i, error in zip(batch.index.tolist(), batch.errors, strict=True):
                 errors[i] = error
-            bar.update(b)
+            bar.update(len(batch.index))
     seconds = time.perf_counter() - start
     if probs is None:
         raise ValueError("no images to predict")

@@ -1,7 +1,9 @@
 """The full classifier (timm body + head) and its self-contained model file.
 
 A model file is one safetensors file: the state dict plus JSON metadata (backbone name,
-classes, data config, head shape), so it loads with no pretrained weights and no pickle.
+classes, data config, head shape, and how to predict with it: TTA views and precision), so
+it loads with no pretrained weights and no pickle. Loading one needs torch, timm and
+safetensors only: a served model ships this module (the params code loads lazily).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -18,9 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from visiontune.data.transforms import DataConfig, PixelNormalize
-from visiontune.fileio import atomic_path
-from visiontune.models.backbone import WeightsInfo, create_backbone, pretrained_data_config
 from visiontune.models.head import create_head
+
+if TYPE_CHECKING:
+    from visiontune.models.backbone import WeightsInfo
 
 FORMAT_VERSION = 1
 METADATA_KEY = "visiontune"
@@ -52,6 +55,40 @@ class ImageClassifier(torch.nn.Module):
         return self.head(self.body(self.normalize(pixels)))
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the model is meant to predict: `n_augment` TTA views besides the centre crop
+    (`tta_views`), their `zoom`, and the compute `precision` (fp32 | bf16 | fp16).
+
+    `visiontune predict` and the served MLflow model both read these from the model, so
+    they cut the same views and compute at the same precision.
+    """
+
+    n_augment: int
+    zoom: float
+    precision: str
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.n_augment < 0 or self.zoom < 1:
+            raise ValueError(f"need n_augment >= 0 and zoom >= 1, got {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_augment": self.n_augment, "zoom": self.zoom, "precision": self.precision}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InferenceSettings:
+        return cls(int(data["n_augment"]), float(data["zoom"]), str(data["precision"]))
+
+
+# A model file written before the inference settings existed: the plain centre crop, fp32.
+PLAIN = InferenceSettings(n_augment=0, zoom=1.0, precision="fp32")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Everything besides the tensors needed to rebuild and use a classifier."""
@@ -61,24 +98,30 @@ class ModelInfo:
     data_config: DataConfig
     head_hidden: tuple[int, ...]
     head_dropout: float
+    inference: InferenceSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "backbone": self.backbone,
             "classes": list(self.classes),
             "data_config": self.data_config.to_dict(),
             "head_hidden": list(self.head_hidden),
             "head_dropout": self.head_dropout,
         }
+        if self.inference is not None:
+            data["inference"] = self.inference.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
+        inference = data.get("inference")
         return cls(
             backbone=str(data["backbone"]),
             classes=[str(c) for c in data["classes"]],
             data_config=DataConfig.from_dict(data["data_config"]),
             head_hidden=tuple(int(h) for h in data["head_hidden"]),
             head_dropout=float(data["head_dropout"]),
+            inference=InferenceSettings.from_dict(inference) if inference else None,
         )
 
 
@@ -96,6 +139,8 @@ def create_classifier(
 
     The input normalisation is `data_config`'s, else the backbone's pretrained one.
     """
+    from visiontune.models.backbone import create_backbone, pretrained_data_config
+
     body, info = create_backbone(backbone, weights)
     data_config = data_config or pretrained_data_config(body)
     head = create_head(body.num_features, num_classes, hidden, dropout)
@@ -111,6 +156,8 @@ def build_classifier(info: ModelInfo) -> ImageClassifier:
 
 def save_model_file(path: Path, model: ImageClassifier, info: ModelInfo) -> None:
     """Write the classifier as one safetensors file with its ModelInfo as metadata (atomic)."""
+    from visiontune.fileio import atomic_path
+
     num_outputs = model.head[-1].out_features
     if num_outputs != len(info.classes):
         raise ValueError(

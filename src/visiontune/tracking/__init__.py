@@ -146,11 +146,14 @@ def log_stage(
     *,
     metrics: Mapping[str, float] | None = None,
     manifest: Path = DEFAULT_MANIFEST,
+    model: tuple[Path, Any] | None = None,
 ) -> int:
     """Log a finished stage from its output folder and close its run; return the exit code.
 
     0 when logged (or tracking is off); 1 when logging failed and tracking is required.
     The outputs are never touched. `metrics` adds scalars the stage has but did not write.
+    `model` (a model file and the `InferenceSettings` it predicts with) is logged as the
+    run's MLflow model and registered.
     """
     if not tracker.enabled:
         return 0
@@ -171,13 +174,12 @@ def log_stage(
         }
         tracker.set_tags(tags)
         tracker.set_tags(tags, parent=True)
-        model_file = out_dir / "model.safetensors"
-        if tracker.stage == "finetune" and model_file.is_file():
+        if model is not None:
             from visiontune.tracking.model import log_model
 
             log_model(
                 tracker,
-                model_file,
+                *model,
                 registered_model=params.tracking.registered_model,
                 alias=params.tracking.alias,
             )

@@ -1,56 +1,122 @@
-"""The fine-tuned model in MLflow: pytorch flavour + registry alias + the safetensors file.
+"""The fine-tuned model in MLflow: a pyfunc model from code + registry alias + the model file.
 
-The MLflow model takes the plain centre view that `visiontune predict` feeds its model
-(uint8 pixels N×3×H×W, cut as the data config in the model's metadata says; the model
-normalises them itself) and returns class probabilities in the order of the `classes`
-metadata, so `mlflow.pyfunc.load_model(uri).predict(batch)` matches `visiontune predict`
-on the same images.
+The logged model takes encoded images (a column `image` of bytes: PNG, JPEG, WebP, ...)
+and returns `label`, `error` and one probability column per class, in class order. It is
+logged as code (`visiontune/serving/image_model.py`, MLflow's models-from-code): no pickle
+in the artifact, nothing unpickled at load. The weights are the safetensors model file
+(artifact `weights`); the few visiontune modules the prediction needs travel with it
+(`code_paths`), so its requirements are public packages only. It predicts through the same
+`ImagePredictor` path as `visiontune predict`, with the TTA views and precision in the
+model file's metadata (mirrored in the MLflow model's metadata).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
-import mlflow.pytorch
-import numpy as np
-import torch
+import mlflow.pyfunc
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import visiontune
 from visiontune.tracking.runs import StageTracker
 
+if TYPE_CHECKING:
+    from visiontune.models.classifier import InferenceSettings
 
-class ProbabilityModel(torch.nn.Module):
-    """An ImageClassifier whose output is softmax probabilities in float32 (what is served)."""
+PACKAGE_ROOT = Path(visiontune.__file__).resolve().parent
+MODEL_CODE = PACKAGE_ROOT / "serving" / "image_model.py"
+# The modules a served model imports (and nothing else: no params code, no pydantic, no
+# tqdm). Subpackages whose own __init__ imports more get a docstring-only one.
+SHIPPED_MODULES = (
+    "__init__.py",
+    "runtime.py",
+    "data/images.py",
+    "data/pixels.py",
+    "data/transforms.py",
+    "evaluate/tta.py",
+    "models/__init__.py",
+    "models/classifier.py",
+    "models/head.py",
+    "serving/__init__.py",
+    "serving/predictor.py",
+)
+_STUB_PACKAGES = ("data", "evaluate")
+_RESERVED_COLUMNS = ("label", "error")
 
-    def __init__(self, classifier: torch.nn.Module) -> None:
-        super().__init__()
-        self.classifier = classifier
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(images).float(), dim=1)
-
-
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
+    """What the served model imports, pinned to the versions it was logged with."""
+    import numpy
+    import PIL
     import safetensors
     import timm
+    import torch
     import torchvision
 
+    def plain(version: str) -> str:
+        return version.split("+")[0]  # a local build tag (2.x+cpu) is no index's version
+
     return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"torch=={plain(torch.__version__)}",
+        f"torchvision=={plain(torchvision.__version__)}",
         f"timm=={timm.__version__}",
         f"safetensors=={safetensors.__version__}",
-        f"visiontune=={visiontune.__version__}",
+        f"pillow=={PIL.__version__}",
+        f"numpy=={numpy.__version__}",
+        f"pandas=={pd.__version__}",
     ]
+
+
+def ship_code(target: Path) -> Path:
+    """Copy the modules a served model needs into `target`/visiontune; returns that folder."""
+    root = Path(target) / "visiontune"
+    for name in SHIPPED_MODULES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PACKAGE_ROOT / name, root / name)
+    for package in _STUB_PACKAGES:
+        (root / package / "__init__.py").write_text(
+            '"""Shipped with a served model: only the modules its prediction needs."""\n',
+            encoding="utf-8",
+        )
+    return root
+
+
+def image_signature(classes: list[str]) -> ModelSignature:
+    """Input: one binary column `image`; output: `label`, `error`, a column per class."""
+    clashing = [name for name in classes if name in _RESERVED_COLUMNS]
+    if clashing:
+        raise ValueError(f"class names {clashing} clash with the output columns label/error")
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("string", "error"),
+                *(ColSpec("double", name) for name in classes),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("tta", "boolean", True)]),
+    )
+
+
+def _example_image() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 32), (128, 96, 64)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id: str | None) -> str:
@@ -75,44 +141,52 @@ def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id:
 def log_model(
     tracker: StageTracker,
     model_file: Path,
+    inference: InferenceSettings,
     *,
     registered_model: str | None,
     alias: str,
 ) -> dict[str, Any]:
-    """Log `model_file` as the run's MLflow model (+ the file itself), register it, alias it.
+    """Log `model_file`, predicting with `inference` (its TTA views and precision), as the
+    run's MLflow model (+ the file itself); register it, alias it.
 
-    Returns `{"model_uri": ..., "version": ...}` (version None when not registered).
+    The evaluate stage logs it with the views it scored: changing them re-evaluates and
+    re-registers, and never retrains. Returns `{"model_uri": ..., "version": ...}`
+    (version None when not registered).
     """
-    from visiontune.models.classifier import load_model_file
+    from visiontune.models.classifier import load_model_file, save_model_file
 
     assert tracker.client is not None and tracker.store is not None
-    classifier, info = load_model_file(model_file)
-    served = ProbabilityModel(classifier).eval()
-    size = info.data_config.image_size
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, size, size))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(info.classes)))]),
-    )
-    # Two mid-grey images: the default "pt2" format (torch.export, no pickle) traces with
-    # this example and would freeze a batch dimension of size 1.
-    example = np.full((2, 3, size, size), 128, dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, info = load_model_file(model_file)
+        info = dataclasses.replace(info, inference=inference)
+        # The file that travels holds its views: the CLI and the served model read them.
+        model_file = Path(tmp) / "model.safetensors"
+        save_model_file(model_file, model, info)
+        return _log_model_file(tracker, model_file, info, registered_model, alias)
+
+
+def _log_model_file(tracker, model_file, info, registered_model, alias) -> dict[str, Any]:
     metadata = {
         "classes": list(info.classes),
-        "data_config": dataclasses.asdict(info.data_config),
+        "data_config": info.data_config.to_dict(),
         "backbone": info.backbone,
-        # How `visiontune predict` and `evaluate` feed the model (no TTA; uint8 pixels):
-        "preprocessing": "ViewMaker(DataConfig(**data_config), tta_views(0))"
-        "(open_rgb(path, min_size=maker.min_decode_size)) from visiontune.evaluate.tta",
+        # The TTA views and precision the model predicts with (also in the model file).
+        "inference": info.inference.to_dict(),
+        "input": "column 'image': encoded image bytes (base64 in JSON)",
+        "visiontune_version": visiontune.__version__,
     }
+    example = pd.DataFrame({"image": [_example_image()]})
     mlflow.set_tracking_uri(tracker.store.uri)
-    with mlflow.start_run(run_id=tracker.run_id):
-        logged = mlflow.pytorch.log_model(
-            served,
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=tracker.run_id):
+        logged = mlflow.pyfunc.log_model(
             name="model",
-            signature=signature,
+            python_model=MODEL_CODE,
+            artifacts={"weights": str(model_file)},
+            code_paths=[str(ship_code(Path(tmp)))],
+            signature=image_signature(list(info.classes)),
             input_example=example,
             metadata=metadata,
-            pip_requirements=_requirements(),
+            pip_requirements=requirements(),
         )
     # The self-contained file `visiontune predict` loads: stored once, no checkpoints.
     tracker.log_artifact(model_file, "weights")

@@ -1,0 +1,50 @@
+"""predict_test: the submission table for the unlabelled test images fetch held out.
+
+id (file name without extension) + one probability column per class, with the views and
+precision the evaluate stage scores with (`tta`, `base.precision`), as the registered
+model predicts. A source without a test folder gives a file with the header alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from visiontune.evaluate.predict import (
+    find_inputs,
+    image_ids,
+    inference_from_params,
+    write_submission,  # fmt: skip
+)
+from visiontune.fileio import atomic_open
+from visiontune.models.classifier import load_model_file
+from visiontune.serving.predictor import create_views, inference_runtime
+from visiontune.stagekit import Stage, run_stage
+
+PATHS = {"model": "fine-tuned model file", "test": "held-out test images (fetch's test/)",
+         "out": "output folder (submission.csv)"}  # fmt: skip
+
+
+def predict_test(stage: Stage):
+    params, paths = stage.params, stage.paths
+    model, info = load_model_file(paths.model)
+    info = dataclasses.replace(info, inference=inference_from_params(params))
+    found = find_inputs([paths.test] if paths.test.is_dir() else [])
+    runtime = inference_runtime(info.inference.precision, params.base.device, num_workers=0)
+    with atomic_open(paths.out / "submission.csv", newline="") as out:
+        summary = write_submission(
+            model.to(runtime.device), info, found.files, image_ids(found, "stem"), runtime,
+            create_views(info), out, batch_size=params.tta.batch_size,
+        )  # fmt: skip
+    for error in summary.errors:
+        print(f"predict_test: {error.path}: {error.error} (left out)")
+    where = paths.test if paths.test.is_dir() else "no test folder: header only"
+    print(f"predict_test: {summary.rows} test images predicted ({where})")
+    return paths.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("predict_test", predict_test, PATHS, doc=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
