@@ -205,14 +205,6 @@ def summarize(
         "finetune_epoch_vs_train_step": ratio(epoch_rate, used["finetune"]["images_per_s"]),
         "train_head_vs_finetune_epoch": ratio(head_wall, epoch_s),
         "train_head_inner_vs_finetune_epoch": ratio(head_inner, epoch_s),
-        # The stages' own readings: the model alone timed in the stage's process, right
-        # after its loop (precompute.benchmark_batches, finetune.benchmark_steps).
-        "precompute_in_stage_vs_forward": find_number(
-            m.get("precompute", {}), ("pipeline_vs_forward",)
-        ),
-        "finetune_in_stage_vs_train_step": find_number(
-            m.get("finetune", {}), ("epoch_vs_train_step",)
-        ),
     }
     result["targets_met"] = {
         key: (

@@ -107,8 +107,7 @@ def _run(args, params, tracker, runtime, dist) -> int:
     config = {
         "base": params.base.model_dump(mode="json"),
         "model": params.model.model_dump(mode="json"),
-        # A timing knob does not change the training: a checkpoint stays resumable.
-        "finetune": ft.model_dump(mode="json", exclude={"benchmark_steps"}),
+        "finetune": ft.model_dump(mode="json"),
         "lr": lr,
         "precision": runtime.precision,
         "device": runtime.device.type,
@@ -147,16 +146,9 @@ def _run(args, params, tracker, runtime, dist) -> int:
                                "channels_last": runtime.channels_last,
                                "world_size": dist.world_size}},
     )  # fmt: skip
-    ceiling = ""
-    if "train_step_images_per_s" in metrics:
-        ceiling = (
-            f"; train step alone {metrics['train_step_images_per_s']:.1f} img/s "
-            f"(epochs at {metrics['epoch_vs_train_step']:.0%})"
-        )
     print(
         f"finetune: {metrics['epochs']} epochs, valid_acc {metrics['valid_acc']:.4f} "
         f"(loss {metrics['valid_loss']:.4f}), lr {lr:.2e}, {metrics['images_per_s']:.1f} img/s"
-        f"{ceiling}"
     )
     print_outputs("finetune", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).

@@ -78,11 +78,6 @@ def _run(args, params, tracker, dist) -> int:
         f"{int(stats['feature_dim'])} features, {stats['images_per_s']:.1f} images/s "
         f"({features.fingerprint['precision']})"
     )
-    if "forward_images_per_s" in stats:
-        line += (
-            f"; model alone {stats['forward_images_per_s']:.1f} images/s "
-            f"(pipeline at {stats['pipeline_vs_forward']:.0%})"
-        )
     print(line)
     print_outputs("precompute", out)
     # Tracking: mirror the written outputs into MLflow (exit 1 only if tracking.required).

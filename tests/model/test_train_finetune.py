@@ -15,13 +15,7 @@ from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.models.classifier import ImageClassifier
 from visiontune.models.head import create_head
 from visiontune.runtime import resolve_runtime
-from visiontune.train.loop import (
-    TrainingInterrupted,
-    benchmark_train_step,
-    epoch_loader,
-    finetune,
-    set_train_mode,
-)
+from visiontune.train.loop import TrainingInterrupted, epoch_loader, finetune
 from visiontune.train.recipes import create_train_dataset, create_valid_loader, run_lr_find
 
 CLASSES = ["cats", "dogs"]
@@ -143,48 +137,6 @@ def test_freeze_bn_and_a_changed_config_starts_fresh(data, full, tmp_path):
         "config differs in finetune.freeze_bn" in m and "starting fresh" in m for m in messages
     )
     assert not torch.equal(result.model.body.bn1.running_mean, fresh.body.bn1.running_mean)
-
-
-def test_train_step_timing_leaves_the_run_exactly_as_without_it(data, tmp_path):
-    # Unfrozen BatchNorm: the timed steps move its running stats too, and they must go back.
-    timed_params = PARAMS.model_copy(update={"freeze_bn": False, "benchmark_steps": 2})
-    timed, _ = run(data, tmp_path / "timed", params=timed_params)
-    plain, _ = run(
-        data, tmp_path / "plain", params=timed_params.model_copy(update={"benchmark_steps": 0})
-    )
-    assert timed.metrics["train_step_images_per_s"] > 0
-    assert timed.metrics["epoch_vs_train_step"] == pytest.approx(
-        timed.metrics["images_per_s"] / timed.metrics["train_step_images_per_s"]
-    )
-    assert "train_step_images_per_s" not in plain.metrics
-    pd.testing.assert_frame_equal(timed.steps, plain.steps)
-    for (name, a), b in zip(
-        timed.model.state_dict().items(), plain.model.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    assert not timed.model.training
-
-
-def test_train_step_timing_restores_weights_optimizer_and_rngs(data):
-    runtime, train, _ = data
-    model = new_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    images, labels, _ = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
-    set_train_mode(model, False)
-    torch.nn.functional.cross_entropy(model(images), labels).backward()
-    optimizer.step()  # momentum buffers to restore
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    momenta = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-    rng = torch.get_rng_state()
-    params = PARAMS.model_copy(update={"freeze_bn": False})
-    rate = benchmark_train_step(model, optimizer, scaler, runtime, params, train, 4, steps=1)
-    assert rate > 0
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, weights[key]), key
-    for param, momentum in zip(model.parameters(), momenta, strict=True):
-        assert torch.equal(optimizer.state[param]["momentum_buffer"], momentum)
-    assert torch.equal(torch.get_rng_state(), rng)
 
 
 class CountingDataset(torch.utils.data.Dataset):

@@ -7,7 +7,6 @@ at every epoch end and when asked to stop, and resumes to the same final weights
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -311,13 +310,7 @@ def finetune(
         )
         checkpoint()
     check_in_sync(model, dist)
-    step_rate = None
-    if params.benchmark_steps > 0:
-        step_rate = benchmark_train_step(
-            ddp_model, optimizer, scaler, runtime, params, train_dataset,
-            batch_size // dist.world_size, params.benchmark_steps, dist,
-        )  # fmt: skip
-    return _result(model, state, groups, params, resumed_from, step_rate)
+    return _result(model, state, groups, params, resumed_from)
 
 
 def _mean_losses(losses: list[torch.Tensor], dist: DistContext) -> list[float]:
@@ -337,62 +330,6 @@ def _train_step(model, optimizer, scaler, inputs, targets, runtime, params) -> t
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
-
-
-def benchmark_train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    runtime: Runtime,
-    params: FinetuneParams,
-    dataset: torch.utils.data.Dataset,
-    batch_size: int,
-    steps: int,
-    dist: DistContext = SINGLE,
-    warmup: int = 1,
-) -> float:
-    """Images/s of this loop's own training step on one fixed batch: an epoch's ceiling.
-
-    The batch is random pixels of the shape `dataset` yields, so everything an epoch does
-    besides decoding and augmenting its images is timed: the same model,
-    optimizer, param groups, precision and BatchNorm mode, in the same process. Weights,
-    optimizer and scaler state and every RNG are put back afterwards: a run trains exactly
-    as it would without this. Under torchrun every rank takes part (the steps all-reduce)
-    and the rate counts the global batch.
-    """
-    saved = (
-        copy.deepcopy(model.state_dict()),
-        copy.deepcopy(optimizer.state_dict()),
-        scaler.state_dict(),
-        capture_rng(),
-    )
-    shape = dataset[0][0].shape  # an augmented image: it draws from the RNGs saved above
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, generator=generator)
-    targets = torch.zeros(batch_size, dtype=torch.int64)
-    model.train()
-    set_train_mode(getattr(model, "module", model), params.freeze_bn)
-    try:
-        for _ in range(warmup):
-            _train_step(model, optimizer, scaler, pixels, targets, runtime, params)
-        _synchronize(runtime)
-        start = time.perf_counter()
-        for _ in range(steps):
-            _train_step(model, optimizer, scaler, pixels, targets, runtime, params)
-        _synchronize(runtime)
-        seconds = time.perf_counter() - start
-    finally:
-        weights, optimizer_state, scaler_state, rng = saved
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(optimizer_state)
-        scaler.load_state_dict(scaler_state)
-        restore_rng(rng)
-    return steps * batch_size * dist.world_size / seconds
-
-
-def _synchronize(runtime: Runtime) -> None:
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
 
 
 def _incompatible(saved: dict, config: dict, layout: list, schedule: Schedule) -> str | None:
@@ -436,7 +373,7 @@ class _Progress:
 
 
 def _result(
-    model, state: _Progress, groups, params: FinetuneParams, resumed_from, step_rate
+    model, state: _Progress, groups, params: FinetuneParams, resumed_from
 ) -> FinetuneResult:
     steps = pd.DataFrame(
         {"step": range(len(state.lrs)), "epoch": state.epochs, "loss": state.losses}
@@ -454,9 +391,6 @@ def _result(
         "steps": len(state.lrs),
         "images_per_s": sum(h["images_per_s"] for h in trained) / max(1, len(trained)),
     }
-    if step_rate is not None:
-        metrics["train_step_images_per_s"] = step_rate
-        metrics["epoch_vs_train_step"] = metrics["images_per_s"] / step_rate
     model.eval()
     report = layer_groups_report(model, groups, params.lr_ratios)
     return FinetuneResult(model, history, steps, metrics, report, resumed_from)
