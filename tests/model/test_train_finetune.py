@@ -15,7 +15,8 @@ from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.models.classifier import ImageClassifier
 from visiontune.models.head import create_head
 from visiontune.runtime import resolve_runtime
-from visiontune.train.loop import TrainingInterrupted, epoch_loader, finetune
+from visiontune.train.epoch import epoch_loader
+from visiontune.train.loop import TrainingInterrupted, finetune
 from visiontune.train.recipes import create_train_dataset, create_valid_loader, run_lr_find
 
 CLASSES = ["cats", "dogs"]

@@ -28,9 +28,9 @@ from visiontune.data.transforms import (
 from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
 from visiontune.models.classifier import ImageClassifier, ModelInfo
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.train.epoch import set_train_mode
 from visiontune.train.groups import create_layer_groups, create_param_groups
 from visiontune.train.head import HEAD_METADATA_KEY, create_optimizer, load_head
-from visiontune.train.loop import set_train_mode
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import group_lrs
 
