@@ -60,7 +60,7 @@ def new_model() -> ImageClassifier:
     return ImageClassifier(PixelNormalize.from_config(DATA_CONFIG), body, head)
 
 
-def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=None):
+def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=None, on_epoch=None):
     runtime, train, valid = data
     stop = threading.Event()
     if stop_after == 0:
@@ -74,14 +74,21 @@ def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=Non
     result = finetune(
         new_model(), train, valid, params, runtime, lr=1e-2, seed=3, checkpoint_dir=tmp_path,
         config=config or {"finetune": params.model_dump(mode="json")},
-        stop=stop, on_step=on_step, log=messages.append,
+        stop=stop, on_step=on_step, on_epoch=on_epoch, log=messages.append,
     )  # fmt: skip
     return result, messages
 
 
 @pytest.fixture(scope="module")
-def full(data, tmp_path_factory):
-    return run(data, tmp_path_factory.mktemp("full"))[0]
+def full_and_epochs(data, tmp_path_factory):
+    epochs: list[dict] = []
+    result, _ = run(data, tmp_path_factory.mktemp("full"), on_epoch=epochs.append)
+    return result, epochs
+
+
+@pytest.fixture(scope="module")
+def full(full_and_epochs):
+    return full_and_epochs[0]
 
 
 def test_lr_applied_every_step_and_history(full):
@@ -107,11 +114,22 @@ def test_lr_applied_every_step_and_history(full):
     assert [g["name"] for g in full.layer_groups["groups"]] == ["body0", "body1", "head"]
 
 
+def test_on_epoch_gets_each_history_row_as_it_completes(full_and_epochs):
+    full, epochs = full_and_epochs
+    assert [row["epoch"] for row in epochs] == [0, 1]
+    assert set(epochs[0]) == set(full.history.columns)
+    pd.testing.assert_frame_equal(pd.DataFrame(epochs), full.history)
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(data, full, tmp_path):
+    before: list[dict] = []
     with pytest.raises(TrainingInterrupted):
-        run(data, tmp_path, stop_after=4)  # mid-way through the second epoch
-    resumed, messages = run(data, tmp_path)
+        run(data, tmp_path, stop_after=4, on_epoch=before.append)  # in the second epoch
+    after: list[dict] = []
+    resumed, messages = run(data, tmp_path, on_epoch=after.append)
     assert resumed.resumed_from == 4
+    # Each epoch is reported once, by the process that finished it.
+    assert [row["epoch"] for row in before] == [0] and [row["epoch"] for row in after] == [1]
     assert any("resuming" in m for m in messages)
     pd.testing.assert_frame_equal(resumed.steps, full.steps)
     pd.testing.assert_frame_equal(

@@ -65,6 +65,7 @@ def finetune(
     config: dict[str, Any],
     stop: threading.Event | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
     dist: DistContext = SINGLE,
     sync_bn: bool = False,
@@ -74,7 +75,9 @@ def finetune(
 
     A checkpoint whose `config` differs from `config` is ignored (and the reason logged).
     Raises TrainingInterrupted after checkpointing when `stop` gets set. `on_step` gets the
-    number of steps done after each step.
+    number of steps done after each step; `on_epoch` (rank 0 only) a copy of each epoch's
+    history row, the row of history.csv, before that epoch's checkpoint (so whatever it
+    draws from the RNGs, a resumed run draws alike). Their exceptions stop the run.
 
     Under torchrun (`dist`) the model is wrapped in DistributedDataParallel and
     `params.batch_size` is the global batch: each rank takes batch_size / world_size images
@@ -107,6 +110,8 @@ def finetune(
             f"{row['train_loss']:.4f} valid_loss {row['valid_loss']:.4f} "
             f"valid_acc {row['valid_acc']:.4f} ({row['images_per_s']:.1f} img/s)"
         )
+        if on_epoch is not None and dist.is_main:
+            on_epoch(dict(row))
         run.save(path, state, config)
     check_in_sync(model, dist)
     return _result(run, state, resumed_from)
