@@ -44,10 +44,10 @@ DRY_RUN_OVERRIDES: dict[str, Any] = {
     "runtime": {"num_workers": 1},
     "data": {"max_per_class": 6},
     "model": {"image_size": 32},
-    "precompute": {"batch_size": 8, "benchmark_batches": 1},
+    "precompute": {"batch_size": 8},
     "head": {"epochs": 2},
     "lr_find": {"num_iter": 5, "batch_size": 4, "end_lr": 1.0e-2},
-    "finetune": {"batch_size": 4, "n_cycles": 1, "benchmark_steps": 1},
+    "finetune": {"batch_size": 4, "n_cycles": 1},
     "tta": {"n_augment": 2, "batch_size": 8},
 }
 REQUIRED_STAGES = ("precompute", "train_head", "lr_find", "finetune", "evaluate")
@@ -95,9 +95,7 @@ def ratios(record: dict[str, Any], params: Any) -> dict[str, float | None]:
     view_rate = ev["images_per_s"] * ev["n_views"] if ev else None
     return {
         "precompute_vs_forward": ratio(pre.get("images_per_s"), forward_pre["images_per_s"]),
-        "precompute_in_stage_vs_forward": pre.get("pipeline_vs_forward"),
         "finetune_epoch_vs_train_step": ratio(epoch_rate, train["images_per_s"]),
-        "finetune_in_stage_vs_train_step": ft.get("epoch_vs_train_step"),
         "evaluate_vs_forward": ratio(view_rate, forward_tta["images_per_s"]),
         "train_head_vs_finetune_epoch": ratio(head.get("wall_s"), epoch_s),
     }

@@ -248,7 +248,7 @@ def run_finetune(
     waited for its loader."""
     from gpu_probes import GpuMemory, timed_loaders, wait_share
 
-    import visiontune.train.loop as loop_module
+    import visiontune.train.epoch as epoch_module
     from visiontune.data.manifest import read_split
     from visiontune.models.classifier import save_model_file
     from visiontune.runtime import seed_everything
@@ -273,7 +273,7 @@ def run_finetune(
     memory = GpuMemory(runtime.device)
     memory.reset()
     start = time.perf_counter()
-    with timed_loaders(loop_module) as passes:
+    with timed_loaders(epoch_module) as passes:
         result = finetune(
             model, dataset, valid_loader, ft, runtime, lr=lr, seed=params.base.seed,
             checkpoint_dir=work / checkpoints, config={"precision": runtime.precision},

@@ -20,7 +20,6 @@ from torch import nn
 
 from visiontune.config import Params
 from visiontune.data.transforms import PixelNormalize
-from visiontune.inference import random_pixels
 from visiontune.runtime import (
     Runtime,
     autocast,
@@ -59,6 +58,11 @@ def timed(step: Callable[[], int], warmup: int, repeats: int, steps: int) -> dic
             images += step()
         rates.append(images / (time.perf_counter() - start))
     return {"images_per_s": statistics.median(rates), "runs": rates}
+
+
+def random_pixels(batch_size: int, image_size: int) -> torch.Tensor:
+    """A uint8 N×3×H×W batch of random pixels, the loaders' format."""
+    return torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

@@ -92,6 +92,17 @@ def finetune_epoch_seconds(
     return None, "unknown"
 
 
+def finetune_epoch_rate(
+    history: list[Mapping[str, str]], train_images: int, epoch_s: float | None
+) -> float | None:
+    """Median images/s of a fine-tune epoch as the loop itself reports it (history.csv's
+    `images_per_s`: its training steps only, all ranks), else train images / epoch seconds."""
+    rates = sorted(float(row["images_per_s"]) for row in history if row.get("images_per_s"))
+    if rates:
+        return rates[len(rates) // 2]
+    return train_images / epoch_s if epoch_s else None
+
+
 def stage_images(outputs: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, int]:
     """Images each stage pushes through the model (views for evaluate, steps for lr_find)."""
     train, valid = outputs["train_images"], outputs["valid_images"]
@@ -191,7 +202,7 @@ def summarize(
         "finetune": stage_limit(limits, "finetune", limits["train_step"]["images_per_s"]),
     }
     result["limits_used"] = used
-    epoch_rate = outputs["train_images"] / epoch_s if epoch_s else None
+    epoch_rate = finetune_epoch_rate(outputs["finetune_history"], outputs["train_images"], epoch_s)
     head_wall = walls.get("train_head")
     head_inner = find_number(m["head"], ("train_seconds", "train_s", "seconds"))
     pre, ev = used["precompute"]["images_per_s"], used["evaluate"]["images_per_s"]
@@ -205,14 +216,6 @@ def summarize(
         "finetune_epoch_vs_train_step": ratio(epoch_rate, used["finetune"]["images_per_s"]),
         "train_head_vs_finetune_epoch": ratio(head_wall, epoch_s),
         "train_head_inner_vs_finetune_epoch": ratio(head_inner, epoch_s),
-        # The stages' own readings: the model alone timed in the stage's process, right
-        # after its loop (precompute.benchmark_batches, finetune.benchmark_steps).
-        "precompute_in_stage_vs_forward": find_number(
-            m.get("precompute", {}), ("pipeline_vs_forward",)
-        ),
-        "finetune_in_stage_vs_train_step": find_number(
-            m.get("finetune", {}), ("epoch_vs_train_step",)
-        ),
     }
     result["targets_met"] = {
         key: (

@@ -168,9 +168,6 @@ class HeadParams(Section):
 
 class PrecomputeParams(Section):
     batch_size: int = Field(ge=1)
-    # Batches of random tensors timed after extraction, to report how close decoding
-    # comes to model-only speed (pipeline_vs_forward); 0 skips it.
-    benchmark_batches: int = Field(ge=0, le=100)
 
 
 class AugmentParams(Section):
@@ -226,10 +223,6 @@ class FinetuneParams(Section):
     # statistics of a few dozen images are noisier than ImageNet's running ones.
     freeze_bn: bool
     augment: AugmentParams
-    # Training steps on one fixed random batch, timed after the last epoch, to report how
-    # close an epoch (decoding and augmenting included) comes to the model's own step
-    # (epoch_vs_train_step); 0 skips it.
-    benchmark_steps: int = Field(ge=0, le=100)
 
     @model_validator(mode="after")
     def _ratios_match_groups(self) -> FinetuneParams:

@@ -206,11 +206,6 @@ def all_reduce_max(value: float, ctx: DistContext) -> float:
     return _all_reduce_scalar(value, ctx, dist.ReduceOp.MAX)
 
 
-def all_reduce_sum(value: float, ctx: DistContext) -> float:
-    """Sum of `value` over the ranks."""
-    return _all_reduce_scalar(value, ctx, dist.ReduceOp.SUM)
-
-
 def all_gather_varlen(tensor: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
     """Every rank's `tensor` (lengths along dim 0 may differ; other dims must match), on CPU."""
     if not ctx.enabled:

@@ -48,36 +48,3 @@ def run_inference(
         order = torch.argsort(idx)
         out, lab = out[order], lab[order]
     return out, lab, size / elapsed if elapsed > 0 else float("inf")
-
-
-def random_pixels(batch_size: int, image_size: int) -> torch.Tensor:
-    """A uint8 N×3×H×W batch of random pixels, the loaders' format."""
-    return torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
-
-
-def benchmark_forward(
-    module: torch.nn.Module,
-    runtime: Runtime,
-    batch_size: int,
-    image_size: int,
-    batches: int = 3,
-    warmup: int = 1,
-) -> float:
-    """Model-only forward images/s on random pixels: the ceiling a data pipeline can reach.
-
-    `module` takes uint8 pixel batches, as the loaders yield them (its first layer is a
-    `PixelNormalize`), so the ceiling includes the normalisation the stages run too.
-    """
-    module = prepare_module(module, runtime).eval()
-    images = to_device(random_pixels(batch_size, image_size), runtime)
-    with torch.no_grad(), autocast(runtime):
-        for _ in range(warmup):
-            module(images)
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-        start = time.perf_counter()
-        for _ in range(batches):
-            module(images)
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-    return batches * batch_size / (time.perf_counter() - start)

@@ -26,13 +26,12 @@ from visiontune.data.transforms import (
 from visiontune.distributed import (
     SINGLE,
     DistContext,
-    all_reduce_sum,
     gather_shards,
     rank_runtime,
     shard,
 )
 from visiontune.features import FeatureSet, compute_fingerprint, model_overrides
-from visiontune.inference import benchmark_forward, run_inference
+from visiontune.inference import run_inference
 from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
 from visiontune.runtime import Runtime, resolve_precision, resolve_runtime, seed_everything
 
@@ -136,13 +135,12 @@ def precompute_features(
 
     `runtime_params` (loader workers) change how fast, never which features: each image
     is decoded alone, whichever worker decodes it.
-    Under torchrun (`dist`) the ranks share the images and every rank gets all features;
-    the model-only benchmark runs on all ranks at once and reports their summed rate.
+    Under torchrun (`dist`) the ranks share the images and every rank gets all features.
 
     Returns:
-        The features (fingerprinted) and throughput stats: images/s of the whole
-        pipeline and, when `params.benchmark_batches` > 0, of the model alone on random
-        tensors (same batch size and precision), and their ratio.
+        The features (fingerprinted) and the stage's own throughput: images, seconds and
+        images/s of the whole pipeline (decoding included), and the feature dimension.
+        Its ratio to the model alone is bench/'s to measure (bench/limits.py).
     """
     seed_everything(base.seed, base.deterministic)
     runtime = rank_runtime(
@@ -170,17 +168,6 @@ def precompute_features(
         "images_per_s": count / seconds,
         "feature_dim": train_x.shape[1],
     }
-    if params.benchmark_batches > 0:
-        forward = benchmark_forward(
-            pixel_encoder(backbone, data_config),
-            runtime,
-            params.batch_size,
-            data_config.image_size,
-            params.benchmark_batches,
-        )
-        forward = all_reduce_sum(forward, dist)
-        stats["forward_images_per_s"] = forward
-        stats["pipeline_vs_forward"] = stats["images_per_s"] / forward
     fingerprint = compute_fingerprint(
         backbone=model.backbone,
         weights=weights,

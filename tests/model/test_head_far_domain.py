@@ -38,7 +38,7 @@ def digit_features(shared_data: Path, repo_root: Path, tmp_path_factory: pytest.
     features, _ = precompute_features(
         params.model,
         params.base,
-        params.precompute.model_copy(update={"benchmark_batches": 0}),
+        params.precompute,
         runtime_params=params.runtime.model_copy(update={"num_workers": 0}),
         train_csv=where / "train.csv",
         valid_csv=where / "valid.csv",

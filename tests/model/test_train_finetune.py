@@ -15,13 +15,8 @@ from visiontune.config import AugmentParams, FinetuneParams, LrFindParams
 from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.models.classifier import ImageClassifier
 from visiontune.models.head import create_head
-from visiontune.train.loop import (
-    TrainingInterrupted,
-    benchmark_train_step,
-    epoch_loader,
-    finetune,
-    set_train_mode,
-)
+from visiontune.train.epoch import epoch_loader
+from visiontune.train.loop import TrainingInterrupted, finetune
 from visiontune.train.recipes import create_train_dataset, create_valid_loader, run_lr_find
 
 CLASSES = ["cats", "dogs"]
@@ -65,7 +60,7 @@ def new_model() -> ImageClassifier:
     return ImageClassifier(PixelNormalize.from_config(DATA_CONFIG), body, head)
 
 
-def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=None):
+def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=None, on_epoch=None):
     runtime, train, valid = data
     stop = threading.Event()
     if stop_after == 0:
@@ -79,14 +74,21 @@ def run(data, tmp_path, stop_after: int | None = None, params=PARAMS, config=Non
     result = finetune(
         new_model(), train, valid, params, runtime, lr=1e-2, seed=3, checkpoint_dir=tmp_path,
         config=config or {"finetune": params.model_dump(mode="json")},
-        stop=stop, on_step=on_step, log=messages.append,
+        stop=stop, on_step=on_step, on_epoch=on_epoch, log=messages.append,
     )  # fmt: skip
     return result, messages
 
 
 @pytest.fixture(scope="module")
-def full(data, tmp_path_factory):
-    return run(data, tmp_path_factory.mktemp("full"))[0]
+def full_and_epochs(data, tmp_path_factory):
+    epochs: list[dict] = []
+    result, _ = run(data, tmp_path_factory.mktemp("full"), on_epoch=epochs.append)
+    return result, epochs
+
+
+@pytest.fixture(scope="module")
+def full(full_and_epochs):
+    return full_and_epochs[0]
 
 
 def test_lr_applied_every_step_and_history(full):
@@ -112,11 +114,22 @@ def test_lr_applied_every_step_and_history(full):
     assert [g["name"] for g in full.layer_groups["groups"]] == ["body0", "body1", "head"]
 
 
+def test_on_epoch_gets_each_history_row_as_it_completes(full_and_epochs):
+    full, epochs = full_and_epochs
+    assert [row["epoch"] for row in epochs] == [0, 1]
+    assert set(epochs[0]) == set(full.history.columns)
+    pd.testing.assert_frame_equal(pd.DataFrame(epochs), full.history)
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(data, full, tmp_path):
+    before: list[dict] = []
     with pytest.raises(TrainingInterrupted):
-        run(data, tmp_path, stop_after=4)  # mid-way through the second epoch
-    resumed, messages = run(data, tmp_path)
+        run(data, tmp_path, stop_after=4, on_epoch=before.append)  # in the second epoch
+    after: list[dict] = []
+    resumed, messages = run(data, tmp_path, on_epoch=after.append)
     assert resumed.resumed_from == 4
+    # Each epoch is reported once, by the process that finished it.
+    assert [row["epoch"] for row in before] == [0] and [row["epoch"] for row in after] == [1]
     assert any("resuming" in m for m in messages)
     pd.testing.assert_frame_equal(resumed.steps, full.steps)
     pd.testing.assert_frame_equal(
@@ -143,48 +156,6 @@ def test_freeze_bn_and_a_changed_config_starts_fresh(data, full, tmp_path):
         "config differs in finetune.freeze_bn" in m and "starting fresh" in m for m in messages
     )
     assert not torch.equal(result.model.body.bn1.running_mean, fresh.body.bn1.running_mean)
-
-
-def test_train_step_timing_leaves_the_run_exactly_as_without_it(data, tmp_path):
-    # Unfrozen BatchNorm: the timed steps move its running stats too, and they must go back.
-    timed_params = PARAMS.model_copy(update={"freeze_bn": False, "benchmark_steps": 2})
-    timed, _ = run(data, tmp_path / "timed", params=timed_params)
-    plain, _ = run(
-        data, tmp_path / "plain", params=timed_params.model_copy(update={"benchmark_steps": 0})
-    )
-    assert timed.metrics["train_step_images_per_s"] > 0
-    assert timed.metrics["epoch_vs_train_step"] == pytest.approx(
-        timed.metrics["images_per_s"] / timed.metrics["train_step_images_per_s"]
-    )
-    assert "train_step_images_per_s" not in plain.metrics
-    pd.testing.assert_frame_equal(timed.steps, plain.steps)
-    for (name, a), b in zip(
-        timed.model.state_dict().items(), plain.model.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    assert not timed.model.training
-
-
-def test_train_step_timing_restores_weights_optimizer_and_rngs(data):
-    runtime, train, _ = data
-    model = new_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    images, labels, _ = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
-    set_train_mode(model, False)
-    torch.nn.functional.cross_entropy(model(images), labels).backward()
-    optimizer.step()  # momentum buffers to restore
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    momenta = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-    rng = torch.get_rng_state()
-    params = PARAMS.model_copy(update={"freeze_bn": False})
-    rate = benchmark_train_step(model, optimizer, scaler, runtime, params, train, 4, steps=1)
-    assert rate > 0
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, weights[key]), key
-    for param, momentum in zip(model.parameters(), momenta, strict=True):
-        assert torch.equal(optimizer.state[param]["momentum_buffer"], momentum)
-    assert torch.equal(torch.get_rng_state(), rng)
 
 
 class CountingDataset(torch.utils.data.Dataset):

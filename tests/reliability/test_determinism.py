@@ -21,12 +21,12 @@ OVERRIDES = {
     "runtime": {"num_workers": 0},
     "data": {"max_per_class": 4},
     "model": {"image_size": 64},
-    "precompute": {"batch_size": 8, "benchmark_batches": 0},
+    "precompute": {"batch_size": 8},
     "head": {"epochs": 3, "batch_size": 4},
     "finetune": {"n_cycles": 1, "cycle_len": 1, "batch_size": 4, "lr": 1.0e-3},
     "tracking": {"enabled": False},
 }
-TIMINGS = ("seconds", "per_s", "throughput", "vs_train_step")
+TIMINGS = ("seconds", "per_s", "throughput")
 
 
 def stage(name: str):

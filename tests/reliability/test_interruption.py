@@ -24,7 +24,6 @@ OVERRIDES = {
     "runtime": {"num_workers": 0},
     "data": {"max_per_class": 16},
     "model": {"image_size": 64},
-    "precompute": {"benchmark_batches": 0},
     "head": {"epochs": 2},
     "lr_find": {"num_iter": 5, "batch_size": 4},
     "finetune": {"n_cycles": 2, "cycle_len": 1, "cycle_mult": 1, "batch_size": 4},

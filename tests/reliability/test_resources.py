@@ -133,7 +133,7 @@ def test_a_write_failing_midway_keeps_the_old_file(tmp_path: Path) -> None:
 MEMORY_PARAMS = {
     "runtime": {"num_workers": 2},
     "data": {"labels": "labels.csv", "label_column": "breed", "max_per_class": None},
-    "precompute": {"batch_size": 64, "benchmark_batches": 0},
+    "precompute": {"batch_size": 64},
     "tracking": {"enabled": False},
 }  # fmt: skip
 

@@ -26,7 +26,7 @@ from visiontune.distributed import (
     shard,
 )
 from visiontune.runtime import create_runtime
-from visiontune.train.loop import epoch_loader
+from visiontune.train.epoch import epoch_loader
 
 
 class Indices(torch.utils.data.Dataset):

@@ -69,6 +69,13 @@ def test_finetune_epoch_seconds_prefers_history_then_falls_back_to_wall() -> Non
     )
 
 
+def test_finetune_epoch_rate_is_the_loops_own_then_images_over_seconds() -> None:
+    history = [{"images_per_s": "30"}, {"images_per_s": "10"}, {"images_per_s": "20"}]
+    assert summary.finetune_epoch_rate(history, 999, 1.0) == 20.0
+    assert summary.finetune_epoch_rate([{"seconds": "5"}], 100, 5.0) == 20.0
+    assert summary.finetune_epoch_rate([], 100, None) is None
+
+
 def test_summarize_ratios_against_limits() -> None:
     params = {
         "finetune": {"cycle_len": 1, "cycle_mult": 2, "n_cycles": 2},

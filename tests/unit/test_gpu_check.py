@@ -93,9 +93,7 @@ def test_the_dry_run_runs_every_section_on_the_cpu_without_what_the_gpu_machine_
 
     assert set(record["ratios"]) == {
         "precompute_vs_forward",
-        "precompute_in_stage_vs_forward",
         "finetune_epoch_vs_train_step",
-        "finetune_in_stage_vs_train_step",
         "evaluate_vs_forward",
         "train_head_vs_finetune_epoch",
     }

@@ -124,7 +124,7 @@ def test_training_keeps_a_logistic_heads_statistics():
     from torch import nn
 
     from visiontune.models.classifier import ImageClassifier
-    from visiontune.train.loop import set_train_mode
+    from visiontune.train.epoch import set_train_mode
 
     for fixed in (True, False):
         body = nn.Sequential(nn.BatchNorm1d(4))

@@ -7,6 +7,8 @@ ones, like `schedules`, stay light):
   head        the head trained on cached features; head file save/load
   lr_find     LR range test core and suggestion methods (min/10, steepest, valley, slide)
   checkpoint  atomic weights-only checkpoints, RNG capture, SIGTERM stop event
+  trainer     what a fine-tune is built from (DDP, optimizer, schedule); save and resume
+  epoch       an epoch's seeded, sharded loader; train mode; validation
   loop        the fine-tune loop (differential LRs, per-step schedule, resume)
   recipes     classifier + datasets + full-network LR finder for the stages
 """

@@ -10,7 +10,7 @@ import contextlib
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,20 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         elif a != b:
             diffs.append(key)
     return diffs
+
+
+def resume_mismatch(
+    saved: dict[str, Any], config: dict[str, Any], layout: list, cycle_steps: Sequence[int]
+) -> str | None:
+    """Why a run of `config` must not resume from the checkpoint `saved`, or None."""
+    diffs = config_differences(saved.get("config", {}), config)
+    if diffs:
+        return f"its config differs in {', '.join(diffs[:8])}"
+    if saved.get("param_groups") != layout:
+        return "its param-group layout differs"
+    if saved["schedule"]["cycle_steps"] != list(cycle_steps):
+        return "its schedule differs (steps per epoch changed)"
+    return None
 
 
 @contextlib.contextmanager

@@ -30,9 +30,10 @@ from visiontune.fileio import save_config, sha256_file, write_csv, write_json
 from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
 from visiontune.models.classifier import ImageClassifier, ModelInfo, save_model_file
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.train.epoch import set_train_mode
 from visiontune.train.groups import create_layer_groups, create_param_groups
 from visiontune.train.head import HEAD_METADATA_KEY, create_optimizer, load_head
-from visiontune.train.loop import FinetuneResult, set_train_mode
+from visiontune.train.loop import FinetuneResult
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import group_lrs
 
@@ -221,7 +222,7 @@ def resume_config(
     return {
         "base": params.base.model_dump(mode="json"),
         "model": params.model.model_dump(mode="json"),
-        "finetune": finetune.model_dump(mode="json", exclude={"benchmark_steps"}),
+        "finetune": finetune.model_dump(mode="json"),
         "lr": lr,
         "precision": runtime.precision,
         "device": runtime.device.type,
