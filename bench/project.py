@@ -174,7 +174,8 @@ def run_measured(
 
 
 PIPELINE_ORDER = (
-    "fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate", "report"
+    "source_stamp", "fetch", "split", "precompute", "train_head",
+    "lr_find", "finetune", "evaluate", "report",
 )  # fmt: skip
 
 

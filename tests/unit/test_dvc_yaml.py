@@ -15,7 +15,17 @@ from visiontune.config import Params
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
-STAGES = ("fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate", "report")
+STAGES = (
+    "source_stamp",
+    "fetch",
+    "split",
+    "precompute",
+    "train_head",
+    "lr_find",
+    "finetune",
+    "evaluate",
+    "report",
+)
 # Tracking settings say where runs are logged, not what is computed: changing the store
 # must not retrain anything, so stages deliberately do not depend on the `tracking` section.
 NOT_A_DEPENDENCY = {"tracking"}
