@@ -54,6 +54,8 @@ def test_linked_cache_stores_the_photos_once_and_sees_in_place_edits(
 
     # Nothing changed: the stamp is rewritten with the same bytes and fetch is skipped.
     assert "Stage 'fetch' didn't change" in dvc(project, "repro", "fetch").stdout
+    dvc(project, "repro", "source_stamp")
+    assert dvc(project, "status", "fetch").stdout.strip() == "Data and pipelines are up to date."
 
     # A photo replaced in place (same name): fetch re-runs and copies the new bytes; the
     # cached old version is intact, since fetch copies from the source and never links it.
@@ -62,9 +64,17 @@ def test_linked_cache_stores_the_photos_once_and_sees_in_place_edits(
     replacement = sorted((dogscats / "valid" / "cats").glob("*.jpg"))[0]
     edited.write_bytes(replacement.read_bytes())
     os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
+    dvc(project, "repro", "source_stamp")  # `dvc status` now tells that fetch would run
+    assert "data/source_stamp.json" in dvc(project, "status", "fetch").stdout
     rerun = dvc(project, "repro", "fetch").stdout
     assert "Running stage 'fetch'" in rerun
     assert (prepared / "images" / "cats" / edited.name).read_bytes() == replacement.read_bytes()
     old_object = cache / "files" / "md5" / old_md5[:2] / old_md5[2:]
     assert hashlib.md5(old_object.read_bytes()).hexdigest() == old_md5
     assert "Stage 'fetch' didn't change" in dvc(project, "repro", "fetch").stdout
+
+    # The old version stays cached until `dvc gc -w`; `dvc unprotect` turns links into copies.
+    dvc(project, "gc", "-w", "-f")
+    assert not old_object.exists()
+    dvc(project, "unprotect", "data/prepared")
+    assert all(image.stat().st_nlink == 1 for image in (prepared / "images").rglob("*.jpg"))
