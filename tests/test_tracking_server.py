@@ -131,7 +131,8 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     parent = parents[0]
     children = {r.info.run_name: r for r in runs if r is not parent}
     stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-    assert sorted(children) == sorted(stages)
+    # source_stamp runs on every `dvc repro` and computes nothing worth a run: it logs none.
+    assert sorted(children) == sorted(set(stages) - {"source_stamp"})
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
     assert all(r.info.status == "FINISHED" for r in runs)
 
