@@ -39,6 +39,10 @@ format: setup ## apply ruff fixes and formatting
 bench: setup ## speed and accuracy benchmark on ../shared/data (writes bench/results/)
 	$(PY) bench/run.py
 
+# SCALE_ARGS="--images 2000" for a quick try; the images are generated once into /tmp.
+bench-scale: setup ## scale benchmark: fetch..train_head on 50 000 generated photos vs 12 500
+	$(PY) bench/scale.py $(SCALE_ARGS)
+
 # Runs keep their artifacts in mlruns/ (tracking.artifact_location, an absolute path in the
 # store); the UI reads them from there. UI_PORT=5001 make ui if 5000 is taken.
 UI_PORT ?= 5000
@@ -57,4 +61,4 @@ gpu-check: ## on a lent GPU machine: the CUDA pipeline, measured (bench/results/
 gpu-check-dry-run: ## the GPU check, small, on this CPU (after gpu-check-prepare)
 	bash bench/gpu_check.sh --dry-run-cpu
 
-.PHONY: help setup demo test test-fast lint format bench ui gpu-check-prepare gpu-check gpu-check-dry-run
+.PHONY: help setup demo test test-fast lint format bench bench-scale ui gpu-check-prepare gpu-check gpu-check-dry-run

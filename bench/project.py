@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,7 +174,8 @@ def run_measured(
 
 
 PIPELINE_ORDER = (
-    "fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate", "report"
+    "source_stamp", "fetch", "split", "precompute", "train_head",
+    "lr_find", "finetune", "evaluate", "report",
 )  # fmt: skip
 
 
@@ -224,18 +225,22 @@ def run_pipeline(
     runner: str = "script",
     echo: bool = True,
     around: Callable[[str, str], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> list[StageRun]:
     """Run every stage in order (stop at the first failure), then let DVC record outputs.
 
     runner "script": each stage's cmd as DVC would run it, then `dvc commit` + `dvc status`
     (timed as a pseudo-stage `dvc`); runner "dvc": `dvc repro -s <stage>` per stage.
     `around(stage, "before" | "after")` is called next to each stage, outside its timing.
+    `only`: run just these stages (the rest of the pipeline must not be needed by them).
     """
     env = project_env(project)
     dvc = str(Path(sys.executable).parent / "dvc")
     logs = project / "bench-logs"
     runs: list[StageRun] = []
     for name, cmd, wdir in pipeline_stages(project):
+        if only is not None and name not in only:
+            continue
         command: str | list[str] = cmd if runner == "script" else [dvc, "repro", "-s", name]
         if around:
             around(name, "before")
@@ -255,7 +260,8 @@ def run_pipeline(
             print(run.log[-4000:], file=sys.stderr)
             return runs
     if runner == "script":
-        script = f"{shlex.quote(dvc)} commit -f -q && {shlex.quote(dvc)} status"
+        targets = "".join(f" {shlex.quote(run.name)}" for run in runs) if only is not None else ""
+        script = f"{shlex.quote(dvc)} commit -f -q{targets} && {shlex.quote(dvc)} status{targets}"
         run = run_measured("dvc", script, project, env, logs / "dvc.log")
         runs.append(run)
         if echo:

@@ -1,0 +1,74 @@
+"""A cheap fingerprint of the local files `fetch` reads, so DVC re-runs it when they change.
+
+The source may be a URL or a folder outside the repo, so it cannot be a DVC dependency
+itself. The `source_stamp` stage (`always_changed`) writes this fingerprint on every
+`dvc repro`; `fetch` depends on that file, and DVC re-runs it only when the bytes differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from visiontune.config import DataParams
+from visiontune.data.download import is_url
+from visiontune.data.sources import pick_mirror
+
+
+def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(path relative to `root`, stat) of every file below `root`, in no fixed order.
+
+    `os.scandir` hands back each entry's type without a syscall; only files are stat'ed.
+    Symlinked folders are not followed (as `os.walk`, which lists the source, does not).
+    """
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        with os.scandir(root / rel) as entries:
+            for entry in entries:
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(name)
+                elif entry.is_file():
+                    yield name, entry.stat()
+
+
+def stamp_path(path: str) -> dict[str, Any]:
+    """Fingerprint of a local file or folder: file count, bytes, and a digest of every
+    file's (relative path, size, mtime in ns).
+
+    Like make's or rsync's quick check, an edit that keeps both size and mtime goes unseen.
+    """
+    root = Path(path)
+    if root.is_file():
+        listing = [("", root.stat())]
+    elif root.is_dir():
+        listing = sorted(_files(root), key=lambda item: item[0])
+    else:
+        return {"path": path, "kind": "missing"}  # fetch itself says what is wrong
+    digest = hashlib.sha256()
+    for rel, stat in listing:
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {
+        "path": path,
+        "kind": "file" if root.is_file() else "directory",
+        "files": len(listing),
+        "bytes": sum(stat.st_size for _, stat in listing),
+        "digest": digest.hexdigest(),
+    }
+
+
+def source_stamp(params: DataParams) -> dict[str, Any]:
+    """What `fetch` will read, fingerprinted: the local source (or the URL's local mirror)
+    and a local labels CSV. A URL without a mirror stands for itself: its content is pinned
+    by `data.sha256` (or not at all), both params that DVC already compares.
+    """
+    used = pick_mirror(params.source, params.mirrors) or params.source
+    stamp: dict[str, Any] = {"source": params.source}
+    stamp["used"] = {"path": used, "kind": "url"} if is_url(used) else stamp_path(used)
+    if params.labels is not None and not is_url(params.labels):
+        stamp["labels"] = stamp_path(params.labels)
+    return stamp
