@@ -22,11 +22,14 @@ setup: $(STAMP) ## create .venv and install visiontune with pinned versions (ide
 demo: setup ## run the whole pipeline (dvc repro) on the demo data
 	$(BIN)/dvc repro
 
+# Two workers, each test file on one: the slow cases wait on subprocesses (dvc, an MLflow
+# server, torchrun) as much as they compute.
+PYTEST_WORKERS ?= 2
 test: setup ## run the whole test suite (CI runs this)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: setup ## run the tests not marked slow
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup ## ruff lint + format check
 	$(BIN)/ruff check src stages tests bench

@@ -7,6 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
+from real_config import default_section
+
 from visiontune.config import DEMO_SOURCE, DataParams
 from visiontune.data.stamp import source_stamp
 
@@ -26,7 +28,7 @@ def _digest(params: DataParams) -> str:
 
 def test_stamp_is_stable_and_sees_in_place_edits(dogscats: Path, tmp_path: Path) -> None:
     source = _photos(dogscats, tmp_path / "photos")
-    params = DataParams(source=str(source))
+    params = default_section(DataParams, source=str(source))
     first = source_stamp(params)
     assert first == source_stamp(params)  # nothing changed: the same bytes, fetch skipped
     assert first["used"]["files"] == 12
@@ -52,19 +54,21 @@ def test_stamp_is_stable_and_sees_in_place_edits(dogscats: Path, tmp_path: Path)
 
 def test_stamp_of_a_url_its_mirror_an_archive_and_labels(dogscats: Path, tmp_path: Path) -> None:
     # A URL without a local copy stands for itself (its content is data.sha256's job).
-    url = DataParams(source="https://example.com/photos.zip", mirrors={})
+    url = default_section(DataParams, source="https://example.com/photos.zip", mirrors={})
     assert source_stamp(url)["used"] == {"path": "https://example.com/photos.zip", "kind": "url"}
 
     # The URL's mirror is what fetch reads, so it is what is stamped.
     mirror = _photos(dogscats, tmp_path / "mirror", n=2)
-    mirrored = DataParams(source=DEMO_SOURCE, mirrors={DEMO_SOURCE: (str(mirror),)})
+    mirrored = default_section(
+        DataParams, source=DEMO_SOURCE, mirrors={DEMO_SOURCE: (str(mirror),)}
+    )
     assert source_stamp(mirrored)["used"]["files"] == 4
 
     # An archive is one file; a labels CSV outside the source is stamped too.
     archive = Path(shutil.make_archive(str(tmp_path / "photos"), "zip", mirror))
     labels = tmp_path / "labels.csv"
     labels.write_text("id,label\n")
-    params = DataParams(source=str(archive), labels=str(labels))
+    params = default_section(DataParams, source=str(archive), labels=str(labels))
     before = source_stamp(params)
     assert before["used"]["kind"] == "file" and before["labels"]["files"] == 1
     time.sleep(0.01)
@@ -73,5 +77,5 @@ def test_stamp_of_a_url_its_mirror_an_archive_and_labels(dogscats: Path, tmp_pat
     assert source_stamp(params)["used"] == before["used"]
 
     # A missing source is no error here: fetch itself reports it.
-    missing = DataParams(source=str(tmp_path / "nowhere"))
+    missing = default_section(DataParams, source=str(tmp_path / "nowhere"))
     assert source_stamp(missing)["used"]["kind"] == "missing"

@@ -58,6 +58,7 @@ def logistic_baseline(features) -> float:
     return float(np.mean(predicted == features.valid_y.numpy()))
 
 
+@pytest.mark.slow  # precompute + both cross-validated starts: ~25-45 s on 2 cores
 def test_default_head_reaches_the_logistic_baseline_far_from_imagenet(digit_features):
     features, params = digit_features
     assert features.source is not None  # the ImageNet classifier is there to tempt it
