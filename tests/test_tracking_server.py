@@ -236,23 +236,3 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
         experiment_id = found.json()["experiment"]["experiment_id"]
         searched = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment_id]})
         assert len(searched.json()["runs"]) == len(local_runs)
-
-
-def test_queued_experiment_lands_in_the_original_store(tmp_path: Path) -> None:
-    # `dvc exp run --queue` runs each experiment in a temp copy from a background worker;
-    # the first two stages are enough to see where the runs go.
-    project = make_project(tmp_path / "project", {"data": {"max_per_class": 4}})
-    env = project_env()
-    dvc(project, "exp", "run", "--queue", "--name", "queued-one", "split", env=env)
-    dvc(project, "queue", "start", env=env)
-    deadline = time.monotonic() + 240
-    status = ""
-    while "Success" not in status and time.monotonic() < deadline:
-        assert "Failed" not in status, dvc(project, "queue", "logs", "queued-one", env=env).stdout
-        time.sleep(2)
-        status = dvc(project, "queue", "status", env=env).stdout
-    assert "Success" in status, status
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    runs = _runs(client, load_params(project / "params.yaml").tracking.experiment)
-    assert sorted(r.info.run_name for r in runs) == ["fetch", "queued-one", "split"]
-    assert len({r.data.tags["visiontune.pipeline_id"] for r in runs}) == 1
