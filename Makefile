@@ -47,10 +47,11 @@ bench-scale: setup ## scale benchmark: fetch..train_head on 50 000 generated pho
 	$(PY) bench/scale.py $(SCALE_ARGS)
 
 # Runs keep their artifacts in mlruns/ (tracking.artifact_location, an absolute path in the
-# store); the UI reads them from there. UI_PORT=5001 make ui if 5000 is taken.
+# store); the UI reads them from there. UI_PORT=5001 make ui if 5000 is taken. MLflow's job
+# runner (GenAI prompt jobs, three more processes) stays off: nothing here uses it.
 UI_PORT ?= 5000
 ui: setup ## MLflow UI for the default local store (mlflow.db + mlruns/), on localhost only
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--artifacts-destination $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 # A lent GPU machine has its own python3 and torch but no venv, DVC, MLflow or network: these

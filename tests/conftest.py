@@ -7,6 +7,7 @@ Tests build config from the repo's params.yaml, never from code defaults (there 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from visiontune.config import Params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The MLflow servers the tests start (`mlflow server`, `make ui`) need no job runner: its
+# three consumer processes cost CPU the tests share (the Makefile's `ui` sets it too).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 @pytest.fixture(scope="session")
