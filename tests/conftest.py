@@ -20,6 +20,10 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # The MLflow servers the tests start (`mlflow server`, `make ui`) need no job runner: its
 # three consumer processes cost CPU the tests share (the Makefile's `ui` sets it too).
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one compute thread each (and in the stages they
+    # start), as OpenMP threads that outnumber the cores stall at every barrier.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +63,11 @@ def dogscats(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def dogbreeds(shared_data: Path) -> Path:
     return shared_data / "dogbreeds"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first: `make test` hands whole files to two workers in this
+    order, so the long end-to-end files start at once instead of last, beside an idle
+    worker."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
