@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shlex
 import shutil
@@ -19,7 +18,7 @@ from visiontune.config import DEMO_SOURCE
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from project import pipeline_stages  # noqa: E402  (bench/project.py: dvc.yaml as DVC reads it)
+from project import deep_merge, pipeline_stages  # noqa: E402  (bench/project.py)
 
 # The real params.yaml, shrunk: a few real photos per class, small images, one short cycle
 # each, so the whole pipeline runs in a minute or two on two CPU cores. The data is the demo's:
@@ -51,16 +50,6 @@ def stage_argv(stage: str, project: Path = REPO_ROOT, **paths: str | Path) -> li
                 options[f"--{key.replace('_', '-')}"] = str(value)
             return [word for pair in options.items() for word in pair]
     raise KeyError(f"dvc.yaml has no stage {stage!r}")
-
-
-def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(dict(base))
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _repo_files() -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from project_copy import deep_merge
 from pydantic import BaseModel
 
 from visiontune.config import BaseParams, Params, RuntimeParams, parse_params
@@ -22,6 +23,10 @@ S = TypeVar("S", bound=BaseModel)
 @cache
 def _raw() -> dict[str, Any]:
     return yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))
+
+
+# `overrides` deep-merged into a copy of a mapping: mappings merge, anything else replaces.
+merge = deep_merge
 
 
 def default_raw() -> dict[str, Any]:
@@ -39,17 +44,6 @@ def default_section(cls: type[S], **changes: Any) -> S:
     applied and validated: `default_section(HeadParams, epochs=2)`."""
     section = _find(default_params(), cls)
     return cls.model_validate({**section.model_dump(), **changes})
-
-
-def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """`overrides` deep-merged into a copy of `base` (mappings merge, anything else replaces)."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _find(model: BaseModel, cls: type[S]) -> S:

@@ -72,6 +72,7 @@ def run_stage(
     paths: Mapping[str, str],
     *,
     setup: Callable[[Params], AbstractContextManager[tuple[Any, Any]]] | None = None,
+    track: bool = True,
     doc: str | None = None,
     argv: list[str] | None = None,
 ) -> int:
@@ -79,6 +80,7 @@ def run_stage(
 
     `paths` maps each path option (`out` → `--out`) to its help text; all are required.
     `setup` gives torch stages their (runtime, process group) for the duration of `work`.
+    `track=False`: no tracking run (a stage that runs on every `dvc repro`).
     """
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=doc)
     parser.add_argument("--params", default="params.yaml", help="params file")
@@ -100,7 +102,7 @@ def run_stage(
             print(exc, file=sys.stderr)
             return EXIT_BAD_PARAMS
         try:
-            if stage.is_main:
+            if stage.is_main and track:
                 stage.tracker = _open_tracking(stage)
             out = work(stage)
         except StageError as exc:
