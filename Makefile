@@ -43,6 +43,9 @@ bench: setup ## speed and accuracy benchmark on ../shared/data (writes bench/res
 	$(PY) bench/run.py
 
 # SCALE_ARGS="--images 2000" for a quick try; the images are generated once into /tmp.
+bench-serving: setup ## the model in use: predict 10 000 photos, the served model, vs the forward limit
+	$(PY) bench/serving.py $(SERVING_ARGS)
+
 bench-scale: setup ## scale benchmark: fetch..train_head on 50 000 generated photos vs 12 500
 	$(PY) bench/scale.py $(SCALE_ARGS)
 
@@ -65,4 +68,4 @@ gpu-check: ## on a lent GPU machine: the CUDA pipeline, measured (bench/results/
 gpu-check-dry-run: ## the GPU check, small, on this CPU (after gpu-check-prepare)
 	bash bench/gpu_check.sh --dry-run-cpu
 
-.PHONY: help setup demo test test-fast lint format bench bench-scale ui gpu-check-prepare gpu-check gpu-check-dry-run
+.PHONY: help setup demo test test-fast lint format bench bench-serving bench-scale ui gpu-check-prepare gpu-check gpu-check-dry-run

@@ -87,12 +87,8 @@ def preflight(
     """
     from mlflow.tracking import MlflowClient
 
-    from visiontune.tracking.runs import (
-        StageTracker,
-        close_orphaned_runs,
-        quiet_mlflow_logging,
-        start_stage_run,
-    )
+    from visiontune.tracking.orphans import close_orphaned_runs
+    from visiontune.tracking.runs import StageTracker, quiet_mlflow_logging, start_stage_run
 
     quiet_mlflow_logging()
 

@@ -12,29 +12,24 @@ import atexit
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from visiontune.tracking.collect import epoch_metric_name
+from visiontune.tracking.orphans import process_tags
 from visiontune.tracking.store import Store, TrackingError, redact
 
 PIPELINE_TAG = "visiontune.pipeline_id"
 ROLE_TAG = "visiontune.role"
 STAGE_TAG = "visiontune.stage"
 PARENT_TAG = "mlflow.parentRunId"
-# The process holding a run open: its host, pid and start time (a pid alone is reused).
-HOST_TAG = "visiontune.host"
-PID_TAG = "visiontune.pid"
-PID_START_TAG = "visiontune.pid_start"
 # MLflow rejects longer param values.
 _MAX_PARAM_CHARS = 6000
 
@@ -278,48 +273,3 @@ def start_stage_run(
         parent_id=parent_id,
         run_id=child.info.run_id,
     )
-
-
-def process_tags(pid: int | None = None) -> dict[str, str]:
-    """The tags that say which process holds a run open (this one by default)."""
-    process = psutil.Process(pid)
-    return {
-        HOST_TAG: socket.gethostname(),
-        PID_TAG: str(process.pid),
-        PID_START_TAG: f"{process.create_time():.3f}",
-    }
-
-
-def _holder_alive(tags: Mapping[str, str]) -> bool:
-    try:
-        process = psutil.Process(int(tags[PID_TAG]))
-        return f"{process.create_time():.3f}" == tags.get(PID_START_TAG)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except (KeyError, ValueError, psutil.AccessDenied):
-        return True  # not ours to judge: leave the run alone
-
-
-def close_orphaned_runs(client: MlflowClient) -> list[str]:
-    """Mark KILLED the RUNNING runs of this host whose process is gone; their ids.
-
-    A stage killed by SIGKILL (or the OOM killer) cannot close its own runs. Every stage
-    calls this when it starts, so no run stays RUNNING past the next stage's start. Runs
-    of other hosts are never touched: a shared server holds runs of live processes
-    elsewhere, and a pid means nothing across hosts.
-    """
-    host = socket.gethostname().replace("'", "\\'")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    runs = client.search_runs(
-        experiments,
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
-        max_results=1000,
-    )
-    closed = []
-    for run in runs:
-        if not _holder_alive(run.data.tags):
-            client.set_terminated(run.info.run_id, status="KILLED")
-            closed.append(run.info.run_id)
-    return closed

@@ -1,0 +1,188 @@
+"""`make bench-serving`: the trained model in use, against the forward limit of the same run.
+
+- **predict**: `visiontune predict --submission` over a folder of 10,000 photos (the scale
+  set's first images, generated if missing), and over a quarter of them: images/s against
+  the model-only forward limit at the same batch size and precision, and peak RSS at both
+  sizes (flat memory: the two peaks are close).
+- **served**: the model registered as the evaluate stage registers it, served by
+  `mlflow models serve --env-manager local`; batches of 32 encoded photos posted at once.
+
+Results: bench/results/serving.json. The model is Lite0 with a fresh 2-class head (speed
+does not depend on its weights), without TTA views, at the precision `auto` picks here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from limits import forward_limit, sample_images
+from scale_data import SHARED_DATA, link_subset, make_scale_set
+
+from visiontune.models.backbone import pretrained_data_config
+from visiontune.models.classifier import (
+    InferenceSettings,
+    ModelInfo,
+    create_classifier,
+    save_model_file,
+)
+from visiontune.runtime import cpu_supports_bf16
+from visiontune.serving.predictor import inference_runtime
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BATCH = 32
+
+
+def build_model(folder: Path, precision: str) -> Path:
+    model, _ = create_classifier("tf_efficientnet_lite0", "pypi", 2, hidden=(), dropout=0.0)
+    info = ModelInfo("tf_efficientnet_lite0", ["cats", "dogs"], pretrained_data_config(model.body),
+                     (), 0.0, InferenceSettings(0, 1.0, precision))  # fmt: skip
+    save_model_file(folder / "model.safetensors", model.eval(), info)
+    return folder / "model.safetensors"
+
+
+def photos(scratch: Path, count: int) -> Path:
+    """A folder of the first `count` images of the scale set (generated once, kept)."""
+    full = scratch / "scale-s0-50000"
+    if not full.is_dir():
+        full = make_scale_set(scratch / f"scale-s0-{count}", count, workers=os.cpu_count() or 1)
+    subset = scratch / f"serving-{count}"
+    if not subset.is_dir():
+        link_subset(full, subset, count, shared_data=SHARED_DATA)
+    return subset
+
+
+def measure_predict(model_file: Path, folder: Path, out: Path) -> dict[str, float]:
+    """`visiontune predict --submission` as a user runs it: seconds, images/s, peak RSS."""
+    usage = out.with_suffix(".rusage.json")
+    command = [sys.executable, str(REPO / "bench/measure.py"), str(usage), "--",
+               str(BIN / "visiontune"), "predict", str(model_file), str(folder), "--submission",
+               str(out), "--id", "path", "--batch-size", str(BATCH)]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    rows = sum(1 for _ in out.open()) - 1
+    return {"images": rows, "seconds": seconds, "images_per_s": rows / seconds,
+            "peak_rss_mb": json.loads(usage.read_text())["peak_rss_mb"]}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def register(model_file: Path, work: Path) -> str:
+    """Log and register `model_file` as `bench@candidate`, as the evaluate stage does; the
+    store's URI."""
+    from visiontune import tracking
+    from visiontune.config import load_params
+    from visiontune.models.classifier import read_model_info
+
+    params = load_params(REPO / "params.yaml")
+    section = params.tracking.model_copy(update={
+        "uri": f"sqlite:///{work / 'mlflow.db'}", "artifact_location": str(work / "mlruns"),
+        "experiment": "bench", "registered_model": "bench", "alias": "candidate"})  # fmt: skip
+    params = params.model_copy(update={"tracking": section})
+    tracker = tracking.preflight(params, "evaluate", environ={}, cwd=work)
+    model = (model_file, read_model_info(model_file).inference)
+    if tracking.log_stage(tracker, params, work, model=model) != 0:
+        raise RuntimeError("logging the model failed")
+    return section.uri
+
+
+def measure_served(model_file: Path, files: list[Path], work: Path, batches: int) -> dict:
+    """Register the model as evaluate does, serve it, post `batches` batches of 32 photos."""
+    uri = register(model_file, work)
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/bench@candidate",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mlflow models serve did not start")
+            time.sleep(0.5)
+        payloads = []
+        for b in range(batches + 1):
+            chunk = files[(b * BATCH) % len(files) :][:BATCH]
+            images = [base64.b64encode(f.read_bytes()).decode() for f in chunk]
+            payloads.append(
+                json.dumps(
+                    {"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}
+                )
+            )
+        url, headers = f"http://127.0.0.1:{port}/invocations", {"Content-Type": "application/json"}
+        requests.post(url, data=payloads[0], headers=headers, timeout=120).raise_for_status()
+        started = time.perf_counter()
+        for payload in payloads[1:]:
+            requests.post(url, data=payload, headers=headers, timeout=120).raise_for_status()
+        seconds = time.perf_counter() - started
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    return {"images": batches * BATCH, "seconds": seconds,
+            "images_per_s": batches * BATCH / seconds}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--batches", type=int, default=20, help="batches posted to the server")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/visiontune-bench-data"))
+    parser.add_argument("--results", type=Path, default=REPO / "bench/results/serving.json")
+    args = parser.parse_args()
+    precision = "bf16" if cpu_supports_bf16() else "fp32"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_file = build_model(work, precision)
+        from visiontune.models.classifier import load_model_file
+
+        model, info = load_model_file(model_file)
+        runtime = inference_runtime(precision, "cpu", num_workers=0)
+        size = info.data_config.image_size
+        forward = forward_limit(model.to(runtime.device), runtime, BATCH, size)["images_per_s"]
+        quarter = photos(args.scratch, args.images // 4)
+        full = photos(args.scratch, args.images)
+        small = measure_predict(model_file, quarter, work / "quarter.csv")
+        large = measure_predict(model_file, full, work / "full.csv")
+        served = measure_served(model_file, sample_images(full, 256), work, args.batches)
+    record = {
+        "precision": precision, "batch_size": BATCH, "forward_images_per_s": forward,
+        "predict": {"quarter": small, "full": large,
+                    "vs_forward": large["images_per_s"] / forward,
+                    "peak_rss_ratio": large["peak_rss_mb"] / small["peak_rss_mb"]},
+        "served": {**served, "vs_forward": served["images_per_s"] / forward},
+        "targets": {"predict_vs_forward >= 0.85": large["images_per_s"] / forward >= 0.85,
+                    "served_vs_forward >= 0.8": served["images_per_s"] / forward >= 0.8},
+    }  # fmt: skip
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Runs left RUNNING by a killed stage: each run names the process that holds it open, and
+every stage's start closes those of this host whose process is gone."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+
+import psutil
+from mlflow.tracking import MlflowClient
+
+# The process holding a run open: its host, pid and start time (a pid alone is reused).
+HOST_TAG = "visiontune.host"
+PID_TAG = "visiontune.pid"
+PID_START_TAG = "visiontune.pid_start"
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """The tags that say which process holds a run open (this one by default)."""
+    process = psutil.Process(pid)
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(process.pid),
+        PID_START_TAG: f"{process.create_time():.3f}",
+    }
+
+
+def _holder_alive(tags: Mapping[str, str]) -> bool:
+    try:
+        process = psutil.Process(int(tags[PID_TAG]))
+        return f"{process.create_time():.3f}" == tags.get(PID_START_TAG)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except (KeyError, ValueError, psutil.AccessDenied):
+        return True  # not ours to judge: leave the run alone
+
+
+def close_orphaned_runs(client: MlflowClient) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; their ids.
+
+    A stage killed by SIGKILL (or the OOM killer) cannot close its own runs. Every stage
+    calls this when it starts, so no run stays RUNNING past the next stage's start. Runs
+    of other hosts are never touched: a shared server holds runs of live processes
+    elsewhere, and a pid means nothing across hosts.
+    """
+    host = socket.gethostname().replace("'", "\\'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in runs:
+        if not _holder_alive(run.data.tags):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
