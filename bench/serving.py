@@ -187,14 +187,20 @@ def main() -> int:
         served = measure_served(model_file, sample_images(full, 256), work, args.batches)
         limits.append(forward_limit(model, runtime, BATCH, size, steps=8)["images_per_s"])
         forward = max(limits)
+    steady = (large["images"] - small["images"]) / (large["seconds"] - small["seconds"])
     record = {
         "precision": precision, "batch_size": BATCH, "forward_images_per_s": forward,
         "forward_readings": limits,
         "predict": {"quarter": small, "full": large,
                     "vs_forward": large["images_per_s"] / forward,
+                    # The rate past start-up (imports, model load): the extra images of the
+                    # full run over its extra seconds.
+                    "steady_images_per_s": steady,
+                    "steady_vs_forward": steady / forward,
                     "peak_rss_ratio": large["peak_rss_mb"] / small["peak_rss_mb"]},
         "served": {**served, "vs_forward": served["images_per_s"] / forward},
         "targets": {"predict_vs_forward >= 0.85": large["images_per_s"] / forward >= 0.85,
+                    "predict_steady_vs_forward >= 0.85": steady / forward >= 0.85,
                     "served_vs_forward >= 0.8": served["images_per_s"] / forward >= 0.8},
     }  # fmt: skip
     args.results.parent.mkdir(parents=True, exist_ok=True)
