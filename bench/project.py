@@ -29,6 +29,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MEASURE = Path(__file__).resolve().with_name("measure.py")
 
 
+def portable(value: Any) -> Any:
+    """Paths in a results record relative to the repo (`.venv/...`, `../shared/...`), so the
+    committed record names no machine's directories."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, str):
+        return value.replace(f"{REPO_ROOT}/", "").replace(f"{REPO_ROOT.parent}/", "../")
+    return value
+
+
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dict merge: mappings merge key by key, anything else replaces."""
     merged = copy.deepcopy(dict(base))

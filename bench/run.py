@@ -25,7 +25,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import logistic_baseline
-from project import REPO_ROOT, deep_merge, git_state, make_project, run_pipeline
+from project import REPO_ROOT, deep_merge, git_state, make_project, portable, run_pipeline
 from summary import collect_outputs, markdown, summarize, versus_fastai
 
 BENCH = Path(__file__).resolve().parent
@@ -201,18 +201,6 @@ def run_fastai(project: Path, precision: str) -> dict[str, Any]:
     data = json.loads(out.read_text())
     data["process_wall_s"] = time.perf_counter() - start
     return data
-
-
-def portable(value: Any) -> Any:
-    """Paths in a results record relative to the repo (`.venv/...`, `../shared/...`), so the
-    committed record names no machine's directories."""
-    if isinstance(value, dict):
-        return {key: portable(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [portable(item) for item in value]
-    if isinstance(value, str):
-        return value.replace(f"{REPO_ROOT}/", "").replace(f"{REPO_ROOT.parent}/", "../")
-    return value
 
 
 def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:

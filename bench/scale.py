@@ -30,6 +30,7 @@ from project import (
     deep_merge,
     git_state,
     make_project,
+    portable,
     project_env,
     run_measured,
     run_pipeline,
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         workdirs.append(Path(tempfile.mkdtemp(prefix=f"visiontune-scale-{name}-")))
         record[name] = run_size(source, args, workdirs[-1])
     record["comparison"] = compare(record["quarter"], record["full"])
+    record = portable(record)  # no machine's directories in a committed record
     suffix = "" if args.images == 50_000 else f"-{args.images}"
     if args.cache_type:
         suffix += f"-{args.cache_type.replace(',', '-')}"
