@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from project_copy import REPO_ROOT, deep_merge, make_project, project_env, stage_argv
 from test_tracking import free_port
 
+from visiontune.tracking.orphans import PID_TAG
+
 # A stage as stages/ write them. `action`: log (the normal end), fail (StageError), crash
 # (a bug), kill (SIGKILL); `epochs` are logged live, each after the test says "go".
 STAGE = textwrap.dedent("""\
@@ -199,11 +201,10 @@ def test_sigkill_under_dvc_repro_then_any_stage_start_leaves_no_run_running(
         while _running_stage_runs(database) < 2:  # the pipeline run and the stage's
             assert time.monotonic() < deadline and repro.poll() is None, "fetch never opened a run"
             time.sleep(0.2)
-        fetch = next(
-            p for p in psutil.Process(repro.pid).children(recursive=True)
-            if "stages/fetch.py" in " ".join(p.cmdline())
-        )  # fmt: skip
-        fetch.send_signal(signal.SIGKILL)
+        # Kill the process that holds the runs open, as the OOM killer would. Not the first
+        # child of dvc whose command names fetch.py: under SHELL=/bin/sh (dash, no exec of
+        # the last command) that is the shell, and the stage itself would live on.
+        psutil.Process(_run_holder(database)).send_signal(signal.SIGKILL)
         assert repro.wait(timeout=60) != 0
     finally:
         repro.kill()
@@ -222,6 +223,17 @@ def test_sigkill_under_dvc_repro_then_any_stage_start_leaves_no_run_running(
 
 def _experiments(client: MlflowClient) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
+
+
+def _run_holder(database: Path) -> int:
+    """The pid every RUNNING run names as the process holding it open."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        pids = db.execute(
+            "select distinct t.value from tags t join runs r on r.run_uuid = t.run_uuid "
+            f"where r.status = 'RUNNING' and t.key = '{PID_TAG}'"
+        ).fetchall()
+    assert len(pids) == 1, pids
+    return int(pids[0][0])
 
 
 def _running_stage_runs(database: Path) -> int:
