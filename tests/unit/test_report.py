@@ -70,15 +70,3 @@ def test_report_files(tmp_path: Path, dogscats: Path, n_classes: int):
         assert f"]({png.name})" in text
     assert "TTA gain: +1.00" in text
     assert ("10 weakest classes" in text) == (n_classes > 20)
-
-
-def test_the_report_names_load_on_first_use() -> None:
-    """visiontune.evaluate loads the report (matplotlib) only when asked: a lent GPU machine
-    scores a model without matplotlib (tests/unit/test_gpu_check.py runs it so)."""
-    import visiontune.evaluate as evaluate
-    from visiontune.evaluate import report
-
-    assert evaluate.build_report is report.build_report
-    assert all(getattr(evaluate, name) is not None for name in evaluate.__all__)
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        evaluate.nothing  # noqa: B018

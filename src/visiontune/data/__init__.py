@@ -2,17 +2,6 @@
 
 Submodules: `images` (inspect/open any image safely), `manifest` (the CSV/JSON tables
 between stages), `sources` (folder, CSV, archive, URL → manifest), `split` (train/valid).
-Import them directly; this package imports nothing heavy (no torch) so `fetch` stays light.
+Import them by name: this package imports none, so `fetch` stays light (no torch) and
+`visiontune predict` does not load pandas.
 """
-
-from visiontune.data.images import UnreadableImageError, inspect_image, open_rgb
-from visiontune.data.manifest import read_classes, read_manifest, read_split
-
-__all__ = [
-    "UnreadableImageError",
-    "inspect_image",
-    "open_rgb",
-    "read_classes",
-    "read_manifest",
-    "read_split",
-]
