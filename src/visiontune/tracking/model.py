@@ -12,6 +12,7 @@ model file's metadata (mirrored in the MLflow model's metadata).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import shutil
@@ -38,13 +39,15 @@ if TYPE_CHECKING:
 PACKAGE_ROOT = Path(visiontune.__file__).resolve().parent
 MODEL_CODE = PACKAGE_ROOT / "serving" / "image_model.py"
 # The modules a served model imports (and nothing else: no params code, no pydantic, no
-# tqdm). Subpackages whose own __init__ imports more get a docstring-only one.
+# tqdm). The subpackages' __init__ files import nothing.
 SHIPPED_MODULES = (
     "__init__.py",
     "runtime.py",
+    "data/__init__.py",
     "data/images.py",
     "data/pixels.py",
     "data/transforms.py",
+    "evaluate/__init__.py",
     "evaluate/tta.py",
     "models/__init__.py",
     "models/classifier.py",
@@ -52,12 +55,25 @@ SHIPPED_MODULES = (
     "serving/__init__.py",
     "serving/predictor.py",
 )
-_STUB_PACKAGES = ("data", "evaluate")
 _RESERVED_COLUMNS = ("label", "error")
 
 
+def _server_speedups() -> list[str]:
+    """The HTTP parser and event loop that `mlflow models serve`'s uvicorn uses when they are
+    installed: with its pure-Python fallbacks a batch of 32 posted photos (1.3 MB of JSON)
+    took ~60 ms more, served 113-121 -> 134-144 images/s."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in ("httptools", "uvloop"):
+        with contextlib.suppress(PackageNotFoundError):  # not on this platform (uvloop)
+            pins.append(f"{name}=={version(name)}")
+    return pins
+
+
 def requirements() -> list[str]:
-    """What the served model imports, pinned to the versions it was logged with."""
+    """What the served model imports, pinned to the versions it was logged with, and what
+    makes its server fast."""
     import numpy
     import PIL
     import safetensors
@@ -69,6 +85,7 @@ def requirements() -> list[str]:
         return version.split("+")[0]  # a local build tag (2.x+cpu) is no index's version
 
     return [
+        *_server_speedups(),
         f"torch=={plain(torch.__version__)}",
         f"torchvision=={plain(torchvision.__version__)}",
         f"timm=={timm.__version__}",
@@ -85,11 +102,6 @@ def ship_code(target: Path) -> Path:
     for name in SHIPPED_MODULES:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PACKAGE_ROOT / name, root / name)
-    for package in _STUB_PACKAGES:
-        (root / package / "__init__.py").write_text(
-            '"""Shipped with a served model: only the modules its prediction needs."""\n',
-            encoding="utf-8",
-        )
     return root
 
 
