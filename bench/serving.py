@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import requests
 
@@ -39,7 +38,7 @@ from visiontune.models.classifier import (
     create_classifier,
     save_model_file,
 )
-from visiontune.runtime import configure_memory, cpu_supports_bf16
+from visiontune.runtime import AutoMemory, configure_memory, cpu_supports_bf16, prepare_module
 from visiontune.serving.predictor import inference_runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +165,7 @@ def main() -> int:
     args = parser.parse_args()
     # The allocator settings `visiontune predict` runs with, before any tensor: without them
     # the limit read 106-125 img/s, below predict's own 163.
-    configure_memory(SimpleNamespace(huge_pages="auto", keep_freed_memory="auto"))
+    configure_memory(AutoMemory())
     precision = "bf16" if cpu_supports_bf16() else "fp32"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -176,7 +175,7 @@ def main() -> int:
         model, info = load_model_file(model_file)
         runtime = inference_runtime(precision, "cpu", num_workers=0)
         size = info.data_config.image_size
-        model = model.to(runtime.device)
+        model = prepare_module(model, runtime).eval()  # laid out as predict lays it out
         quarter = photos(args.scratch, args.images // 4)
         full = photos(args.scratch, args.images)
         # The limit before and after each measurement, the best kept.

