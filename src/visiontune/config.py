@@ -240,7 +240,8 @@ class FinetuneParams(Section):
 
 
 class TtaParams(Section):
-    n_augment: int = Field(ge=0, le=16)
+    # At most evaluate.tta.MAX_AUGMENT, the views there are (tests/unit/test_tta.py).
+    n_augment: int = Field(ge=0, le=19)
     batch_size: int = Field(ge=1)
     # Zoom of the zoomed crop views (1.0 = no zoom).
     zoom: float = Field(ge=1, le=2)

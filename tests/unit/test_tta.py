@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from real_config import default_runtime
 
+from visiontune.config import TtaParams
 from visiontune.data.transforms import DataConfig, PixelNormalize, create_eval_transform
 from visiontune.evaluate.tta import (
     _CORNERS,
@@ -43,6 +44,8 @@ def test_views_are_a_fixed_order_of_distinct_views():
     assert not any(v.zoom for v in ten)
     every = tta_views(MAX_AUGMENT)
     assert len(set(every)) == MAX_AUGMENT + 1
+    # params.yaml accepts every view there is, and no more.
+    assert _bounds(TtaParams, "n_augment") == {"ge": 0, "le": MAX_AUGMENT}
     with pytest.raises(ValueError, match="n_augment"):
         tta_views(MAX_AUGMENT + 1)
 
@@ -126,3 +129,11 @@ def test_unreadable_images_raise_or_are_reported(tmp_path: Path):
     assert out.errors[1] == ""
     assert "empty" in out.errors[0] and "not an image" in out.errors[2]
     assert out.probs.shape == (3, 3, 3)
+
+
+def _bounds(section: type, name: str) -> dict[str, float]:
+    """The numeric bounds pydantic enforces on a config field."""
+    found: dict[str, float] = {}
+    for item in section.model_fields[name].metadata:
+        found.update({k: getattr(item, k) for k in ("ge", "le") if hasattr(item, k)})
+    return found
