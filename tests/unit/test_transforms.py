@@ -32,7 +32,7 @@ CFG = DataConfig(
 def test_data_config_round_trips_through_json() -> None:
     assert DataConfig.from_dict(json.loads(json.dumps(CFG.to_dict()))) == CFG
     assert CFG.resize_size == 80 == eval_min_size(CFG)
-    assert train_min_size(CFG, default_section(AugmentParams, max_zoom=1.5)) == 120
+    assert train_min_size(CFG, default_section(AugmentParams, max_zoom=1.5)) == 96
 
 
 def test_eval_transform_yields_pixels_that_the_model_normalises_with_the_config() -> None:
@@ -93,32 +93,6 @@ def test_zoom_crop_zooms_at_most_max_zoom() -> None:
     # The crop height is between 1/2 and all of the image, so is the grey-level span.
     assert min(spans) > 255 / 2 * 0.9 and max(spans) <= 256
     assert max(spans) - min(spans) > 30  # the zoom really varies
-
-
-def test_training_crops_start_at_the_eval_crops_scale() -> None:
-    """Without extra zoom a training crop spans the share of the short side the eval crop
-    shows (`crop_pct`, 80 % here), not all of it: training never shows the subject smaller
-    than evaluation does."""
-    column = Image.linear_gradient("L").resize((1, 200))
-    image = Image.merge("RGB", [column.resize((200, 200))] * 3)
-
-    def span(pixels: torch.Tensor) -> float:
-        rows = pixels[0].float()
-        return float(rows[-1].mean() - rows[0].mean())
-
-    evaluated = span(create_eval_transform(CFG)(image))
-    assert evaluated == pytest.approx(255 * 0.8, abs=6)
-    transform = create_train_transform(
-        CFG,
-        default_section(
-            AugmentParams, rotate_deg=0.0, max_zoom=1.0, flip=False, brightness=0.0, contrast=0.0
-        ),
-    )
-    torch.manual_seed(0)
-    # The aspect jitter (3:4 to 4:3) varies a crop's height by up to 15 % either way: on
-    # average the crops span what the eval crop does (from zoom 1 they spanned ~94 %).
-    spans = [span(transform(image)) for _ in range(40)]
-    assert sum(spans) / len(spans) == pytest.approx(evaluated, rel=0.05)
 
 
 @pytest.mark.parametrize("degrees", [0.0, 10.0])
