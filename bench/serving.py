@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from limits import forward_limit, sample_images
+from project import free_port
 from scale_data import SHARED_DATA, link_subset, make_scale_set
 
 from visiontune.models.backbone import pretrained_data_config
@@ -79,12 +79,6 @@ def measure_predict(model_file: Path, folder: Path, out: Path) -> dict[str, floa
             "peak_rss_mb": json.loads(usage.read_text())["peak_rss_mb"]}  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def register(model_file: Path, work: Path) -> str:
     """Log and register `model_file` as `bench@candidate`, as the evaluate stage does; the
     store's URI."""
@@ -107,7 +101,7 @@ def register(model_file: Path, work: Path) -> str:
 def measure_served(model_file: Path, files: list[Path], work: Path, batches: int) -> dict:
     """Register the model as evaluate does, serve it, post `batches` batches of 32 photos."""
     uri = register(model_file, work)
-    port = _free_port()
+    port = free_port()
     # The venv's bin first: the server execs its own `uvicorn`.
     env = {
         **os.environ,

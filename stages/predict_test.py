@@ -17,7 +17,7 @@ from visiontune.evaluate.predict import (
 )
 from visiontune.fileio import atomic_open
 from visiontune.models.classifier import load_model_file
-from visiontune.runtime import cpu_count
+from visiontune.runtime import loader_workers
 from visiontune.serving.predictor import create_views, inference_runtime
 from visiontune.stagekit import Stage, run_stage
 
@@ -31,8 +31,7 @@ def predict_test(stage: Stage):
     info = dataclasses.replace(info, inference=inference_from_params(params))
     found = find_inputs([paths.test] if paths.test.is_dir() else [])
     # Decoding in loader workers, as the CLI does: a test set may hold 10^5 photos.
-    workers = params.runtime.num_workers
-    workers = min(cpu_count(), 8) if workers == "auto" else workers
+    workers = loader_workers(params.runtime.num_workers)
     runtime = inference_runtime(info.inference.precision, params.base.device, workers)
     with atomic_open(paths.out / "submission.csv", newline="") as out:
         summary = write_submission(

@@ -18,7 +18,7 @@ from visiontune.config import DEMO_SOURCE
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from project import deep_merge, pipeline_stages  # noqa: E402  (bench/project.py)
+from project import deep_merge, free_port, pipeline_stages  # noqa: E402, F401  (bench/project.py)
 
 # The real params.yaml, shrunk: a few real photos per class, small images, one short cycle
 # each, so the whole pipeline runs in a minute or two on two CPU cores. The data is the demo's:

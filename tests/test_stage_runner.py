@@ -22,8 +22,7 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from project_copy import REPO_ROOT, deep_merge, make_project, project_env, stage_argv
-from test_tracking import free_port
+from project_copy import REPO_ROOT, deep_merge, free_port, make_project, project_env, stage_argv
 
 from visiontune.tracking.orphans import PID_TAG
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from project_copy import free_port
 from real_config import default_params, default_section
 
 from visiontune import tracking
@@ -62,12 +62,6 @@ def write_finetune_outputs(out: Path, steps: int, groups: int = 3) -> None:
     pd.DataFrame({**history, "valid_acc": [0.7, 0.85]}).to_csv(out / "history.csv", index=False)
     (out / "metrics.json").write_text(json.dumps({"valid_acc": 0.85, "valid_loss": 0.6}))
     (out / "config.json").write_text(json.dumps({"finetune": {"lr": 0.01, "n_cycles": 2}}))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- store resolution ------------------------------------------------------------------------

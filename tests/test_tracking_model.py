@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from project_copy import free_port
 from real_config import default_params
 
 from visiontune import tracking
@@ -173,12 +173,6 @@ def test_logged_model_takes_image_bytes_and_predicts_like_the_cli(
     assert plain.loc[1, CLASSES[0]] != pytest.approx(expected[names[1]][0], abs=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -219,7 +213,7 @@ def test_served_model_answers_posted_jpegs_like_the_cli(
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri, "PATH": path,
            "PYTHONPATH": str(REPO_ROOT / "src"), "VISIONTUNE_DEVICE": "cpu"}  # fmt: skip
     uri = f"models:/{MODEL}@candidate"
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
          "local", "--host", "127.0.0.1", "--port", str(port)],

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import pytest
 import requests
 import yaml
 from mlflow.tracking import MlflowClient
-from project_copy import dvc, make, make_command, make_project, project_env
+from project_copy import dvc, free_port, make, make_command, make_project, project_env
 
 from visiontune.config import flatten, load_params
 from visiontune.fileio import sha256_file
@@ -47,12 +46,6 @@ OVERRIDES = {
     "tta": {"n_augment": 2},
     "tracking": {"experiment": "e2e", "registered_model": MODEL_NAME, "alias": "candidate"},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -87,7 +80,7 @@ def serving(command: list[str], port: int, log_path: Path, cwd: Path | None = No
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     command = [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -227,7 +220,7 @@ def test_pipeline_is_tracked_on_a_server(server: str, tmp_path: Path) -> None:
     assert "tta-one" in dvc(project, "exp", "show", env=local).stdout
 
     # `make ui` serves this store: the experiment and its runs are there.
-    port = _free_port()
+    port = free_port()
     command = make_command(project, "ui", f"UI_PORT={port}")
     with serving(command, port, tmp_path / "ui.log", cwd=project, env=local) as ui:
         api = f"{ui}/api/2.0/mlflow"

@@ -29,7 +29,7 @@ from visiontune.evaluate.predict import (
     write_submission,
 )
 from visiontune.models.classifier import PLAIN, InferenceSettings, ModelInfo, load_model_file
-from visiontune.runtime import AutoMemory, configure_memory, cpu_count
+from visiontune.runtime import AutoMemory, configure_memory, loader_workers
 from visiontune.serving.predictor import create_views, inference_runtime
 
 PARAMS_FILE = "params.yaml"
@@ -130,7 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"visiontune predict: {exc}", file=sys.stderr)
         return 2
     # Worker processes cost more than they save for a handful of images.
-    workers = 0 if len(files) <= args.batch_size else min(cpu_count(), 8)
+    workers = 0 if len(files) <= args.batch_size else loader_workers("auto")
     try:
         # Large tensors on huge pages, freed memory kept for the next batch (see runtime).
         configure_memory(AutoMemory())

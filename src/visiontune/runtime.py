@@ -72,6 +72,12 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def loader_workers(num_workers: int | str) -> int:
+    """`runtime.num_workers` as a number: `auto` is one per core, at most 8 (decoding JPEGs
+    in worker processes keeps the model fed; more than 8 rarely helps)."""
+    return min(cpu_count(), 8) if num_workers == "auto" else int(num_workers)
+
+
 def resolve_runtime(base: BaseParams, settings: RuntimeParams) -> Runtime:
     """The `Runtime` of the `base` (device, precision) and `runtime` (workers) params."""
     return create_runtime(
@@ -102,8 +108,7 @@ def create_runtime(
     torch_device = _resolve_device(device)
     use_cuda = torch_device.type == "cuda"
     amp_dtype = _resolve_amp_dtype(precision, torch_device)
-    # Decoding JPEGs in worker processes keeps the model fed; more than 8 rarely helps.
-    workers = min(cpu_count(), 8) if num_workers == "auto" else int(num_workers)
+    workers = loader_workers(num_workers)
     # On a CPU the workers share the cores with the model's OpenMP threads: a worker that
     # preempts one thread stalls the whole parallel region while the other waits at its
     # barrier, so decoding cost the model about twice its own CPU time. At idle priority
