@@ -132,3 +132,17 @@ def test_training_keeps_a_logistic_heads_statistics():
         set_train_mode(model, freeze_bn=True)
         assert not body[0].training and model.head[0].training is not fixed
         assert model.head[-1].training  # the Linear and dropout still train
+
+
+def test_a_logistic_head_carries_no_dropout_into_the_fine_tune():
+    """Its regularisation is the CV-chosen C; an SGD-trained head keeps `head.dropout`."""
+    from visiontune.train.head_choice import head_metadata
+
+    x, y = blobs(150, 5)
+    feats = split(x, y, 5, 100)
+    params = default_section(HeadParams)
+    assert params.dropout > 0
+    for init, dropout in (("logreg", 0.0), ("random", params.dropout)):
+        result = train_head_on_features(feats, default_section(HeadParams, init=init), seed=0)
+        assert [m.p for m in result.head if isinstance(m, torch.nn.Dropout)] == [dropout]
+        assert head_metadata(feats, params, result)["dropout"] == dropout

@@ -78,11 +78,18 @@ def cross_validate_source(
     return CvScore(*(float(v) for v in np.mean(scores, axis=0)))
 
 
+# A logistic head's regularisation is its C, chosen by CV; it carries no dropout into the
+# fine-tune. With `head.dropout` 0.5 there, a one-epoch digits fine-tune ended at 87.7-91.1 %
+# over five dropout seeds (valid loss 0.28-0.41), against 93.0 % (loss 0.22) without it,
+# from a head at 94.4 % (loss 0.31): dropout on a head fitted without it first undoes the fit.
+LOGREG_DROPOUT = 0.0
+
+
 def logreg_head(features: FeatureSet, fit: LogRegFit, params: HeadParams, seed: int) -> HeadResult:
     """The head holding a logistic-regression fit, with its train and valid scores."""
     torch.manual_seed(seed)
     x, y = features.train_x.float(), features.train_y
-    head = create_head(x.shape[1], len(features.classes), (), params.dropout)
+    head = create_head(x.shape[1], len(features.classes), (), LOGREG_DROPOUT)
     init_from_logreg(head, fit)
     head.eval()
     with torch.no_grad():
@@ -154,7 +161,7 @@ def head_metadata(features: FeatureSet, params: HeadParams, result: HeadResult) 
         "in_features": int(features.train_x.shape[1]),
         "classes": list(features.classes),
         "hidden": list(params.hidden),
-        "dropout": params.dropout,
+        "dropout": next(m.p for m in result.head if isinstance(m, torch.nn.Dropout)),
         "init": result.metrics["init"],
         "domain": result.metrics["domain"],
         "backbone": features.fingerprint.get("backbone"),
