@@ -89,7 +89,7 @@ def build_learner(project: Path, precision: str):
                 max_rotate=aug.rotate_deg,
                 max_zoom=aug.max_zoom,
                 max_lighting=max(aug.brightness, aug.contrast),
-                do_flip=aug.flip,
+                do_flip=aug.flip is not False,  # auto: fastai's own default, flip
             ),
             Normalize.from_stats(list(data_cfg.mean), list(data_cfg.std)),
         ],

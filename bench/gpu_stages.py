@@ -174,9 +174,7 @@ def run_stages(check: Check, params: Any, work: Path, image_root: Path, probe: A
         memory.reset()
         start = time.perf_counter()
         with timed_loaders(evaluation_module) as passes:
-            result = evaluate_model(
-                model, info.classes, info.data_config, valid, image_root, params.tta, runtime
-            )
+            result = evaluate_model(model, info, valid, image_root, params.tta, runtime)
         stages["evaluate"] = {
             "wall_s": time.perf_counter() - start,
             **result.metrics,
@@ -205,10 +203,10 @@ def run_lr_find(params: Any, runtime: Any, work: Path, image_root: Path) -> dict
     import visiontune.train.recipes as recipes_module
     from visiontune.data.manifest import read_split
     from visiontune.runtime import seed_everything
-    from visiontune.train.recipes import create_train_dataset, load_classifier, resolve_lr_ratios
+    from visiontune.train.recipes import create_train_dataset, load_classifier, resolve_finetune
 
     seed_everything(params.base.seed, params.base.deterministic)
-    ft = resolve_lr_ratios(params.finetune, work / "head.safetensors")
+    ft = resolve_finetune(params.finetune, work / "head.safetensors")
     model, info, _ = load_classifier(params.model, work / "head.safetensors")
     train = read_split(work / "split" / "train.csv", image_root)
     dataset = create_train_dataset(train, info.classes, info.data_config, ft.augment)
@@ -258,10 +256,10 @@ def run_finetune(
         create_train_dataset,
         create_valid_loader,
         load_classifier,
-        resolve_lr_ratios,
+        resolve_finetune,
     )
 
-    ft = resolve_lr_ratios(ft or params.finetune, work / "head.safetensors")
+    ft = resolve_finetune(ft or params.finetune, work / "head.safetensors")
     seed_everything(params.base.seed, params.base.deterministic)
     model, info, _ = load_classifier(params.model, work / "head.safetensors")
     train = read_split(work / "split" / "train.csv", image_root)

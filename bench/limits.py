@@ -300,6 +300,7 @@ def measure_limits(
     say(f"train step bs={train['batch_size']:<3} {train['images_per_s']:7.1f} img/s")
 
     paths = sample_images(image_dir, decode_images)
+    augment = params.finetune.augment
     decode = {
         "eval": decode_limit(
             paths,
@@ -310,8 +311,9 @@ def measure_limits(
         ),
         "train": decode_limit(
             paths,
-            create_train_transform(data_cfg, params.finetune.augment),
-            train_min_size(data_cfg, params.finetune.augment),
+            # auto resolves per dataset; the limit takes the costlier one, with flips.
+            create_train_transform(data_cfg, augment.model_copy(update={"flip": True})),
+            train_min_size(data_cfg, augment),
             runtime,
             params.finetune.batch_size,
             per_image_seeds=True,

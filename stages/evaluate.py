@@ -19,8 +19,7 @@ def evaluate(stage: Stage):
     model, info = load_model_file(paths.model, map_location=runtime.device)
     valid = read_table(paths.valid, SPLIT_COLUMNS)
     # Under torchrun each rank scores its share of the images; rank 0 writes the outputs.
-    result = evaluate_model(model, info.classes, info.data_config, valid, paths.prepared,
-                            params.tta, runtime, dist)  # fmt: skip
+    result = evaluate_model(model, info, valid, paths.prepared, params.tta, runtime, dist)
     if not dist.is_main:
         return None
     out = paths.out

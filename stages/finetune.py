@@ -7,6 +7,8 @@ writes the checkpoints and outputs.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tqdm.auto import tqdm
 
 from visiontune.data.manifest import read_split
@@ -19,7 +21,7 @@ from visiontune.train.recipes import (
     create_train_dataset,
     create_valid_loader,
     load_classifier,
-    resolve_lr_ratios,  # fmt: skip
+    resolve_finetune,  # fmt: skip
     resume_config,
     save_finetune,
 )
@@ -32,9 +34,10 @@ PATHS = {"train": "training table", "valid": "validation table", "prepared": "im
 
 def finetune_stage(stage: Stage):
     params, paths, runtime, dist = stage.params, stage.paths, stage.runtime, stage.dist
-    ft = resolve_lr_ratios(params.finetune, paths.head)
+    ft = resolve_finetune(params.finetune, paths.head)
     lr = ft.lr if ft.lr != "auto" else float(read_json(paths.suggestion)["lr"])
     model, info, weights = load_classifier(params.model, paths.head)
+    info = replace(info, mirror=ft.augment.flip is True)  # the TTA views follow the training
     train, valid = read_split(paths.train, paths.prepared), read_split(paths.valid, paths.prepared)
     dataset = create_train_dataset(train, info.classes, info.data_config, ft.augment)
     # Each rank validates its share of the images; the logits are gathered.

@@ -9,7 +9,7 @@ from visiontune.stagekit import Stage, run_stage
 from visiontune.train.recipes import (
     create_train_dataset,
     load_classifier,
-    resolve_lr_ratios,
+    resolve_finetune,
     run_lr_find,
 )
 from visiontune.train.schedules import group_lrs
@@ -24,7 +24,7 @@ PATHS = {
 
 def lr_find(stage: Stage):
     params, paths, runtime = stage.params, stage.paths, stage.runtime
-    finetune = resolve_lr_ratios(params.finetune, paths.head)
+    finetune = resolve_finetune(params.finetune, paths.head)
     model, info, _ = load_classifier(params.model, paths.head)
     train = read_split(paths.train, paths.prepared)
     dataset = create_train_dataset(train, info.classes, info.data_config, finetune.augment)

@@ -171,7 +171,9 @@ class PrecomputeParams(Section):
 
 
 class AugmentParams(Section):
-    flip: bool
+    # "auto": mirror only where a mirrored image keeps its class, as train_head finds on
+    # train images (see `visiontune.train.mirror`).
+    flip: bool | Literal["auto"]
     rotate_deg: float = Field(ge=0, le=180)
     max_zoom: float = Field(ge=1, le=4)
     brightness: Fraction

@@ -34,14 +34,29 @@ if TYPE_CHECKING:
 # 3: the eval resize runs on uint8 tensors (torch's antialiased kernel, ~0.02 grey levels
 #    from Pillow's on average, 3.5x faster); the torch version is fingerprinted, since
 #    both that kernel and the bf16 forward are torch's.
-FEATURES_VERSION = 3
+# 4: the features of a sample of mirrored train images (`flip: auto`).
+FEATURES_VERSION = 4
 _TENSORS = ("train_x", "train_y", "valid_x", "valid_y")
+_MIRROR_TENSORS = ("mirror_rows", "mirror_x")
 _SOURCE_TENSORS = ("source_weight", "source_bias")
 # The data config follows from the backbone's pretrained config in this timm version and
 # the `model.*` overrides, all fingerprinted too: a check that cannot resolve it without
 # building the model (timm) may leave it out and compare those instead.
 DERIVED_KEYS = {"data_config": ("backbone", "timm_version", "model_overrides")}
 _OVERRIDES = ("image_size", "mean", "std", "interpolation", "crop_pct")
+
+
+# Train images whose mirror images precompute also caches, at most: ~1,000 more forward
+# passes, and on digits ~100 images that the mirror changes, enough for p ~ 1e-8.
+MIRROR_SAMPLE = 1000
+
+
+def mirror_sample(n_train: int, seed: int) -> torch.Tensor:
+    """The train rows (sorted) whose mirror images precompute caches: a seeded sample."""
+    if n_train <= MIRROR_SAMPLE:
+        return torch.arange(n_train)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_train, generator=generator)[:MIRROR_SAMPLE].sort().values
 
 
 class StaleCacheError(ValueError):
@@ -56,8 +71,10 @@ class StaleCacheError(ValueError):
 class FeatureSet:
     """Pooled features and labels of the train and valid split, rows in split-CSV order.
 
-    `source` is the backbone's own pretrained classifier (weight [classes, features],
-    bias) when its weights carry one that sits on these features; it seeds the head.
+    `mirror_x` holds the features of the mirror images of the train rows `mirror_rows`
+    (a seeded sample, `visiontune.train.mirror`). `source` is the backbone's own
+    pretrained classifier (weight [classes, features], bias) when its weights carry one
+    that sits on these features; it seeds the head.
     """
 
     train_x: torch.Tensor
@@ -67,6 +84,8 @@ class FeatureSet:
     classes: list[str]
     fingerprint: dict[str, Any]
     source: tuple[torch.Tensor, torch.Tensor] | None = None
+    mirror_rows: torch.Tensor | None = None
+    mirror_x: torch.Tensor | None = None
 
 
 def manifest_hash(train_csv: Path, valid_csv: Path, classes: Sequence[str]) -> str:
@@ -189,6 +208,8 @@ def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], where: st
 def save_features(path: Path, features: FeatureSet) -> None:
     """Write tensors + classes + fingerprint to one safetensors file (atomic)."""
     tensors = {name: getattr(features, name).contiguous() for name in _TENSORS}
+    if features.mirror_x is not None and features.mirror_rows is not None:
+        tensors |= {name: getattr(features, name).contiguous() for name in _MIRROR_TENSORS}
     if features.source is not None:
         for name, tensor in zip(_SOURCE_TENSORS, features.source, strict=True):
             tensors[name] = tensor.float().contiguous()
@@ -212,6 +233,7 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
         check_fingerprint(fingerprint, expected_fingerprint, str(path))
         tensors = {name: handle.get_tensor(name) for name in _TENSORS}
         names = set(handle.keys())
+        mirror = {name: handle.get_tensor(name) for name in _MIRROR_TENSORS if name in names}
         source = None
         if names.issuperset(_SOURCE_TENSORS):
             weight, bias = (handle.get_tensor(name) for name in _SOURCE_TENSORS)
@@ -221,6 +243,7 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
         classes=json.loads(metadata["classes"]),
         fingerprint=fingerprint,
         source=source,
+        **mirror,
     )
 
 

@@ -2,7 +2,8 @@
 
 Batched eval-mode inference at the eval transform (resize + centre crop, no augmentation),
 decoded in loader workers; the result is a `FeatureSet` for the cache in
-`visiontune.features`, with the backbone's own classifier to seed the head.
+`visiontune.features`, with the backbone's own classifier to seed the head and the
+features of a sample of mirrored train images (`flip: auto` tests them).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from visiontune.distributed import (
     rank_runtime,
     shard,
 )
-from visiontune.features import FeatureSet, compute_fingerprint, model_overrides
+from visiontune.features import FeatureSet, compute_fingerprint, mirror_sample, model_overrides
 from visiontune.inference import run_inference
 from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
 from visiontune.runtime import Runtime, resolve_precision, resolve_runtime, seed_everything
@@ -57,6 +58,18 @@ def expected_fingerprint(
     )
 
 
+class EvalViews(ImageDataset):
+    """The eval transform's crops; the items flagged in `mirrored` as their mirror images."""
+
+    def __init__(self, paths, labels, mirrored: Sequence[bool], transform, min_size) -> None:
+        super().__init__(paths, labels, transform, min_size=min_size)
+        self.mirrored = list(mirrored)
+
+    def __getitem__(self, key):
+        pixels, label, index = super().__getitem__(key)
+        return (pixels.flip(-1) if self.mirrored[index] else pixels), label, index
+
+
 def pixel_encoder(backbone: torch.nn.Module, data_config: DataConfig) -> torch.nn.Sequential:
     """The backbone behind the input normalisation: uint8 pixel batches → pooled features."""
     return torch.nn.Sequential(PixelNormalize.from_config(data_config), backbone)
@@ -72,10 +85,12 @@ def _extract(
     batch_size: int,
     seed: int,
     dist: DistContext = SINGLE,
+    mirror_rows: Sequence[int] = (),
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
-    """Features and labels of each split table, in table order, and the images/s.
+    """Features and labels of each split table, in table order, then of the mirror images
+    of the first table's `mirror_rows`; and the images/s.
 
-    All tables go through one DataLoader: its start (worker spawn, the first batches'
+    All of them go through one DataLoader: its start (worker spawn, the first batches'
     decoding while the model waits) is paid once, which on a 1000-image set was ~15 %.
     """
     frames = [read_split(Path(path), image_root) for path in csv_paths]
@@ -86,9 +101,13 @@ def _extract(
             raise ValueError(f"{path} has labels not in the class list: {', '.join(unknown[:10])}")
     paths = [p for frame in frames for p in frame["path"].tolist()]
     labels = [index[label] for frame in frames for label in frame["label"].astype(str)]
-    dataset = ImageDataset(
+    rows = [int(row) for row in mirror_rows]
+    paths, labels = paths + [paths[r] for r in rows], labels + [labels[r] for r in rows]
+    mirrored = [False] * (len(paths) - len(rows)) + [True] * len(rows)
+    dataset = EvalViews(
         shard(paths, dist),
         shard(labels, dist),
+        shard(mirrored, dist),
         create_eval_transform(data_config),
         min_size=eval_min_size(data_config),
     )
@@ -110,7 +129,7 @@ def _extract(
         features = gather_shards(features, len(paths), dist)
         all_labels = gather_shards(all_labels, len(paths), dist)
         rate = len(paths) / (time.perf_counter() - start)
-    sizes = [len(frame) for frame in frames]
+    sizes = [len(frame) for frame in frames] + [len(rows)]
     # Clones: views of one storage cannot be saved as separate safetensors tensors.
     parts = [
         (x.clone(), y.clone())
@@ -149,7 +168,9 @@ def precompute_features(
     backbone, weights = create_backbone(model.backbone, model.weights)
     data_config = resolve_data_config(backbone, model)
     start = time.perf_counter()
-    (train_x, train_y), (valid_x, valid_y) = _extract(
+    n_train = len(read_split(Path(train_csv), image_root))
+    mirror_rows = mirror_sample(n_train, base.seed)
+    (train_x, train_y), (valid_x, valid_y), (mirror_x, _) = _extract(
         backbone,
         [Path(train_csv), Path(valid_csv)],
         image_root,
@@ -159,9 +180,10 @@ def precompute_features(
         params.batch_size,
         base.seed,
         dist,
+        mirror_rows.tolist(),
     )[0]
     seconds = time.perf_counter() - start
-    count = len(train_y) + len(valid_y)
+    count = len(train_y) + len(valid_y) + len(mirror_x)
     stats: dict[str, float] = {
         "images": count,
         "seconds": seconds,
@@ -187,5 +209,7 @@ def precompute_features(
         fingerprint=fingerprint,
         # Read here, with timm at hand, so that train_head needs only the cache.
         source=source_classifier(model.backbone, model.weights, int(train_x.shape[1])),
+        mirror_rows=mirror_rows,
+        mirror_x=mirror_x,
     )
     return features, stats

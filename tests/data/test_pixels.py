@@ -115,7 +115,7 @@ def test_a_broken_file_gets_open_rgbs_error(tmp_path: Path, name: str) -> None:
 def test_transforms_give_the_same_pixels_from_a_tensor_as_from_a_pillow_image() -> None:
     cfg = DataConfig(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
     train = create_train_transform(
-        cfg, default_section(AugmentParams, rotate_deg=20.0, max_zoom=1.5)
+        cfg, default_section(AugmentParams, rotate_deg=20.0, max_zoom=1.5, flip=True)
     )
     views = ViewMaker(cfg, tta_views(4))
     # 120×80 is shrunk before the affine step; 30×20 (below the output size) is not.

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 
 from visiontune.config import load_params
 from visiontune.precompute import precompute_features
 from visiontune.train.head_choice import train_head_on_features
+from visiontune.train.mirror import mirror_symmetry
 
 PER_CLASS = 30  # 20 train + 10 valid images of each digit
 
@@ -68,3 +70,16 @@ def test_default_head_reaches_the_logistic_baseline_far_from_imagenet(digit_feat
     assert accuracy >= 0.1 + 0.5, result.metrics  # chance + 50 points
     assert accuracy >= baseline - 0.02, (accuracy, baseline, result.metrics)
     assert result.metrics["domain"] == "far"
+
+
+@pytest.mark.slow  # shares the fixture's precompute
+def test_digits_are_found_to_change_class_in_the_mirror_on_train_images(digit_features):
+    """`flip: auto`: precompute mirrors the train images (all 200: fewer than the sample
+    size), and the sign test on them turns flipping off, without the validation split."""
+    features, params = digit_features
+    n_train = len(features.train_y)
+    assert features.mirror_rows.tolist() == list(range(n_train))
+    assert features.mirror_x.shape == features.train_x.shape
+    assert not torch.equal(features.mirror_x, features.train_x)
+    test = mirror_symmetry(features, params.base.seed)
+    assert not test.symmetric and test.lost > 2 * test.gained, test

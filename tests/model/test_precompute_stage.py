@@ -80,7 +80,10 @@ def test_precompute_writes_a_fingerprinted_cache(project: Path, capsys) -> None:
     throughput = read_json(out / "throughput.json")
     # The stage's own throughput only: its ratio to the model alone is bench/'s.
     assert set(throughput) == {"images", "seconds", "images_per_s", "feature_dim"}
-    assert throughput["images"] == 10 and throughput["images_per_s"] > 0
+    # Forward passes: the 10 images, then the 6 train images mirrored (`flip: auto`).
+    assert throughput["images"] == 10 + 6 and throughput["images_per_s"] > 0
+    assert features.mirror_rows.tolist() == list(range(6))
+    assert features.mirror_x.shape == (6, 1280)
     assert read_json(out / "config.json")["precompute"]["batch_size"] == 4
     assert "images/s" in capsys.readouterr().out
 

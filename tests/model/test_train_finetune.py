@@ -23,7 +23,7 @@ CLASSES = ["cats", "dogs"]
 DATA_CONFIG = DataConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 0.875)
 PARAMS = default_section(FinetuneParams,
     n_cycles=2, cycle_len=1, cycle_mult=1, batch_size=4, warmup_pct=0.4, lr_ratios=(0.01, 0.1, 1),
-    augment=default_section(AugmentParams, rotate_deg=10, max_zoom=1.2),
+    augment=default_section(AugmentParams, rotate_deg=10, max_zoom=1.2, flip=True),
 )  # fmt: skip
 
 

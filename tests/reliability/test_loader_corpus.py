@@ -74,7 +74,7 @@ def test_every_accepted_file_goes_through_dataloader_workers(prepared: Path, kin
         create_eval_transform(CONFIG)
         if kind == "eval"
         else create_train_transform(
-            CONFIG, default_section(AugmentParams, rotate_deg=30.0, max_zoom=1.5)
+            CONFIG, default_section(AugmentParams, rotate_deg=30.0, max_zoom=1.5, flip=True)
         )
     )
     loader = _loader(prepared, transform)

@@ -207,7 +207,7 @@ def test_config_is_frozen_and_flattens_to_dotted_keys() -> None:
         params.data.source = "elsewhere"  # type: ignore[misc]
     flat = flatten(params)
     assert flat["data.mirrors"] == {"https://h/a.zip": ["a", "b"]}
-    assert flat["finetune.augment.flip"] is True
+    assert flat["finetune.augment.flip"] == "auto"
 
 
 @pytest.mark.parametrize(

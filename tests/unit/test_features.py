@@ -223,3 +223,15 @@ def test_the_fingerprint_records_no_torchcodec_where_it_is_not_installed(split, 
     assert fingerprint(split)["torchcodec_version"] is not None
     monkeypatch.setattr(features, "package_version", version)
     assert fingerprint(split)["torchcodec_version"] is None
+
+
+def test_the_mirrored_sample_round_trips(tmp_path: Path, split) -> None:
+    features = FeatureSet(
+        torch.randn(2, 8), torch.tensor([0, 1]), torch.randn(1, 8), torch.tensor([1]),
+        ["cat", "dog"], fingerprint(split),
+        mirror_rows=torch.tensor([1]), mirror_x=torch.randn(1, 8),
+    )  # fmt: skip
+    save_features(tmp_path / "f.safetensors", features)
+    loaded = load_features(tmp_path / "f.safetensors", fingerprint(split))
+    assert loaded.mirror_rows.tolist() == [1]
+    assert torch.equal(loaded.mirror_x, features.mirror_x)

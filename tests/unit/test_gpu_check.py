@@ -76,7 +76,7 @@ def test_the_dry_run_runs_every_section_on_the_cpu_without_what_the_gpu_machine_
 
     stages = record["stages"]
     assert set(stages) == {"precompute", "train_head", "lr_find", "finetune", "evaluate"}
-    assert stages["precompute"]["images"] == 18
+    assert stages["precompute"]["images"] == 18 + 12  # and the 12 train images mirrored
     assert stages["train_head"]["n_train"] == 12
     assert stages["lr_find"]["iterations"] <= 5 and stages["lr_find"]["lr"] > 0
     assert stages["finetune"]["lr"] == stages["lr_find"]["lr"]  # finetune.lr: auto

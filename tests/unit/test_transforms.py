@@ -61,7 +61,7 @@ def test_eval_transform_centre_crops_after_resizing_the_short_side() -> None:
 def test_train_transform_is_random_but_seedable() -> None:
     image = Image.effect_mandelbrot((120, 90), (-2, -1.2, 1, 1.2), 50).convert("RGB")
     transform = create_train_transform(
-        CFG, default_section(AugmentParams, rotate_deg=10, max_zoom=1.3)
+        CFG, default_section(AugmentParams, rotate_deg=10, max_zoom=1.3, flip=True)
     )
     torch.manual_seed(0)
     first = transform(image)

@@ -50,6 +50,18 @@ def test_views_are_a_fixed_order_of_distinct_views():
         tta_views(MAX_AUGMENT + 1)
 
 
+def test_a_model_not_trained_on_mirrors_gets_no_mirrored_views():
+    """Without mirrors the same order minus the mirrored views: n_augment 1 is the plain crop."""
+    assert tta_views(1, mirror=False) == (TtaView(),)
+    assert [v.name for v in tta_views(9, mirror=False)] == [
+        "crop_center",
+        *(f"crop_{p}" for p in _CORNERS),
+    ]
+    assert tta_views(MAX_AUGMENT, mirror=False) == tuple(
+        v for v in tta_views(MAX_AUGMENT) if not v.flip
+    )
+
+
 def test_view_zero_is_the_eval_transform_and_views_are_deterministic(dogscats: Path):
     cfg = DataConfig(image_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                      interpolation="bicubic", crop_pct=0.875)  # fmt: skip

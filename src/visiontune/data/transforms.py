@@ -210,6 +210,8 @@ def create_train_transform(cfg: DataConfig, aug: AugmentParams) -> Transform:
     steps: list[Callable] = [
         RandomZoomCrop(cfg.image_size, aug.max_zoom, interpolation=mode, degrees=aug.rotate_deg)
     ]
+    if aug.flip == "auto":
+        raise ValueError("finetune.augment.flip: auto is decided by train_head (resolve_finetune)")
     if aug.flip:
         steps.append(v2.RandomHorizontalFlip())
     if aug.brightness > 0 or aug.contrast > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -12,11 +13,13 @@ import torch
 
 from visiontune.config import TtaParams
 from visiontune.data.dataset import create_loader
-from visiontune.data.transforms import DataConfig
 from visiontune.distributed import SINGLE, DistContext, all_reduce_max, gather_shards, shard
 from visiontune.evaluate import metrics
 from visiontune.evaluate.tta import TtaDataset, ViewMaker, ViewPredictions, predict_views, tta_views
 from visiontune.runtime import Runtime
+
+if TYPE_CHECKING:
+    from visiontune.models.classifier import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,7 @@ def score_predictions(
 
 def evaluate_model(
     model: torch.nn.Module,
-    classes: Sequence[str],
-    data_config: DataConfig,
+    info: ModelInfo,
     frame: pd.DataFrame,
     image_root: Path,
     tta: TtaParams,
@@ -87,12 +89,14 @@ def evaluate_model(
     """Score `model` on the images of `frame` (columns path relative to `image_root`, label).
 
     One pass decodes each image once and runs the plain centre crop plus `tta.n_augment`
-    fixed views through the model; plain metrics come from the centre-crop view. Under
+    fixed views (no mirrored ones where the model was not trained on mirrors) through the
+    model; plain metrics come from the centre-crop view. Under
     torchrun each rank predicts every world_size-th image (no padding duplicates) and the
     probabilities are gathered back in table order, so every image counts exactly once;
     every rank returns the same Evaluation.
     """
-    views = tta_views(tta.n_augment)
+    classes, data_config = info.classes, info.data_config
+    views = tta_views(tta.n_augment, info.mirror)
     labels = label_indices(list(frame["label"]), classes)
     root = Path(image_root)
     paths = shard([root / p for p in frame["path"]], dist)

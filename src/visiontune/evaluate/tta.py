@@ -49,7 +49,7 @@ class TtaView:
 # off the subject of a tightly framed photo). Zoomed views come last because the model
 # never saw that much zoom (dogscats: each zoomed view alone 96.3-98.8 % against
 # 97.9-99.1 % for the eval-scale corners). A mirror is only a safe view where training
-# mirrored too (`finetune.augment.flip`, on by default).
+# mirrored too (`finetune.augment.flip`): where it did not, the mirrored views are left out.
 _AUGMENTED: tuple[TtaView, ...] = (
     TtaView(flip=True),
     *(TtaView(position=p) for p in _CORNERS),
@@ -62,11 +62,12 @@ _AUGMENTED: tuple[TtaView, ...] = (
 MAX_AUGMENT = len(_AUGMENTED)
 
 
-def tta_views(n_augment: int) -> tuple[TtaView, ...]:
-    """The plain centre crop followed by `n_augment` augmented views (a fixed order)."""
+def tta_views(n_augment: int, mirror: bool = True) -> tuple[TtaView, ...]:
+    """The plain centre crop followed by the first `n_augment` augmented views of a fixed
+    order, without the mirrored ones unless `mirror` (the model was trained on mirrors)."""
     if not 0 <= n_augment <= MAX_AUGMENT:
         raise ValueError(f"n_augment must be in [0, {MAX_AUGMENT}], got {n_augment}")
-    return (TtaView(), *_AUGMENTED[:n_augment])
+    return (TtaView(), *(v for v in _AUGMENTED[:n_augment] if mirror or not v.flip))
 
 
 class ViewMaker:

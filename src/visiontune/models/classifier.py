@@ -99,6 +99,9 @@ class ModelInfo:
     head_hidden: tuple[int, ...]
     head_dropout: float
     inference: InferenceSettings | None = None
+    # Whether fine-tuning mirrored its images (`finetune.augment.flip`, resolved): the
+    # mirrored TTA views are cut only then. A model file without it: True, as before.
+    mirror: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -107,6 +110,7 @@ class ModelInfo:
             "data_config": self.data_config.to_dict(),
             "head_hidden": list(self.head_hidden),
             "head_dropout": self.head_dropout,
+            "mirror": self.mirror,
         }
         if self.inference is not None:
             data["inference"] = self.inference.to_dict()
@@ -122,6 +126,7 @@ class ModelInfo:
             head_hidden=tuple(int(h) for h in data["head_hidden"]),
             head_dropout=float(data["head_dropout"]),
             inference=InferenceSettings.from_dict(inference) if inference else None,
+            mirror=bool(data.get("mirror", True)),
         )
 
 

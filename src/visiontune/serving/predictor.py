@@ -41,7 +41,8 @@ def inference_settings(info: ModelInfo) -> InferenceSettings:
 def create_views(info: ModelInfo, tta: bool = True) -> ViewMaker:
     """The model's views: its `n_augment` TTA views with `tta`, else the centre crop alone."""
     settings = inference_settings(info)
-    return ViewMaker(info.data_config, tta_views(settings.n_augment if tta else 0), settings.zoom)
+    views = tta_views(settings.n_augment if tta else 0, info.mirror)
+    return ViewMaker(info.data_config, views, settings.zoom)
 
 
 def inference_runtime(precision: str, device: str = "auto", num_workers: int = 0) -> Runtime:

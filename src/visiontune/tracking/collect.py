@@ -135,10 +135,14 @@ def collect(
     if isinstance(metrics, Mapping):
         record.metrics.update(numeric(metrics, namespace))
         record.artifacts.append((out_dir / "metrics.json", None))
-        # What the head started from and why (train_head's choice), searchable as tags.
-        for key in ("init", "init_reason", "domain"):
-            if isinstance(metrics.get(key), str):
-                record.tags[f"{namespace}.{key}"] = metrics[key]
+        # What the head started from and why, and whether a mirror image keeps its class
+        # (train_head's choices), searchable as tags.
+        for key in ("init", "init_reason", "domain", "mirror_symmetric"):
+            value = metrics.get(key)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            if isinstance(value, str):
+                record.tags[f"{namespace}.{key}"] = value
     for key, value in (extra_metrics or {}).items():
         record.metrics[key if "/" in key else f"{namespace}/{key}"] = float(value)
 

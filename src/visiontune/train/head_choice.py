@@ -23,6 +23,7 @@ from visiontune.features import FeatureSet
 from visiontune.models.head import create_head
 from visiontune.train.head import HeadResult, evaluate_head, train_head
 from visiontune.train.logreg import CV_FOLDS, LogRegFit, cv_folds, fit_logreg, init_from_logreg
+from visiontune.train.mirror import mirror_symmetry
 
 Route = Literal["auto", "source", "logreg", "random"]
 
@@ -120,7 +121,8 @@ def train_head_on_features(
     """The head for these cached features, started as `params.init` says.
 
     `source` is the backbone's pretrained classifier (weight, bias) when it has one.
-    The metrics record the start used and, for `auto`, both CV scores that chose it.
+    The metrics record the start used and, for `auto`, both CV scores that chose it; and
+    whether a mirror image keeps its class (`visiontune.train.mirror`), for `flip: auto`.
     """
     route = resolve_head_init(params, source, str(features.fingerprint.get("backbone")))
     x, y, k = features.train_x.float(), features.train_y, len(features.classes)
@@ -149,13 +151,15 @@ def train_head_on_features(
         result = train_head(
             x, y, features.valid_x, features.valid_y, k, params, seed=seed, source=start
         )
+    choice |= mirror_symmetry(features, seed).to_metrics()
     return HeadResult(result.head, result.history, {**result.metrics, **choice}, result.lr_find)
 
 
 def head_metadata(features: FeatureSet, params: HeadParams, result: HeadResult) -> dict[str, Any]:
     """What `save_head` stores beside the tensors: shape, classes, the features it fits.
 
-    The start and the domain travel on: finetune's `lr_ratios: auto` reads the domain.
+    The start, the domain and the mirror test travel on: finetune's `lr_ratios: auto`
+    reads the domain, `flip: auto` the mirror test.
     """
     return {
         "in_features": int(features.train_x.shape[1]),
@@ -164,6 +168,7 @@ def head_metadata(features: FeatureSet, params: HeadParams, result: HeadResult) 
         "dropout": next(m.p for m in result.head if isinstance(m, torch.nn.Dropout)),
         "init": result.metrics["init"],
         "domain": result.metrics["domain"],
+        "mirror_symmetric": result.metrics["mirror_symmetric"],
         "backbone": features.fingerprint.get("backbone"),
         "weights_sha256": features.fingerprint.get("weights_sha256"),
         "features_fingerprint": features.fingerprint,
@@ -180,5 +185,8 @@ def describe(metrics: Mapping[str, Any]) -> str:
     return (
         f"{how} on {metrics['n_train']} features: valid_acc {metrics['valid_acc']:.4f} "
         f"(loss {metrics['valid_loss']:.4f}); {metrics['init_reason']}; "
-        f"{metrics['domain']} domain"
+        f"{metrics['domain']} domain; a mirror image "
+        f"{'keeps its class' if metrics['mirror_symmetric'] else 'changes class'} "
+        f"({metrics['mirror_lost']} right→wrong, {metrics['mirror_gained']} wrong→right, "
+        f"p = {metrics['mirror_p']:.2g})"
     )

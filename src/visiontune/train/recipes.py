@@ -46,25 +46,33 @@ NEAR_EARLIEST_RATIO = 0.01
 FAR_EARLIEST_RATIO = 1 / 9
 
 
-def resolve_lr_ratios(finetune: FinetuneParams, head_path: Path) -> FinetuneParams:
-    """`finetune` with concrete `lr_ratios`: `auto` follows the head's domain.
+def resolve_finetune(finetune: FinetuneParams, head_path: Path) -> FinetuneParams:
+    """`finetune` with its `auto` values made concrete from what train_head found.
 
-    train_head records the domain from the train features alone: "near" when the
-    backbone's own classifier, re-labelled, nearly matches a logistic fit in CV.
+    `lr_ratios: auto` follows the head's domain: "near" when the backbone's own classifier,
+    re-labelled, nearly matches a logistic fit in CV. `augment.flip: auto` mirrors only
+    where a mirror image keeps its class (`visiontune.train.mirror`). Both were decided
+    on the train features alone.
     """
-    if finetune.lr_ratios != "auto":
-        return finetune
-    earliest = NEAR_EARLIEST_RATIO if head_domain(head_path) == "near" else FAR_EARLIEST_RATIO
-    last = finetune.layer_groups - 1
-    ratios = tuple(earliest ** ((last - g) / last) for g in range(finetune.layer_groups))
-    return finetune.model_copy(update={"lr_ratios": ratios})
+    meta = head_meta(head_path)
+    update: dict[str, Any] = {}
+    if finetune.lr_ratios == "auto":
+        near = meta.get("domain", "far") == "near"
+        earliest = NEAR_EARLIEST_RATIO if near else FAR_EARLIEST_RATIO
+        last = finetune.layer_groups - 1
+        update["lr_ratios"] = tuple(
+            earliest ** ((last - g) / last) for g in range(finetune.layer_groups)
+        )
+    if finetune.augment.flip == "auto":
+        flip = bool(meta.get("mirror_symmetric", True))
+        update["augment"] = finetune.augment.model_copy(update={"flip": flip})
+    return finetune.model_copy(update=update)
 
 
-def head_domain(head_path: Path) -> str:
-    """ "near" or "far" from ImageNet, as train_head found it (a head's metadata alone)."""
+def head_meta(head_path: Path) -> dict[str, Any]:
+    """What train_head stored beside a head's tensors (its metadata alone, no tensors)."""
     with safe_open(str(head_path), framework="pt", device="cpu") as handle:
-        meta = json.loads((handle.metadata() or {}).get(HEAD_METADATA_KEY, "{}"))
-    return str(meta.get("domain", "far"))
+        return dict(json.loads((handle.metadata() or {}).get(HEAD_METADATA_KEY, "{}")))
 
 
 class StaleHeadError(ValueError):
