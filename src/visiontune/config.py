@@ -205,7 +205,7 @@ class LrFindParams(Section):
 class FinetuneParams(Section):
     layer_groups: int = Field(ge=2, le=10)
     # LR of each group relative to `lr`, early layers first; "auto" follows the head's start
-    # (see `visiontune.train.recipes.resolve_lr_ratios`).
+    # (see `visiontune.train.recipes.resolve_finetune`).
     lr_ratios: tuple[PositiveFloat, ...] | Literal["auto"]
     # Top-group LR; "auto" takes the lr_find suggestion.
     lr: PositiveFloat | Literal["auto"]

@@ -9,7 +9,7 @@ features of a sample of mirrored train images (`flip: auto` tests them).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +61,18 @@ def expected_fingerprint(
 class EvalViews(ImageDataset):
     """The eval transform's crops; the items flagged in `mirrored` as their mirror images."""
 
-    def __init__(self, paths, labels, mirrored: Sequence[bool], transform, min_size) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        mirrored: Sequence[bool],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        min_size: int,
+    ) -> None:
         super().__init__(paths, labels, transform, min_size=min_size)
         self.mirrored = list(mirrored)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         pixels, label, index = super().__getitem__(key)
         return (pixels.flip(-1) if self.mirrored[index] else pixels), label, index
 
@@ -85,10 +92,12 @@ def _extract(
     batch_size: int,
     seed: int,
     dist: DistContext = SINGLE,
-    mirror_rows: Sequence[int] = (),
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    *,
+    mirror_seed: int,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, float]:
     """Features and labels of each split table, in table order, then of the mirror images
-    of the first table's `mirror_rows`; and the images/s.
+    of a seeded sample of the first table's rows (`mirror_sample`, with `mirror_seed`);
+    the sample's rows; and the images/s.
 
     All of them go through one DataLoader: its start (worker spawn, the first batches'
     decoding while the model waits) is paid once, which on a 1000-image set was ~15 %.
@@ -101,7 +110,8 @@ def _extract(
             raise ValueError(f"{path} has labels not in the class list: {', '.join(unknown[:10])}")
     paths = [p for frame in frames for p in frame["path"].tolist()]
     labels = [index[label] for frame in frames for label in frame["label"].astype(str)]
-    rows = [int(row) for row in mirror_rows]
+    mirror_rows = mirror_sample(len(frames[0]), mirror_seed)
+    rows = mirror_rows.tolist()
     paths, labels = paths + [paths[r] for r in rows], labels + [labels[r] for r in rows]
     mirrored = [False] * (len(paths) - len(rows)) + [True] * len(rows)
     dataset = EvalViews(
@@ -135,7 +145,7 @@ def _extract(
         (x.clone(), y.clone())
         for x, y in zip(features.split(sizes), all_labels.split(sizes), strict=True)
     ]
-    return parts, rate
+    return parts, mirror_rows, rate
 
 
 def precompute_features(
@@ -168,9 +178,7 @@ def precompute_features(
     backbone, weights = create_backbone(model.backbone, model.weights)
     data_config = resolve_data_config(backbone, model)
     start = time.perf_counter()
-    n_train = len(read_split(Path(train_csv), image_root))
-    mirror_rows = mirror_sample(n_train, base.seed)
-    (train_x, train_y), (valid_x, valid_y), (mirror_x, _) = _extract(
+    parts, mirror_rows, _ = _extract(
         backbone,
         [Path(train_csv), Path(valid_csv)],
         image_root,
@@ -180,8 +188,9 @@ def precompute_features(
         params.batch_size,
         base.seed,
         dist,
-        mirror_rows.tolist(),
-    )[0]
+        mirror_seed=base.seed,
+    )
+    (train_x, train_y), (valid_x, valid_y), (mirror_x, _) = parts
     seconds = time.perf_counter() - start
     count = len(train_y) + len(valid_y) + len(mirror_x)
     stats: dict[str, float] = {

@@ -23,6 +23,7 @@ import torch
 from scipy.stats import binomtest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from visiontune.features import FeatureSet
@@ -73,16 +74,17 @@ def check_mirror_symmetry(
         for fit_rows, held_out in cv_folds(y, seed):
             if len(np.unique(labels[fit_rows])) < 2:
                 continue
-            scaler = StandardScaler().fit(features[fit_rows])
+            model = make_pipeline(
+                StandardScaler(),
+                LogisticRegression(C=MIRROR_C, max_iter=LOGREG_MAX_ITER, tol=LOGREG_TOL),
+            )
             with warnings.catch_warnings():
                 # A test statistic, not the head: an unconverged fit still ranks the classes.
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                model = LogisticRegression(
-                    C=MIRROR_C, max_iter=LOGREG_MAX_ITER, tol=LOGREG_TOL
-                ).fit(scaler.transform(features[fit_rows]), labels[fit_rows])
+                model.fit(features[fit_rows], labels[fit_rows])
             truth = labels[held_out]
-            plain = model.predict(scaler.transform(features[held_out])) == truth
-            mirror = model.predict(scaler.transform(flipped[held_out])) == truth
+            plain = model.predict(features[held_out]) == truth
+            mirror = model.predict(flipped[held_out]) == truth
             lost += int((plain & ~mirror).sum())
             gained += int((~plain & mirror).sum())
     changed = lost + gained

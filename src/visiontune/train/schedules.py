@@ -136,7 +136,7 @@ def create_schedule(
 
 def group_lrs(lr: float, lr_ratios: Sequence[float]) -> list[float]:
     """Base LR of every layer group: the top LR times each group's ratio."""
-    if isinstance(lr_ratios, str):  # "auto" is decided from the head: resolve_lr_ratios
+    if isinstance(lr_ratios, str):  # "auto" is decided from the head: resolve_finetune
         raise ValueError(f"lr_ratios {lr_ratios!r} must be resolved to numbers first")
     return [lr * ratio for ratio in lr_ratios]
 
