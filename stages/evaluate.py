@@ -38,7 +38,8 @@ def evaluate(stage: Stage):
     print(
         f"evaluate: {m['n_images']} images, accuracy {m['accuracy']:.4f} (loss {m['loss']:.4f}), "
         f"TTA x{m['n_views']} {m['accuracy_tta']:.4f} (loss {m['loss_tta']:.4f}), "
-        f"gain {m['tta_gain'] * 100:+.2f} pts, {m['images_per_s']:.1f} img/s"
+        f"gain {m['tta_gain'] * 100:+.2f} pts (+{m['tta_images_gained']}/-{m['tta_images_lost']} "
+        f"images, p = {m['tta_gain_p']:.2g}), {m['images_per_s']:.1f} img/s"
     )
     return out
 

@@ -12,7 +12,7 @@ from real_config import default_section
 
 from visiontune.config import ReportParams
 from visiontune.data.transforms import DataConfig
-from visiontune.evaluate.report import build_report
+from visiontune.evaluate.report import build_report, tta_gain_line
 
 CFG = DataConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
                  crop_pct=0.875)  # fmt: skip
@@ -30,7 +30,8 @@ def _synthetic(n_classes: int, per_class: int, seed: int = 0):
 def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     acc = float((probs.argmax(1) == labels).mean())
     return {"n_images": len(labels), "n_views": 5, "accuracy": acc - 0.01, "loss": 0.5,
-            "accuracy_tta": acc, "loss_tta": 0.45, "tta_gain": 0.01}  # fmt: skip
+            "accuracy_tta": acc, "loss_tta": 0.45, "tta_gain": 0.01,
+            "tta_images_gained": 3, "tta_images_lost": 1, "tta_gain_p": 0.625}  # fmt: skip
 
 
 @pytest.mark.parametrize("n_classes", [2, 120])
@@ -68,5 +69,22 @@ def test_report_files(tmp_path: Path, dogscats: Path, n_classes: int):
     text = files.report.read_text()
     for png in files.images():
         assert f"]({png.name})" in text
-    assert "TTA gain: +1.00" in text
+    assert "TTA gain: +1.00 accuracy points: 3 images right that the centre crop got" in text
     assert ("10 weakest classes" in text) == (n_classes > 20)
+
+
+@pytest.mark.parametrize(
+    ("gained", "lost", "p", "says"),
+    [
+        (0, 0, 1.0, "TTA changed no image's verdict."),
+        (3, 1, 0.625, "(exact McNemar p = 0.62): a split that chance alone often gives."),
+        (12, 0, 0.00049, "(exact McNemar p = 0.00049)."),
+    ],
+)
+def test_the_tta_gain_says_how_many_images_changed_and_how_likely_by_chance(
+    gained: int, lost: int, p: float, says: str
+):
+    line = tta_gain_line({"tta_gain": (gained - lost) / 200, "tta_images_gained": gained,
+                          "tta_images_lost": lost, "tta_gain_p": p})  # fmt: skip
+    assert line.startswith(f"TTA gain: {(gained - lost) / 2:+.2f} accuracy points")
+    assert line.endswith(says)

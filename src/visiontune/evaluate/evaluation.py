@@ -54,12 +54,16 @@ def score_predictions(
     plain_scores = metrics.summary(plain, labels)
     tta_scores = metrics.summary(tta, labels)
     per_class = metrics.per_class_table(tta, labels, classes)
+    change = metrics.paired_change(plain, tta, labels)
     headline = {
         "accuracy": plain_scores["accuracy"],
         "loss": plain_scores["loss"],
         "accuracy_tta": tta_scores["accuracy"],
         "loss_tta": tta_scores["loss"],
         "tta_gain": tta_scores["accuracy"] - plain_scores["accuracy"],
+        "tta_images_gained": change["gained"],
+        "tta_images_lost": change["lost"],
+        "tta_gain_p": change["p"],
         **{f"{k}_tta": v for k, v in metrics.macro_scores(per_class).items()},
         "n_images": len(labels),
         "n_views": len(views),

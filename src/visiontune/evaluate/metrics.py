@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 # Probabilities are float32 softmax outputs; a true-class probability that underflowed to
@@ -29,6 +30,23 @@ def summary(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "accuracy": accuracy(probs, labels),
         "loss": float(per_image_loss(probs, labels).mean()) if len(labels) else float("nan"),
     }
+
+
+def paired_change(before: np.ndarray, after: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Images `after` gets right that `before` got wrong (`gained`), the reverse (`lost`), and
+    the exact McNemar test's two-sided p: how often chance alone splits that many changed
+    images at least this unevenly.
+
+    Two predictions of the same images differ only where they disagree: on 205 dogbreeds
+    images TTA's gain swung from -2.0 to +1.0 points between one epoch end and the next of
+    one run (4 images each way), which the accuracies alone do not show.
+    """
+    right_before = before.argmax(axis=1) == labels
+    right_after = after.argmax(axis=1) == labels
+    gained = int(np.sum(right_after & ~right_before))
+    lost = int(np.sum(right_before & ~right_after))
+    p = binomtest(gained, gained + lost).pvalue if gained + lost else 1.0
+    return {"gained": gained, "lost": lost, "p": float(p)}
 
 
 def per_class_table(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:

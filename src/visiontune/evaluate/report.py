@@ -126,6 +126,19 @@ def build_report(
     return files
 
 
+def tta_gain_line(m: Mapping[str, float]) -> str:
+    """TTA's gain in points and in images, with the exact McNemar p of that split."""
+    gained, lost, p = int(m["tta_images_gained"]), int(m["tta_images_lost"]), m["tta_gain_p"]
+    line = f"TTA gain: {m['tta_gain'] * 100:+.2f} accuracy points"
+    if gained + lost == 0:
+        return f"{line}: TTA changed no image's verdict."
+    line += (
+        f": {gained} images right that the centre crop got wrong, {lost} the other way "
+        f"(exact McNemar p = {p:.2g})"
+    )
+    return f"{line}: a split that chance alone often gives." if p >= 0.05 else f"{line}."
+
+
 def render_markdown(
     eval_metrics: Mapping[str, float],
     per_class: pd.DataFrame,
@@ -148,7 +161,7 @@ def render_markdown(
         f"| accuracy | {m['accuracy']:.4f} | {m['accuracy_tta']:.4f} |",
         f"| loss | {m['loss']:.4f} | {m['loss_tta']:.4f} |",
         "",
-        f"TTA gain: {m['tta_gain'] * 100:+.2f} accuracy points.",
+        tta_gain_line(m),
         "",
         f"![confusion matrix]({files.confusion_png.name})",
         "",
