@@ -96,18 +96,15 @@ def test_most_confused_orders_pairs_by_count():
 
 
 def test_paired_change_counts_the_images_that_changed_and_tests_the_split():
-    labels = np.zeros(20, dtype=np.int64)
-    right, wrong = np.array([0.9, 0.1]), np.array([0.1, 0.9])
     # before right on images 0-11; after right on 4-19: 8 gained (12-19), 4 lost (0-3).
-    before = np.stack([right if i < 12 else wrong for i in range(20)])
-    after = np.stack([right if i >= 4 else wrong for i in range(20)])
-    change = metrics.paired_change(before, after, labels)
+    before, after = np.arange(20) < 12, np.arange(20) >= 4
+    change = metrics.paired_change(before, after)
     assert (change["gained"], change["lost"]) == (8, 4)
     # Exact two-sided McNemar: P(|X - 6| >= 2), X ~ Binomial(12, 1/2) = 1588 / 4096.
     assert change["p"] == pytest.approx(1588 / 4096)
-    # The gain in accuracy is the gained minus the lost images.
-    gain = metrics.accuracy(after, labels) - metrics.accuracy(before, labels)
-    assert gain == pytest.approx((change["gained"] - change["lost"]) / 20)
-    assert metrics.paired_change(before, before, labels) == {"gained": 0, "lost": 0, "p": 1.0}
-    lopsided = metrics.paired_change(np.stack([wrong] * 10), np.stack([right] * 10), labels[:10])
+    # One-sided, fewer gained than lost: P(X <= 8) = 3797 / 4096; the reverse split 794 / 4096.
+    assert metrics.paired_change(before, after, "less")["p"] == pytest.approx(3797 / 4096)
+    assert metrics.paired_change(after, before, "less")["p"] == pytest.approx(794 / 4096)
+    assert metrics.paired_change(before, before) == {"gained": 0, "lost": 0, "p": 1.0}
+    lopsided = metrics.paired_change(np.zeros(10, bool), np.ones(10, bool))
     assert lopsided["p"] == pytest.approx(2 / 2**10)

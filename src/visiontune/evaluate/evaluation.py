@@ -54,7 +54,7 @@ def score_predictions(
     plain_scores = metrics.summary(plain, labels)
     tta_scores = metrics.summary(tta, labels)
     per_class = metrics.per_class_table(tta, labels, classes)
-    change = metrics.paired_change(plain, tta, labels)
+    change = metrics.paired_change(plain.argmax(1) == labels, tta.argmax(1) == labels)
     headline = {
         "accuracy": plain_scores["accuracy"],
         "loss": plain_scores["loss"],

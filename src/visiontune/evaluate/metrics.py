@@ -32,20 +32,22 @@ def summary(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def paired_change(before: np.ndarray, after: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Images `after` gets right that `before` got wrong (`gained`), the reverse (`lost`), and
-    the exact McNemar test's two-sided p: how often chance alone splits that many changed
-    images at least this unevenly.
+def paired_change(
+    right_before: np.ndarray, right_after: np.ndarray, alternative: str = "two-sided"
+) -> dict[str, float]:
+    """Of the same images, how many the second verdicts (`right_after`, booleans) get right
+    that the first got wrong (`gained`) and the reverse (`lost`), with the exact McNemar
+    test's p (scipy's binomial test on those changed images; `alternative` "less": fewer
+    gained than lost).
 
     Two accuracies on the same images hide how few images they differ on: on 205 dogbreeds
     images TTA's gain read +1.0, -0.5, 0 and -2.0 points at the head start and the three
     epoch ends of one fine-tune (0-4 images), each a split that chance gives easily.
     """
-    right_before = before.argmax(axis=1) == labels
-    right_after = after.argmax(axis=1) == labels
     gained = int(np.sum(right_after & ~right_before))
     lost = int(np.sum(right_before & ~right_after))
-    p = binomtest(gained, gained + lost).pvalue if gained + lost else 1.0
+    changed = gained + lost
+    p = binomtest(gained, changed, alternative=alternative).pvalue if changed else 1.0
     return {"gained": gained, "lost": lost, "p": float(p)}
 
 
