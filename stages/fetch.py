@@ -20,8 +20,10 @@ def fetch(stage: Stage):
     # Unusable sources, archives and downloads raise ValueError or OSError: the runner
     # reports them and exits 1, and the atomic folder leaves no partial output.
     with atomic_dir(paths.out) as tmp:
+        # Downloads are kept in the repo DVC was run from: experiment copies share them.
+        downloads = stage.locate.shared(paths.download_dir)
         summary = prepare_dataset(
-            params.data, tmp, paths.download_dir, seed=params.base.seed,
+            params.data, tmp, downloads, stage.locate, seed=params.base.seed,
             workers=min(os.cpu_count() or 1, 8), progress=sys.stderr.isatty(),
         )  # fmt: skip
         save_config(

@@ -15,7 +15,7 @@ PATHS = {"out": "stamp file"}
 
 
 def stamp(stage: Stage) -> None:
-    write_json(stage.paths.out, source_stamp(stage.params.data))
+    write_json(stage.paths.out, source_stamp(stage.params.data, stage.locate))
 
 
 def main(argv: list[str] | None = None) -> int:

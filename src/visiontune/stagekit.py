@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from visiontune import tracking
-from visiontune.config import Params, ParamsError, load_params
+from visiontune.config import WEIGHT_SOURCES, Params, ParamsError, load_params
+from visiontune.locations import Locator
 
 EXIT_FAILED = 1
 EXIT_BAD_PARAMS = 2
@@ -51,6 +52,8 @@ class Stage:
     params: Params
     paths: argparse.Namespace
     tracker: tracking.StageTracker
+    # Finds the relative paths of params.yaml, in DVC's experiment copies too.
+    locate: Locator
     # Torch stages: visiontune.runtime.Runtime and visiontune.distributed.DistContext (Any:
     # fetch and split must not import torch to start).
     runtime: Any = None
@@ -93,7 +96,14 @@ def run_stage(
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_PARAMS
-    stage = Stage(name, params, args, tracking.StageTracker(name, required=False))
+    locate = Locator.for_stage(Path.cwd(), os.environ.get("DVC_ROOT"))
+    if setup is not None:  # torch stages build the model: a weights file must be found
+        try:
+            params = _with_located_weights(params, locate)
+        except FileNotFoundError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_BAD_PARAMS
+    stage = Stage(name, params, args, tracking.StageTracker(name, required=False), locate)
     with contextlib.ExitStack() as stack:
         try:
             if setup is not None:
@@ -123,6 +133,15 @@ def run_stage(
         for callback in stage.after_logging:
             callback()
     return code
+
+
+def _with_located_weights(params: Params, locate: Locator) -> Params:
+    """`params` with a relative `model.weights` file made absolute where `locate` finds it."""
+    weights = params.model.weights
+    if weights in WEIGHT_SOURCES:
+        return params
+    found = str(locate.locate(weights, "model.weights file").path)
+    return params.model_copy(update={"model": params.model.model_copy(update={"weights": found})})
 
 
 def _open_tracking(stage: Stage) -> tracking.StageTracker:

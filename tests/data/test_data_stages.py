@@ -66,7 +66,7 @@ def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
     }
     config = json.loads((prepared / "config.json").read_text())
     assert config["fetch"]["source"]["used"] == "photos"
-    assert config["fetch"]["source"]["reason"] == "data.source, used as given"
+    assert config["fetch"]["source"]["reason"] == "data.source, found in the repo"
     assert config["data"]["mirrors"] == {DEMO_SOURCE: [DEMO_MIRROR]} and config["base"] == {
         "seed": 3
     }
@@ -74,7 +74,7 @@ def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
         "path,reason\ndogs/broken.jpg,empty file (0 bytes)\n"
     )
     out = capsys.readouterr().out
-    assert "fetch: source photos (a folder per class): data.source, used as given" in out
+    assert "fetch: source photos (a folder per class): data.source, found in the repo" in out
     assert "22 images in 3 classes" in out and "1 files rejected" in out
 
     assert split.main(stage_argv("split")) == 0

@@ -19,6 +19,7 @@ from visiontune.data.archive import UnsafeArchiveError
 from visiontune.data.manifest import read_classes, read_manifest, read_table
 from visiontune.data.prepare import prepare_dataset
 from visiontune.data.sources import SourceError, pick_mirror
+from visiontune.locations import Locator
 
 
 def _prepare(tmp_path: Path, **params) -> tuple[dict, pd.DataFrame, dict[str, str], Path]:
@@ -28,7 +29,12 @@ def _prepare(tmp_path: Path, **params) -> tuple[dict, pd.DataFrame, dict[str, st
     out.mkdir(parents=True)
     # data.mirrors keeps its shipped default (the demo URL → ../shared/data/dogscats).
     summary = prepare_dataset(
-        default_section(DataParams, **params), out, tmp_path / "downloads", seed=0, progress=False
+        default_section(DataParams, **params),
+        out,
+        tmp_path / "downloads",
+        Locator.for_stage(Path.cwd(), None),
+        seed=0,
+        progress=False,
     )
     manifest = read_manifest(out / "manifest.csv")
     rejects = read_table(out / "rejects.csv", ("path", "reason"))
@@ -253,15 +259,16 @@ def test_the_shipped_demo_source_reads_its_mirror_offline(
     monkeypatch.chdir(repo_root)
     data = load_params(repo_root / "params.yaml").data
     assert data.source == DEMO_SOURCE and data.mirrors == {DEMO_SOURCE: (DEMO_MIRROR,)}
-    assert Path(pick_mirror(data.source, data.mirrors)).resolve() == dogscats.resolve()
-    assert pick_mirror(str(dogscats.parent / "dogbreeds"), data.mirrors) is None
+    here = Locator.for_stage(repo_root, None)
+    mirror = pick_mirror(data.source, data.mirrors, here)
+    assert mirror is not None and mirror.path.resolve() == dogscats.resolve()
+    assert pick_mirror(str(dogscats.parent / "dogbreeds"), data.mirrors, here) is None
 
 
-def test_missing_source_says_where_relative_paths_start(tmp_path: Path, monkeypatch) -> None:
+def test_missing_source_names_every_place_looked_in(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(
-        SourceError, match=rf"not found: photos \(relative paths start at .*{tmp_path.name}"
-    ):
+    with pytest.raises(FileNotFoundError, match=rf"data.source not found: photos \(looked for "
+                       rf"{tmp_path}/photos\)"):  # fmt: skip
         _prepare(tmp_path, source="photos")
 
 
@@ -272,7 +279,8 @@ def test_max_per_class_is_a_seeded_deterministic_subset(
         out = tmp_path / f"s{seed}"
         out.mkdir(exist_ok=True)
         params = default_section(DataParams, source=str(folder_dataset), max_per_class=2)
-        summary = prepare_dataset(params, out, tmp_path / "dl", seed=seed, progress=False)
+        here = Locator.for_stage(tmp_path, None)
+        summary = prepare_dataset(params, out, tmp_path / "dl", here, seed=seed, progress=False)
         assert summary["skipped_by_max_per_class"] > 0
         frame = read_manifest(out / "manifest.csv")
         assert frame.groupby(["label", "split_hint"]).size().max() == 2

@@ -11,6 +11,9 @@ from real_config import default_section
 
 from visiontune.config import DEMO_SOURCE, DataParams
 from visiontune.data.stamp import source_stamp
+from visiontune.locations import Locator
+
+HERE = Locator.for_stage(Path.cwd(), None)
 
 
 def _photos(dogscats: Path, dest: Path, n: int = 6) -> Path:
@@ -23,14 +26,14 @@ def _photos(dogscats: Path, dest: Path, n: int = 6) -> Path:
 
 
 def _digest(params: DataParams) -> str:
-    return source_stamp(params)["used"]["digest"]
+    return source_stamp(params, HERE)["used"]["digest"]
 
 
 def test_stamp_is_stable_and_sees_in_place_edits(dogscats: Path, tmp_path: Path) -> None:
     source = _photos(dogscats, tmp_path / "photos")
     params = default_section(DataParams, source=str(source))
-    first = source_stamp(params)
-    assert first == source_stamp(params)  # nothing changed: the same bytes, fetch skipped
+    first = source_stamp(params, HERE)
+    assert first == source_stamp(params, HERE)  # nothing changed: the same bytes, fetch skipped
     assert first["used"]["files"] == 12
     assert first["used"]["bytes"] == sum(p.stat().st_size for p in source.rglob("*.jpg"))
 
@@ -55,27 +58,30 @@ def test_stamp_is_stable_and_sees_in_place_edits(dogscats: Path, tmp_path: Path)
 def test_stamp_of_a_url_its_mirror_an_archive_and_labels(dogscats: Path, tmp_path: Path) -> None:
     # A URL without a local copy stands for itself (its content is data.sha256's job).
     url = default_section(DataParams, source="https://example.com/photos.zip", mirrors={})
-    assert source_stamp(url)["used"] == {"path": "https://example.com/photos.zip", "kind": "url"}
+    assert source_stamp(url, HERE)["used"] == {
+        "path": "https://example.com/photos.zip",
+        "kind": "url",
+    }
 
     # The URL's mirror is what fetch reads, so it is what is stamped.
     mirror = _photos(dogscats, tmp_path / "mirror", n=2)
     mirrored = default_section(
         DataParams, source=DEMO_SOURCE, mirrors={DEMO_SOURCE: (str(mirror),)}
     )
-    assert source_stamp(mirrored)["used"]["files"] == 4
+    assert source_stamp(mirrored, HERE)["used"]["files"] == 4
 
     # An archive is one file; a labels CSV outside the source is stamped too.
     archive = Path(shutil.make_archive(str(tmp_path / "photos"), "zip", mirror))
     labels = tmp_path / "labels.csv"
     labels.write_text("id,label\n")
     params = default_section(DataParams, source=str(archive), labels=str(labels))
-    before = source_stamp(params)
+    before = source_stamp(params, HERE)
     assert before["used"]["kind"] == "file" and before["labels"]["files"] == 1
     time.sleep(0.01)
     labels.write_text("id,label\ncat.1,cats\n")
-    assert source_stamp(params)["labels"] != before["labels"]
-    assert source_stamp(params)["used"] == before["used"]
+    assert source_stamp(params, HERE)["labels"] != before["labels"]
+    assert source_stamp(params, HERE)["used"] == before["used"]
 
     # A missing source is no error here: fetch itself reports it.
     missing = default_section(DataParams, source=str(tmp_path / "nowhere"))
-    assert source_stamp(missing)["used"]["kind"] == "missing"
+    assert source_stamp(missing, HERE)["used"]["kind"] == "missing"

@@ -18,6 +18,7 @@ from visiontune.data.images import UnreadableImageError
 from visiontune.data.manifest import read_classes, read_manifest, read_table
 from visiontune.data.prepare import prepare_dataset
 from visiontune.data.transforms import DataConfig, create_eval_transform, create_train_transform
+from visiontune.locations import Locator
 from visiontune.runtime import Runtime
 
 CONFIG = DataConfig(
@@ -43,7 +44,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "prepared"
     out.mkdir()
     params = default_section(DataParams, source=str(source), max_image_pixels=NASTY_MAX_PIXELS)
-    prepare_dataset(params, out, root / "downloads", seed=0, progress=False)
+    here = Locator.for_stage(root, None)
+    prepare_dataset(params, out, root / "downloads", here, seed=0, progress=False)
     return out
 
 

@@ -19,6 +19,7 @@ import summary  # noqa: E402
 
 from visiontune.config import parse_params  # noqa: E402
 from visiontune.data.sources import pick_mirror  # noqa: E402
+from visiontune.locations import Locator  # noqa: E402
 
 
 def test_deep_merge_merges_sections_and_replaces_leaves() -> None:
@@ -41,7 +42,10 @@ def test_bench_params_are_valid_params_with_absolute_data_paths(
     params = parse_params(raw)
     assert Path(params.data.source).is_absolute()
     # A local source: the shipped mirror of the demo URL stays and is not used.
-    assert pick_mirror(params.data.source, params.data.mirrors) is None
+    assert (
+        pick_mirror(params.data.source, params.data.mirrors, Locator.for_stage(tmp_path, None))
+        is None
+    )
     assert params.tracking.enabled is False
     if name == "dogbreeds":
         assert Path(params.data.labels).is_absolute()

@@ -31,13 +31,16 @@ from visiontune.data.manifest import (
 )
 from visiontune.data.sources import (
     Candidate,
+    Listing,
     Reject,
+    SourceError,
     list_folders,
     list_labelled,
     resolve_labels_path,
     resolve_source,
 )
 from visiontune.fileio import sha256_file
+from visiontune.locations import Locator
 
 IMAGES_DIR = "images"
 TEST_DIR = "test"
@@ -48,6 +51,7 @@ def prepare_dataset(
     params: DataParams,
     out_dir: Path,
     download_dir: Path,
+    locate: Locator,
     *,
     seed: int,
     workers: int = 1,
@@ -59,6 +63,7 @@ def prepare_dataset(
         params: the `data` section.
         out_dir: an empty folder (the stage swaps it into place when done).
         download_dir: cache for downloads and scratch space for extraction.
+        locate: finds the relative paths of `params` (source, mirrors, labels).
         seed: picks the `max_per_class` subset.
         workers: threads decoding images (Pillow releases the GIL while decoding).
 
@@ -70,12 +75,13 @@ def prepare_dataset(
         params.source,
         params.mirrors,
         download_dir,
+        locate,
         sha256=params.sha256,
         retries=params.download_retries,
         timeout_s=params.download_timeout_s,
     ) as source:
         if params.labels:
-            labels_csv = resolve_labels_path(params.labels, source.root)
+            labels_csv = resolve_labels_path(params.labels, source.root, locate)
             listing = list_labelled(source.root, labels_csv, params.id_column, params.label_column)
         else:
             listing = list_folders(source.root)
@@ -92,6 +98,8 @@ def prepare_dataset(
             progress=progress,
         )
         rejects += unreadable + duplicates + broken
+        if not kept:
+            raise SourceError(_nothing_usable(source.used, source.root, listing, rejects))
         for candidate in kept:
             target = out_dir / IMAGES_DIR / candidate.path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +144,24 @@ def prepare_dataset(
         "empty_classes": sorted(listing.class_folders - set(classes)),
         "held_out_test": held_out,
     }
+
+
+def _nothing_usable(used: str, root: Path, listing: Listing, rejects: Sequence[Reject]) -> str:
+    """Why a source gave no image to train on: what was looked for, and what was there."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    kinds = Counter(r.kind for r in rejects)
+    found = f"its top level holds {shown or 'nothing'}"
+    if kinds:
+        found += "; rejected: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    if listing.layout == "labels_csv":
+        wanted = "image files named by the ids of data.labels"
+    else:
+        wanted = (
+            "a folder per class (<class>/<image>, optionally below train/ and valid/), or "
+            "a folder of images plus a labels CSV (set data.labels)"
+        )
+    return f"no usable images in {used} ({root}): looked for {wanted}; {found}"
 
 
 def hash_files(

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
+from filelock import FileLock
 
-from visiontune.data.archive import extract_archive, is_archive_name
+from visiontune.data.archive import ARCHIVE_SUFFIXES, extract_archive, is_archive_name
 from visiontune.data.download import DownloadError, cache_name, download, is_url
 from visiontune.data.images import is_image_name
 from visiontune.fileio import sha256_file
+from visiontune.locations import Located, Locator
 
 # Folder names that mark a predefined split (case-insensitive) → the split_hint value.
 SPLIT_FOLDERS = {
@@ -79,7 +81,9 @@ class SourceError(ValueError):
     """A source that cannot be used at all (missing, bad CSV columns, ...)."""
 
 
-def pick_mirror(source: str, mirrors: Mapping[str, Sequence[str]]) -> str | None:
+def pick_mirror(
+    source: str, mirrors: Mapping[str, Sequence[str]], locate: Locator
+) -> Located | None:
     """The first existing local copy of `source`; None when `source` has none.
 
     A mirror stands in only for the URL it copies: a local folder, a CSV or an archive, or
@@ -87,7 +91,8 @@ def pick_mirror(source: str, mirrors: Mapping[str, Sequence[str]]) -> str | None
     """
     if not is_url(source):
         return None
-    return next((m for m in mirrors.get(source, ()) if Path(m).exists()), None)
+    found = (locate.find(mirror) for mirror in mirrors.get(source, ()))
+    return next((located for located in found if located is not None), None)
 
 
 @contextlib.contextmanager
@@ -95,6 +100,7 @@ def resolve_source(
     source: str,
     mirrors: Mapping[str, Sequence[str]],
     download_dir: Path,
+    locate: Locator,
     *,
     sha256: str | None,
     retries: int,
@@ -103,36 +109,36 @@ def resolve_source(
     """Use a local copy of the `source` URL when `mirrors` has one, else `source` itself;
     download and extract as needed.
 
+    Relative paths are found by `locate` (the checkout, then the repo DVC was run from).
     Archives are extracted to a temp folder under `download_dir`, removed on exit;
     downloads are cached in `download_dir` so a rerun does not fetch again.
     """
     copies = list(mirrors.get(source, ())) if is_url(source) else []
-    used = pick_mirror(source, mirrors)
-    if used is not None:
-        path = Path(used)
-        reason = f"the local copy of {source} in data.mirrors (nothing downloaded)"
+    mirror = pick_mirror(source, mirrors, locate)
+    if mirror is not None:
+        used, path = mirror.written, mirror.path
+        reason = f"the local copy of {source} in data.mirrors, {mirror.where} (nothing downloaded)"
     elif is_url(source):
         used = source
         target = Path(download_dir) / cache_name(source)
-        cached = target.is_file()
-        path = download(source, target, sha256=sha256, retries=retries, timeout_s=timeout_s)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Experiments run in parallel share this cache: one downloads, the others wait.
+        with FileLock(f"{target}.lock"):
+            cached = target.is_file()
+            path = download(source, target, sha256=sha256, retries=retries, timeout_s=timeout_s)
         reason = f"{'already downloaded' if cached else 'downloaded'} to {target}"
         if copies:
             reason += f" (no data.mirrors copy found: {', '.join(copies)})"
     else:
-        used = source
-        path = Path(source)
-        if not path.exists():
-            raise SourceError(
-                f"data.source not found: {source} (relative paths start at {Path.cwd()})"
-            )
-        reason = "data.source, used as given"
+        located = locate.locate(source, "data.source")
+        used, path = source, located.path
+        reason = f"data.source, {located.where}"
     kind = "url" if is_url(used) else "directory" if path.is_dir() else "archive"
     if path.is_dir():
         yield ResolvedSource(source, used, kind, path, reason=reason)
         return
     if not is_archive_name(path.name):
-        raise SourceError(f"{path}: not a directory or a .zip/.tar/.tar.gz/.tgz archive")
+        raise SourceError(f"{path}: not a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)})")
     digest = sha256_file(path)
     if sha256 is not None and digest != sha256:
         raise DownloadError(f"{path}: sha256 mismatch: expected {sha256}, got {digest}")
@@ -210,13 +216,18 @@ def list_folders(root: Path) -> Listing:
     return listing
 
 
-def resolve_labels_path(labels: str, root: Path) -> Path:
-    """`labels` itself if absolute; else inside the source root, then from the cwd."""
-    given = Path(labels)
-    for path in [given] if given.is_absolute() else [root / given, given]:
-        if path.is_file():
-            return path
-    raise SourceError(f"data.labels not found: {labels} (looked in {root} and the working dir)")
+def resolve_labels_path(labels: str, root: Path, locate: Locator) -> Path:
+    """`labels` inside the source root, else where `locate` finds it (absolute: as given)."""
+    inside = root / labels
+    if inside.is_file():  # an absolute `labels` ignores `root`
+        return inside
+    try:
+        found = locate.locate(labels, "data.labels")
+    except FileNotFoundError as exc:
+        raise SourceError(f"{exc}, nor in the source {root}") from None
+    if not found.path.is_file():
+        raise SourceError(f"data.labels is not a file: {found.path}")
+    return found.path
 
 
 def list_labelled(root: Path, labels_csv: Path, id_column: str, label_column: str) -> Listing:

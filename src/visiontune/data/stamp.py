@@ -16,6 +16,7 @@ from typing import Any
 from visiontune.config import DataParams
 from visiontune.data.download import is_url
 from visiontune.data.sources import pick_mirror
+from visiontune.locations import Located, Locator
 
 
 def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -36,24 +37,25 @@ def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                     yield name, entry.stat()
 
 
-def stamp_path(path: str) -> dict[str, Any]:
+def stamp_path(located: Located | None, written: str) -> dict[str, Any]:
     """Fingerprint of a local file or folder: file count, bytes, and a digest of every
-    file's (relative path, size, mtime in ns).
+    file's (relative path, size, mtime in ns). `path` is recorded as `params.yaml` writes it,
+    so the workspace and DVC's experiment copies stamp the same files identically.
 
     Like make's or rsync's quick check, an edit that keeps both size and mtime goes unseen.
     """
-    root = Path(path)
+    if located is None:
+        return {"path": written, "kind": "missing"}  # fetch itself says what is wrong
+    root = located.path
     if root.is_file():
         listing = [("", root.stat())]
-    elif root.is_dir():
-        listing = sorted(_files(root), key=lambda item: item[0])
     else:
-        return {"path": path, "kind": "missing"}  # fetch itself says what is wrong
+        listing = sorted(_files(root), key=lambda item: item[0])
     digest = hashlib.sha256()
     for rel, stat in listing:
         digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {
-        "path": path,
+        "path": written,
         "kind": "file" if root.is_file() else "directory",
         "files": len(listing),
         "bytes": sum(stat.st_size for _, stat in listing),
@@ -61,14 +63,28 @@ def stamp_path(path: str) -> dict[str, Any]:
     }
 
 
-def source_stamp(params: DataParams) -> dict[str, Any]:
+def source_stamp(params: DataParams, locate: Locator) -> dict[str, Any]:
     """What `fetch` will read, fingerprinted: the local source (or the URL's local mirror)
-    and a local labels CSV. A URL without a mirror stands for itself: its content is pinned
-    by `data.sha256` (or not at all), both params that DVC already compares.
+    and a local labels CSV, found as fetch finds them. A URL without a mirror stands for
+    itself: its content is pinned by `data.sha256` (or not at all), both params that DVC
+    already compares.
     """
-    used = pick_mirror(params.source, params.mirrors) or params.source
     stamp: dict[str, Any] = {"source": params.source}
-    stamp["used"] = {"path": used, "kind": "url"} if is_url(used) else stamp_path(used)
+    if is_url(params.source):
+        source = pick_mirror(params.source, params.mirrors, locate)
+        used = source.written if source else params.source
+    else:
+        source, used = locate.find(params.source), params.source
+    if source is None and is_url(used):
+        stamp["used"] = {"path": used, "kind": "url"}
+    else:
+        stamp["used"] = stamp_path(source, used)
     if params.labels is not None and not is_url(params.labels):
-        stamp["labels"] = stamp_path(params.labels)
+        # Looked up as fetch does: inside a source folder first.
+        inside = source.path / params.labels if source and source.path.is_dir() else None
+        if inside is not None and inside.is_file():
+            labels: Located | None = Located(params.labels, inside, "in the source")
+        else:
+            labels = locate.find(params.labels)
+        stamp["labels"] = stamp_path(labels, params.labels)
     return stamp

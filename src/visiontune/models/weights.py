@@ -80,7 +80,9 @@ def weights_identity(backbone: str, weights: str) -> WeightsInfo | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    return WeightsInfo(source=f"file:{path.resolve()}", sha256=sha256_file(path))
+    # The content hash identifies the weights; the name is for people. Not the full path:
+    # DVC's experiment copies find the same file under another folder.
+    return WeightsInfo(source=f"file:{path.name}", sha256=sha256_file(path))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
