@@ -49,13 +49,11 @@ bench-serving: setup ## the model in use: predict 10 000 photos, the served mode
 bench-scale: setup ## scale benchmark: fetch..train_head on 50 000 generated photos vs 12 500
 	$(PY) bench/scale.py $(SCALE_ARGS)
 
-# Runs keep their artifacts in mlruns/ (tracking.artifact_location, an absolute path in the
-# store); the UI reads them from there. UI_PORT=5001 make ui if 5000 is taken. MLflow's job
-# runner (GenAI prompt jobs, three more processes) stays off: nothing here uses it.
+# The store the stages log to, on localhost; it prints the experiment's runs address first.
+# UI_PORT=5001 make ui if 5000 is taken.
 UI_PORT ?= 5000
-ui: setup ## MLflow UI for the default local store (mlflow.db + mlruns/), on localhost only
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
-		--artifacts-destination $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
+ui: setup ## MLflow UI for the local store (mlflow.db + mlruns/), opened at the runs
+	$(PY) -m visiontune.tracking.ui --params params.yaml --port $(UI_PORT)
 
 # A lent GPU machine has its own python3 and torch but no venv, DVC, MLflow or network: these
 # targets need no `setup` (bench/README.md, "GPU check").

@@ -32,6 +32,8 @@ from visiontune.tracking.store import (
     TrackingError,
     TrackingUnavailableError,
     check_reachable,
+    first_use_lock,
+    git_remote_url,
     git_state,
     logging_failed,
     pipeline_id,
@@ -96,17 +98,30 @@ def preflight(
     if not section.enabled:
         return StageTracker(stage, required=False)
     cwd = Path.cwd() if cwd is None else cwd
-    store = resolve_store(section, repo_root(environ, cwd), environ.get(TRACKING_URI_ENV))
+    root = repo_root(environ, cwd)
+    store = resolve_store(section, root, environ.get(TRACKING_URI_ENV))
     try:
         check_reachable(store, timeout_s)
         client = MlflowClient(tracking_uri=store.uri, registry_uri=store.uri)
+        with first_use_lock(store):
+            # The first call creates (or migrates) a new SQLite store's tables: two queued
+            # experiments starting at once must not both do it.
+            client.search_experiments(max_results=1)
         for run_id in close_orphaned_runs(client):
             print(f"{stage}: closed run {run_id} as KILLED (its stage was killed)")
         commit, dirty = git_state(cwd)
+        # The UI's Source column: the repo DVC ran in (never an experiment's temp copy,
+        # which is deleted), the commit, and the remote it links to when there is one.
+        source = {
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": commit,
+            "mlflow.source.git.repoURL": git_remote_url(root),
+        }
         common = {"visiontune.version": visiontune.__version__, **(runtime_tags or {})}
         parent_tags = {
             **common,
-            "mlflow.source.git.commit": commit,
+            **source,
+            "mlflow.source.name": str(root),
             "git.commit": commit,
             "git.dirty": None if dirty is None else str(dirty).lower(),
             "dvc.exp_name": environ.get(DVC_EXP_NAME_ENV) or None,
@@ -122,7 +137,7 @@ def preflight(
             required=section.required,
             parent_params=flatten(params),
             parent_tags=parent_tags,
-            run_tags={**common, "mlflow.source.git.commit": commit},
+            run_tags={**common, **source, "mlflow.source.name": f"{root}/stages/{stage}.py"},
         )
     except Exception as exc:
         message = redact(f"MLflow tracking store {store.uri} is not usable: {exc}")
@@ -164,12 +179,12 @@ def log_stage(
         for path, artifact_path in record.artifacts:
             tracker.log_artifact(path, artifact_path)
         tracker.log_metrics(record.parent_metrics, parent=True)
-        tags = {
-            "data.fingerprint": sha256_file(manifest) if manifest.is_file() else None,
-            **record.tags,
-        }
+        fingerprint = sha256_file(manifest) if manifest.is_file() else None
+        tags = {"data.fingerprint": fingerprint, **record.tags}
         tracker.set_tags(tags)
         tracker.set_tags(tags, parent=True)
+        if fingerprint is not None:
+            tracker.log_dataset(params.data.source, fingerprint)
         if model is not None:
             from visiontune.tracking.model import log_model
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -205,8 +206,23 @@ def _log_model_file(tracker, model_file, info, registered_model, alias) -> dict[
     version = None
     if registered_model:
         version = register_version(tracker.client, registered_model, logged, tracker.run_id)
-        tracker.client.set_registered_model_alias(registered_model, alias, str(version))
-        tracker.client.set_model_version_tag(
-            registered_model, str(version), "visiontune.backbone", info.backbone
+        tracker.client.set_registered_model_alias(
+            registered_model, version_alias(alias, tracker.exp_name), str(version)
         )
+        tags = {"visiontune.backbone": info.backbone, "dvc.exp_name": tracker.exp_name}
+        for key, value in tags.items():
+            if value is not None:
+                tracker.client.set_model_version_tag(registered_model, str(version), key, value)
     return {"model_uri": logged.model_uri, "version": version}
+
+
+def version_alias(alias: str, exp_name: str | None) -> str:
+    """The alias a newly registered version takes.
+
+    `tracking.alias` follows the workspace: only `dvc repro` moves it, so experiments that
+    finish in any order never take it over. A version from `dvc exp run` gets an alias of its
+    own, `exp-<experiment name>` (`models:/visiontune@exp-fiery-pita`), and keeps it.
+    """
+    if exp_name is None:
+        return alias
+    return "exp-" + re.sub(r"[^A-Za-z0-9_-]", "-", exp_name)

@@ -12,7 +12,9 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ PIPELINE_TAG = "visiontune.pipeline_id"
 ROLE_TAG = "visiontune.role"
 STAGE_TAG = "visiontune.stage"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow rejects longer param values.
 _MAX_PARAM_CHARS = 6000
 
@@ -56,7 +60,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, store: Store) -> s
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=store.artifact_location)
+            return client.create_experiment(
+                name, artifact_location=store.artifact_location, tags=EXPERIMENT_KIND
+            )
         except MlflowException:
             # Another process created it between our lookup and create.
             experiment = client.get_experiment_by_name(name)
@@ -67,6 +73,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, store: Store) -> s
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}) or set tracking.experiment"
         )
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) is None:  # made by an older visiontune
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -95,6 +104,7 @@ class StageTracker:
         required: bool,
         client: MlflowClient | None = None,
         store: Store | None = None,
+        exp_name: str | None = None,
         experiment_id: str | None = None,
         parent_id: str | None = None,
         run_id: str | None = None,
@@ -103,6 +113,8 @@ class StageTracker:
         self.required = required
         self.client = client
         self.store = store
+        # The DVC experiment this stage runs in (None: a workspace `dvc repro`).
+        self.exp_name = exp_name
         self.experiment_id = experiment_id
         self.parent_id = parent_id
         self.run_id = run_id
@@ -179,6 +191,32 @@ class StageTracker:
         ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self._target(parent), metrics=chunk, synchronous=True)
+
+    def log_dataset(self, source: str, fingerprint: str) -> None:
+        """Record the prepared data as the parent run's dataset input (the UI's Dataset
+        column): named after `source`, its digest the first 32 hex digits of `fingerprint`
+        (MLflow's digest column holds 36 characters on PostgreSQL); the whole fingerprint
+        is the `data.fingerprint` tag. MLflow keeps one input per dataset and run, so every
+        stage logs it: a temp experiment whose fetch DVC skipped has it too."""
+        if not self.client or self.store is None:
+            return
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = redact(source)
+        name = re.sub(r"(\.tar)?\.[A-Za-z0-9]+$", "", source.rstrip("/").rsplit("/", 1)[-1])
+        with warnings.catch_warnings():
+            # A local path "can be interpreted in multiple ways": MLflow registers its local
+            # source type twice (schemes "" and "file"); either is the same.
+            warnings.simplefilter("ignore", UserWarning)
+            resolved = resolve_dataset_source(source)
+        dataset = MetaDataset(resolved, name=name, digest=fingerprint[:32])
+        mlflow.set_tracking_uri(self.store.uri)
+        # The fluent API logs to an active run: the parent, resumed for this call only.
+        with mlflow.start_run(run_id=self._target(True)):
+            mlflow.log_input(dataset, context="training")
+        self.set_tags({"data.fingerprint": fingerprint}, parent=True)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.client and Path(path).exists():
@@ -269,6 +307,7 @@ def start_stage_run(
         required=required,
         client=client,
         store=store,
+        exp_name=parent_tags.get("dvc.exp_name"),
         experiment_id=experiment_id,
         parent_id=parent_id,
         run_id=child.info.run_id,

@@ -7,6 +7,7 @@ in a throwaway copy without git-ignored files), and a pipeline execution is keye
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from filelock import FileLock
 
 from visiontune.config import TrackingParams
 
@@ -156,6 +158,18 @@ def check_reachable(store: Store, timeout_s: float) -> None:
         _check_writable(folder, "artifact location")
 
 
+def first_use_lock(store: Store) -> contextlib.AbstractContextManager[object]:
+    """A lock held while a process first opens a SQLite store, which creates its tables.
+
+    MLflow creates and migrates a new SQLite database on first use without a lock; two
+    processes doing it at once fail ("duplicate column name", "table already exists").
+    Servers and other databases need none: a no-op then.
+    """
+    if not store.uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(f"{store.uri.removeprefix('sqlite:///')}.lock")
+
+
 def _check_writable(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -194,6 +208,17 @@ def pipeline_id(environ: Mapping[str, str], pid: int) -> str:
             break
     kind = "process" if owner is process else "dvc"
     return f"{kind}:{socket.gethostname()}:{owner.pid}:{owner.create_time():.3f}"
+
+
+def git_remote_url(root: Path) -> str | None:
+    """The URL of the `origin` remote of the repo at `root`; None without one."""
+    try:
+        return subprocess.run(
+            ["git", "remote", "get-url", "origin"],
+            cwd=root, capture_output=True, text=True, check=True, timeout=20,
+        ).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def git_state(cwd: Path) -> tuple[str | None, bool | None]:

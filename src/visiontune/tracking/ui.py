@@ -1,0 +1,58 @@
+"""`make ui`: the MLflow UI on this repo's local store, opened at the experiment's runs.
+
+It serves the store the stages log to (`tracking.uri` and `tracking.artifact_location`,
+resolved as the stages resolve them) on localhost, and prints the address of the runs view
+of `tracking.experiment` first, so that a person lands on the runs, not on MLflow's home page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from visiontune.config import ParamsError, load_params
+from visiontune.tracking.store import repo_root, resolve_store
+
+
+def runs_url(base: str, experiment_id: str | None) -> str:
+    """The UI's address of an experiment's runs table (the home page when there is none)."""
+    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make ui", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    store = resolve_store(params.tracking, repo_root(os.environ, Path.cwd()))
+    if store.is_server:
+        print(f"tracking.uri is a server: open {store.uri} (make ui serves local stores only)")
+        return 0
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=store.uri).get_experiment_by_name(
+        params.tracking.experiment
+    )
+    url = runs_url(f"http://127.0.0.1:{args.port}", experiment and experiment.experiment_id)
+    note = "" if experiment else f" (no runs of {params.tracking.experiment!r} yet)"
+    print(f"MLflow UI: {url}{note}", flush=True)
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "ui",
+        "--backend-store-uri", store.uri,
+        "--artifacts-destination", str(store.artifact_location),
+        "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1",
+    ]  # fmt: skip
+    # MLflow's job runner (GenAI prompt jobs: three more processes) stays off.
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
