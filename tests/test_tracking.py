@@ -271,3 +271,53 @@ def test_a_stage_that_crashes_leaves_a_failed_run(params, tmp_path: Path) -> Non
     assert result.returncode == 1 and "the stage broke" in result.stderr
     statuses = {r.info.run_name: r.info.status for r in runs_of(params)}
     assert statuses["train_head"] == "FAILED"
+
+
+# -- parallel experiments --------------------------------------------------------------------
+
+_OPEN_STORE = """
+import os, sys, time
+from pathlib import Path
+from real_config import default_params
+from visiontune import tracking
+params = default_params({"tracking": {"uri": sys.argv[1], "experiment": "race"}})
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start at the same instant
+environ = {"VISIONTUNE_PIPELINE_ID": f"race-{os.getpid()}"}
+tracker = tracking.preflight(params, "fetch", environ=environ, cwd=Path(sys.argv[3]))
+tracker.end("FINISHED")
+"""
+
+
+def test_two_processes_open_a_new_sqlite_store_at_once(tmp_path: Path) -> None:
+    # Two queued experiments (`dvc queue start -j 2`) open a new store together: without the
+    # lock, MLflow's table creation raced ("duplicate column name: step").
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = time.time() + 3
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_STORE, uri, str(start), str(tmp_path)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("race")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs if r.data.tags.get("visiontune.role") == "stage") \
+        == ["fetch", "fetch"]  # fmt: skip
+    # MLflow 3's UI opens a model-training experiment on its runs, not the GenAI overview.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_only_a_workspace_run_moves_the_alias() -> None:
+    from visiontune.tracking.model import version_alias
+
+    assert version_alias("candidate", None) == "candidate"
+    assert version_alias("candidate", "fiery-pita") == "exp-fiery-pita"
+    assert version_alias("candidate", "lr sweep/1") == "exp-lr-sweep-1"

@@ -102,11 +102,11 @@ def preflight(
     store = resolve_store(section, root, environ.get(TRACKING_URI_ENV))
     try:
         check_reachable(store, timeout_s)
-        client = MlflowClient(tracking_uri=store.uri, registry_uri=store.uri)
         with first_use_lock(store):
-            # The first call creates (or migrates) a new SQLite store's tables: two queued
+            # Opening a new SQLite store creates (or migrates) its tables: two queued
             # experiments starting at once must not both do it.
-            client.search_experiments(max_results=1)
+            client = MlflowClient(tracking_uri=store.uri, registry_uri=store.uri)
+            client.search_registered_models(max_results=1)
         for run_id in close_orphaned_runs(client):
             print(f"{stage}: closed run {run_id} as KILLED (its stage was killed)")
         commit, dirty = git_state(cwd)
