@@ -30,7 +30,8 @@ def _remove_orphans(path: Path) -> None:
     """Delete temp files/folders an earlier write of `path` left when it was SIGKILLed.
 
     Nothing else cleans them: DVC removes a stage's outputs, not their hidden siblings, and
-    never touches a `persist: true` folder, so each kill would leak a full-size copy.
+    never touches a folder that is no output (the checkpoints), so each kill would leak a
+    full-size copy.
     """
     for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         if orphan.is_dir() and not orphan.is_symlink():
