@@ -32,7 +32,8 @@ def evaluate(stage: Stage):
         "runtime": {"device": str(runtime.device), "precision": runtime.precision,
                     "world_size": dist.world_size},
     })  # fmt: skip
-    # The registered model predicts with the views and precision scored here.
+    # The registered model predicts with the views scored here, at base.precision (fp32
+    # under auto, whatever auto scored in on this host).
     stage.register_model = (paths.model, inference_from_params(params))
     m = result.metrics
     print(

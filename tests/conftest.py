@@ -70,4 +70,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     order, so the long end-to-end files start at once instead of last, beside an idle
     worker."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
+    # The walkthrough is one chain of a few minutes: it starts first, the rest fill the
+    # other worker. Stable sort: file order is kept otherwise.
+    items.sort(
+        key=lambda item: (item.path.name != "test_walkthrough.py", item.path not in slow_files)
+    )

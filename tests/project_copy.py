@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -13,8 +14,6 @@ from typing import Any
 
 import yaml
 
-from visiontune.config import DEMO_SOURCE
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT / "bench"))
@@ -22,9 +21,10 @@ from project import deep_merge, free_port, pipeline_stages  # noqa: E402, F401  
 
 # The real params.yaml, shrunk: a few real photos per class, small images, one short cycle
 # each, so the whole pipeline runs in a minute or two on two CPU cores. The data is the demo's:
-# the shipped source URL, read from its mirror (given absolute: the copy lives elsewhere).
+# the shipped source URL, read from its shipped relative mirror, `../shared/data/dogscats`
+# (make_project lays the copy out beside a `shared` link, as a clone of the repo sits).
 SMALL_OVERRIDES: dict[str, Any] = {
-    "data": {"mirrors": {DEMO_SOURCE: [str(SHARED_DATA / "dogscats")]}, "max_per_class": 12},
+    "data": {"max_per_class": 12},
     "model": {"image_size": 96},
     "precompute": {"batch_size": 16},
     "head": {"epochs": 3, "batch_size": 16},
@@ -73,7 +73,15 @@ def _repo_files() -> list[str]:
 
 
 def make_project(dest: Path, overrides: Mapping[str, Any] | None = None) -> Path:
-    """Copy the repo's files (as git sees them) to `dest`, shrink params, commit."""
+    """Copy the repo's files (as git sees them) to `dest`, shrink params, commit.
+
+    `dest` gets a `shared` link beside it, to the `shared/` beside this repo, so that the
+    shipped relative paths (`../shared/data/dogscats`) mean there what they mean here.
+    """
+    shared = dest.parent / "shared"
+    with contextlib.suppress(FileExistsError):
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        shared.symlink_to(SHARED_DATA.parent, target_is_directory=True)
     for name in _repo_files():
         source = REPO_ROOT / name
         if source.is_file():

@@ -5,14 +5,20 @@ by two clones of the project — results move with `dvc push`/`dvc pull`, runs a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
-from project_copy import dvc, make_project, project_env
-from test_tracking_server import server  # noqa: F401 (the real mlflow server fixture)
+from project_copy import dvc, free_port, make_project, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +49,37 @@ def _stage_runs(client: MlflowClient) -> dict[str, int]:
     return counts
 
 
-def test_two_clones_share_data_and_runs(server: str, tmp_path: Path) -> None:  # noqa: F811
+@pytest.fixture
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on SQLite and a local artifact folder, until the test ends."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+        "--port", str(port), "--workers", "1", "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")  # noqa: SIM115 (closed below, after the process)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+        log.close()
+
+
+def test_two_clones_share_data_and_runs(server: str, tmp_path: Path) -> None:
     remote = tmp_path / "dvc-remote"
     alice = make_project(tmp_path / "alice", OVERRIDES)
     env = project_env(MLFLOW_TRACKING_URI=server)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visiontune.config import flatten, load_params
+from visiontune.config import flatten, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -120,3 +120,20 @@ def test_make_help_lists_the_targets():
     ).stdout
     for target in ("setup", "demo", "test", "test-fast", "lint", "bench", "ui"):
         assert re.search(rf"(?m)^  {target} ", shown), target
+
+
+def _yaml_fences() -> list[tuple[str, str]]:
+    return [
+        (page.name, body)
+        for page in PAGES
+        for body in re.findall(r"(?ms)^```yaml\n(.*?)^```", page.read_text(encoding="utf-8"))
+    ]
+
+
+@pytest.mark.parametrize(("page", "snippet"), _yaml_fences())
+def test_every_params_snippet_passes_the_params_loader(page: str, snippet: str) -> None:
+    """A `params.yaml` snippet a page shows, put into the shipped params, loads as is."""
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in yaml.safe_load(snippet).items():
+        shipped[section].update(values)
+    parse_params(shipped)
