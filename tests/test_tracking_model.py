@@ -1,19 +1,13 @@
 """The logged MLflow model: registered, aliased, loaded from code, and predicting from image
-bytes what `visiontune predict` prints for the same files (in-process, `mlflow models
-predict` and `mlflow models serve` over HTTP)."""
+bytes what `visiontune predict` prints for the same files (in process; `mlflow models serve`
+and `mlflow models predict` as the docs show them: tests/test_walkthrough.py)."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +17,6 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from project_copy import free_port
 from real_config import default_params
 
 from visiontune import tracking
@@ -171,86 +164,6 @@ def test_logged_model_takes_image_bytes_and_predicts_like_the_cli(
     plain = loaded.predict(frame, params={"tta": False})  # the centre crop alone
     assert names[1] != "broken.jpg"
     assert plain.loc[1, CLASSES[0]] != pytest.approx(expected[names[1]][0], abs=1e-6)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group (mlflow, uvicorn and its workers), SIGKILL what outlives
-    `grace_s`, and reap the leader."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        process.poll()  # reap the leader, so that a zombie does not count as alive
-        if not _group_alive(process.pid):
-            break
-        time.sleep(0.2)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-    if process.stderr:
-        process.stderr.close()
-
-
-@pytest.mark.slow  # mlflow models serve + mlflow models predict: ~40-60 s on 2 cores
-def test_served_model_answers_posted_jpegs_like_the_cli(
-    registry, finetune_out: Path, photos: Path, tmp_path: Path, capsys
-) -> None:
-    assert registry.code == 0
-    names = sorted(p.name for p in photos.iterdir())
-    payload = {"dataframe_split": {"columns": ["image"], "data": [
-        [base64.b64encode((photos / n).read_bytes()).decode("ascii")] for n in names]}}  # fmt: skip
-    # The venv's bin first: mlflow runs uvicorn from PATH.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri, "PATH": path,
-           "PYTHONPATH": str(REPO_ROOT / "src"), "VISIONTUNE_DEVICE": "cpu"}  # fmt: skip
-    uri = f"models:/{MODEL}@candidate"
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
-         "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not start: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(0.5)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
-        with urllib.request.urlopen(request, timeout=60) as response:
-            served = pd.DataFrame(json.loads(response.read())["predictions"])
-    finally:
-        _stop_group(server)
-    with pytest.raises(ProcessLookupError):  # no process of the server's group is left
-        os.killpg(server.pid, 0)
-    expected = _cli_probabilities(_registered_weights(registry), photos, capsys)
-    _check_answer(served, names, expected)
-
-    request_file, answer_file = tmp_path / "request.json", tmp_path / "answer.json"
-    request_file.write_text(json.dumps(payload))
-    subprocess.run(
-        [sys.executable, "-m", "mlflow", "models", "predict", "-m", uri, "-i", str(request_file),
-         "-t", "json", "-o", str(answer_file), "--env-manager", "local"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    predicted = pd.DataFrame(json.loads(answer_file.read_text())["predictions"])
-    _check_answer(predicted, names, expected)
 
 
 @pytest.mark.slow  # resolves the pinned requirements against the package index (network)

@@ -101,7 +101,7 @@ def _wait_for_queue(shell: Shell, line: str = "dvc queue status") -> str:
         if not re.search(r"\b(Queued|Running)\b", status):
             return status
         assert time.monotonic() < deadline, status
-        time.sleep(8)  # each look starts dvc: a second of CPU the experiments want
+        time.sleep(10)  # each look starts dvc: a second of CPU the experiments want
 
 
 def _validate_yaml(block: Block, shipped: dict) -> None:
@@ -251,13 +251,11 @@ def _check_experiments(project: Path, shown: str, walk_substitutions: dict) -> N
         assert name in shown
         metrics = data["metrics"]["outputs/evaluate/metrics.json"]["data"]
         assert 0 <= metrics["accuracy_tta"] <= 1, name
-    # The name the pages write as `fiery-pita`: the queued experiment with 3 cycles.
-    queued = [n for n, d in experiments.items()
-              if d["params"]["params.yaml"]["data"]["finetune"]["n_cycles"] == 3]  # fmt: skip
-    walk_substitutions["fiery-pita"] = queued[0]
-    cycles = sorted(d["params"]["params.yaml"]["data"]["finetune"]["n_cycles"]
-                    for d in experiments.values())  # fmt: skip
-    assert cycles == [1, 2, 3]
+    # The name the pages write as `fiery-pita`: the queued experiment of zoom 1.3.
+    tta = {n: d["params"]["params.yaml"]["data"]["tta"] for n, d in experiments.items()}
+    walk_substitutions["fiery-pita"] = next(n for n, t in tta.items() if t["zoom"] == 1.3)
+    assert sorted((t["n_augment"], t["zoom"]) for t in tta.values()) == [
+        (9, 1.0), (9, 1.15), (9, 1.3)]  # fmt: skip
     client = _store(project)
     runs = _runs(client)
     parents = {r.data.tags.get("dvc.exp_name"): r for r in runs
@@ -299,6 +297,18 @@ def test_use_the_model_page(walk: Shell) -> None:
     with walk.serve(serve, url, project.parent / "serve.log", health="/ping"):
         answer = json.loads(walk.run(curl).stdout)["predictions"]
     classes = ["cats", "dogs"]
+    # The served model (make demo's) answers what the CLI prints for the same photo with the
+    # params it was evaluated under (the workspace's now hold the last experiment's).
+    walk.run("git show HEAD:params.yaml > demo-params.yaml")
+    cli = json.loads(
+        walk.run(
+            "visiontune predict outputs/finetune/model.safetensors photo.jpg "
+            "--format json --top-k 2 --params demo-params.yaml"
+        ).stdout
+    )
+    cli = cli[0]["predictions"]
+    for row in cli:
+        assert answer[0][row["label"]] == pytest.approx(row["probability"], abs=1e-5)
     assert len(answer) == 1 and answer[0]["error"] == ""
     assert answer[0]["label"] == max(classes, key=lambda c: answer[0][c])
     assert sum(answer[0][c] for c in classes) == pytest.approx(1.0, abs=1e-5)
@@ -376,13 +386,14 @@ def test_scaling_page(walk: Shell) -> None:
 
 
 def test_data_page(walk: Shell) -> None:
-    """The first stages alone, a quick temp experiment (fetch in DVC's copy of the repo reads
-    the shipped relative mirror), in-place changes, unprotect and gc."""
+    """The first stages alone, in-place changes, unprotect and gc; and fetch in a temp
+    experiment (DVC's copy of the repo) reading the shipped relative mirror."""
     project = walk.cwd
     for line in _bash_lines("data.md"):
         result = walk.run(line)
         if line.startswith("dvc exp run --temp"):
-            assert "found in" in result.stdout and "the repo DVC was run from" in result.stdout
+            assert f"found in {project.resolve()}, the repo DVC was run from" in result.stdout
+            assert "fetch: 16 images in 2 classes" in result.stdout
         if line.startswith("dvc repro -f fetch"):
             assert "Running stage 'fetch'" in result.stdout
             assert "Running stage 'split'" not in result.stdout
