@@ -341,6 +341,14 @@ def test_tracking_page(walk: Shell) -> None:
             assert server is not None
             with walk.serve(server, url, project.parent / "server.log"):
                 walk.run(line)  # nothing changed: DVC runs source_stamp alone, which logs nothing
+                # A stage that runs logs to the server, its artifacts into the server's store.
+                walk.run(line.replace("dvc repro", "dvc repro -f -s report"))
+                client = MlflowClient(tracking_uri=url)
+                experiment = client.get_experiment_by_name("visiontune").experiment_id
+                runs = client.search_runs([experiment])
+                assert sorted(r.data.tags["visiontune.role"] for r in runs) == ["pipeline", "stage"]
+                assert {r.info.status for r in runs} == {"FINISHED"}
+            assert any((project / "artifacts").rglob("report.md"))  # the server's store
         elif not line.startswith("make ui"):  # the README's: run above
             walk.run(line)
     assert "confusion" in (project / "dvc_plots" / "index.html").read_text()
