@@ -110,7 +110,7 @@ def run_stages(check: Check, params: Any, work: Path, image_root: Path, probe: A
     from visiontune.precompute import precompute_features
     from visiontune.runtime import resolve_runtime, seed_everything
     from visiontune.train.head import save_head
-    from visiontune.train.head_choice import head_metadata, train_head_on_features
+    from visiontune.train.head_choice import head_record, train_head_on_features
 
     record, limits = check.record, check.record["limits"]
     stages: dict[str, Any] = record.setdefault("stages", {})
@@ -148,8 +148,7 @@ def run_stages(check: Check, params: Any, work: Path, image_root: Path, probe: A
         source = None if params.head.init == "random" else features.source
         head = train_head_on_features(features, params.head, params.base.seed, source)
         stages["train_head"] = {"wall_s": time.perf_counter() - start, **head.metrics}
-        meta = head_metadata(features, params.head, head)
-        save_head(work / "head.safetensors", head.head, meta)
+        save_head(work / "head.safetensors", head.head, head_record(features, params.head, head))
     if "train_head" in record["errors"]:
         return
 
@@ -206,8 +205,8 @@ def run_lr_find(params: Any, runtime: Any, work: Path, image_root: Path) -> dict
     from visiontune.train.recipes import create_train_dataset, load_classifier, resolve_finetune
 
     seed_everything(params.base.seed, params.base.deterministic)
-    ft = resolve_finetune(params.finetune, work / "head.safetensors")
     model, info, _ = load_classifier(params.model, work / "head.safetensors")
+    ft = resolve_finetune(params.finetune, info)
     train = read_split(work / "split" / "train.csv", image_root)
     dataset = create_train_dataset(train, info.classes, info.data_config, ft.augment)
     memory = GpuMemory(runtime.device)
@@ -259,9 +258,10 @@ def run_finetune(
         resolve_finetune,
     )
 
-    ft = resolve_finetune(ft or params.finetune, work / "head.safetensors")
     seed_everything(params.base.seed, params.base.deterministic)
     model, info, _ = load_classifier(params.model, work / "head.safetensors")
+    ft = resolve_finetune(ft or params.finetune, info)
+    info = dataclasses.replace(info, mirror=ft.augment.flip is True)
     train = read_split(work / "split" / "train.csv", image_root)
     valid = read_split(work / "split" / "valid.csv", image_root)
     dataset = create_train_dataset(train, info.classes, info.data_config, ft.augment)

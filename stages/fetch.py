@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
+from visiontune.cores import loader_workers
 from visiontune.data.prepare import format_summary, prepare_dataset
 from visiontune.fileio import atomic_dir, save_config
 from visiontune.stagekit import Stage, run_stage
@@ -24,7 +24,7 @@ def fetch(stage: Stage):
         downloads = stage.locate.shared(paths.download_dir)
         summary = prepare_dataset(
             params.data, tmp, downloads, stage.locate, seed=params.base.seed,
-            workers=min(os.cpu_count() or 1, 8), progress=sys.stderr.isatty(),
+            workers=loader_workers("auto"), progress=sys.stderr.isatty(),
         )  # fmt: skip
         save_config(
             tmp / "config.json",

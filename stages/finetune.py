@@ -34,9 +34,9 @@ PATHS = {"train": "training table", "valid": "validation table", "prepared": "im
 
 def finetune_stage(stage: Stage):
     params, paths, runtime, dist = stage.params, stage.paths, stage.runtime, stage.dist
-    ft = resolve_finetune(params.finetune, paths.head)
-    lr = ft.lr if ft.lr != "auto" else float(read_json(paths.suggestion)["lr"])
     model, info, weights = load_classifier(params.model, paths.head)
+    ft = resolve_finetune(params.finetune, info)
+    lr = ft.lr if ft.lr != "auto" else float(read_json(paths.suggestion)["lr"])
     info = replace(info, mirror=ft.augment.flip is True)  # the TTA views follow the training
     train, valid = read_split(paths.train, paths.prepared), read_split(paths.valid, paths.prepared)
     dataset = create_train_dataset(train, info.classes, info.data_config, ft.augment)

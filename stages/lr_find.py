@@ -24,8 +24,8 @@ PATHS = {
 
 def lr_find(stage: Stage):
     params, paths, runtime = stage.params, stage.paths, stage.runtime
-    finetune = resolve_finetune(params.finetune, paths.head)
     model, info, _ = load_classifier(params.model, paths.head)
+    finetune = resolve_finetune(params.finetune, info)
     train = read_split(paths.train, paths.prepared)
     dataset = create_train_dataset(train, info.classes, info.data_config, finetune.augment)
     # Too few points before the loss diverged is a ValueError: the runner reports it.

@@ -8,7 +8,7 @@ from visiontune.features import load_current_features
 from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.stagekit import Stage, run_stage
 from visiontune.train.head import save_head
-from visiontune.train.head_choice import describe, head_metadata, train_head_on_features
+from visiontune.train.head_choice import describe, head_record, train_head_on_features
 
 PATHS = {
     "split": "split output (train.csv, valid.csv, classes.json)",
@@ -29,7 +29,8 @@ def train_head(stage: Stage):
     source = None if params.head.init == "random" else features.source
     result = train_head_on_features(features, params.head, params.base.seed, source)
     out = paths.out
-    save_head(out / "head.safetensors", result.head, head_metadata(features, params.head, result))
+    # The model's record starts here: finetune and evaluate complete it.
+    save_head(out / "head.safetensors", result.head, head_record(features, params.head, result))
     write_csv(out / "history.csv", result.history)
     metrics = dict(result.metrics)
     if result.lr_find is not None:  # head.lr: auto

@@ -1,6 +1,6 @@
 """The logged MLflow model: registered, aliased, loaded from code, and predicting from image
 bytes what `visiontune predict` prints for the same files (in process; `mlflow models serve`
-and `mlflow models predict` as the docs show them: tests/test_walkthrough.py)."""
+as the docs show it: tests/test_walkthrough.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from real_config import default_params
+from records import model_info
 
 from visiontune import tracking
 from visiontune.cli import main as cli_main
 from visiontune.data.transforms import DataConfig
 from visiontune.models.classifier import (
     InferenceSettings,
-    ModelInfo,
     create_classifier,
     save_model_file,
 )
@@ -47,7 +47,7 @@ def finetune_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.head[-1].weight.mul_(20)
     config = DataConfig(64, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     out = tmp_path_factory.mktemp("finetune")
-    info = ModelInfo("tf_efficientnet_lite0", CLASSES, config, (), 0.0)
+    info = model_info(classes=CLASSES, data_config=config, inference=INFERENCE)  # evaluate's
     save_model_file(out / "model.safetensors", model.eval(), info)
     (out / "metrics.json").write_text(json.dumps({"valid_acc": 0.5}))
     (out / "checkpoints").mkdir()
@@ -81,9 +81,9 @@ def registry(finetune_out: Path, tmp_path_factory: pytest.TempPathFactory):
         }
     )
     env = {"VISIONTUNE_PIPELINE_ID": "model-test"}
-    # As the evaluate stage logs it: the fine-tuned file and the views it was scored with.
+    # As the evaluate stage logs it: its file, which records the views it scored.
     tracker = tracking.preflight(params, "evaluate", environ=env, cwd=tmp)
-    model = (finetune_out / "model.safetensors", INFERENCE)
+    model = finetune_out / "model.safetensors"
     code = tracking.log_stage(tracker, params, finetune_out, model=model)
     return SimpleNamespace(uri=params.tracking.uri, run_id=tracker.run_id, code=code, root=tmp)
 

@@ -2,8 +2,10 @@
 
 `visiontune predict MODEL PATH...` prints the top-k labels of images or folders of images,
 or with `--submission FILE` writes a submission table (id + a probability per class). The
-TTA views and the precision are the model file's own (its inference settings), as the
-served MLflow model uses them.
+TTA views and the precision are those evaluate scored, recorded in the model file it wrote
+(outputs/evaluate/model.safetensors), as the served MLflow model uses them. No file in the
+current directory changes that: `--params`, `--no-tta` and `--precision` override it only
+when given.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from visiontune.evaluate.predict import (
     predict_files,
     write_submission,
 )
-from visiontune.models.classifier import PLAIN, InferenceSettings, ModelInfo, load_model_file
+from visiontune.models.classifier import InferenceSettings, ModelInfo, load_model_file
 from visiontune.runtime import AutoMemory, configure_memory, loader_workers
-from visiontune.serving.predictor import create_views, inference_runtime
-
-PARAMS_FILE = "params.yaml"
+from visiontune.serving.predictor import (
+    create_views,
+    host_precision,
+    inference_runtime,
+    inference_settings,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reported on stderr and the rest are still predicted; the exit status is 0 when at "
         "least one image was predicted.",
     )
-    predict.add_argument("model", help="model file written by finetune (model.safetensors)")
+    predict.add_argument(
+        "model", help="model file written by evaluate (outputs/evaluate/model.safetensors)"
+    )
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     predict.add_argument("--top-k", type=_positive_int, default=3, help="labels per image")
     predict.add_argument(
@@ -72,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--params",
         metavar="FILE",
-        help="the run's params file: TTA views (tta) and precision (base.precision) when the "
-        f"model file has none, or to override its own (default: ./{PARAMS_FILE} if present)",
+        help="predict with this params file's TTA views (tta) and precision "
+        "(base.precision) instead of those the model was evaluated with",
     )
     predict.add_argument(
         "--submission",
@@ -102,20 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(info: ModelInfo, args: argparse.Namespace) -> InferenceSettings:
-    """The TTA views and precision to predict with, never defaults in code.
-
-    The model's own (a registered model carries those it was evaluated with); else the
-    run's params (`--params`, else ./params.yaml), as the evaluate stage uses them; else
-    the centre crop at fp32. `--params` also overrides the model's; `--precision` wins.
-    """
-    settings = info.inference
-    params_file = args.params or (PARAMS_FILE if Path(PARAMS_FILE).is_file() else None)
-    if args.params or (settings is None and params_file):
+    """The TTA views and precision to predict with: those evaluate recorded in the model
+    file, unless `--params FILE` names others; `--precision` wins over both."""
+    if args.params:
         from visiontune.config import load_params
         from visiontune.evaluate.predict import inference_from_params
 
-        settings = inference_from_params(load_params(params_file))
-    settings = settings or PLAIN
+        settings = inference_from_params(load_params(args.params))
+    else:
+        settings = inference_settings(info, args.model)
     if args.precision != "model":
         settings = dataclasses.replace(settings, precision=args.precision)
     return settings
@@ -139,17 +141,20 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
     try:
-        info = dataclasses.replace(info, inference=_settings(info, args))
-    except ValueError as exc:  # a bad params file: its message names the key
+        settings = _settings(info, args)
+        views = create_views(info, settings, args.tta)
+    except ValueError as exc:  # a bad params file or record: the message says what to do
         print(f"visiontune predict: {exc}", file=sys.stderr)
         return 2
+    precision, note = host_precision(settings.precision, args.device)
+    if note:
+        print(f"visiontune predict: {note}", file=sys.stderr)
     try:
-        runtime = inference_runtime(info.inference.precision, args.device, workers)
+        runtime = inference_runtime(precision, args.device, workers)
         model = model.to(runtime.device)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
-    views = create_views(info, args.tta)
     if args.submission:
         return _write_submission(args, model, info, files, ids, runtime, views, found.errors)
     results = found.errors + predict_files(

@@ -19,10 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from visiontune.config import DistributedParams, Params
+from visiontune.cores import loader_workers
 from visiontune.runtime import (
     Runtime,
     configure_memory,
-    cpu_count,
     resolve_runtime,
     seed_everything,
 )
@@ -161,7 +161,7 @@ def rank_runtime(runtime: Runtime, ctx: DistContext, auto_workers: bool) -> Runt
         device = torch.device("cuda", ctx.local_rank)
     workers = runtime.num_workers
     if auto_workers:
-        workers = max(1, min(cpu_count() // ctx.local_world_size, 8))
+        workers = loader_workers("auto", share=ctx.local_world_size)
     return dataclasses.replace(runtime, device=device, num_workers=workers)
 
 

@@ -21,8 +21,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from visiontune.cores import cpu_count, loader_workers
+
 if TYPE_CHECKING:  # a served model ships this module without the params code
     from visiontune.config import BaseParams, RuntimeParams
+
+__all__ = ["cpu_count", "loader_workers"]  # re-exported: the serving code imports them here
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,14 +53,6 @@ def _precision_name(amp_dtype: torch.dtype | None) -> str:
     return "fp32" if amp_dtype is None else names[amp_dtype]
 
 
-def cpu_count() -> int:
-    """CPU cores this process may use (respects affinity masks and cgroups' cpusets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 @cache
 def cpu_supports_bf16() -> bool:
     """Whether the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX).
@@ -70,12 +66,6 @@ def cpu_supports_bf16() -> bool:
         is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
         return bool(is_supported and is_supported())
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def loader_workers(num_workers: int | str) -> int:
-    """`runtime.num_workers` as a number: `auto` is one per core, at most 8 (decoding JPEGs
-    in worker processes keeps the model fed; more than 8 rarely helps)."""
-    return min(cpu_count(), 8) if num_workers == "auto" else int(num_workers)
 
 
 def resolve_runtime(base: BaseParams, settings: RuntimeParams) -> Runtime:

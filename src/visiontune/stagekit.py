@@ -60,8 +60,8 @@ class Stage:
     dist: Any = None
     # Called once the outputs are logged (finetune drops its last checkpoint then).
     after_logging: list[Callable[[], None]] = field(default_factory=list)
-    # A model file and the InferenceSettings it predicts with, to log and register.
-    register_model: tuple[Path, Any] | None = None
+    # A model file to log and register (evaluate's: it records how to predict).
+    register_model: Path | None = None
 
     @property
     def is_main(self) -> bool:

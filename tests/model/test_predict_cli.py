@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -14,13 +15,13 @@ import pytest
 import torch
 import yaml
 from real_config import default_raw, merge
+from records import model_info
 
 from visiontune.cli import main
 from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig, create_eval_transform
 from visiontune.models.classifier import (
     InferenceSettings,
-    ModelInfo,
     create_classifier,
     load_model_file,
     save_model_file,
@@ -40,9 +41,9 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():  # spread the untrained head's outputs so the ranking is clear-cut
         model.head[-1].weight.mul_(20)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    # As finetune writes it: the centre crop and its mirror, fp32.
+    # As evaluate writes it: the centre crop and its mirror, fp32.
     inference = InferenceSettings(n_augment=1, zoom=1.15, precision="fp32")
-    info = ModelInfo("tf_efficientnet_lite0", CLASSES, CFG, (), 0.0, inference)
+    info = model_info(classes=CLASSES, data_config=CFG, inference=inference)
     save_model_file(path, model.eval(), info)
     return path
 
@@ -141,7 +142,11 @@ def test_tta_views_come_from_the_model_file_or_a_params_file(model_file, photos,
     plain = _json_probs(model_file, [str(photos)], "--no-tta", capsys=capsys)
     assert plain != model_views  # the model's mirror view counts by default
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(merge(default_raw(), {"tta": {"n_augment": 0}})))
+    params.write_text(
+        yaml.safe_dump(
+            merge(default_raw(), {"tta": {"n_augment": 0}, "base": {"precision": "fp32"}})
+        )
+    )
     assert _json_probs(model_file, [str(photos)], "--params", str(params), capsys=capsys) == plain
 
 
@@ -212,3 +217,51 @@ def test_predicting_loads_neither_matplotlib_nor_scikit_learn() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_params_file_in_the_current_directory_changes_nothing(
+    model_file, photos, tmp_path, capsys, monkeypatch
+):
+    """The model file alone decides the views: a params.yaml where predict runs is not read."""
+    expected = _json_probs(model_file, [str(photos)], capsys=capsys)
+    other = merge(default_raw(), {"tta": {"n_augment": 0}, "base": {"precision": "bf16"}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.chdir(tmp_path)
+    assert _json_probs(model_file, [str(photos)], capsys=capsys) == expected
+
+
+def test_finetunes_file_is_refused_naming_the_one_evaluate_wrote(model_file, photos, tmp_path,
+                                                                 capsys):  # fmt: skip
+    model, info = load_model_file(model_file)
+    finetuned = tmp_path / "model.safetensors"
+    save_model_file(finetuned, model, dataclasses.replace(info, inference=None))
+    assert main(["predict", str(finetuned), str(photos), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no inference settings" in err and "outputs/evaluate/model.safetensors" in err
+
+
+def test_a_precision_the_host_lacks_falls_back_to_fp32_in_one_line(
+    model_file, photos, tmp_path, capsys, monkeypatch
+):
+    from visiontune.serving import predictor
+
+    monkeypatch.setattr(predictor, "cpu_supports_bf16", lambda: True)
+    assert predictor.host_precision("bf16", "cpu") == ("bf16", None)
+    monkeypatch.setattr(predictor, "cpu_supports_bf16", lambda: False)
+    assert predictor.host_precision("fp16", "cpu")[0] == "fp32"
+    model, info = load_model_file(model_file)
+    bf16 = tmp_path / "bf16.safetensors"
+    settings = dataclasses.replace(info.inference, precision="bf16")
+    save_model_file(bf16, model, dataclasses.replace(info, inference=settings))
+    fp32 = _json_probs(model_file, [str(photos)], capsys=capsys)
+    code = main(["predict", str(bf16), str(photos), "--format", "json", "--top-k", "3",
+                 "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "bf16" in line]
+    assert notes == [
+        "visiontune predict: the model was evaluated at bf16, which this CPU lacks: fp32 instead"
+    ]
+    rows = json.loads(captured.out)
+    assert {Path(r["path"]).stem: {p["label"]: p["probability"] for p in r["predictions"]}
+            for r in rows} == fp32  # fmt: skip

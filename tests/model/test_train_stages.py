@@ -94,8 +94,8 @@ def head_args(root: Path, common: list[str]) -> list[str]:
 def test_stages_chain_and_write_their_outputs(project, monkeypatch):
     root, common = project
     assert stage("train_head")(head_args(root, common)) == 0
-    _, meta = load_head(root / "head" / "head.safetensors")
-    assert meta["classes"] == CLASSES and meta["backbone"] == "tf_efficientnet_lite0"
+    _, info = load_head(root / "head" / "head.safetensors")
+    assert info.classes == CLASSES and info.backbone == "tf_efficientnet_lite0"
     history = pd.read_csv(root / "head" / "history.csv")
     assert list(history.columns) == [
         "epoch",

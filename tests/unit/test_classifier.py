@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from records import model_info
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -14,6 +16,7 @@ from torch import nn
 from visiontune.data.transforms import DataConfig, PixelNormalize
 from visiontune.models.classifier import (
     ModelInfo,
+    RecordError,
     create_classifier,
     load_model_file,
     read_model_info,
@@ -48,7 +51,8 @@ def trained_like() -> tuple[nn.Module, ModelInfo]:
     model.train()
     with torch.no_grad():  # move BN running statistics away from their init values
         model(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8))
-    info = ModelInfo("tf_efficientnet_lite0", ["a", "b", "c"], DATA, (8,), 0.2)
+    info = model_info(classes=["a", "b", "c"], data_config=DATA, head_hidden=(8,),
+                      head_dropout=0.2)  # fmt: skip
     return model.eval(), info
 
 
@@ -68,7 +72,7 @@ def test_model_file_round_trip_gives_identical_logits(trained_like, tmp_path: Pa
     assert torch.equal(loaded.normalize(pixels), expected)
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()["visiontune"])
-    assert meta["format_version"] == 1 and meta["data_config"]["image_size"] == 64
+    assert meta["schema_version"] == 2 and meta["data_config"]["image_size"] == 64
 
 
 def test_the_classifier_normalises_with_the_backbones_pretrained_config_by_default() -> None:
@@ -80,21 +84,45 @@ def test_the_classifier_normalises_with_the_backbones_pretrained_config_by_defau
 
 def test_model_file_rejects_mismatched_classes(trained_like, tmp_path: Path) -> None:
     model, info = trained_like
-    wrong = ModelInfo(info.backbone, ["a", "b"], DATA, (8,), 0.2)
+    wrong = dataclasses.replace(info, classes=["a", "b"])
     with pytest.raises(ValueError, match="3 outputs but info lists 2 classes"):
         save_model_file(tmp_path / "m.safetensors", model, wrong)
 
 
-def test_foreign_or_future_files_are_refused(trained_like, tmp_path: Path) -> None:
+def test_foreign_older_or_future_files_are_refused_with_what_to_rerun(trained_like, tmp_path):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(ValueError, match="not a visiontune model file"):
+    with pytest.raises(RecordError, match="holds no visiontune model record; re-run `dvc repro`"):
         load_model_file(foreign)
-    future = tmp_path / "future.safetensors"
     _, info = trained_like
-    meta = {"visiontune": json.dumps({**info.to_dict(), "format_version": 99})}
-    save_file({"w": torch.zeros(2)}, str(future), metadata=meta)
-    with pytest.raises(ValueError, match="format 99"):
-        read_model_info(future)
+    for version, label in ((99, "future"), (1, "older")):
+        data = {**json.loads(info.to_json()), "schema_version": version}
+        path = tmp_path / f"{label}.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"visiontune": json.dumps(data)})
+        with pytest.raises(RecordError, match=f"record version {version}.*re-run `dvc repro`"):
+            read_model_info(path)
     with pytest.raises(FileNotFoundError):
         load_model_file(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("field", ["domain", "mirror_symmetric", "inference", "weights_sha256"])
+def test_a_missing_or_renamed_field_fails_loudly(trained_like, tmp_path, field: str) -> None:
+    """No field stands in with a default: a renamed key fails naming both names."""
+    _, info = trained_like
+    data = json.loads(info.to_json())
+    data[f"{field}_renamed"] = data.pop(field)
+    path = tmp_path / "renamed.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"visiontune": json.dumps(data)})
+    with pytest.raises(RecordError, match=rf"missing \['{field}'\], unknown \['{field}_renamed'\]"):
+        read_model_info(path)
+
+
+def test_a_malformed_verdict_is_refused(trained_like) -> None:
+    _, info = trained_like
+    data = json.loads(info.to_json())
+    data["mirror_symmetric"] = "yes"
+    with pytest.raises(RecordError, match="malformed model record"):
+        ModelInfo.from_json(json.dumps(data), "m", "rerun")
+    data = {**json.loads(info.to_json()), "domain": "nearby"}
+    with pytest.raises(RecordError, match="domain must be one of"):
+        ModelInfo.from_json(json.dumps(data), "m", "rerun")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from real_config import default_section
@@ -136,7 +138,9 @@ def test_training_keeps_a_logistic_heads_statistics():
 
 def test_a_logistic_head_carries_no_dropout_into_the_fine_tune():
     """Its regularisation is the CV-chosen C; an SGD-trained head keeps `head.dropout`."""
-    from visiontune.train.head_choice import head_metadata
+    from records import fingerprint
+
+    from visiontune.train.head_choice import head_record
 
     x, y = blobs(150, 5)
     feats = split(x, y, 5, 100)
@@ -145,4 +149,5 @@ def test_a_logistic_head_carries_no_dropout_into_the_fine_tune():
     for init, dropout in (("logreg", 0.0), ("random", params.dropout)):
         result = train_head_on_features(feats, default_section(HeadParams, init=init), seed=0)
         assert [m.p for m in result.head if isinstance(m, torch.nn.Dropout)] == [dropout]
-        assert head_metadata(feats, params, result)["dropout"] == dropout
+        feats = dataclasses.replace(feats, fingerprint=fingerprint())
+        assert head_record(feats, params, result).head_dropout == dropout

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from real_config import default_section
+from records import fingerprint, model_info
 
 from visiontune.config import FinetuneParams, HeadParams
-from visiontune.data.transforms import DataConfig
 from visiontune.features import FeatureSet, mirror_sample
-from visiontune.models.classifier import ModelInfo
-from visiontune.train.head import save_head
-from visiontune.train.head_choice import head_metadata, train_head_on_features
+from visiontune.models.record import ModelInfo, RecordError
+from visiontune.train.head import read_head_info, save_head
+from visiontune.train.head_choice import head_record, train_head_on_features
 from visiontune.train.mirror import MIRROR_P, check_mirror_symmetry, mirror_symmetry
-from visiontune.train.recipes import head_meta, resolve_finetune
+from visiontune.train.recipes import resolve_finetune
 
 
 def separable(n: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,13 +61,13 @@ def test_the_sample_is_every_row_up_to_its_size_then_a_seeded_subset():
 def _head_file(tmp_path: Path, mirrored: torch.Tensor) -> Path:
     x, y = separable(120, 3)
     features = FeatureSet(
-        x[:90], y[:90], x[90:], y[90:], ["a", "b", "c"], {"backbone": "t"},
+        x[:90], y[:90], x[90:], y[90:], ["a", "b", "c"], fingerprint(),
         mirror_rows=torch.arange(90), mirror_x=mirrored[:90],
     )  # fmt: skip
     params = default_section(HeadParams, init="logreg")
     result = train_head_on_features(features, params, seed=0)
     path = tmp_path / "head.safetensors"
-    save_head(path, result.head, head_metadata(features, params, result))
+    save_head(path, result.head, head_record(features, params, result))
     return path
 
 
@@ -75,8 +75,8 @@ def _head_file(tmp_path: Path, mirrored: torch.Tensor) -> Path:
 def test_finetune_resolves_flip_auto_from_the_head_file(tmp_path: Path, symmetric: bool):
     x, _ = separable(120, 3)
     mirrored = x if symmetric else x[(torch.arange(120) + 1) % 120]
-    head = _head_file(tmp_path, mirrored)
-    assert head_meta(head)["mirror_symmetric"] is symmetric
+    head = read_head_info(_head_file(tmp_path, mirrored))
+    assert head.mirror_symmetric is symmetric
     ft = default_section(FinetuneParams)
     assert ft.augment.flip == "auto"  # the shipped default
     resolved = resolve_finetune(ft, head)
@@ -87,12 +87,11 @@ def test_finetune_resolves_flip_auto_from_the_head_file(tmp_path: Path, symmetri
         assert resolve_finetune(pinned, head).augment.flip is explicit
 
 
-def test_a_model_file_says_whether_it_was_trained_on_mirrors():
-    info = ModelInfo("b", ["a"], DataConfig(8, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0), (), 0.0,
-                     mirror=False)  # fmt: skip
-    assert ModelInfo.from_dict(info.to_dict()).mirror is False
-    older = {k: v for k, v in info.to_dict().items() if k != "mirror"}
-    assert ModelInfo.from_dict(older).mirror is True  # as every model did before
+def test_a_model_file_says_whether_it_was_trained_on_mirrors(tmp_path: Path):
+    info = model_info(mirror=False)
+    assert ModelInfo.from_json(info.to_json(), "f", "rerun").mirror is False
+    with pytest.raises(RecordError, match="is no fine-tuned model"):
+        model_info(mirror=None).trained_on_mirrors("the head file")
 
 
 def test_the_verdict_is_a_searchable_tag_of_the_head_run(tmp_path: Path):
@@ -112,9 +111,8 @@ def test_predict_and_the_served_model_cut_the_views_the_model_was_trained_for():
     from visiontune.models.classifier import InferenceSettings
     from visiontune.serving.predictor import create_views
 
-    config = DataConfig(8, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0)
     settings = InferenceSettings(n_augment=5, zoom=1.15, precision="fp32")
     for mirror, names in ((True, 6), (False, 5)):
-        info = ModelInfo("b", ["a"], config, (), 0.0, inference=settings, mirror=mirror)
-        views = create_views(info).views
+        info = model_info(inference=settings, mirror=mirror)
+        views = create_views(info, settings).views
         assert len(views) == names and any(v.flip for v in views) is mirror

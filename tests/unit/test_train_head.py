@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import records
 import torch
 from real_config import default_section
 from safetensors.torch import save_file
@@ -12,7 +13,7 @@ from visiontune.features import FeatureSet
 from visiontune.models.head import category_relationship, create_head, init_from_source
 from visiontune.train.head import load_head, save_head
 from visiontune.train.head_choice import (
-    head_metadata,
+    head_record,
     resolve_head_init,
     train_head_on_features,
 )
@@ -32,7 +33,7 @@ def features(n: int = 200, dim: int = 24, classes: int = 3) -> FeatureSet:
     centers = torch.randn(classes, dim, generator=g) * 2
     y = torch.randint(0, classes, (n,), generator=g)
     x = centers[y] + torch.randn(n, dim, generator=g)
-    fingerprint = {"backbone": "resnet18", "weights_sha256": "ab" * 32}
+    fingerprint = {**records.fingerprint(), "backbone": "resnet18", "weights_sha256": "ab" * 32}
     names = [f"c{i}" for i in range(classes)]
     return FeatureSet(x[:150], y[:150], x[150:], y[150:], names, fingerprint)
 
@@ -48,10 +49,11 @@ def test_head_learns_and_round_trips(tmp_path):
     lrs = result.history["lr"].tolist()  # cosine over the whole run: decreasing
     assert lrs[0] == pytest.approx(params.lr) and lrs == sorted(lrs, reverse=True)
     path = tmp_path / "head.safetensors"
-    save_head(path, result.head, head_metadata(feats, params, result))
-    head, meta = load_head(path)
-    assert meta["classes"] == ["c0", "c1", "c2"] and meta["hidden"] == [16]
-    assert meta["weights_sha256"] == "ab" * 32 and meta["init"] == "random"
+    save_head(path, result.head, head_record(feats, params, result))
+    head, info = load_head(path)
+    assert info.classes == ["c0", "c1", "c2"] and info.head_hidden == (16,)
+    assert info.weights_sha256 == "ab" * 32 and info.head_init == "random"
+    assert info.head_in_features == 24 and info.mirror is None and info.inference is None
     with torch.no_grad():
         assert torch.equal(head(feats.valid_x), result.head(feats.valid_x))
 
@@ -67,7 +69,8 @@ def test_same_seed_same_head():
 def test_a_file_that_is_not_a_head_is_rejected(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
-    with pytest.raises(ValueError, match="not a visiontune head"):
+    rerun = "holds no visiontune model record; re-run `dvc repro train_head`"
+    with pytest.raises(ValueError, match=rerun):
         load_head(path)
 
 

@@ -7,14 +7,15 @@ batches with the backbone's own data config (`DataConfig`), never with constants
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from visiontune.models.record import DataConfig
 
 if TYPE_CHECKING:  # a served model ships this module without the params code
     from visiontune.config import AugmentParams
@@ -22,35 +23,6 @@ if TYPE_CHECKING:  # a served model ships this module without the params code
 # A decoded image (uint8 3×H×W, as `visiontune.data.pixels.open_pixels` gives it, or a
 # Pillow RGB image) → uint8 3×H×W pixels.
 Transform = Callable[[torch.Tensor | Image.Image], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What the backbone expects: square input size, normalisation, resampling, crop."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    crop_pct: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
-        return cls(
-            image_size=int(data["image_size"]),
-            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
-            interpolation=str(data["interpolation"]),
-            crop_pct=float(data["crop_pct"]),
-        )
-
-    @property
-    def resize_size(self) -> int:
-        """Short side before the centre crop (timm's `floor(size / crop_pct)`)."""
-        return math.floor(self.image_size / self.crop_pct)
 
 
 def interpolation_mode(name: str) -> v2.InterpolationMode:

@@ -100,7 +100,7 @@ def evaluate_model(
     every rank returns the same Evaluation.
     """
     classes, data_config = info.classes, info.data_config
-    views = tta_views(tta.n_augment, info.mirror)
+    views = tta_views(tta.n_augment, info.trained_on_mirrors("the model file"))
     labels = label_indices(list(frame["label"]), classes)
     root = Path(image_root)
     paths = shard([root / p for p in frame["path"]], dist)

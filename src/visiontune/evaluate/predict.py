@@ -29,11 +29,11 @@ ID_KINDS = ("stem", "path")
 
 
 def inference_from_params(params: Params) -> InferenceSettings:
-    """The views the evaluate stage scores with (`tta`), and `base.precision`, as a model's
-    inference settings. `auto` precision predicts at fp32: the answers then do not depend
-    on whether the CPU that serves the model has bf16."""
-    precision = "fp32" if params.base.precision == "auto" else params.base.precision
-    return InferenceSettings(params.tta.n_augment, params.tta.zoom, precision)
+    """The views and precision the evaluate stage would score with under `params` on this
+    host (`tta`, and `base.precision` resolved): `visiontune predict --params`."""
+    from visiontune.runtime import resolve_precision
+
+    return InferenceSettings(params.tta.n_augment, params.tta.zoom, resolve_precision(params.base))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,27 +23,51 @@ from visiontune.data.images import UnreadableImageError
 from visiontune.data.pixels import decode_pixels
 from visiontune.evaluate.tta import ViewMaker, average_views, forward_views, tta_views
 from visiontune.models.classifier import (
-    PLAIN,
     ImageClassifier,
     InferenceSettings,
     ModelInfo,
+    RecordError,
     load_model_file,
 )
-from visiontune.runtime import Runtime, cpu_count, prepare_module
+from visiontune.runtime import Runtime, cpu_supports_bf16, loader_workers, prepare_module
 
 _AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def inference_settings(info: ModelInfo) -> InferenceSettings:
-    """The model's TTA views and precision (a file written without them: plain crop, fp32)."""
-    return info.inference or PLAIN
+def inference_settings(info: ModelInfo, where: str) -> InferenceSettings:
+    """The TTA views and precision evaluate scored the model with (RecordError if the file
+    at `where` is not one evaluate wrote)."""
+    if info.inference is None:
+        raise RecordError(
+            f"{where} holds no inference settings: evaluate writes them, into "
+            "outputs/evaluate/model.safetensors; predict with that file (or run `dvc repro "
+            "evaluate`)"
+        )
+    return info.inference
 
 
-def create_views(info: ModelInfo, tta: bool = True) -> ViewMaker:
-    """The model's views: its `n_augment` TTA views with `tta`, else the centre crop alone."""
-    settings = inference_settings(info)
-    views = tta_views(settings.n_augment if tta else 0, info.mirror)
+def create_views(info: ModelInfo, settings: InferenceSettings, tta: bool = True) -> ViewMaker:
+    """The model's views: `settings.n_augment` TTA views with `tta`, else the centre crop
+    alone; mirrored views only where finetune trained on mirror images."""
+    views = tta_views(settings.n_augment if tta else 0, info.trained_on_mirrors("the model"))
     return ViewMaker(info.data_config, views, settings.zoom)
+
+
+def host_precision(precision: str, device: str = "auto") -> tuple[str, str | None]:
+    """`precision` where this host runs it natively, else fp32 and a line that says so:
+    bf16 on a CPU without native bf16 (emulated, several times slower), fp16 on a CPU, and
+    either on a GPU that lacks it."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if precision == "fp32":
+        return precision, None
+    if use_cuda:
+        native = precision == "fp16" or torch.cuda.is_bf16_supported()
+    else:
+        native = precision == "bf16" and cpu_supports_bf16()
+    if native:
+        return precision, None
+    where = "this GPU" if use_cuda else "this CPU"
+    return "fp32", f"the model was evaluated at {precision}, which {where} lacks: fp32 instead"
 
 
 def inference_runtime(precision: str, device: str = "auto", num_workers: int = 0) -> Runtime:
@@ -70,6 +95,7 @@ class ImagePredictor:
 
     model: ImageClassifier
     info: ModelInfo
+    settings: InferenceSettings
     runtime: Runtime
     batch_size: int = 32
 
@@ -77,8 +103,12 @@ class ImagePredictor:
     def from_file(cls, path: str | Path, device: str = "auto") -> ImagePredictor:
         """Load a model file at its own precision on `device`."""
         model, info = load_model_file(Path(path))
-        runtime = inference_runtime(inference_settings(info).precision, device)
-        return cls(prepare_module(model, runtime).eval(), info, runtime)
+        settings = inference_settings(info, str(path))
+        precision, note = host_precision(settings.precision, device)
+        if note:
+            print(f"visiontune: {note}", file=sys.stderr)
+        runtime = inference_runtime(precision, device)
+        return cls(prepare_module(model, runtime).eval(), info, settings, runtime)
 
     @property
     def classes(self) -> list[str]:
@@ -93,9 +123,9 @@ class ImagePredictor:
         Decoding runs in threads (Pillow and TorchCodec release the GIL); the views of
         all readable images go through the model `batch_size` images at a time.
         """
-        views = create_views(self.info, tta)
+        views = create_views(self.info, self.settings, tta)
         n = len(images)
-        workers = max(1, min(cpu_count(), 8, n))
+        workers = max(1, min(loader_workers("auto"), n))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             decoded = list(pool.map(lambda item: _views_of(item, views), images))
         probs = torch.full((n, len(self.info.classes)), math.nan)

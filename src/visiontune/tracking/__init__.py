@@ -157,14 +157,14 @@ def log_stage(
     *,
     metrics: Mapping[str, float] | None = None,
     manifest: Path = DEFAULT_MANIFEST,
-    model: tuple[Path, Any] | None = None,
+    model: Path | None = None,
 ) -> int:
     """Log a finished stage from its output folder and close its run; return the exit code.
 
     0 when logged (or tracking is off); 1 when logging failed and tracking is required.
     The outputs are never touched. `metrics` adds scalars the stage has but did not write.
-    `model` (a model file and the `InferenceSettings` it predicts with) is logged as the
-    run's MLflow model and registered.
+    `model` (a model file evaluate wrote, with the inference settings it scored) is logged
+    as the run's MLflow model and registered.
     """
     if not tracker.enabled:
         return 0
@@ -190,7 +190,7 @@ def log_stage(
 
             log_model(
                 tracker,
-                *model,
+                model,
                 registered_model=params.tracking.registered_model,
                 alias=params.tracking.alias,
             )

@@ -6,8 +6,8 @@ logged as code (`visiontune/serving/image_model.py`, MLflow's models-from-code):
 in the artifact, nothing unpickled at load. The weights are the safetensors model file
 (artifact `weights`); the few visiontune modules the prediction needs travel with it
 (`code_paths`), so its requirements are public packages only. It predicts through the same
-`ImagePredictor` path as `visiontune predict`, with the TTA views and precision in the
-model file's metadata (mirrored in the MLflow model's metadata).
+`ImagePredictor` path as `visiontune predict`, with the TTA views and precision evaluate
+recorded in the model file (mirrored in the MLflow model's metadata).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import mlflow.pyfunc
@@ -34,15 +34,13 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 import visiontune
 from visiontune.tracking.runs import StageTracker
 
-if TYPE_CHECKING:
-    from visiontune.models.classifier import InferenceSettings
-
 PACKAGE_ROOT = Path(visiontune.__file__).resolve().parent
 MODEL_CODE = PACKAGE_ROOT / "serving" / "image_model.py"
 # The modules a served model imports (and nothing else: no params code, no pydantic, no
 # tqdm). The subpackages' __init__ files import nothing.
 SHIPPED_MODULES = (
     "__init__.py",
+    "cores.py",
     "runtime.py",
     "data/__init__.py",
     "data/images.py",
@@ -53,6 +51,7 @@ SHIPPED_MODULES = (
     "models/__init__.py",
     "models/classifier.py",
     "models/head.py",
+    "models/record.py",
     "serving/__init__.py",
     "serving/predictor.py",
 )
@@ -154,28 +153,24 @@ def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id:
 def log_model(
     tracker: StageTracker,
     model_file: Path,
-    inference: InferenceSettings,
     *,
     registered_model: str | None,
     alias: str,
 ) -> dict[str, Any]:
-    """Log `model_file`, predicting with `inference` (its TTA views and precision), as the
-    run's MLflow model (+ the file itself); register it, alias it.
+    """Log `model_file` as the run's MLflow model (+ the file itself); register it, alias it.
 
-    The evaluate stage logs it with the views it scored: changing them re-evaluates and
-    re-registers, and never retrains. Returns `{"model_uri": ..., "version": ...}`
-    (version None when not registered).
+    The file is evaluate's: it records the views and precision evaluate scored, and the
+    served model predicts with them. Changing them re-evaluates and re-registers, and
+    never retrains. Returns `{"model_uri": ..., "version": ...}` (version None when not
+    registered).
     """
-    from visiontune.models.classifier import load_model_file, save_model_file
+    from visiontune.models.classifier import read_model_info
+    from visiontune.serving.predictor import inference_settings
 
     assert tracker.client is not None and tracker.store is not None
-    with tempfile.TemporaryDirectory() as tmp:
-        model, info = load_model_file(model_file)
-        info = dataclasses.replace(info, inference=inference)
-        # The file that travels holds its views: the CLI and the served model read them.
-        model_file = Path(tmp) / "model.safetensors"
-        save_model_file(model_file, model, info)
-        return _log_model_file(tracker, model_file, info, registered_model, alias)
+    info = read_model_info(model_file)
+    inference_settings(info, str(model_file))  # a file without them serves nothing
+    return _log_model_file(tracker, model_file, info, registered_model, alias)
 
 
 def _log_model_file(tracker, model_file, info, registered_model, alias) -> dict[str, Any]:
@@ -184,7 +179,7 @@ def _log_model_file(tracker, model_file, info, registered_model, alias) -> dict[
         "data_config": info.data_config.to_dict(),
         "backbone": info.backbone,
         # The TTA views and precision the model predicts with (also in the model file).
-        "inference": info.inference.to_dict(),
+        "inference": dataclasses.asdict(info.inference),
         "input": "column 'image': encoded image bytes (base64 in JSON)",
         "visiontune_version": visiontune.__version__,
     }

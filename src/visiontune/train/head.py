@@ -5,7 +5,6 @@ The features sit in memory as one tensor, so an epoch is a few matrix products: 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 from visiontune.config import HeadParams
 from visiontune.fileio import atomic_path
 from visiontune.models.head import create_head, init_from_source
+from visiontune.models.record import METADATA_KEY, ModelInfo
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import create_schedule, set_lrs
 
@@ -206,24 +206,30 @@ def _train_head(
     return HeadResult(head, history, metrics, found)
 
 
-HEAD_METADATA_KEY = "visiontune_head"
+# What an unusable head file's error tells the user to do.
+HEAD_RERUN = "re-run `dvc repro train_head`"
 
 
-def save_head(path: Path, head: nn.Sequential, meta: dict[str, Any]) -> None:
-    """Write the head's state dict as safetensors, its shape and classes as JSON metadata."""
+def save_head(path: Path, head: nn.Sequential, info: ModelInfo) -> None:
+    """Write the head's state dict as safetensors, the model's record as its metadata."""
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={HEAD_METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        save_file(state, str(tmp), metadata={METADATA_KEY: info.to_json()})
 
 
-def load_head(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Rebuild a head saved by `save_head` (eval mode) and return it with its metadata."""
+def read_head_info(path: Path) -> ModelInfo:
+    """The model's record as train_head wrote it beside the head (no tensors read)."""
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        raw = (handle.metadata() or {}).get(HEAD_METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"{path} is not a visiontune head file (no {HEAD_METADATA_KEY!r})")
+        return ModelInfo.from_json((handle.metadata() or {}).get(METADATA_KEY), str(path),
+                                   HEAD_RERUN)  # fmt: skip
+
+
+def load_head(path: Path) -> tuple[nn.Sequential, ModelInfo]:
+    """Rebuild a head saved by `save_head` (eval mode) and return it with the record."""
+    info = read_head_info(path)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    meta = json.loads(raw)
-    head = create_head(meta["in_features"], len(meta["classes"]), meta["hidden"], meta["dropout"])
+    head = create_head(info.head_in_features, len(info.classes), info.head_hidden,
+                       info.head_dropout)  # fmt: skip
     head.load_state_dict(state, strict=True)
-    return head.eval(), meta
+    return head.eval(), info

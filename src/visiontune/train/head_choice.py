@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from visiontune.config import HeadParams
 from visiontune.features import FeatureSet
 from visiontune.models.head import create_head
+from visiontune.models.record import DataConfig, ModelInfo
 from visiontune.train.head import HeadResult, evaluate_head, train_head
 from visiontune.train.logreg import CV_FOLDS, LogRegFit, cv_folds, fit_logreg, init_from_logreg
 from visiontune.train.mirror import mirror_symmetry
@@ -155,24 +156,26 @@ def train_head_on_features(
     return HeadResult(result.head, result.history, {**result.metrics, **choice}, result.lr_find)
 
 
-def head_metadata(features: FeatureSet, params: HeadParams, result: HeadResult) -> dict[str, Any]:
-    """What `save_head` stores beside the tensors: shape, classes, the features it fits.
-
-    The start, the domain and the mirror test travel on: finetune's `lr_ratios: auto`
-    reads the domain, `flip: auto` the mirror test.
-    """
-    return {
-        "in_features": int(features.train_x.shape[1]),
-        "classes": list(features.classes),
-        "hidden": list(params.hidden),
-        "dropout": next(m.p for m in result.head if isinstance(m, torch.nn.Dropout)),
-        "init": result.metrics["init"],
-        "domain": result.metrics["domain"],
-        "mirror_symmetric": result.metrics["mirror_symmetric"],
-        "backbone": features.fingerprint.get("backbone"),
-        "weights_sha256": features.fingerprint.get("weights_sha256"),
-        "features_fingerprint": features.fingerprint,
-    }
+def head_record(features: FeatureSet, params: HeadParams, result: HeadResult) -> ModelInfo:
+    """The model's record as train_head starts it: the backbone, weights and data config the
+    features were computed with (the cache's fingerprint), the head's shape and fit, and the
+    domain and mirror verdicts that finetune's `auto` values follow."""
+    fingerprint = features.fingerprint
+    return ModelInfo(
+        backbone=str(fingerprint["backbone"]),
+        weights_source=str(fingerprint["weights_source"]),
+        weights_sha256=fingerprint["weights_sha256"],
+        classes=list(features.classes),
+        data_config=DataConfig.from_dict(fingerprint["data_config"]),
+        head_in_features=int(features.train_x.shape[1]),
+        head_hidden=tuple(params.hidden),
+        head_dropout=next(m.p for m in result.head if isinstance(m, torch.nn.Dropout)),
+        head_init=result.metrics["init"],
+        domain=result.metrics["domain"],
+        mirror_symmetric=bool(result.metrics["mirror_symmetric"]),
+        mirror=None,
+        inference=None,
+    )
 
 
 def describe(metrics: Mapping[str, Any]) -> str:

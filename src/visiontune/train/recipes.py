@@ -6,7 +6,6 @@ training set, the same layer groups and optimizer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from visiontune.config import FinetuneParams, LrFindParams, ModelParams, Params
 from visiontune.data.dataset import ImageDataset, create_loader
@@ -27,12 +25,12 @@ from visiontune.data.transforms import (
     train_min_size,
 )
 from visiontune.fileio import save_config, sha256_file, write_csv, write_json
-from visiontune.models.backbone import WeightsInfo, create_backbone, resolve_data_config
+from visiontune.models.backbone import WeightsInfo, create_backbone
 from visiontune.models.classifier import ImageClassifier, ModelInfo, save_model_file
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 from visiontune.train.epoch import set_train_mode
 from visiontune.train.groups import create_layer_groups, create_param_groups
-from visiontune.train.head import HEAD_METADATA_KEY, create_optimizer, load_head
+from visiontune.train.head import create_optimizer, load_head
 from visiontune.train.loop import FinetuneResult
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import group_lrs
@@ -46,7 +44,7 @@ NEAR_EARLIEST_RATIO = 0.01
 FAR_EARLIEST_RATIO = 1 / 9
 
 
-def resolve_finetune(finetune: FinetuneParams, head_path: Path) -> FinetuneParams:
+def resolve_finetune(finetune: FinetuneParams, head: ModelInfo) -> FinetuneParams:
     """`finetune` with its `auto` values made concrete from what train_head found.
 
     `lr_ratios: auto` follows the head's domain: "near" when the backbone's own classifier,
@@ -54,25 +52,17 @@ def resolve_finetune(finetune: FinetuneParams, head_path: Path) -> FinetuneParam
     where a mirror image keeps its class (`visiontune.train.mirror`). Both were decided
     on the train features alone.
     """
-    meta = head_meta(head_path)
     update: dict[str, Any] = {}
     if finetune.lr_ratios == "auto":
-        near = meta.get("domain", "far") == "near"
-        earliest = NEAR_EARLIEST_RATIO if near else FAR_EARLIEST_RATIO
+        earliest = NEAR_EARLIEST_RATIO if head.domain == "near" else FAR_EARLIEST_RATIO
         last = finetune.layer_groups - 1
         update["lr_ratios"] = tuple(
             earliest ** ((last - g) / last) for g in range(finetune.layer_groups)
         )
     if finetune.augment.flip == "auto":
-        flip = bool(meta.get("mirror_symmetric", True))
+        flip = head.mirror_symmetric
         update["augment"] = finetune.augment.model_copy(update={"flip": flip})
     return finetune.model_copy(update=update)
-
-
-def head_meta(head_path: Path) -> dict[str, Any]:
-    """What train_head stored beside a head's tensors (its metadata alone, no tensors)."""
-    with safe_open(str(head_path), framework="pt", device="cpu") as handle:
-        return dict(json.loads((handle.metadata() or {}).get(HEAD_METADATA_KEY, "{}")))
 
 
 class StaleHeadError(ValueError):
@@ -82,28 +72,19 @@ class StaleHeadError(ValueError):
 def load_classifier(
     model_params: ModelParams, head_path: Path
 ) -> tuple[ImageClassifier, ModelInfo, WeightsInfo]:
-    """The pretrained backbone with the head trained on its cached features."""
-    head, meta = load_head(head_path)
+    """The pretrained backbone with the head trained on its cached features, and the
+    model's record as train_head wrote it (its data config is the feature cache's)."""
+    head, info = load_head(head_path)
     body, weights = create_backbone(model_params.backbone, model_params.weights)
-    if (
-        meta.get("backbone") != model_params.backbone
-        or meta.get("weights_sha256") != weights.sha256
-    ):
+    if info.backbone != model_params.backbone or info.weights_sha256 != weights.sha256:
         raise StaleHeadError(
-            f"{head_path} was trained on features of {meta.get('backbone')} "
-            f"(weights {str(meta.get('weights_sha256'))[:12]}), not {model_params.backbone} "
+            f"{head_path} was trained on features of {info.backbone} "
+            f"(weights {str(info.weights_sha256)[:12]}), not {model_params.backbone} "
             f"(weights {str(weights.sha256)[:12]}): rerun precompute and train_head"
         )
-    data_config = resolve_data_config(body, model_params)
-    info = ModelInfo(
-        backbone=model_params.backbone,
-        classes=list(meta["classes"]),
-        data_config=data_config,
-        head_hidden=tuple(meta["hidden"]),
-        head_dropout=float(meta["dropout"]),
-    )
-    normalize = PixelNormalize.from_config(data_config)
-    fixed = meta.get("init") == "logreg"  # its BatchNorm holds the fit's standardisation
+    normalize = PixelNormalize.from_config(info.data_config)
+    # A logistic head's BatchNorm holds the fit's standardisation: training keeps it.
+    fixed = info.head_init == "logreg"
     return ImageClassifier(normalize, body, head, head_stats_fixed=fixed), info, weights
 
 

@@ -1,0 +1,178 @@
+"""The model's record: one typed, versioned document that travels with the weights.
+
+train_head writes it beside the head (backbone, weights identity, the data config the
+feature cache was computed with, classes, head shape and fit, domain and mirror verdicts);
+finetune completes it (`mirror`: whether it trained on mirror images); evaluate adds the
+inference settings it scored (TTA views and the precision it ran). lr_find, finetune,
+evaluate, predict_test, `visiontune predict` and the served model read it, and nothing
+else: no stage re-derives what an earlier one decided.
+
+Reading is strict. A record of another schema version, or one with a field missing or
+unknown, fails with what to re-run: a field that silently took a default would, for
+instance, fine-tune a far-domain set with near-domain LRs. A served model ships this
+module, so it needs neither the params code nor pydantic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# 2: weights identity, head fit, domain and mirror verdicts; the data config is the feature
+#    cache's; every field is written, null where a stage has not filled it yet.
+SCHEMA_VERSION = 2
+METADATA_KEY = "visiontune"
+PRECISIONS = ("fp32", "bf16", "fp16")
+DOMAINS = ("near", "far")
+HEAD_INITS = ("logreg", "source", "random")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the backbone expects: square input size, normalisation, resampling, crop."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
+        return cls(
+            image_size=int(data["image_size"]),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            interpolation=str(data["interpolation"]),
+            crop_pct=float(data["crop_pct"]),
+        )
+
+    @property
+    def resize_size(self) -> int:
+        """Short side before the centre crop (timm's `floor(size / crop_pct)`)."""
+        return math.floor(self.image_size / self.crop_pct)
+
+
+class RecordError(ValueError):
+    """A model record that this visiontune cannot use: the message says what to re-run."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the model predicts: `n_augment` TTA views besides the centre crop, their `zoom`,
+    and the compute `precision` (fp32 | bf16 | fp16) evaluate scored them at."""
+
+    n_augment: int
+    zoom: float
+    precision: str
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.n_augment < 0 or self.zoom < 1:
+            raise ValueError(f"need n_augment >= 0 and zoom >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything besides the tensors needed to rebuild, fine-tune and use the classifier."""
+
+    backbone: str
+    weights_source: str
+    # None: random init (`model.weights: none`), nothing to identify.
+    weights_sha256: str | None
+    classes: list[str]
+    data_config: DataConfig
+    head_in_features: int
+    head_hidden: tuple[int, ...]
+    head_dropout: float
+    # How train_head fitted the head: a logistic fit keeps the BatchNorm statistics it was
+    # fitted with while fine-tuning (`ImageClassifier.head_stats_fixed`).
+    head_init: str
+    # train_head's verdicts on the train features: "near" when the backbone's own classifier
+    # nearly matches a logistic fit (finetune's `lr_ratios: auto`), and whether a mirror
+    # image keeps its class (`augment.flip: auto`).
+    domain: str
+    mirror_symmetric: bool
+    # finetune: whether it trained on mirror images (the mirrored TTA views are cut only
+    # then). None until finetune has run.
+    mirror: bool | None
+    # evaluate: the views and precision it scored. None until evaluate has run.
+    inference: InferenceSettings | None
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["data_config"] = self.data_config.to_dict()
+        return json.dumps({"schema_version": SCHEMA_VERSION, **data}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None, where: str, rerun: str) -> ModelInfo:
+        """The record in `text`, read from `where`; a RecordError says to run `rerun`."""
+        if text is None:
+            raise RecordError(f"{where} holds no visiontune model record; {rerun}")
+        data = json.loads(text)
+        version = data.pop("schema_version", data.pop("format_version", None))
+        if version != SCHEMA_VERSION:
+            raise RecordError(
+                f"{where} has model record version {version}, this visiontune reads "
+                f"{SCHEMA_VERSION}; {rerun}"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing, unknown = sorted(fields - data.keys()), sorted(data.keys() - fields)
+        if missing or unknown:
+            raise RecordError(
+                f"{where}: model record fields missing {missing}, unknown {unknown}; {rerun}"
+            )
+        try:
+            return cls(
+                backbone=str(data["backbone"]),
+                weights_source=str(data["weights_source"]),
+                weights_sha256=_optional(data["weights_sha256"], str),
+                classes=[str(c) for c in data["classes"]],
+                data_config=DataConfig.from_dict(data["data_config"]),
+                head_in_features=int(data["head_in_features"]),
+                head_hidden=tuple(int(h) for h in data["head_hidden"]),
+                head_dropout=float(data["head_dropout"]),
+                head_init=str(data["head_init"]),
+                domain=str(data["domain"]),
+                mirror_symmetric=_strict_bool(data["mirror_symmetric"]),
+                mirror=_optional(data["mirror"], _strict_bool),
+                inference=_optional(data["inference"], _inference),
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            raise RecordError(f"{where}: malformed model record ({exc}); {rerun}") from None
+
+    def trained_on_mirrors(self, where: str) -> bool:
+        """`mirror`, failing when finetune has not filled it."""
+        if self.mirror is None:
+            raise RecordError(f"{where} is no fine-tuned model (run `dvc repro finetune`)")
+        return self.mirror
+
+
+def _optional(value: Any, convert):
+    return None if value is None else convert(value)
+
+
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _inference(data: Mapping[str, Any]) -> InferenceSettings:
+    if set(data) != {"n_augment", "zoom", "precision"}:
+        raise ValueError(f"inference needs n_augment, zoom and precision, got {sorted(data)}")
+    return InferenceSettings(int(data["n_augment"]), float(data["zoom"]), str(data["precision"]))
