@@ -71,7 +71,7 @@ def build_learner(project: Path, precision: str):
     frame = pd.concat(
         [train.assign(is_valid=False), valid.assign(is_valid=True)], ignore_index=True
     )
-    classes = read_classes(image_root / "classes.json")
+    classes = read_classes(project / "data" / "split" / "classes.json")
 
     body, weights = create_backbone(cfg.model.backbone, cfg.model.weights)
     data_cfg = resolve_data_config(body, cfg.model)

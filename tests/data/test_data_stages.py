@@ -60,7 +60,6 @@ def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
     assert {p.name for p in prepared.iterdir()} == {
         "images",
         "manifest.csv",
-        "classes.json",
         "rejects.csv",
         "config.json",
     }
@@ -92,7 +91,7 @@ def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
 
 
 def test_outputs_are_byte_identical_across_runs(project: Path) -> None:
-    names = ("prepared/manifest.csv", "prepared/rejects.csv", "prepared/classes.json")
+    names = ("prepared/manifest.csv", "prepared/rejects.csv", "split/classes.json")
     names += ("split/train.csv", "split/valid.csv", "split/report.json")
     runs = []
     for _ in range(2):

@@ -16,7 +16,7 @@ from real_config import default_section
 
 from visiontune.config import DEMO_MIRROR, DEMO_SOURCE, DataParams, load_params
 from visiontune.data.archive import UnsafeArchiveError
-from visiontune.data.manifest import read_classes, read_manifest, read_table
+from visiontune.data.manifest import read_manifest, read_table
 from visiontune.data.prepare import prepare_dataset
 from visiontune.data.sources import SourceError, pick_mirror
 from visiontune.locations import Locator
@@ -92,7 +92,8 @@ def test_folder_source_accepts_or_rejects_every_file_with_a_reason(
     assert by_path.loc["images/train/lonely/only one.jpg", "label"] == "lonely"
     hints = manifest.groupby("label")["split_hint"].agg(lambda s: sorted(set(s)))
     assert hints["golden retriever"] == ["train", "valid"] and hints["lonely"] == ["train"]
-    assert read_classes(out / "classes.json") == ["cats", "golden retriever", "lonely", "nasty"]
+    assert sorted(set(manifest["label"])) == ["cats", "golden retriever", "lonely", "nasty"]
+    assert summary["classes"] == 4 and not (out / "classes.json").exists()  # split's alone
     assert summary["empty_classes"] == ["empty class"]
     assert summary["images"] == len(manifest) and summary["rejected"] == len(rejects)
     assert summary["rejected_by_kind"]["duplicate"] == 1
@@ -339,3 +340,48 @@ def test_an_unlabelled_test_folder_beside_train_is_held_out(
     assert summary["held_out_test"] == 4
     held = sorted(p.name for p in (out / "test").iterdir())
     assert held == ["0000.jpg", "0001.jpg", "0002.jpg", "broken.jpg"]
+
+
+def test_each_file_is_read_once_and_only_the_kept_ones_are_decoded(
+    dogscats: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The bytes read are hashed, checked and written; files past max_per_class are hashed
+    only; a chosen file that turns out unreadable, or an identical copy, is replaced by the
+    group's next-ranked file."""
+    from visiontune.data import prepare
+
+    source = tmp_path / "photos"
+    for label in ("cats", "dogs"):
+        (source / label).mkdir(parents=True)
+        for photo in sorted((dogscats / "train" / label).glob("*.jpg"))[:8]:
+            shutil.copy(photo, source / label / photo.name)
+    reads: list[str] = []
+    decoded: list[str] = []
+    real_read, real_inspect = Path.read_bytes, prepare.inspect_image
+    monkeypatch.setattr(Path, "read_bytes", lambda p: reads.append(p.name) or real_read(p))
+    monkeypatch.setattr(prepare, "sha256_file", lambda p: reads.append(Path(p).name)
+                        or hashlib.sha256(real_read(Path(p))).hexdigest())  # fmt: skip
+    monkeypatch.setattr(prepare, "inspect_image", lambda data, *a, name=None: decoded.append(name)
+                        or real_inspect(data, *a, name=name))  # fmt: skip
+    summary, manifest, _, out = _prepare(tmp_path, source=str(source), max_per_class=3)
+    assert summary["images"] == 6 and summary["skipped_by_max_per_class"] == 10
+    assert sorted(reads) == sorted(p.name for p in source.rglob("*.jpg"))  # each once
+    assert sorted(Path(d).name for d in decoded) == sorted(Path(p).name for p in manifest["path"])
+    for path in manifest["path"]:
+        assert (out / path).read_bytes() == (source / path.removeprefix("images/")).read_bytes()
+
+    # The first-ranked cat made unreadable, the second a copy of a dog: both replaced.
+    cats = [Path(p).name for p in manifest["path"] if "/cats/" in p]
+    dog = next(p for p in manifest["path"] if "/dogs/" in p)
+    (source / "cats" / cats[0]).write_bytes(b"\xff\xd8 not a jpeg")
+    (source / "cats" / cats[1]).write_bytes((source / dog.removeprefix("images/")).read_bytes())
+    monkeypatch.undo()
+    summary, manifest, rejects, out = _prepare(tmp_path, source=str(source), max_per_class=3)
+    assert summary["per_class"] == {"cats": 3, "dogs": 3}
+    assert f"cats/{cats[0]}" in rejects and "conflicting labels" in rejects[f"cats/{cats[1]}"]
+    assert not (out / "images" / "cats" / cats[0]).exists()
+    assert not (out / "images" / "cats" / cats[1]).exists()
+    assert dog not in set(manifest["path"])  # its copy's label conflicts: neither is kept
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == sorted(
+        manifest["path"]
+    )

@@ -81,7 +81,7 @@ def test_split_files_and_feature_cache_are_byte_identical(two_runs) -> None:
     for rel in (
         "data/prepared/manifest.csv",
         "data/prepared/rejects.csv",
-        "data/prepared/classes.json",
+        "data/split/classes.json",
         "data/split/train.csv",
         "data/split/valid.csv",
         "data/split/report.json",

@@ -15,7 +15,7 @@ from real_config import default_section
 from visiontune.config import AugmentParams, DataParams
 from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.images import UnreadableImageError
-from visiontune.data.manifest import read_classes, read_manifest, read_table
+from visiontune.data.manifest import read_manifest, read_table
 from visiontune.data.prepare import prepare_dataset
 from visiontune.data.transforms import DataConfig, create_eval_transform, create_train_transform
 from visiontune.locations import Locator
@@ -51,7 +51,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _loader(prepared: Path, transform, paths=None) -> torch.utils.data.DataLoader:
     manifest = read_manifest(prepared / "manifest.csv")
-    classes = read_classes(prepared / "classes.json")
+    classes = sorted(set(manifest["label"]))
     paths = paths or [str(prepared / p) for p in manifest["path"]]
     labels = [classes.index(label) for label in manifest["label"]][: len(paths)]
     dataset = ImageDataset(paths, labels, transform, min_size=CONFIG.image_size)

@@ -37,8 +37,11 @@ def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def inspect_image(path: Path, max_pixels: int | None = None) -> str | None:
-    """Check that a file is a complete, decodable image.
+def inspect_image(
+    source: Path | bytes, max_pixels: int | None = None, name: str | None = None
+) -> str | None:
+    """Check that a file (a path, or its bytes already read: `name` labels them) is a
+    complete, decodable image.
 
     The whole first frame is decoded (so truncated JPEGs are caught), EXIF orientation
     and the conversion to RGB are exercised, and the header size is checked against
@@ -48,7 +51,12 @@ def inspect_image(path: Path, max_pixels: int | None = None) -> str | None:
         None when the image is usable, else the reason it is not.
     """
     try:
-        _load(Path(path), min_size=None, max_pixels=max_pixels)
+        if isinstance(source, bytes):
+            if not source:
+                return "empty file (0 bytes)"
+            _load(io.BytesIO(source), min_size=None, max_pixels=max_pixels, name=name)
+        else:
+            _load(Path(source), min_size=None, max_pixels=max_pixels)
     except UnreadableImageError as exc:
         return exc.reason
     return None

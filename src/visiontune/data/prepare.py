@@ -1,18 +1,19 @@
 """Build the prepared dataset: check every image, drop duplicates, subset, copy, write tables.
 
 Output (under `out_dir`): `images/<layout of the source>`, `manifest.csv`
-(path,label,split_hint), `classes.json`, `rejects.csv` (path,reason), and `test/`: the
+(path,label,split_hint), `rejects.csv` (path,reason), and `test/`: the
 source's unlabelled test images, held out as they are (not decoded here: every one of them
 needs a prediction; `visiontune predict --submission` reports the unreadable ones).
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from visiontune.data.manifest import (
     REJECT_COLUMNS,
     seeded_rank,
     sorted_rows,
-    write_classes,
     write_table,
 )
 from visiontune.data.sources import (
@@ -85,25 +85,20 @@ def prepare_dataset(
             listing = list_labelled(source.root, labels_csv, params.id_column, params.label_column)
         else:
             listing = list_folders(source.root)
-        rejects = list(listing.rejects)
-        hashed, unreadable = hash_files(source.root, listing.candidates, workers)
-        unique, duplicates = drop_duplicates(hashed)
-        kept, broken, skipped = select_images(
+        ingested = ingest_images(
             source.root,
-            unique,
+            listing.candidates,
+            out_dir / IMAGES_DIR,
             max_per_class=params.max_per_class,
             seed=seed,
             max_pixels=params.max_image_pixels,
             workers=workers,
             progress=progress,
         )
-        rejects += unreadable + duplicates + broken
+        kept, skipped = ingested.kept, ingested.skipped
+        rejects = list(listing.rejects) + ingested.rejects
         if not kept:
             raise SourceError(_nothing_usable(source.used, source.root, listing, rejects))
-        for candidate in kept:
-            target = out_dir / IMAGES_DIR / candidate.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source.root / candidate.path, target)
         held_out = 0
         for path, below in listing.held_out:
             target = out_dir / TEST_DIR / below
@@ -122,8 +117,8 @@ def prepare_dataset(
     reject_frame = pd.DataFrame([(r.path, r.reason) for r in rejects], columns=["path", "reason"])
     write_table(out_dir / "manifest.csv", sorted_rows(manifest, MANIFEST_COLUMNS), MANIFEST_COLUMNS)
     write_table(out_dir / "rejects.csv", sorted_rows(reject_frame, REJECT_COLUMNS), REJECT_COLUMNS)
+    # The class list is split's (`classes.json`): min_per_class may drop a class there.
     classes = sorted(set(manifest["label"]))
-    write_classes(out_dir / "classes.json", classes)
     return {
         "source": {
             "requested": source.requested,
@@ -164,99 +159,152 @@ def _nothing_usable(used: str, root: Path, listing: Listing, rejects: Sequence[R
     return f"no usable images in {used} ({root}): looked for {wanted}; {found}"
 
 
-def hash_files(
-    root: Path, candidates: Sequence[Candidate], workers: int = 1
-) -> tuple[list[tuple[Candidate, str]], list[Reject]]:
-    """SHA-256 of every candidate file: ([(candidate, digest)], rejects for unreadable files)."""
+@dataclass(frozen=True)
+class Ingested:
+    """What `ingest_images` kept (written into the images folder), rejected and left out."""
 
-    def digest(candidate: Candidate) -> str | Reject:
-        try:
-            return sha256_file(root / candidate.path)
-        except OSError as exc:
-            reason = f"cannot read file: {exc.strerror or exc}"
-            return Reject(candidate.path, reason, "unreadable")
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(digest, candidates))
-    hashed = [(c, r) for c, r in zip(candidates, results, strict=True) if isinstance(r, str)]
-    return hashed, [r for r in results if isinstance(r, Reject)]
+    kept: list[Candidate]
+    rejects: list[Reject]
+    skipped: int  # distinct files left unchecked by max_per_class
 
 
-def drop_duplicates(
-    images: Sequence[tuple[Candidate, str]],
-) -> tuple[list[Candidate], list[Reject]]:
-    """Keep one file of each set of byte-identical files; reject the others.
-
-    When identical files carry different labels, nobody knows which label is right,
-    so all copies are rejected.
-    """
-    groups: dict[str, list[Candidate]] = {}
-    for candidate, digest in images:
-        groups.setdefault(digest, []).append(candidate)
-    kept: list[Candidate] = []
-    rejects: list[Reject] = []
-    for group in groups.values():
-        group = sorted(group, key=lambda c: c.path)
-        labels = sorted({c.label for c in group})
-        if len(labels) > 1:
-            others = ", ".join(f"{c.path} ({c.label})" for c in group[:5])
-            for candidate in group:
-                reason = f"identical files with conflicting labels: {others}"
-                rejects.append(Reject(candidate.path, reason, "conflicting duplicate"))
-            continue
-        kept.append(group[0])
-        for candidate in group[1:]:
-            rejects.append(Reject(candidate.path, f"duplicate of {group[0].path}", "duplicate"))
-    return kept, rejects
-
-
-def select_images(
+def ingest_images(
     root: Path,
-    images: Sequence[Candidate],
+    candidates: Sequence[Candidate],
+    images_dir: Path,
     *,
     max_per_class: int | None,
     seed: int,
     max_pixels: int | None,
     workers: int = 1,
     progress: bool = True,
-) -> tuple[list[Candidate], list[Reject], int]:
-    """Decode images and keep the readable ones, at most `max_per_class` per (label, hint).
+) -> Ingested:
+    """Keep the readable, distinct images, at most `max_per_class` per (label, split hint),
+    reading each file's bytes once: the same bytes are hashed, checked and written to
+    `images_dir`/<path>.
 
-    With `max_per_class`, each group is ranked by a seeded hash of the path and decoded
-    in that order only until it has enough readable images, so a quick run on a big
-    folder stays quick. Ranking by hash instead of shuffling keeps each file's fate
-    independent of the others: adding images does not reshuffle the existing choice.
-
-    Returns:
-        (kept images sorted by path, rejects for unreadable ones, number left unchecked).
+    With `max_per_class`, each group is ranked by a seeded hash of the path and taken in
+    that order until it has enough readable images; the files beyond are hashed (to find
+    duplicates) but never decoded, so a quick run on a big folder stays quick. Ranking by
+    hash keeps each file's fate independent of the others: adding images does not
+    reshuffle the choice. Of byte-identical files one is kept, the first taken; when their
+    labels differ nobody knows which is right, and none is. A group that loses an image
+    that way, or to an unreadable file, is topped up from its next-ranked files.
     """
-    groups: dict[tuple[str, str], list[Candidate]] = {}
-    for candidate in sorted(images, key=lambda c: c.path):
-        groups.setdefault((candidate.label, candidate.split_hint), []).append(candidate)
+    by_group: dict[tuple[str, str], list[Candidate]] = {}
+    for candidate in sorted(candidates, key=lambda c: c.path):
+        by_group.setdefault((candidate.label, candidate.split_hint), []).append(candidate)
     if max_per_class is not None:
-        for group in groups.values():
+        for group in by_group.values():
             group.sort(key=lambda c: seeded_rank(seed, c.path))
-    limit = max_per_class if max_per_class is not None else len(images)
-    need = dict.fromkeys(groups, limit)
-    kept: list[Candidate] = []
-    rejects: list[Reject] = []
-    total = len(images) if max_per_class is None else None
-    bar = tqdm(total=total, desc="check images", unit="img", disable=not progress)
+    groups = {key: deque(group) for key, group in by_group.items()}
+    need = dict.fromkeys(groups, max_per_class if max_per_class is not None else len(candidates))
+    digests: dict[str, str] = {}  # path -> SHA-256 of its bytes
+    rejects: dict[str, Reject] = {}  # path -> why
+    kept: dict[str, Candidate] = {}  # digest -> the copy written
+    banned: set[str] = set()  # digests of identical files with conflicting labels
+
+    def take(candidate: Candidate) -> tuple[str, str | None] | Reject:
+        """Read once: (digest, None) once checked and written, (digest, why not) if not."""
+        try:
+            data = (root / candidate.path).read_bytes()
+        except OSError as exc:
+            return Reject(candidate.path, f"cannot read file: {exc.strerror or exc}", "unreadable")
+        digest = hashlib.sha256(data).hexdigest()
+        reason = inspect_image(data, max_pixels, name=candidate.path)
+        if reason is None:  # a duplicate is deleted again once known (rare)
+            target = images_dir / candidate.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return digest, reason
+
+    def hash_only(candidate: Candidate) -> tuple[str, None] | Reject:
+        try:
+            return sha256_file(root / candidate.path), None
+        except OSError as exc:
+            return Reject(candidate.path, f"cannot read file: {exc.strerror or exc}", "unreadable")
+
+    def next_batch() -> list[Candidate]:
+        """The next `need` files of each group, known duplicates passed over."""
+        batch = []
+        for key, group in groups.items():
+            taken = 0
+            while taken < need[key] and group:
+                candidate = group.popleft()
+                if digests.get(candidate.path) in kept or digests.get(candidate.path) in banned:
+                    continue  # a known duplicate: no need to read it again
+                batch.append(candidate)
+                taken += 1
+        return batch
+
+    bar = tqdm(total=len(candidates), desc="check images", unit="img", disable=not progress)
     with bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        while batch := [c for key, group in groups.items() for c in group[: need[key]]]:
-            for key in groups:
-                del groups[key][: need[key]]
-            check = partial(inspect_image, max_pixels=max_pixels)
-            reasons = pool.map(check, [root / c.path for c in batch])
-            for candidate, reason in zip(batch, reasons, strict=True):
+        while True:
+            while batch := next_batch():
+                # Results in batch order, whatever the threads' timing: deterministic.
+                for candidate, result in zip(batch, pool.map(take, batch), strict=True):
+                    bar.update(candidate.path not in digests)
+                    if isinstance(result, Reject):
+                        rejects[candidate.path] = result
+                        continue
+                    digest, reason = result
+                    digests[candidate.path] = digest
+                    if reason is not None:
+                        rejects[candidate.path] = Reject(candidate.path, reason, "unreadable")
+                    elif digest not in kept and digest not in banned:
+                        kept[digest] = candidate
+                        need[(candidate.label, candidate.split_hint)] -= 1
+                    else:
+                        (images_dir / candidate.path).unlink()
+            # The files beyond what is needed: hashed only, for the duplicates among them.
+            rest = [c for group in groups.values() for c in group if c.path not in digests]
+            for candidate, result in zip(rest, pool.map(hash_only, rest), strict=True):
                 bar.update()
-                if reason is None:
-                    kept.append(candidate)
-                    need[(candidate.label, candidate.split_hint)] -= 1
+                if isinstance(result, Reject):
+                    rejects[candidate.path] = result
                 else:
-                    rejects.append(Reject(candidate.path, reason, "unreadable"))
-    skipped = sum(len(group) for group in groups.values())
-    return sorted(kept, key=lambda c: c.path), rejects, skipped
+                    digests[candidate.path] = result[0]
+            conflicts = _conflicting(candidates, digests, rejects) - banned
+            if not conflicts & kept.keys():
+                banned |= conflicts
+                break
+            for digest in conflicts & kept.keys():  # take them out; top the groups up
+                loser = kept.pop(digest)
+                (images_dir / loser.path).unlink()
+                need[(loser.label, loser.split_hint)] += 1
+                groups[(loser.label, loser.split_hint)].appendleft(loser)  # passed over: banned
+            banned |= conflicts
+    return _ingested(candidates, digests, rejects, kept, banned)
+
+
+def _conflicting(candidates, digests, rejects) -> set[str]:
+    """Digests shared by readable files of different labels."""
+    labels: dict[str, set[str]] = {}
+    for c in candidates:
+        if c.path in digests and c.path not in rejects:
+            labels.setdefault(digests[c.path], set()).add(c.label)
+    return {digest for digest, names in labels.items() if len(names) > 1}
+
+
+def _ingested(candidates, digests, rejects, kept, banned) -> Ingested:
+    """Every candidate kept, rejected or skipped; duplicates name the copy kept."""
+    copies: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: c.path):
+        if c.path in digests and c.path not in rejects:
+            copies.setdefault(digests[c.path], []).append(c)
+    skipped = 0
+    for digest, group in copies.items():
+        if digest in banned:
+            others = ", ".join(f"{c.path} ({c.label})" for c in group[:5])
+            reason = f"identical files with conflicting labels: {others}"
+            rejects.update({c.path: Reject(c.path, reason, "conflicting duplicate") for c in group})
+            continue
+        first = kept.get(digest, group[0])
+        for c in group:
+            if c.path != first.path:
+                rejects[c.path] = Reject(c.path, f"duplicate of {first.path}", "duplicate")
+        skipped += digest not in kept
+    return Ingested(sorted(kept.values(), key=lambda c: c.path), list(rejects.values()), skipped)
 
 
 def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:

@@ -155,7 +155,7 @@ def collect(
         rejects = out_dir / "rejects.csv"
         if rejects.is_file():
             record.metrics["data/rejects"] = float(len(pd.read_csv(rejects)))
-        record.artifacts += [(out_dir / "classes.json", None), (rejects, None)]
+        record.artifacts.append((rejects, None))
     elif stage == "split":
         report = _json(out_dir / "report.json")
         if isinstance(report, Mapping):
