@@ -90,3 +90,18 @@ def shown_commands() -> dict[str, list[str]]:
         + [c for c in inline_commands(page) if not names_one(c) and c not in fenced[page.name]]
         for page in PAGES
     }
+
+
+def page(name: str) -> Path:
+    """README.md, or a page of docs/ by its file name."""
+    return ROOT / name if name == "README.md" else ROOT / "docs" / name
+
+
+def bash_lines(name: str) -> list[str]:
+    """The shell lines of a page's bash blocks, in order."""
+    return [
+        line
+        for block in blocks(page(name))
+        if block.language in ("bash", "sh")
+        for line in shell_lines(block)
+    ]

@@ -18,10 +18,12 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from doc_pages import normalize
+from project_copy import make_project
 
 
 def new_login_env(venv_bin: Path, **extra: str) -> dict[str, str]:
@@ -100,3 +102,18 @@ class Shell:
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait(timeout=10)
+
+
+def user_project(root: Path, overrides: Mapping[str, Any]) -> Shell:
+    """A user's clone in `root`/project (beside `root`/shared, so the shipped relative mirror
+    resolves), `params.yaml` shrunk by `overrides`, `.venv` the environment CI installed, and
+    a new shell there whose PATH lacks the venv until a page's `source .venv/bin/activate`.
+    `make demo`'s install step is up to date: CI ran `make setup`."""
+    venv_bin = Path(sys.executable).parent
+    project = make_project(root / "project", overrides)
+    (project / ".venv").symlink_to(venv_bin.parent, target_is_directory=True)
+    stamp = root / "installed.stamp"
+    stamp.touch()
+    author = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+              for what, value in (("NAME", "Ada"), ("EMAIL", "ada@example.com"))}  # fmt: skip
+    return Shell(project, new_login_env(venv_bin, MAKEFLAGS=f"STAMP={stamp}", **author), {})

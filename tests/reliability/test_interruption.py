@@ -1,6 +1,7 @@
-"""Killing `finetune` mid-run (SIGTERM, SIGKILL) under a real `dvc repro`: the rerun resumes
-from the persisted checkpoint, ends on the uninterrupted run's LR schedule, and DVC never
-accepts a half-written output."""
+"""Killing `finetune` mid-run (SIGKILL) under a real `dvc repro`: the rerun resumes from the
+persisted checkpoint, ends on the uninterrupted run's LR schedule, and DVC never accepts a
+half-written output. SIGTERM, which checkpoints before it exits, is the harder case for the
+resume and is run on two ranks (tests/model/test_distributed_stages.py)."""
 
 from __future__ import annotations
 
@@ -99,13 +100,10 @@ def project(tmp_path_factory: pytest.TempPathFactory, dogscats: Path) -> tuple[P
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_killed_finetune_resumes_under_dvc_repro(project, signum: int) -> None:
+def test_sigkilled_finetune_resumes_under_dvc_repro(project) -> None:
     root, reference = project
     steps_per_epoch = int((reference["steps"]["epoch"] == 0).sum())
-    output, _ = _kill_after_first_checkpoint(root, signum)
-    if signum == signal.SIGTERM:
-        assert "finetune interrupted" in output, output[-3000:]
+    _kill_after_first_checkpoint(root, signal.SIGKILL)
     # DVC removed the stage's cached outputs before running it; the kill left nothing it
     # would accept: finetune is reported changed and its model file is absent.
     assert not (root / "outputs/finetune/model.safetensors").exists()
@@ -119,10 +117,8 @@ def test_killed_finetune_resumes_under_dvc_repro(project, signum: int) -> None:
     assert recorded <= set(saved), set(saved)
     total = len(reference["steps"])
     assert steps_per_epoch <= step < total, (step, total)
-    if signum == signal.SIGKILL:  # only the epoch-end checkpoint survives a SIGKILL
-        assert step % steps_per_epoch == 0
+    assert step % steps_per_epoch == 0  # only the epoch-end checkpoint survives a SIGKILL
 
-    print(f"{signal.Signals(signum).name}: checkpoint at step {step} of {total}")
     rerun = dvc(root, "repro", "finetune")
     assert f"resuming from {CHECKPOINT} at step {step}" in rerun.stdout + rerun.stderr
     metrics = json.loads((root / "outputs/finetune/metrics.json").read_text())
