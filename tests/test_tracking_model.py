@@ -25,7 +25,7 @@ from visiontune.cli import main as cli_main
 from visiontune.data.transforms import DataConfig
 from visiontune.models.classifier import (
     InferenceSettings,
-    create_classifier,
+    build_classifier,
     save_model_file,
 )
 from visiontune.tracking.model import register_version
@@ -40,14 +40,12 @@ INFERENCE = InferenceSettings(n_augment=1, zoom=1.15, precision="fp32")
 @pytest.fixture(scope="module")
 def finetune_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model, _ = create_classifier(
-        "tf_efficientnet_lite0", "none", len(CLASSES), hidden=(), dropout=0.0
-    )
-    with torch.no_grad():  # spread the untrained head's outputs so probabilities differ
-        model.head[-1].weight.mul_(20)
     config = DataConfig(64, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     out = tmp_path_factory.mktemp("finetune")
     info = model_info(classes=CLASSES, data_config=config, inference=INFERENCE)  # evaluate's
+    model = build_classifier(info)
+    with torch.no_grad():  # spread the untrained head's outputs so probabilities differ
+        model.head[-1].weight.mul_(20)
     save_model_file(out / "model.safetensors", model.eval(), info)
     (out / "metrics.json").write_text(json.dumps({"valid_acc": 0.5}))
     (out / "checkpoints").mkdir()

@@ -17,7 +17,7 @@ from project_copy import stage_argv
 from records import model_info
 
 from visiontune.data.transforms import DataConfig
-from visiontune.models.classifier import create_classifier, save_model_file
+from visiontune.models.classifier import build_classifier, save_model_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CFG = DataConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
@@ -37,10 +37,10 @@ def _stage(name: str) -> ModuleType:
 @pytest.fixture
 def project(tmp_path: Path, dogscats: Path) -> Path:
     torch.manual_seed(0)
-    model, _ = create_classifier("tf_efficientnet_lite0", "none", 2, hidden=(), dropout=0.0)
+    info = model_info(data_config=CFG, inference=None)  # as finetune writes it
+    model = build_classifier(info)
     with torch.no_grad():
         model.head[-1].weight.mul_(20)
-    info = model_info(data_config=CFG, inference=None)  # as finetune writes it
     save_model_file(tmp_path / "model.safetensors", model.eval(), info)
     rows = [
         (f"valid/{kind}/{p.name}", kind)

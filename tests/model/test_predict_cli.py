@@ -22,7 +22,7 @@ from visiontune.data.images import open_rgb
 from visiontune.data.transforms import DataConfig, create_eval_transform
 from visiontune.models.classifier import (
     InferenceSettings,
-    create_classifier,
+    build_classifier,
     load_model_file,
     save_model_file,
 )
@@ -35,15 +35,13 @@ CFG = DataConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model, _ = create_classifier(
-        "tf_efficientnet_lite0", "none", len(CLASSES), hidden=(), dropout=0.0
-    )
-    with torch.no_grad():  # spread the untrained head's outputs so the ranking is clear-cut
-        model.head[-1].weight.mul_(20)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
     # As evaluate writes it: the centre crop and its mirror, fp32.
     inference = InferenceSettings(n_augment=1, zoom=1.15, precision="fp32")
     info = model_info(classes=CLASSES, data_config=CFG, inference=inference)
+    model = build_classifier(info)
+    with torch.no_grad():  # spread the untrained head's outputs so the ranking is clear-cut
+        model.head[-1].weight.mul_(20)
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
     save_model_file(path, model.eval(), info)
     return path
 

@@ -9,7 +9,6 @@ loads lazily).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +17,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from visiontune.data.transforms import DataConfig, PixelNormalize
+from visiontune.data.transforms import PixelNormalize
 from visiontune.models.head import create_head
 from visiontune.models.record import METADATA_KEY, InferenceSettings, ModelInfo, RecordError
 
 if TYPE_CHECKING:
-    from visiontune.models.backbone import WeightsInfo
+    pass
 
 __all__ = ["ImageClassifier", "InferenceSettings", "ModelInfo", "RecordError"]
 # What an unusable model file's error tells the user to do.
@@ -56,30 +55,11 @@ class ImageClassifier(torch.nn.Module):
         return self.head(self.body(self.normalize(pixels)))
 
 
-def create_classifier(
-    backbone: str,
-    weights: str,
-    num_classes: int,
-    *,
-    hidden: Sequence[int],
-    dropout: float,
-    data_config: DataConfig | None = None,
-) -> tuple[ImageClassifier, WeightsInfo]:
-    """A pretrained body with a fresh head for `num_classes` (`hidden` and `dropout` as in
-    `head.*`).
-
-    The input normalisation is `data_config`'s, else the backbone's pretrained one.
-    """
-    from visiontune.models.backbone import create_backbone, pretrained_data_config
-
-    body, info = create_backbone(backbone, weights)
-    data_config = data_config or pretrained_data_config(body)
-    head = create_head(body.num_features, num_classes, hidden, dropout)
-    return ImageClassifier(PixelNormalize.from_config(data_config), body, head), info
-
-
 def build_classifier(info: ModelInfo) -> ImageClassifier:
-    """An untrained classifier with the architecture `info` describes (for loading into)."""
+    """An untrained classifier with the architecture `info` describes (for loading into).
+
+    Training starts from `visiontune.train.recipes.load_classifier`: the pretrained body
+    with train_head's head; this is the other way a classifier is built."""
     body = timm.create_model(info.backbone, pretrained=False, num_classes=0)
     head = create_head(body.num_features, len(info.classes), info.head_hidden, info.head_dropout)
     return ImageClassifier(PixelNormalize.from_config(info.data_config), body, head)
