@@ -252,3 +252,17 @@ def test_dvc_passes_every_path_from_one_place() -> None:
         for literal in ('"data/', '"outputs/'):
             assert literal not in script, (name, literal)
         assert "${paths." in stage["cmd"], name
+
+
+def test_a_stage_with_tracking_off_runs_where_mlflow_is_not_installed(tmp_path: Path) -> None:
+    """The GPU check's machine has no MLflow: with `tracking.enabled: false` a stage never
+    imports it (here it cannot: `import mlflow` raises)."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    disabled = deep_merge(params, {"tracking": {"enabled": False}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(disabled))
+    script = "import sys\nsys.modules['mlflow'] = None  # as if not installed\n" + STAGE
+    argv = ["log", "0", "--params", "params.yaml", "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["valid_acc"] == 0.75

@@ -51,7 +51,7 @@ class Stage:
     name: str
     params: Params
     paths: argparse.Namespace
-    tracker: tracking.StageTracker
+    tracker: tracking.StageTracker | tracking.NoTracking
     # Finds the relative paths of params.yaml, in DVC's experiment copies too.
     locate: Locator
     # Torch stages: visiontune.runtime.Runtime and visiontune.distributed.DistContext (Any:
@@ -103,7 +103,7 @@ def run_stage(
         except FileNotFoundError as exc:
             print(exc, file=sys.stderr)
             return EXIT_BAD_PARAMS
-    stage = Stage(name, params, args, tracking.StageTracker(name, required=False), locate)
+    stage = Stage(name, params, args, tracking.NoTracking(name), locate)
     with contextlib.ExitStack() as stack:
         try:
             if setup is not None:
@@ -144,7 +144,7 @@ def _with_located_weights(params: Params, locate: Locator) -> Params:
     return params.model_copy(update={"model": params.model.model_copy(update={"weights": found})})
 
 
-def _open_tracking(stage: Stage) -> tracking.StageTracker:
+def _open_tracking(stage: Stage) -> tracking.StageTracker | tracking.NoTracking:
     runtime = stage.runtime
     tags = (
         {"device": str(runtime.device), "precision": runtime.precision}

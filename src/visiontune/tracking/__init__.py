@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from visiontune.tracking.runs import StageTracker
 
 __all__ = [
+    "NoTracking",
     "StageTracker",
     "Store",
     "TrackingError",
@@ -67,6 +68,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class NoTracking:
+    """The tracker of a stage that logs nothing (tracking off, ranks > 0, or before its run
+    opens): it accepts what a stage sends while it runs, without importing mlflow."""
+
+    enabled = False
+    required = False
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """Nothing to log to."""
+
+    def end(self, status: str) -> None:
+        """No run to close."""
+
+
 DEFAULT_MANIFEST = Path("data/prepared/manifest.csv")
 
 
@@ -78,7 +96,7 @@ def preflight(
     runtime_tags: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     timeout_s: float = 5.0,
-) -> StageTracker:
+) -> StageTracker | NoTracking:
     """Open `stage`'s run before any work; raise TrackingUnavailableError if that fails.
 
     `environ` supplies MLFLOW_TRACKING_URI (overrides `tracking.uri`), DVC_ROOT (the repo
@@ -87,16 +105,15 @@ def preflight(
     killed stages of this host are closed first. With `tracking.required: false` a failure
     only warns and returns a disabled tracker.
     """
+    section: TrackingParams = params.tracking
+    if not section.enabled:  # before importing mlflow: a machine may lack it (the GPU check)
+        return NoTracking(stage)
     from mlflow.tracking import MlflowClient
 
     from visiontune.tracking.orphans import close_orphaned_runs
-    from visiontune.tracking.runs import StageTracker, quiet_mlflow_logging, start_stage_run
+    from visiontune.tracking.runs import quiet_mlflow_logging, start_stage_run
 
     quiet_mlflow_logging()
-
-    section: TrackingParams = params.tracking
-    if not section.enabled:
-        return StageTracker(stage, required=False)
     cwd = Path.cwd() if cwd is None else cwd
     root = repo_root(environ, cwd)
     store = resolve_store(section, root, environ.get(TRACKING_URI_ENV))
@@ -147,11 +164,11 @@ def preflight(
                 "or tracking.enabled: false to turn tracking off)"
             ) from exc
         logger.warning("%s; continuing without tracking (tracking.required is false)", message)
-        return StageTracker(stage, required=False)
+        return NoTracking(stage)
 
 
 def log_stage(
-    tracker: StageTracker,
+    tracker: StageTracker | NoTracking,
     params: Params,
     out_dir: str | Path,
     *,
