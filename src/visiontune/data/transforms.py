@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,21 +74,30 @@ def train_min_size(cfg: DataConfig, aug: AugmentParams) -> int:
     return math.ceil(cfg.image_size * aug.max_zoom)
 
 
-def create_eval_transform(cfg: DataConfig) -> Transform:
-    """Resize the short side to `image_size / crop_pct`, centre-crop `image_size` (uint8 CHW).
+def eval_resize(pixels: torch.Tensor, cfg: DataConfig, size: int | None = None) -> torch.Tensor:
+    """uint8 pixels (3×H×W or N×3×H×W, on any device) with the short side resized to `size`
+    (default `cfg.resize_size`: `image_size / crop_pct`), antialiased as timm resizes.
 
-    The resize runs on the uint8 tensor, not the PIL image: torch's antialiased kernel
-    took 0.25 ms against Pillow's 0.85-1.4 per dogscats photo (1 core), more than the
-    JPEG decode itself, for the same pixels up to ~0.02 grey levels on average.
+    On the uint8 tensor, not a PIL image: torch's antialiased kernel took 0.25 ms against
+    Pillow's 0.85-1.4 per dogscats photo (1 core), more than the JPEG decode itself, for
+    the same pixels up to ~0.02 grey levels on average.
     """
     mode = interpolation_mode(cfg.interpolation)
-    return v2.Compose(
-        [
-            v2.PILToTensor(),  # a Pillow image; decoded pixels pass through unchanged
-            v2.Resize(cfg.resize_size, interpolation=mode, antialias=True),
-            v2.CenterCrop(cfg.image_size),
-        ]
-    )
+    return F.resize(pixels, [size or cfg.resize_size], interpolation=mode, antialias=True)
+
+
+def eval_crop(pixels: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """The pixels the model sees without TTA: `eval_resize`, then the centre `image_size`
+    square. The one definition: the loaders' eval transform, TTA's first view and the
+    report's pictures all cut it here, on CPU or GPU tensors."""
+    return F.center_crop(eval_resize(pixels, cfg), [cfg.image_size, cfg.image_size])
+
+
+def create_eval_transform(cfg: DataConfig) -> Transform:
+    """A decoded image (uint8 CHW tensor or Pillow RGB) → `eval_crop` (uint8 CHW)."""
+    interpolation_mode(cfg.interpolation)  # an unknown name fails here, not in a worker
+    # A partial, not a lambda: loader workers started by spawn pickle the transform.
+    return v2.Compose([v2.PILToTensor(), partial(eval_crop, cfg=cfg)])
 
 
 class RandomZoomCrop(torch.nn.Module):

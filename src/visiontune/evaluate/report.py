@@ -16,8 +16,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from visiontune.config import ReportParams
-from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.data.transforms import DataConfig, create_eval_transform, eval_min_size
+from visiontune.data.images import UnreadableImageError
+from visiontune.data.pixels import open_pixels
+from visiontune.data.transforms import DataConfig, eval_crop, eval_min_size
 from visiontune.evaluate import metrics, plots
 from visiontune.fileio import write_csv, write_text
 
@@ -54,9 +55,8 @@ def read_probabilities(
 
 
 def evaluated_view(path: Path, cfg: DataConfig) -> Image.Image:
-    """The image as the model saw it without TTA: upright, resized, centre-cropped."""
-    img = open_rgb(path, min_size=eval_min_size(cfg))
-    return TF.to_pil_image(create_eval_transform(cfg)(img))
+    """The pixels the model saw without TTA: decoded as the loaders decode, `eval_crop`."""
+    return TF.to_pil_image(eval_crop(open_pixels(path, min_size=eval_min_size(cfg)), cfg))
 
 
 def markdown_table(frame: pd.DataFrame, floats: str = ".3f") -> str:

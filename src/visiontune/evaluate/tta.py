@@ -19,7 +19,7 @@ from PIL import Image
 
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.pixels import open_pixels
-from visiontune.data.transforms import DataConfig, interpolation_mode
+from visiontune.data.transforms import DataConfig, eval_resize
 from visiontune.runtime import Runtime, autocast, prepare_module, to_device
 
 Position = Literal["center", "top_left", "top_right", "bottom_left", "bottom_right"]
@@ -85,7 +85,6 @@ class ViewMaker:
         # View 0 is exactly the eval transform: resize to cfg.resize_size, centre crop.
         self.base_size = cfg.resize_size
         self.zoom_size = round(self.base_size * zoom)
-        self.interpolation = interpolation_mode(cfg.interpolation)
 
     @property
     def min_decode_size(self) -> int:
@@ -98,11 +97,9 @@ class ViewMaker:
         scaled: dict[bool, torch.Tensor] = {}
         crops = []
         for view in self.views:
-            if view.zoom not in scaled:
+            if view.zoom not in scaled:  # view 0, the centre crop, is exactly `eval_crop`
                 size = self.zoom_size if view.zoom else self.base_size
-                scaled[view.zoom] = TF.resize(
-                    pixels, [size], interpolation=self.interpolation, antialias=True
-                )
+                scaled[view.zoom] = eval_resize(pixels, self.cfg, size)
             crop = self._crop(scaled[view.zoom], view.position)
             crops.append(TF.horizontal_flip(crop) if view.flip else crop)
         return torch.stack(crops)
