@@ -14,10 +14,11 @@ from torch.utils.data import DistributedSampler
 from visiontune.data.dataset import create_loader
 from visiontune.distributed import SINGLE, DistContext, gather_shards
 from visiontune.inference import run_inference
+from visiontune.models.classifier import ImageClassifier
 from visiontune.runtime import Runtime
 
 
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+def set_train_mode(model: ImageClassifier, freeze_bn: bool) -> None:
     """Train mode; with `freeze_bn` the body's BatchNorm layers keep their running stats.
 
     A logistic-regression head's BatchNorm keeps its statistics too (`head_stats_fixed`):
@@ -27,7 +28,7 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
     """
     model.train()
     frozen = [model.body] if freeze_bn else []
-    if getattr(model, "head_stats_fixed", False):
+    if model.head_stats_fixed:
         frozen.append(model.head)
     for part in frozen:
         for module in part.modules():

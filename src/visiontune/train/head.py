@@ -24,6 +24,7 @@ from visiontune.models.head import create_head, init_from_source
 from visiontune.models.record import METADATA_KEY, ModelInfo
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import create_schedule, set_lrs
+from visiontune.train.step import train_step
 
 # The quick sweep for `lr: auto`: wide range, ~100 mini-batches of features.
 AUTO_LR_RANGE = (1.0e-6, 10.0)
@@ -134,11 +135,7 @@ def _train_head(
     opt = create_optimizer(head.parameters(), params.optimizer, 1.0, params.weight_decay)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(head(x), y, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+        return train_step(head, opt, x, y, label_smoothing=label_smoothing)[0]
 
     head.train()
     found = None
@@ -166,13 +163,9 @@ def _train_head(
         for i in range(steps_per_epoch):
             set_lrs(opt, [lr], schedule(epoch * steps_per_epoch + i))
             x, y = next(batches)
-            logits = head(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss, logits = train_step(head, opt, x, y, label_smoothing=label_smoothing)
+            total += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         valid_loss, valid_acc = evaluate_head(head, valid_x, valid_y, label_smoothing)
         rows.append(

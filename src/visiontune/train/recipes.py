@@ -12,7 +12,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from visiontune.config import FinetuneParams, LrFindParams, ModelParams, Params
 from visiontune.data.dataset import ImageDataset, create_loader
@@ -27,13 +26,14 @@ from visiontune.data.transforms import (
 from visiontune.fileio import save_config, sha256_file, write_csv, write_json
 from visiontune.models.backbone import WeightsInfo, create_backbone
 from visiontune.models.classifier import ImageClassifier, ModelInfo, save_model_file
-from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.runtime import Runtime, prepare_module
 from visiontune.train.epoch import set_train_mode
 from visiontune.train.groups import create_layer_groups, create_param_groups
 from visiontune.train.head import create_optimizer, load_head
 from visiontune.train.loop import FinetuneResult
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import group_lrs
+from visiontune.train.step import train_step
 
 # The course's layer-group ratios for lr_ratios: auto. Where the backbone's own classifier
 # already explains your classes (a "near" domain), the early layers need
@@ -166,15 +166,10 @@ def run_lr_find(
                 yield inputs, targets
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        inputs, targets = to_device(inputs, runtime), to_device(targets, runtime)
-        with autocast(runtime):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=finetune.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
+        return train_step(
+            model, optimizer, inputs, targets,
+            label_smoothing=finetune.label_smoothing, runtime=runtime, scaler=scaler,
+        )[0]  # fmt: skip
 
     set_train_mode(model, finetune.freeze_bn)
     try:

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from visiontune.config import FinetuneParams
 from visiontune.distributed import DistContext, all_gather_varlen, wrap_ddp
-from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.runtime import Runtime, prepare_module
 from visiontune.train.checkpoint import (
     CheckpointFormatError,
     capture_rng,
@@ -29,6 +28,7 @@ from visiontune.train.checkpoint import (
 from visiontune.train.groups import LayerGroup, create_layer_groups, create_param_groups
 from visiontune.train.head import create_optimizer
 from visiontune.train.schedules import Schedule, create_schedule, group_lrs
+from visiontune.train.step import train_step
 
 PHASE = "finetune"
 
@@ -84,16 +84,11 @@ class Trainer:
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch, at the LRs already set; the loss, on the device."""
-        inputs, targets = to_device(inputs, self.runtime), to_device(targets, self.runtime)
-        with autocast(self.runtime):
-            logits = self.ddp_model(inputs)
-        smoothing = self.params.label_smoothing
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
+        loss, _ = train_step(
+            self.ddp_model, self.optimizer, inputs, targets,
+            label_smoothing=self.params.label_smoothing, runtime=self.runtime, scaler=self.scaler,
+        )  # fmt: skip
+        return loss
 
     def resume(
         self, path: Path, config: dict[str, Any], log: Callable[[str], None]
