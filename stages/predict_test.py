@@ -13,9 +13,8 @@ from visiontune.models.classifier import load_model_file
 from visiontune.runtime import loader_workers
 from visiontune.serving.predictor import (
     create_views,
-    host_precision,
-    inference_runtime,
     inference_settings,
+    predicting_runtime,
 )
 from visiontune.stagekit import Stage, run_stage
 
@@ -27,13 +26,12 @@ def predict_test(stage: Stage):
     params, paths = stage.params, stage.paths
     model, info = load_model_file(paths.model)
     settings = inference_settings(info, str(paths.model))
-    precision, note = host_precision(settings.precision, params.base.device)
-    if note:
-        print(f"predict_test: {note}")
     found = find_inputs([paths.test] if paths.test.is_dir() else [])
     # Decoding in loader workers, as the CLI does: a test set may hold 10^5 photos.
     workers = loader_workers(params.runtime.num_workers)
-    runtime = inference_runtime(precision, params.base.device, workers)
+    runtime, note = predicting_runtime(settings.precision, params.base.device, workers)
+    if note:
+        print(f"predict_test: {note}")
     with atomic_open(paths.out / "submission.csv", newline="") as out:
         summary = write_submission(
             model.to(runtime.device), info, found.files, image_ids(found, "stem"), runtime,

@@ -34,9 +34,8 @@ from visiontune.models.classifier import InferenceSettings, ModelInfo, load_mode
 from visiontune.runtime import AutoMemory, configure_memory, loader_workers
 from visiontune.serving.predictor import (
     create_views,
-    host_precision,
-    inference_runtime,
     inference_settings,
+    predicting_runtime,
 )
 
 
@@ -146,15 +145,14 @@ def _predict(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad params file or record: the message says what to do
         print(f"visiontune predict: {exc}", file=sys.stderr)
         return 2
-    precision, note = host_precision(settings.precision, args.device)
-    if note:
-        print(f"visiontune predict: {note}", file=sys.stderr)
     try:
-        runtime = inference_runtime(precision, args.device, workers)
+        runtime, note = predicting_runtime(settings.precision, args.device, workers)
         model = model.to(runtime.device)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
+    if note:
+        print(f"visiontune predict: {note}", file=sys.stderr)
     if args.submission:
         return _write_submission(args, model, info, files, ids, runtime, views, found.errors)
     results = found.errors + predict_files(

@@ -89,6 +89,15 @@ def inference_runtime(precision: str, device: str = "auto", num_workers: int = 0
     )
 
 
+def predicting_runtime(
+    precision: str, device: str = "auto", num_workers: int = 0
+) -> tuple[Runtime, str | None]:
+    """`inference_runtime` at the recorded `precision`, or at fp32 where this host lacks it;
+    the line that says so (None when it runs as recorded)."""
+    runnable, note = host_precision(precision, device)
+    return inference_runtime(runnable, device, num_workers), note
+
+
 @dataclass
 class ImagePredictor:
     """A loaded model with its views and runtime; `predict_bytes` is the served model's work."""
@@ -104,10 +113,9 @@ class ImagePredictor:
         """Load a model file at its own precision on `device`."""
         model, info = load_model_file(Path(path))
         settings = inference_settings(info, str(path))
-        precision, note = host_precision(settings.precision, device)
+        runtime, note = predicting_runtime(settings.precision, device)
         if note:
             print(f"visiontune: {note}", file=sys.stderr)
-        runtime = inference_runtime(precision, device)
         return cls(prepare_module(model, runtime).eval(), info, settings, runtime)
 
     @property

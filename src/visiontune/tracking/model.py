@@ -167,7 +167,6 @@ def log_model(
     from visiontune.models.classifier import read_model_info
     from visiontune.serving.predictor import inference_settings
 
-    assert tracker.client is not None and tracker.store is not None
     info = read_model_info(model_file)
     inference_settings(info, str(model_file))  # a file without them serves nothing
     return _log_model_file(tracker, model_file, info, registered_model, alias)

@@ -93,21 +93,22 @@ def find_parent_run(client: MlflowClient, experiment_id: str, pipeline_key: str)
 class StageTracker:
     """Logging handle of one stage: its child run and the pipeline's parent run.
 
-    A disabled tracker (tracking off, or an unreachable store with `required: false`)
-    accepts every call and does nothing.
+    Only an open run has one: a stage that logs nothing holds `tracking.NoTracking`.
     """
+
+    enabled = True
 
     def __init__(
         self,
         stage: str,
         *,
         required: bool,
-        client: MlflowClient | None = None,
-        store: Store | None = None,
-        exp_name: str | None = None,
-        experiment_id: str | None = None,
-        parent_id: str | None = None,
-        run_id: str | None = None,
+        client: MlflowClient,
+        store: Store,
+        exp_name: str | None,
+        experiment_id: str,
+        parent_id: str,
+        run_id: str,
     ) -> None:
         self.stage = stage
         self.required = required
@@ -120,15 +121,10 @@ class StageTracker:
         self.run_id = run_id
         # (metric, step) points already sent while the stage ran (`log_epoch`).
         self.logged_live: set[tuple[str, int]] = set()
-        self._ended = client is None
-        if not self._ended:
-            # A stage that raises between opening its run and logging it must not leave
-            # its runs RUNNING; a killed one is closed by the next stage's start instead.
-            atexit.register(self._end_if_open)
-
-    @property
-    def enabled(self) -> bool:
-        return self.client is not None
+        self._ended = False
+        # A stage that raises between opening its run and logging it must not leave its
+        # runs RUNNING; a killed one is closed by the next stage's start instead.
+        atexit.register(self._end_if_open)
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
         """Log one epoch's history row now, for people watching the run in the UI.
@@ -137,7 +133,7 @@ class StageTracker:
         here are not sent twice. A store that fails mid-run only warns: the stage's own
         logging at the end decides the exit code.
         """
-        if not self.client or "epoch" not in row:
+        if "epoch" not in row:
             return
         step = int(row["epoch"])
         points = {epoch_metric_name(k): [(step, v)] for k, v in row.items() if k != "epoch"}
@@ -156,13 +152,13 @@ class StageTracker:
         return run_id
 
     def log_params(self, params: Mapping[str, Any], *, parent: bool = False) -> None:
-        if not self.client or not params:
+        if not params:
             return
         for chunk in _chunks(_param_entries(params), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self._target(parent), params=chunk, synchronous=True)
 
     def set_tags(self, tags: Mapping[str, Any], *, parent: bool = False) -> None:
-        if not self.client or not tags:
+        if not tags:
             return
         entries = [
             RunTag(key, redact(str(value))) for key, value in tags.items() if value is not None
@@ -180,8 +176,6 @@ class StageTracker:
         self, series: Mapping[str, Sequence[tuple[int, float]]], *, parent: bool = False
     ) -> None:
         """Log whole metric histories, `{name: [(step, value), ...]}`, in batches."""
-        if not self.client:
-            return
         now = int(time.time() * 1000)
         entries = [
             Metric(key, float(value), now, int(step))
@@ -198,8 +192,6 @@ class StageTracker:
         (MLflow's digest column holds 36 characters on PostgreSQL); the whole fingerprint
         is the `data.fingerprint` tag. MLflow keeps one input per dataset and run, so every
         stage logs it: a temp experiment whose fetch DVC skipped has it too."""
-        if not self.client or self.store is None:
-            return
         import mlflow
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
@@ -219,7 +211,7 @@ class StageTracker:
         self.set_tags({"data.fingerprint": fingerprint}, parent=True)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.client and Path(path).exists():
+        if Path(path).exists():
             if Path(path).is_dir():
                 self.client.log_artifacts(self._target(False), str(path), artifact_path)
             else:
@@ -227,7 +219,7 @@ class StageTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the child run with `status` and mark the parent as finished so far."""
-        if self._ended or not self.client:
+        if self._ended:
             return
         self._ended = True
         self.client.set_terminated(self._target(False), status=status)
