@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from visiontune.data.manifest import SPLIT_COLUMNS, read_table
+from visiontune.data.manifest import SPLIT_COLUMNS, read_table, valid_edit_counts
 from visiontune.distributed import torch_stage
 from visiontune.evaluate.evaluation import evaluate_model
 from visiontune.fileio import save_config, write_csv, write_json
@@ -29,7 +29,9 @@ def evaluate(stage: Stage):
     if not dist.is_main:
         return None
     out = paths.out
-    write_json(out / "metrics.json", result.metrics)
+    # Images a person excluded or relabelled (data.exclude/relabel) change what it measures.
+    edited = valid_edit_counts(paths.prepared / "edits.csv", valid["path"])
+    write_json(out / "metrics.json", {**result.metrics, **edited})
     write_csv(out / "predictions.csv", result.predictions)
     write_csv(out / "per_class.csv", result.per_class)
     write_csv(out / "probabilities.csv", result.probabilities)
@@ -49,6 +51,12 @@ def evaluate(stage: Stage):
         f"gain {m['tta_gain'] * 100:+.2f} pts (+{m['tta_images_gained']}/-{m['tta_images_lost']} "
         f"images, p = {m['tta_gain_p']:.2g}), {m['images_per_s']:.1f} img/s"
     )
+    if any(edited.values()):
+        print(
+            f"evaluate: valid set edited by you: {edited['valid_excluded']} excluded, "
+            f"{edited['valid_relabelled']} relabelled ({edited['excluded_unsplit']} excluded "
+            "before the split); compare accuracies only between runs with the same edits"
+        )
     return out
 
 

@@ -84,6 +84,10 @@ class DataParams(Section):
     max_per_class: int | None = Field(ge=1)
     # Pillow's decompression-bomb guard, in pixels.
     max_image_pixels: int = Field(ge=1)
+    # A person's corrections (visiontune.data.edits): a CSV or list of ids/paths to drop,
+    # and a CSV of id/path and the right label.
+    exclude: str | tuple[str, ...] | None
+    relabel: str | None
 
     @field_validator("mirrors", mode="before")
     @classmethod
@@ -257,6 +261,12 @@ class ReportParams(Section):
     most_confused: int = Field(ge=1)
 
 
+class AuditParams(Section):
+    duplicate_threshold: float = Field(gt=0.0, le=1.0)
+    outlier_threshold: float = Field(gt=0.0)
+    show: int = Field(ge=0, le=100)
+
+
 class TrackingParams(Section):
     enabled: bool
     uri: str
@@ -294,6 +304,7 @@ class Params(Section):
     finetune: FinetuneParams
     tta: TtaParams
     report: ReportParams
+    audit: AuditParams
     tracking: TrackingParams
     distributed: DistributedParams
 

@@ -61,6 +61,7 @@ def test_fetch_then_split_write_every_output(project: Path, capsys) -> None:
         "images",
         "manifest.csv",
         "rejects.csv",
+        "edits.csv",
         "config.json",
     }
     config = json.loads((prepared / "config.json").read_text())

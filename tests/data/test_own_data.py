@@ -67,7 +67,7 @@ def test_own_photos_are_fetched_and_the_stage_prints_only_its_own_lines(
     kind = "a folder per class" if layout == "folders" else "images + a labels CSV"
     assert f"fetch: source ../my photos ({kind}): data.source, found in the repo" in result.stdout
     assert "1 files rejected (1 unreadable)" in result.stdout  # real problems still show
-    outputs = "config.json, images/, manifest.csv, rejects.csv"
+    outputs = "config.json, edits.csv, images/, manifest.csv, rejects.csv"
     assert result.stdout.splitlines()[-1] == f"fetch: wrote data/prepared/: {outputs}"
     # Nothing else: no runpy RuntimeWarning, no "Creating initial MLflow database tables".
     assert result.stderr == "", result.stderr

@@ -115,7 +115,10 @@ def _error_of(raw) -> str:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"dataa": {}}, "dataa: unknown key; allowed keys: base, data, distributed, finetune,"),
+        (
+            {"dataa": {}},
+            "dataa: unknown key; allowed keys: audit, base, data, distributed, finetune,",
+        ),
         ({"data": {"sourse": "x"}}, "data.sourse: unknown key; allowed keys: download_retries"),
         (
             {"finetune": {"augment": {"flipp": True}}},

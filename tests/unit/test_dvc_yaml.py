@@ -16,7 +16,7 @@ from visiontune.config import Params
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
 STAGES = (
-    "source_stamp", "fetch", "split", "precompute", "train_head", "lr_find", "finetune",
+    "source_stamp", "fetch", "split", "precompute", "audit", "train_head", "lr_find", "finetune",
     "evaluate", "report", "predict_test",
 )  # fmt: skip
 # Sections a stage reads that cannot change what it computes, each with its reason. DVC

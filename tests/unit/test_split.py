@@ -15,7 +15,7 @@ from visiontune.data.split import n_valid_for, split_manifest
 
 def _manifest(counts: dict[str, int], hint: str = "") -> pd.DataFrame:
     rows = [
-        (f"images/{label}/{i:03d}.jpg", label, hint)
+        (f"images/{label}/{i:03d}.jpg", label, hint, f"{label}{i}")
         for label, n in counts.items()
         for i in range(n)
     ]

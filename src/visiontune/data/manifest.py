@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from visiontune.fileio import write_csv, write_json
 
-MANIFEST_COLUMNS = ("path", "label", "split_hint")
+# The folder under the prepared dir that the manifest's paths start with.
+IMAGES_DIR = "images"
+# sha256: of the file's bytes, the id that data.exclude and data.relabel may name it by.
+MANIFEST_COLUMNS = ("path", "label", "split_hint", "sha256")
 SPLIT_COLUMNS = ("path", "label")
 REJECT_COLUMNS = ("path", "reason")
+# edits.csv: each image a person excluded or relabelled (visiontune.data.edits).
+EDIT_COLUMNS = ("path", "id", "split_hint", "action", "label", "new_label")
 SPLIT_HINTS = ("train", "valid", "test", "")
 
 
@@ -37,7 +43,7 @@ def read_table(csv_path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def read_manifest(csv_path: Path) -> pd.DataFrame:
-    """The fetch manifest: `path` (relative to the prepared dir), `label`, `split_hint`."""
+    """The fetch manifest: `path` (under the prepared dir), `label`, `split_hint`, `sha256`."""
     frame = read_table(Path(csv_path), MANIFEST_COLUMNS)
     bad = sorted(set(frame["split_hint"]) - set(SPLIT_HINTS))
     if bad:
@@ -84,3 +90,20 @@ def write_table(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> No
 def seeded_rank(seed: int, key: str) -> str:
     """A deterministic pseudo-random sort key for `key` under `seed` (no RNG state)."""
     return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
+
+
+def valid_edit_counts(edits_csv: Path, valid_paths: Sequence[str]) -> dict[str, int]:
+    """How many validation images a person's edits touched: what the accuracy now means.
+
+    `valid_paths` are the valid table's paths (under the prepared dir). An image excluded
+    from a source without its own split had no side yet: it counts as `excluded_unsplit`.
+    """
+    edits = read_table(edits_csv, EDIT_COLUMNS)
+    in_valid = {path.removeprefix(f"{IMAGES_DIR}/") for path in valid_paths}
+    excluded = edits[edits["action"] == "exclude"]
+    relabelled = edits[edits["action"] == "relabel"]
+    return {
+        "valid_excluded": int((excluded["split_hint"] == "valid").sum()),
+        "excluded_unsplit": int((excluded["split_hint"] == "").sum()),
+        "valid_relabelled": int(relabelled["path"].isin(in_valid).sum()),
+    }

@@ -21,8 +21,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from visiontune.config import DataParams
+from visiontune.data.edits import EDIT_COLUMNS, apply_edits, edit_counts, read_edits
 from visiontune.data.images import inspect_image
 from visiontune.data.manifest import (
+    IMAGES_DIR,
     MANIFEST_COLUMNS,
     REJECT_COLUMNS,
     seeded_rank,
@@ -42,7 +44,6 @@ from visiontune.data.sources import (
 from visiontune.fileio import sha256_file
 from visiontune.locations import Locator
 
-IMAGES_DIR = "images"
 TEST_DIR = "test"
 _LAYOUTS = {"folders": "a folder per class", "labels_csv": "images + a labels CSV"}
 
@@ -71,6 +72,8 @@ def prepare_dataset(
         A JSON-able summary: the source used, counts, rejects by kind, empty classes.
     """
     out_dir = Path(out_dir)
+    # Read before the source: a missing or malformed edit file stops fetch at once.
+    edits = read_edits(params.exclude, params.relabel, locate)
     with resolve_source(
         params.source,
         params.mirrors,
@@ -95,8 +98,20 @@ def prepare_dataset(
             workers=workers,
             progress=progress,
         )
-        kept, skipped = ingested.kept, ingested.skipped
-        rejects = list(listing.rejects) + ingested.rejects
+        applied = apply_edits(ingested.kept, ingested.ids, edits)
+        for row in applied.edits.itertuples(index=False):
+            if row.action == "exclude":
+                (out_dir / IMAGES_DIR / row.path).unlink()
+        kept, skipped = applied.kept, ingested.skipped
+        rejects = (
+            list(listing.rejects)
+            + ingested.rejects
+            + [
+                Reject(row.path, f"excluded by data.exclude (id {row.id})", "excluded")
+                for row in applied.edits.itertuples(index=False)
+                if row.action == "exclude"
+            ]
+        )
         if not kept:
             raise SourceError(_nothing_usable(source.used, source.root, listing, rejects))
         held_out = 0
@@ -111,12 +126,14 @@ def prepare_dataset(
             held_out += 1
 
     manifest = pd.DataFrame(
-        [(f"{IMAGES_DIR}/{c.path}", c.label, c.split_hint) for c in kept],
+        [(f"{IMAGES_DIR}/{c.path}", c.label, c.split_hint, applied.ids[c.path]) for c in kept],
         columns=list(MANIFEST_COLUMNS),
     )
     reject_frame = pd.DataFrame([(r.path, r.reason) for r in rejects], columns=["path", "reason"])
     write_table(out_dir / "manifest.csv", sorted_rows(manifest, MANIFEST_COLUMNS), MANIFEST_COLUMNS)
     write_table(out_dir / "rejects.csv", sorted_rows(reject_frame, REJECT_COLUMNS), REJECT_COLUMNS)
+    # What a person changed: evaluate says how many valid images it touched.
+    write_table(out_dir / "edits.csv", sorted_rows(applied.edits, EDIT_COLUMNS), EDIT_COLUMNS)
     # The class list is split's (`classes.json`): min_per_class may drop a class there.
     classes = sorted(set(manifest["label"]))
     return {
@@ -138,6 +155,8 @@ def prepare_dataset(
         "split_hints": dict(sorted(Counter(manifest["split_hint"]).items())),
         "empty_classes": sorted(listing.class_folders - set(classes)),
         "held_out_test": held_out,
+        "edits": edit_counts(applied.edits),
+        "edits_unmatched": applied.unmatched,
     }
 
 
@@ -164,6 +183,7 @@ class Ingested:
     """What `ingest_images` kept (written into the images folder), rejected and left out."""
 
     kept: list[Candidate]
+    ids: dict[str, str]  # path -> SHA-256 of each kept file
     rejects: list[Reject]
     skipped: int  # distinct files left unchecked by max_per_class
 
@@ -304,7 +324,10 @@ def _ingested(candidates, digests, rejects, kept, banned) -> Ingested:
             if c.path != first.path:
                 rejects[c.path] = Reject(c.path, f"duplicate of {first.path}", "duplicate")
         skipped += digest not in kept
-    return Ingested(sorted(kept.values(), key=lambda c: c.path), list(rejects.values()), skipped)
+    ids = {c.path: digest for digest, c in kept.items()}
+    return Ingested(
+        sorted(kept.values(), key=lambda c: c.path), ids, list(rejects.values()), skipped
+    )
 
 
 def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
@@ -330,4 +353,14 @@ def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
         )
     if summary["empty_classes"]:
         lines.append(f"fetch: class folders without usable images: {summary['empty_classes']}")
+    for action, counts in summary["edits"].items():
+        where = ", ".join(f"{n} {hint}" for hint, n in counts.items())
+        verb = "excluded by data.exclude" if action == "exclude" else "relabelled by data.relabel"
+        lines.append(f"fetch: {sum(counts.values())} images {verb} ({where})")
+    if summary["edits_unmatched"]:
+        shown = ", ".join(summary["edits_unmatched"][:5])
+        lines.append(
+            f"fetch: warning: {len(summary['edits_unmatched'])} entries of data.exclude/relabel "
+            f"name no image of the source (e.g. {shown})"
+        )
     return "\n".join(lines)

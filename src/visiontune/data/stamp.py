@@ -15,6 +15,7 @@ from typing import Any
 
 from visiontune.config import DataParams
 from visiontune.data.download import is_url
+from visiontune.data.edits import files_named
 from visiontune.data.sources import pick_mirror
 from visiontune.locations import Located, Locator
 
@@ -64,10 +65,10 @@ def stamp_path(located: Located | None, written: str) -> dict[str, Any]:
 
 
 def source_stamp(params: DataParams, locate: Locator) -> dict[str, Any]:
-    """What `fetch` will read, fingerprinted: the local source (or the URL's local mirror)
-    and a local labels CSV, found as fetch finds them. A URL without a mirror stands for
-    itself: its content is pinned by `data.sha256` (or not at all), both params that DVC
-    already compares.
+    """What `fetch` will read, fingerprinted: the local source (or the URL's local mirror),
+    a local labels CSV and the data.exclude/relabel files, found as fetch finds them. A URL
+    without a mirror stands for itself: its content is pinned by `data.sha256` (or not at
+    all), both params that DVC already compares.
     """
     stamp: dict[str, Any] = {"source": params.source}
     if is_url(params.source):
@@ -87,4 +88,6 @@ def source_stamp(params: DataParams, locate: Locator) -> dict[str, Any]:
         else:
             labels = locate.find(params.labels)
         stamp["labels"] = stamp_path(labels, params.labels)
+    for what, written in files_named(params.exclude, params.relabel):
+        stamp[what] = stamp_path(locate.find(written), written)
     return stamp

@@ -1,4 +1,5 @@
-"""Report figures as PNGs: confusion matrix, top losses, LR finder and LR schedule.
+"""Report figures as PNGs (confusion matrix, top losses, LR finder and LR schedule) and
+the markdown tables beside them.
 
 Figures are built on `matplotlib.figure.Figure` directly (rendered by Agg when saved), so
 nothing here touches pyplot's global state or needs a display.
@@ -180,3 +181,14 @@ def lr_schedule_figure(steps: pd.DataFrame) -> Figure:
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
+
+
+def markdown_table(frame: pd.DataFrame, floats: str = ".3f") -> str:
+    """A GitHub-flavoured markdown table (no tabulate dependency)."""
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = [
+        "| " + " | ".join(format(v, floats) if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])

@@ -20,6 +20,7 @@ from visiontune.data.images import UnreadableImageError
 from visiontune.data.pixels import open_pixels
 from visiontune.data.transforms import DataConfig, eval_crop, eval_min_size
 from visiontune.evaluate import metrics, plots
+from visiontune.evaluate.plots import markdown_table
 from visiontune.fileio import write_csv, write_text
 
 
@@ -57,17 +58,6 @@ def read_probabilities(
 def evaluated_view(path: Path, cfg: DataConfig) -> Image.Image:
     """The pixels the model saw without TTA: decoded as the loaders decode, `eval_crop`."""
     return TF.to_pil_image(eval_crop(open_pixels(path, min_size=eval_min_size(cfg)), cfg))
-
-
-def markdown_table(frame: pd.DataFrame, floats: str = ".3f") -> str:
-    """A GitHub-flavoured markdown table (no tabulate dependency)."""
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    rows = [
-        "| " + " | ".join(format(v, floats) if isinstance(v, float) else str(v) for v in row) + " |"
-        for row in frame.itertuples(index=False)
-    ]
-    return "\n".join([header, rule, *rows])
 
 
 def build_report(

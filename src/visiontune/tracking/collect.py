@@ -19,6 +19,7 @@ NAMESPACES = {
     "fetch": "data",
     "split": "split",
     "precompute": "precompute",
+    "audit": "audit",
     "train_head": "head",
     "lr_find": "lr_find",
     "finetune": "finetune",
@@ -198,8 +199,10 @@ def collect(
         record.parent_metrics = dict(record.metrics)
         for name in ("per_class.csv", "predictions.csv"):
             record.artifacts.append((out_dir / name, None))
-    elif stage == "report":
+    elif stage in ("report", "audit"):
         for path in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
             if path.suffix in (".png", ".csv", ".md", ".svg", ".html"):
-                record.artifacts.append((path, "report"))
+                record.artifacts.append((path, stage))
+        if stage == "audit":  # the counts, beside the accuracy they qualify
+            record.parent_metrics = dict(record.metrics)
     return record

@@ -1,0 +1,126 @@
+"""A person's corrections to the source, applied by fetch: `data.exclude` and `data.relabel`.
+
+Each entry names an image by its id, the SHA-256 of its bytes (the `id` column of the
+audit's findings.csv), or by its path under the source. An id survives renaming and
+moving the file; a path is easier to write by hand. A relabel wins over the folder name or
+`data.labels`: it is applied last.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import pandas as pd
+
+from visiontune.data.manifest import EDIT_COLUMNS
+from visiontune.data.sources import Candidate, SourceError
+from visiontune.locations import Locator
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Edits:
+    exclude: frozenset[str] = frozenset()  # ids and paths
+    relabel: dict[str, str] = field(default_factory=dict)  # id or path -> the right label
+
+    def __bool__(self) -> bool:
+        return bool(self.exclude or self.relabel)
+
+
+@dataclass(frozen=True)
+class Applied:
+    kept: list[Candidate]  # relabelled where asked
+    ids: dict[str, str]  # path -> id of each kept image
+    edits: pd.DataFrame  # EDIT_COLUMNS: one row per image excluded or relabelled
+    unmatched: list[str]  # entries that named no kept image
+
+
+def read_edits(exclude: str | Sequence[str] | None, relabel: str | None, locate: Locator) -> Edits:
+    """The entries of `data.exclude` (a CSV file, or a list of ids and paths) and
+    `data.relabel` (a CSV file with a label column)."""
+    if exclude is None:
+        excluded: list[str] = []
+    elif isinstance(exclude, str):
+        excluded = list(_keys(_read(exclude, "data.exclude", locate), "data.exclude"))
+    else:
+        excluded = [str(entry).strip() for entry in exclude]
+    relabelled: dict[str, str] = {}
+    if relabel is not None:
+        table = _read(relabel, "data.relabel", locate)
+        if "label" not in table.columns:
+            raise SourceError(f"data.relabel {relabel}: needs a label column (the right class); "
+                              f"it has {', '.join(table.columns)}")  # fmt: skip
+        relabelled = dict(
+            zip(_keys(table, "data.relabel"), table["label"].str.strip(), strict=True)
+        )
+    return Edits(
+        frozenset(_normal(e) for e in excluded if e), {_normal(k): v for k, v in relabelled.items()}
+    )
+
+
+def _read(written: str, what: str, locate: Locator) -> pd.DataFrame:
+    path = locate.locate(written, f"{what} file").path
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{what} {path}: not a readable CSV ({exc})") from None
+
+
+def _keys(table: pd.DataFrame, what: str) -> list[str]:
+    """Each row's id where the table has that column (findings.csv has both), else its path."""
+    for column in ("id", "path"):
+        if column in table.columns:
+            return [key.strip() for key in table[column]]
+    raise SourceError(f"{what}: needs an id column (SHA-256, as findings.csv has) or a path "
+                      f"column (under the source); it has {', '.join(table.columns)}")  # fmt: skip
+
+
+def _normal(key: str) -> str:
+    key = key.strip()
+    return key.lower() if _SHA256.fullmatch(key.lower()) else key.replace("\\", "/").lstrip("./")
+
+
+def apply_edits(kept: Sequence[Candidate], ids: dict[str, str], edits: Edits) -> Applied:
+    """`kept` less the excluded images, with the relabelled ones' new labels."""
+    used: set[str] = set()
+    result, rows = [], []
+    for candidate in kept:
+        key_id, key_path = ids[candidate.path], candidate.path
+        names = {key_id, key_path}
+        if names & edits.exclude:
+            used |= names & edits.exclude
+            rows.append(
+                (candidate.path, key_id, candidate.split_hint, "exclude", candidate.label, "")
+            )
+            continue
+        entry = next((k for k in (key_id, key_path) if k in edits.relabel), None)
+        if entry is not None and edits.relabel[entry] != candidate.label:
+            used.add(entry)
+            new = edits.relabel[entry]
+            rows.append(
+                (candidate.path, key_id, candidate.split_hint, "relabel", candidate.label, new)
+            )
+            candidate = replace(candidate, label=new)
+        elif entry is not None:
+            used.add(entry)
+        result.append(candidate)
+    unmatched = sorted((edits.exclude | edits.relabel.keys()) - used)
+    table = pd.DataFrame(rows, columns=list(EDIT_COLUMNS))
+    return Applied(result, {c.path: ids[c.path] for c in result}, table, unmatched)
+
+
+def files_named(exclude: str | Sequence[str] | None, relabel: str | None) -> list[tuple[str, str]]:
+    """(what, written path) of the edit files fetch reads: source_stamp fingerprints them."""
+    named = [("exclude", exclude)] if isinstance(exclude, str) else []
+    return [*named, *([("relabel", relabel)] if relabel is not None else [])]
+
+
+def edit_counts(edits: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{action: {split_hint or 'no hint': n}} for the summary."""
+    counts: dict[str, dict[str, int]] = {}
+    for (action, hint), n in edits.groupby(["action", "split_hint"]).size().items():
+        counts.setdefault(str(action), {})[str(hint) or "no hint"] = int(n)
+    return counts

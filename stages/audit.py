@@ -1,0 +1,69 @@
+"""audit: suspect labels, near-duplicates and outliers, from the cached features.
+
+Run it before a first full run (`dvc repro audit`): it needs only fetch, split and
+precompute, and it changes nothing. Act on its findings with data.exclude and data.relabel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from visiontune.audit import AuditImages, audit_features
+from visiontune.audit.report import headline, write_audit
+from visiontune.data.manifest import (
+    IMAGES_DIR,
+    SPLIT_COLUMNS,
+    read_classes,
+    read_manifest,
+    read_table,
+)
+from visiontune.distributed import torch_stage
+from visiontune.features import load_current_features
+from visiontune.fileio import save_config
+from visiontune.stagekit import Stage, run_stage
+
+PATHS = {
+    "prepared": "fetch output folder (manifest.csv and the images)",
+    "split": "split output (train.csv, valid.csv, classes.json)",
+    "features": "feature cache folder",
+    "out": "output folder",
+}
+
+
+def audit(stage: Stage):
+    params, paths = stage.params, stage.paths
+    classes = read_classes(paths.split / "classes.json")
+    features = load_current_features(
+        paths.features / "features.safetensors", params.model, params.base,
+        paths.split / "train.csv", paths.split / "valid.csv", classes,
+    )  # fmt: skip
+    manifest = read_manifest(paths.prepared / "manifest.csv")
+    ids = dict(zip(manifest["path"], manifest["sha256"], strict=True))
+    tables = {s: read_table(paths.split / f"{s}.csv", SPLIT_COLUMNS) for s in ("train", "valid")}
+    rows = [*tables["train"]["path"], *tables["valid"]["path"]]
+    images = AuditImages(
+        paths=[path.removeprefix(f"{IMAGES_DIR}/") for path in rows],
+        labels=np.concatenate([features.train_y.numpy(), features.valid_y.numpy()]),
+        splits=["train"] * len(tables["train"]) + ["valid"] * len(tables["valid"]),
+        ids=[ids[path] for path in rows],
+        n_train=len(tables["train"]),
+    )
+    result = audit_features(
+        features.train_x.float().numpy(), features.valid_x.float().numpy(), images, classes,
+        params.audit, params.base.seed,
+    )  # fmt: skip
+    write_audit(paths.out, result.findings, result.metrics, paths.prepared / IMAGES_DIR,
+                params.audit.show)  # fmt: skip
+    save_config(
+        paths.out / "config.json", {"audit": params.audit, "base": {"seed": params.base.seed}}
+    )
+    print(f"audit: {headline(result.metrics)}; see {paths.out / 'findings.csv'}")
+    return paths.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("audit", audit, PATHS, setup=torch_stage, doc=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
