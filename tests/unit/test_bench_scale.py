@@ -56,12 +56,16 @@ def test_disk_bytes_counts_each_inode_once_and_leaves_out_the_excluded(tmp_path:
 
 
 def test_compare_checks_the_issue_targets() -> None:
-    def record(s_per_1k: float, rss: float, per_source: float, noop: float) -> dict:
+    def record(s_per_1k: float, rss: float, per_source: float, noop: float, audit: float) -> dict:
         stages = {s: {"s_per_1k": s_per_1k, "peak_rss_mb": rss} for s in scale.TIMED}
+        stages["precompute"]["wall_s"], stages["audit"]["wall_s"] = 100.0, audit
         disk = {"data_and_cache_per_source": per_source}
         return {"stages": stages, "disk": disk, "dvc_repro_noop": {"wall_s": noop, "reran": []}}
 
-    met = scale.compare(record(10, 1000, 1.0, 5), record(11, 1400, 1.02, 20))["targets_met"]
-    assert all(met.values()) and len(met) == 2 * len(scale.TIMED) + 3
-    missed = scale.compare(record(10, 1000, 1.0, 5), record(12, 1600, 2.0, 40))["targets_met"]
+    met = scale.compare(record(10, 1000, 1.0, 5, 9), record(11, 1400, 1.02, 20, 8))
+    assert met["audit_share_of_precompute"] == {"quarter": 0.09, "full": 0.08}
+    met = met["targets_met"]
+    assert all(met.values()) and len(met) == 2 * len(scale.TIMED) + 5
+    missed = scale.compare(record(10, 1000, 1.0, 5, 9), record(12, 1600, 2.0, 40, 11))
+    missed = missed["targets_met"]
     assert not any(v for k, v in missed.items() if not k.startswith("quarter"))

@@ -1,9 +1,9 @@
 """Suspect labels: confident learning (cleanlab) on out-of-sample probabilities of a
 logistic regression over the cached features.
 
-Train images are scored by cross-validation within train; valid images by the fit on all
-of train, so a valid label never decides which train image is flagged, and no image's own
-label ever shapes the probabilities it is judged by.
+Train images are scored by cross-validation within train; valid images by the models fitted
+on train folds, so a valid label never decides which train image is flagged, and no image's
+own label ever shapes the probabilities it is judged by.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from cleanlab.count import num_label_issues
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.linear_model import LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 
 from visiontune.train.logreg import LOGREG_CS, LOGREG_MAX_ITER, cv_folds
@@ -41,7 +41,7 @@ class LabelIssues:
 @dataclass(frozen=True)
 class OutOfSampleProbs:
     train: np.ndarray  # [N_train, K] from the fold that held each row out
-    valid: np.ndarray  # [N_valid, K] from the fit on all train rows
+    valid: np.ndarray  # [N_valid, K] the mean of the fold models
     C: float
 
 
@@ -50,31 +50,31 @@ def out_of_sample_probs(
 ) -> OutOfSampleProbs:
     """Probabilities no image's own label took part in (see the module doc).
 
-    C is picked by the same cross-validation, and each row's train probability comes from
-    the fold model at that C that never saw the row: the C search is the whole cost.
+    C is picked by cross-validation on train, and every probability comes from the fold
+    models at that C, so the C search is the whole cost: a train row from the one fold
+    model that never saw it, a valid row from the mean of all of them.
     """
     scaler = StandardScaler().fit(train_x)
     train, valid = scaler.transform(train_x), scaler.transform(valid_x)
     folds = cv_folds(torch.from_numpy(np.asarray(train_y)), seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # tol 1e-3: ranks, not digits
+        warnings.simplefilter("ignore", ConvergenceWarning)  # tol 1e-2: ranks, not digits
         search = LogisticRegressionCV(
             Cs=list(LOGREG_CS), cv=folds, scoring="neg_log_loss", l1_ratios=(0.0,),
             use_legacy_attributes=False, max_iter=LOGREG_MAX_ITER, tol=PROBE_TOL, refit=False,
         ).fit(train, train_y)  # fmt: skip
-        best = int(np.argmax(search.scores_.mean(axis=0).ravel()))
-        C = float(LOGREG_CS[best])
-        final = LogisticRegression(C=C, max_iter=LOGREG_MAX_ITER, tol=PROBE_TOL)
-        final.fit(train, train_y)
+    best = int(np.argmax(search.scores_.mean(axis=0).ravel()))
     present = search.classes_
     train_probs = np.zeros((len(train_y), num_classes))
+    valid_probs = np.zeros((len(valid), num_classes))
     for fold, (_, held_out) in enumerate(folds):
         path = search.coefs_paths_[fold, 0, best]  # [K', D + 1]: weights, then intercept
-        scores = train[held_out] @ path[:, :-1].T + path[:, -1]
-        train_probs[np.ix_(held_out, present)] = _softmax_or_sigmoid(scores)
-    valid_probs = np.zeros((len(valid), num_classes))
-    valid_probs[:, final.classes_] = final.predict_proba(valid)
-    return OutOfSampleProbs(train_probs, valid_probs, C)
+        weight, bias = path[:, :-1].T, path[:, -1]
+        train_probs[np.ix_(held_out, present)] = _softmax_or_sigmoid(
+            train[held_out] @ weight + bias
+        )
+        valid_probs[:, present] += _softmax_or_sigmoid(valid @ weight + bias) / len(folds)
+    return OutOfSampleProbs(train_probs, valid_probs, float(LOGREG_CS[best]))
 
 
 def _softmax_or_sigmoid(scores: np.ndarray) -> np.ndarray:
