@@ -49,6 +49,9 @@ bench-serving: setup ## the model in use: predict 10 000 photos, the served mode
 bench-scale: setup ## scale benchmark: fetch..train_head on 50 000 generated photos vs 12 500
 	$(PY) bench/scale.py $(SCALE_ARGS)
 
+bench-audit: setup ## the audit on planted label flips and near-copies of ../shared/data sets
+	$(PY) bench/audit.py ../shared/data/dogscats ../shared/data/dogbreeds ../shared/data/digits $(AUDIT_ARGS)
+
 # The store the stages log to, on localhost; it prints the experiment's runs address first.
 # UI_PORT=5001 make ui if 5000 is taken.
 UI_PORT ?= 5000
@@ -66,4 +69,4 @@ gpu-check: ## on a lent GPU machine: the CUDA pipeline, measured (bench/results/
 gpu-check-dry-run: ## the GPU check, small, on this CPU (after gpu-check-prepare)
 	bash bench/gpu_check.sh --dry-run-cpu
 
-.PHONY: help setup demo test test-fast lint format bench bench-serving bench-scale ui gpu-check-prepare gpu-check gpu-check-dry-run
+.PHONY: help setup demo test test-fast lint format bench bench-serving bench-scale bench-audit ui gpu-check-prepare gpu-check gpu-check-dry-run

@@ -60,7 +60,8 @@ def test_compare_checks_the_issue_targets() -> None:
         stages = {s: {"s_per_1k": s_per_1k, "peak_rss_mb": rss} for s in scale.TIMED}
         stages["precompute"]["wall_s"], stages["audit"]["wall_s"] = 100.0, audit
         disk = {"data_and_cache_per_source": per_source}
-        return {"stages": stages, "disk": disk, "dvc_repro_noop": {"wall_s": noop, "reran": []}}
+        record = {"stages": stages, "disk": disk, "images": 50_000 if s_per_1k > 10 else 12_500}
+        return record | {"dvc_repro_noop": {"wall_s": noop, "reran": []}}
 
     met = scale.compare(record(10, 1000, 1.0, 5, 9), record(11, 1400, 1.02, 20, 8))
     assert met["audit_share_of_precompute"] == {"quarter": 0.09, "full": 0.08}
