@@ -6,7 +6,7 @@ import pandas as pd
 
 from visiontune.evaluate.report import build_report, read_probabilities
 from visiontune.fileio import read_json, save_config
-from visiontune.models.classifier import read_model_info
+from visiontune.models.classifier import load_model_file
 from visiontune.stagekit import Stage, StageError, run_stage
 
 PATHS = {"evaluate": "evaluate output folder", "model": "fine-tuned model file",
@@ -16,7 +16,7 @@ PATHS = {"evaluate": "evaluate output folder", "model": "fine-tuned model file",
 
 def report(stage: Stage):
     params, paths = stage.params, stage.paths
-    info = read_model_info(paths.model)
+    model, info = load_model_file(paths.model)
     probs, labels, images, classes = read_probabilities(
         paths.evaluate / "probabilities.csv", paths.evaluate / "predictions.csv"
     )
@@ -24,7 +24,7 @@ def report(stage: Stage):
         raise StageError(f"{paths.evaluate / 'probabilities.csv'} has other classes "
                          f"than {paths.model}")  # fmt: skip
     files = build_report(
-        paths.out, probs, labels, images, classes, paths.prepared, info.data_config,
+        paths.out, probs, labels, images, classes, paths.prepared, info.data_config, model,
         read_json(paths.evaluate / "metrics.json"), params.report,
         lr_curve=pd.read_csv(paths.lr_find / "curve.csv"),
         lr_suggestion=read_json(paths.lr_find / "suggestion.json").get("lr"),

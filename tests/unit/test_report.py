@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 from real_config import default_section
+from records import model_info
 
 from visiontune.config import ReportParams
 from visiontune.data.transforms import DataConfig
 from visiontune.evaluate.report import build_report, tta_gain_line
+from visiontune.models.classifier import build_classifier
 
 CFG = DataConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
                  crop_pct=0.875)  # fmt: skip
@@ -46,8 +48,9 @@ def test_report_files(tmp_path: Path, dogscats: Path, n_classes: int):
     lrs = np.geomspace(1e-6, 1, 30)
     curve = pd.DataFrame({"step": range(30), "lr": lrs, "loss": 1 + (np.log10(lrs) + 3) ** 2 / 9,
                           "smoothed_loss": 1 + (np.log10(lrs) + 3) ** 2 / 9})  # fmt: skip
+    model = build_classifier(model_info(classes=classes, data_config=CFG))
     files = build_report(
-        tmp_path / "report", probs, labels, paths, classes, dogscats, CFG,
+        tmp_path / "report", probs, labels, paths, classes, dogscats, CFG, model,
         _metrics(probs, labels), default_section(ReportParams, top_losses=4, most_confused=5),
         lr_curve=curve, lr_suggestion=1e-3, steps=steps,
     )  # fmt: skip
@@ -71,6 +74,9 @@ def test_report_files(tmp_path: Path, dogscats: Path, n_classes: int):
         assert f"]({png.name})" in text
     assert "TTA gain: +1.00 accuracy points: 3 images right that the centre crop got" in text
     assert ("10 weakest classes" in text) == (n_classes > 20)
+    assert files.grad_cam_png in files.images()
+    with Image.open(files.grad_cam_png) as img:  # 4 top losses, two to a row of 6 panels
+        assert img.size[0] > 1.5 * img.size[1]
 
 
 @pytest.mark.parametrize(

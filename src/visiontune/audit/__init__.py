@@ -116,9 +116,10 @@ def duplicate_pairs(neighbours: Neighbours, threshold: float) -> list[tuple[int,
     """Pairs much more alike than either image is to its other neighbours.
 
     The score is how far the pair's cosine stands above the larger of the two images'
-    mean cosine to their `NEIGHBOURS` nearest others, as a share of the way to 1: raw
-    cosine cannot tell a re-encoded copy from two photos of one breed on one lawn, since
-    some classes are tight clusters; measured against its own neighbourhood it can.
+    neighbourhoods (the mean cosine to its 2nd to 11th nearest: the first may be the copy),
+    as a share of the way to 1. Raw cosine cannot tell a re-encoded copy from two photos of
+    one breed on one lawn, since some classes are tight clusters; measured against its own
+    neighbourhood it can.
     """
     background = neighbours.similarity[:, 1 : NEIGHBOURS + 1].mean(axis=1)
     candidates = candidate_pairs(neighbours, top=3)

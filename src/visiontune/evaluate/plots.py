@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -119,6 +120,32 @@ def top_losses_figure(images: Sequence[Image.Image], rows: pd.DataFrame) -> Figu
             loc="left",
         )
     if k == 0:
+        fig.text(0.5, 0.5, "no images", ha="center", va="center")
+    return fig
+
+
+def grad_cam_figure(
+    images: Sequence[Image.Image], maps: Sequence[torch.Tensor], rows: pd.DataFrame
+) -> Figure:
+    """Each top-loss image beside its Grad-CAM for the actual and the predicted class
+    (`maps[i]`: [2, H, W] in [0, 1]), two images to a row."""
+    per_row = 2
+    nrows = max(math.ceil(len(images) / per_row), 1)
+    fig = Figure(figsize=(2.2 * 3 * per_row, 2.5 * nrows + 0.4), layout="constrained")
+    fig.suptitle("Where the model looked: the image, then Grad-CAM for actual and predicted",
+                 fontsize=12)  # fmt: skip
+    entries = zip(images, maps, rows.itertuples(index=False), strict=True)
+    for i, (image, cams, row) in enumerate(entries):
+        titles = (_short(row.path.rsplit("/", 1)[-1]), f"actual: {_short(row.label)}",
+                  f"predicted: {_short(row.predicted)}")  # fmt: skip
+        for j, title in enumerate(titles):
+            ax = fig.add_subplot(nrows, 3 * per_row, i * 3 + j + 1)
+            ax.imshow(np.asarray(image))
+            if j:
+                ax.imshow(cams[j - 1].numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            ax.set_axis_off()
+            ax.set_title(title, fontsize=8, loc="left")
+    if not len(images):
         fig.text(0.5, 0.5, "no images", ha="center", va="center")
     return fig
 

@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 
 from visiontune.config import ReportParams
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.pixels import open_pixels
 from visiontune.data.transforms import DataConfig, eval_crop, eval_min_size
 from visiontune.evaluate import metrics, plots
+from visiontune.evaluate.gradcam import grad_cam
 from visiontune.evaluate.plots import markdown_table
 from visiontune.fileio import write_csv, write_text
+from visiontune.models.classifier import ImageClassifier
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,12 @@ class ReportFiles:
     confusion_csv: Path
     most_confused_csv: Path
     top_losses_png: Path
+    grad_cam_png: Path
     lr_find_png: Path | None
     lr_schedule_png: Path | None
 
     def images(self) -> list[Path]:
-        candidates = [self.confusion_png, self.top_losses_png, self.lr_find_png]
+        candidates = [self.confusion_png, self.top_losses_png, self.grad_cam_png, self.lr_find_png]
         return [p for p in [*candidates, self.lr_schedule_png] if p is not None]
 
 
@@ -55,9 +58,10 @@ def read_probabilities(
     return probs[classes].to_numpy(np.float64), labels, list(labelled["path"]), classes
 
 
-def evaluated_view(path: Path, cfg: DataConfig) -> Image.Image:
-    """The pixels the model saw without TTA: decoded as the loaders decode, `eval_crop`."""
-    return TF.to_pil_image(eval_crop(open_pixels(path, min_size=eval_min_size(cfg)), cfg))
+def evaluated_view(path: Path, cfg: DataConfig) -> torch.Tensor:
+    """The pixels the model saw without TTA (uint8 [3, H, W]): decoded as the loaders
+    decode, `eval_crop`."""
+    return eval_crop(open_pixels(path, min_size=eval_min_size(cfg)), cfg)
 
 
 def build_report(
@@ -68,6 +72,7 @@ def build_report(
     classes: Sequence[str],
     image_root: Path,
     data_config: DataConfig,
+    model: ImageClassifier,
     eval_metrics: Mapping[str, float],
     params: ReportParams,
     lr_curve: pd.DataFrame | None = None,
@@ -84,6 +89,7 @@ def build_report(
         confusion_csv=out_dir / "confusion.csv",
         most_confused_csv=out_dir / "most_confused.csv",
         top_losses_png=out_dir / "top_losses.png",
+        grad_cam_png=out_dir / "top_losses_gradcam.png",
         lr_find_png=out_dir / "lr_find.png" if lr_curve is not None else None,
         lr_schedule_png=out_dir / "lr_schedule.png" if steps is not None else None,
     )
@@ -98,13 +104,22 @@ def build_report(
         files.confusion_png,
     )
     worst = table.sort_values("loss", ascending=False, kind="stable").head(params.top_losses)
-    images = []
+    views = []
     for rel in worst["path"]:
         try:
-            images.append(evaluated_view(Path(image_root) / rel, data_config))
+            views.append(evaluated_view(Path(image_root) / rel, data_config))
         except UnreadableImageError:  # moved or damaged since evaluate: keep its row, grey tile
-            images.append(Image.new("RGB", (data_config.image_size,) * 2, (200, 200, 200)))
+            views.append(torch.full((3, data_config.image_size, data_config.image_size), 200,
+                                    dtype=torch.uint8))  # fmt: skip
+    images = [TF.to_pil_image(view) for view in views]
     plots.save_figure(plots.top_losses_figure(images, worst), files.top_losses_png)
+    # Where the model looked on each: Grad-CAM for the actual and the predicted class.
+    index = {name: i for i, name in enumerate(classes)}
+    maps = [
+        grad_cam(model, view, [index[row.label], index[row.predicted]])
+        for view, row in zip(views, worst.itertuples(index=False), strict=True)
+    ]
+    plots.save_figure(plots.grad_cam_figure(images, maps, worst), files.grad_cam_png)
     if files.lr_find_png is not None and lr_curve is not None:
         column = "smoothed_loss" if "smoothed_loss" in lr_curve else "loss"
         plots.save_figure(plots.lr_find_figure(lr_curve, lr_suggestion, column), files.lr_find_png)
@@ -166,6 +181,13 @@ def render_markdown(
         lines += ["No confusions: every image was classified correctly."]
     lines += ["", "## Top losses", "", f"![top losses]({files.top_losses_png.name})", ""]
     lines += [markdown_table(worst[["path", "label", "predicted", "prob", "loss"]]), ""]
+    lines += [
+        "Where the model looked (Grad-CAM of the fine-tuned model over the pixels it saw, for "
+        "the actual and the predicted class): on the subject, or on the background?",
+        "",
+        f"![Grad-CAM of the top losses]({files.grad_cam_png.name})",
+        "",
+    ]
     if files.lr_find_png is not None:
         suggested = f" (suggested LR {lr_suggestion:.2e})" if lr_suggestion is not None else ""
         lines += ["## LR finder" + suggested, "", f"![LR finder]({files.lr_find_png.name})", ""]
