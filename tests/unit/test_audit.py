@@ -9,6 +9,7 @@ import torch
 from visiontune.audit import AuditImages, audit_features, duplicate_pairs, robust_z
 from visiontune.audit.labels import label_issues, out_of_sample_probs
 from visiontune.audit.neighbours import nearest, unit_rows
+from visiontune.audit.report import headline
 from visiontune.config import AuditParams
 
 PARAMS = AuditParams(duplicate_threshold=0.6, outlier_threshold=3.0, show=4)
@@ -122,3 +123,18 @@ def test_tiny_sets_do_not_break_the_search(k):
     neighbours = nearest(rows, k)
     assert neighbours.index.shape == (3, min(k, 2))
     assert torch.is_tensor(rows)
+
+
+def test_too_few_train_images_give_no_label_findings_and_say_why():
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    images = AuditImages(
+        paths=["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+        labels=np.array([0, 1, 0, 1]),
+        splits=["train", "train", "valid", "valid"],
+        ids=["0" * 64] * 4,
+        n_train=2,
+    )
+    audit = audit_features(x[:2], x[2:], images, ["a", "b"], PARAMS, seed=0)
+    assert audit.metrics["label_issues"] == 0 and audit.metrics["probe_cv_accuracy"] is None
+    assert (audit.findings["kind"] != "label").all()
+    assert "too few train images to audit labels" in headline(audit.metrics)

@@ -16,6 +16,7 @@ import pandas as pd
 from visiontune.audit.labels import label_issues, out_of_sample_probs
 from visiontune.audit.neighbours import Neighbours, candidate_pairs, isolation, nearest, unit_rows
 from visiontune.config import AuditParams
+from visiontune.train.logreg import CV_FOLDS
 
 FINDING_COLUMNS = (
     "kind",  # label | duplicate | outlier
@@ -33,6 +34,8 @@ FINDING_COLUMNS = (
 # cleanlab's default filter: flags where the out-of-sample class disagrees with the given
 # one by more than the estimated noise rate of that class pair allows.
 LABEL_FILTER = "prune_by_noise_rate"
+# Train images the label probe needs at least: two per fold of its cross-validation.
+MIN_PROBE_ROWS = 2 * CV_FOLDS
 # Neighbours that define an image's neighbourhood (duplicates) and its isolation (outliers).
 NEIGHBOURS = 10
 
@@ -65,10 +68,16 @@ def audit_features(
     """Every finding of the audit, and its counts (the stage's DVC metrics)."""
     n_train = images.n_train
     train_y, valid_y = images.labels[:n_train], images.labels[n_train:]
-    probs = out_of_sample_probs(train_x, train_y, valid_x, len(classes), seed)
     rows: list[dict[str, Any]] = []
-    label_counts = {}
-    splits = (("train", 0, train_y, probs.train), ("valid", n_train, valid_y, probs.valid))
+    label_counts = {"train": (0, 0), "valid": (0, 0)}
+    probs = None
+    # Cross-validation needs a few train images and two classes; a smaller set gets no
+    # label findings rather than made-up ones.
+    if len(train_y) >= MIN_PROBE_ROWS and len(np.unique(train_y)) >= 2:
+        probs = out_of_sample_probs(train_x, train_y, valid_x, len(classes), seed)
+        splits = (("train", 0, train_y, probs.train), ("valid", n_train, valid_y, probs.valid))
+    else:
+        splits = ()
     for split, offset, y, p in splits:
         issues = label_issues(y, p, LABEL_FILTER)
         label_counts[split] = (len(issues.rows), issues.estimated)
@@ -94,7 +103,7 @@ def audit_features(
         rows.append(_finding(images, classes, "outlier", int(row), float(z[row])))
 
     findings = pd.DataFrame(rows, columns=list(FINDING_COLUMNS))
-    train_accuracy = float((probs.train.argmax(axis=1) == train_y).mean())
+    accuracy = None if probs is None else float((probs.train.argmax(axis=1) == train_y).mean())
     metrics = {
         "label_issues": label_counts["train"][0] + label_counts["valid"][0],
         "label_issues_train": label_counts["train"][0],
@@ -105,8 +114,8 @@ def audit_features(
         "duplicate_pairs_across_splits": int(leaks),
         "outliers": int((z >= params.outlier_threshold).sum()),
         # How far to trust the label findings: the probe's accuracy on held-out train rows.
-        "probe_cv_accuracy": round(train_accuracy, 4),
-        "probe_C": probs.C,
+        "probe_cv_accuracy": None if accuracy is None else round(accuracy, 4),
+        "probe_C": None if probs is None else probs.C,
         "images": len(images.paths),
     }
     return Audit(findings, metrics)

@@ -55,7 +55,8 @@ def out_of_sample_probs(
     model that never saw it, a valid row from the mean of all of them.
     """
     scaler = StandardScaler().fit(train_x)
-    train, valid = scaler.transform(train_x), scaler.transform(valid_x)
+    train = scaler.transform(train_x)
+    valid = scaler.transform(valid_x) if len(valid_x) else np.zeros((0, train.shape[1]))
     folds = cv_folds(torch.from_numpy(np.asarray(train_y)), seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol 1e-2: ranks, not digits

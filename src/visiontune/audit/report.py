@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from visiontune.audit import MIN_PROBE_ROWS
 from visiontune.data.images import UnreadableImageError, open_rgb
 from visiontune.evaluate.plots import markdown_table
 from visiontune.fileio import atomic_path, write_csv, write_json, write_text
@@ -30,7 +31,9 @@ def headline(metrics: Mapping[str, Any]) -> str:
         f"({metrics['duplicate_pairs_across_splits']} across train/valid), "
         f"{metrics['outliers']} outliers"
     )
-    if metrics["probe_cv_accuracy"] < WEAK_PROBE:
+    if metrics["probe_cv_accuracy"] is None:
+        line += f"; too few train images to audit labels (fewer than {MIN_PROBE_ROWS})"
+    elif metrics["probe_cv_accuracy"] < WEAK_PROBE:
         line += (
             f"; the linear probe is right on only {metrics['probe_cv_accuracy']:.0%} of held-out "
             "train images, so many suspect labels are hard images: read them from the top"
