@@ -88,8 +88,8 @@ def audit_features(
             rows.append(_finding(images, classes, "label", offset + int(row), score,
                                  suggested_label=suggested_label))  # fmt: skip
 
-    everything = np.concatenate([train_x, valid_x])
-    neighbours = nearest(unit_rows(everything, train_x.mean(axis=0)), NEIGHBOURS + 1)
+    unit = unit_rows(np.concatenate([train_x, valid_x]), train_x.mean(axis=0))
+    neighbours = nearest(unit, NEIGHBOURS + 1)
     pairs = duplicate_pairs(neighbours, params.duplicate_threshold)
     leaks = 0
     for i, j, score in pairs:

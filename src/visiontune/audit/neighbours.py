@@ -23,9 +23,9 @@ class Neighbours:
 
 
 def unit_rows(features: np.ndarray, centre: np.ndarray) -> torch.Tensor:
-    """Centred, L2-normalised float32 rows (a zero row stays zero)."""
+    """Centred, L2-normalised float32 rows (a zero row stays zero), in one new array."""
     rows = torch.from_numpy(np.asarray(features, dtype=np.float32) - centre.astype(np.float32))
-    return torch.nn.functional.normalize(rows, dim=1)
+    return rows.div_(rows.norm(dim=1, keepdim=True).clamp_min_(1e-12))
 
 
 def nearest(rows: torch.Tensor, k: int, block: int = 1024) -> Neighbours:
