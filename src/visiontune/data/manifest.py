@@ -97,7 +97,10 @@ def valid_edit_counts(edits_csv: Path, valid_paths: Sequence[str]) -> dict[str, 
 
     `valid_paths` are the valid table's paths (under the prepared dir). An image excluded
     from a source without its own split had no side yet: it counts as `excluded_unsplit`.
+    A folder without `edits.csv` (prepared by hand, or by a fetch before edits) has none.
     """
+    if not Path(edits_csv).is_file():
+        return {"valid_excluded": 0, "excluded_unsplit": 0, "valid_relabelled": 0}
     edits = read_table(edits_csv, EDIT_COLUMNS)
     in_valid = {path.removeprefix(f"{IMAGES_DIR}/") for path in valid_paths}
     excluded = edits[edits["action"] == "exclude"]
