@@ -11,7 +11,9 @@ import numpy as np
 from visiontune.audit import AuditImages, audit_features
 from visiontune.audit.report import headline, write_audit
 from visiontune.data.manifest import (
+    DUPLICATE_OF,
     IMAGES_DIR,
+    REJECT_COLUMNS,
     SPLIT_COLUMNS,
     read_classes,
     read_manifest,
@@ -48,9 +50,13 @@ def audit(stage: Stage):
         ids=[ids[path] for path in rows],
         n_train=len(tables["train"]),
     )
+    # Of byte-identical files fetch kept one: the others are duplicates the user should see.
+    rejects = read_table(paths.prepared / "rejects.csv", REJECT_COLUMNS)
+    copies = rejects[rejects["reason"].str.startswith(DUPLICATE_OF)]
+    dropped = [(reason.removeprefix(DUPLICATE_OF), path) for path, reason in copies.values]
     result = audit_features(
         features.train_x.float().numpy(), features.valid_x.float().numpy(), images, classes,
-        params.audit, params.base.seed,
+        params.audit, params.base.seed, dropped,
     )  # fmt: skip
     write_audit(paths.out, result.findings, result.metrics, paths.prepared / IMAGES_DIR,
                 params.audit.show)  # fmt: skip

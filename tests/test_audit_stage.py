@@ -46,8 +46,8 @@ def _near_copy(source: Path, target: Path) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path, dogscats: Path, monkeypatch) -> Path:
-    """16 train and 8 valid real photos per class, with 3 train photos copied into valid
-    and 2 cats filed as dogs."""
+    """16 train and 8 valid real photos per class, with 3 train photos copied into valid,
+    one file twice in train, and 2 cats filed as dogs."""
     photos = tmp_path / "photos"
     for part, count in (("train", 16), ("valid", 8)):
         for label in ("cats", "dogs"):
@@ -60,6 +60,7 @@ def project(tmp_path: Path, dogscats: Path, monkeypatch) -> Path:
     for original in ("train/cats/cat.100.jpg", "train/dogs/dog.1.jpg", "train/dogs/dog.10.jpg"):
         part, label, name = original.split("/")
         _near_copy(photos / original, photos / "valid" / label / f"again {name}")
+    shutil.copyfile(photos / "train/dogs/dog.100.jpg", photos / "train/dogs/same again.jpg")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     overrides = {k: v for k, v in SMALL_OVERRIDES.items() if k != "data"}
     params = deep_merge(params, {**overrides, "data": {"source": "photos", "mirrors": {}}})
@@ -79,7 +80,13 @@ def test_audit_finds_the_planted_errors_and_exclusion_ends_the_leak(project: Pat
     out = _run(project, capsys)
     findings = pd.read_csv(project / "outputs/audit/findings.csv", dtype=str,
                            keep_default_na=False)  # fmt: skip
-    pairs = findings[findings["kind"] == "duplicate"]
+    identical = findings[findings["other_split"] == "dropped by fetch"]
+    assert identical[["kind", "path", "other_path", "score"]].values.tolist() == [
+        ["duplicate", "train/dogs/dog.100.jpg", "train/dogs/same again.jpg", "1.0"]
+    ]
+    pairs = findings[
+        (findings["kind"] == "duplicate") & (findings["other_split"] != "dropped by fetch")
+    ]
     planted = {
         frozenset({"train/cats/cat.100.jpg", "valid/cats/again cat.100.jpg"}),
         frozenset({"train/dogs/dog.1.jpg", "valid/dogs/again dog.1.jpg"}),
@@ -95,6 +102,7 @@ def test_audit_finds_the_planted_errors_and_exclusion_ends_the_leak(project: Pat
     assert metrics["label_issues"] == len(labels)
     assert f"audit: {metrics['label_issues']} suspect labels" in out
     assert "3 duplicate pairs (3 across train/valid)" in out
+    assert "1 identical files fetch dropped" in out
     for picture in ("suspect_labels.png", "duplicates.png", "outliers.png"):
         assert Image.open(project / "outputs/audit" / picture).size[0] > 200
 

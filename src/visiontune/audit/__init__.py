@@ -7,6 +7,7 @@ relabel images through `data.exclude` and `data.relabel` (applied by fetch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ FINDING_COLUMNS = (
 # cleanlab's default filter: flags where the out-of-sample class disagrees with the given
 # one by more than the estimated noise rate of that class pair allows.
 LABEL_FILTER = "prune_by_noise_rate"
+# other_split of a byte-identical copy that fetch dropped (rejects.csv has it).
+DROPPED = "dropped by fetch"
 # Train images the label probe needs at least: two per fold of its cross-validation.
 MIN_PROBE_ROWS = 2 * CV_FOLDS
 # Neighbours that define an image's neighbourhood (duplicates) and its isolation (outliers).
@@ -64,8 +67,13 @@ def audit_features(
     classes: list[str],
     params: AuditParams,
     seed: int,
+    dropped: Sequence[tuple[str, str]] = (),
 ) -> Audit:
-    """Every finding of the audit, and its counts (the stage's DVC metrics)."""
+    """Every finding of the audit, and its counts (the stage's DVC metrics).
+
+    `dropped`: (kept, dropped) paths of the byte-identical files fetch kept one of; each is
+    a duplicate finding too (score 1), so that findings.csv holds every duplicate.
+    """
     n_train = images.n_train
     train_y, valid_y = images.labels[:n_train], images.labels[n_train:]
     rows: list[dict[str, Any]] = []
@@ -95,6 +103,16 @@ def audit_features(
     for i, j, score in pairs:
         leaks += images.splits[i] != images.splits[j]
         rows.append(_finding(images, classes, "duplicate", i, score, other=j))
+    row_of = {path: row for row, path in enumerate(images.paths)}
+    for kept, copy in dropped:
+        row = row_of.get(kept)
+        rows.append({
+            "kind": "duplicate", "path": kept, "score": 1.0, "other_path": copy,
+            "split": images.splits[row] if row is not None else "",
+            "given_label": classes[int(images.labels[row])] if row is not None else "",
+            "other_split": DROPPED, "suggested_label": "",
+            "id": images.ids[row] if row is not None else "", "other_id": "", "other_label": "",
+        })  # fmt: skip
     spread = isolation(neighbours, NEIGHBOURS)
     z = robust_z(spread)
     for row in np.argsort(-z, kind="stable"):
@@ -112,6 +130,7 @@ def audit_features(
         "label_issues_estimated": label_counts["train"][1] + label_counts["valid"][1],
         "duplicate_pairs": len(pairs),
         "duplicate_pairs_across_splits": int(leaks),
+        "identical_files_dropped": len(dropped),
         "outliers": int((z >= params.outlier_threshold).sum()),
         # How far to trust the label findings: the probe's accuracy on held-out train rows.
         "probe_cv_accuracy": None if accuracy is None else round(accuracy, 4),

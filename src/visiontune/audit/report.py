@@ -31,6 +31,8 @@ def headline(metrics: Mapping[str, Any]) -> str:
         f"({metrics['duplicate_pairs_across_splits']} across train/valid), "
         f"{metrics['outliers']} outliers"
     )
+    if metrics["identical_files_dropped"]:
+        line += f", and {metrics['identical_files_dropped']} identical files fetch dropped"
     if metrics["probe_cv_accuracy"] is None:
         line += f"; too few train images to audit labels (fewer than {MIN_PROBE_ROWS})"
     elif metrics["probe_cv_accuracy"] < WEAK_PROBE:

@@ -21,6 +21,8 @@ IMAGES_DIR = "images"
 MANIFEST_COLUMNS = ("path", "label", "split_hint", "sha256")
 SPLIT_COLUMNS = ("path", "label")
 REJECT_COLUMNS = ("path", "reason")
+# The reason rejects.csv gives a byte-identical copy, followed by the path of the one kept.
+DUPLICATE_OF = "duplicate of "
 # edits.csv: each image a person excluded or relabelled (visiontune.data.edits).
 EDIT_COLUMNS = ("path", "id", "split_hint", "action", "label", "new_label")
 SPLIT_HINTS = ("train", "valid", "test", "")

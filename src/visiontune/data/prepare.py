@@ -24,6 +24,7 @@ from visiontune.config import DataParams
 from visiontune.data.edits import EDIT_COLUMNS, apply_edits, edit_counts, read_edits
 from visiontune.data.images import inspect_image
 from visiontune.data.manifest import (
+    DUPLICATE_OF,
     IMAGES_DIR,
     MANIFEST_COLUMNS,
     REJECT_COLUMNS,
@@ -322,7 +323,7 @@ def _ingested(candidates, digests, rejects, kept, banned) -> Ingested:
         first = kept.get(digest, group[0])
         for c in group:
             if c.path != first.path:
-                rejects[c.path] = Reject(c.path, f"duplicate of {first.path}", "duplicate")
+                rejects[c.path] = Reject(c.path, f"{DUPLICATE_OF}{first.path}", "duplicate")
         skipped += digest not in kept
     ids = {c.path: digest for digest, c in kept.items()}
     return Ingested(
