@@ -87,6 +87,11 @@ def test_a_list_of_paths_and_unmatched_entries_are_reported(tmp_path: Path, sour
     [
         ("file,why\na.jpg,bad\n", "exclude", "needs an id column"),
         ("path\nvalid/dogs/dogs1.jpg\n", "relabel", "needs a label column"),
+        (
+            "path,label\nvalid/dogs/dogs1.jpg,cats\nvalid/dogs/dogs0.jpg, \n",
+            "relabel",
+            "empty label on line 3",
+        ),
     ],
 )
 def test_a_malformed_edit_file_stops_fetch_before_any_work(tmp_path, source, csv, what, message):

@@ -26,9 +26,6 @@ class Edits:
     exclude: frozenset[str] = frozenset()  # ids and paths
     relabel: dict[str, str] = field(default_factory=dict)  # id or path -> the right label
 
-    def __bool__(self) -> bool:
-        return bool(self.exclude or self.relabel)
-
 
 @dataclass(frozen=True)
 class Applied:
@@ -53,9 +50,11 @@ def read_edits(exclude: str | Sequence[str] | None, relabel: str | None, locate:
         if "label" not in table.columns:
             raise SourceError(f"data.relabel {relabel}: needs a label column (the right class); "
                               f"it has {', '.join(table.columns)}")  # fmt: skip
-        relabelled = dict(
-            zip(_keys(table, "data.relabel"), table["label"].str.strip(), strict=True)
-        )
+        labels = table["label"].str.strip()
+        if (labels == "").any():
+            line = int((labels == "").to_numpy().argmax()) + 2  # the header is line 1
+            raise SourceError(f"data.relabel {relabel}: empty label on line {line}")
+        relabelled = dict(zip(_keys(table, "data.relabel"), labels, strict=True))
     return Edits(
         frozenset(_normal(e) for e in excluded if e), {_normal(k): v for k, v in relabelled.items()}
     )
@@ -79,8 +78,9 @@ def _keys(table: pd.DataFrame, what: str) -> list[str]:
 
 
 def _normal(key: str) -> str:
+    """An id in lower case; a path with / separators and no leading ./"""
     key = key.strip()
-    return key.lower() if _SHA256.fullmatch(key.lower()) else key.replace("\\", "/").lstrip("./")
+    return key.lower() if _SHA256.fullmatch(key.lower()) else key.replace("\\", "/").removeprefix("./")
 
 
 def apply_edits(kept: Sequence[Candidate], ids: dict[str, str], edits: Edits) -> Applied:
