@@ -80,7 +80,9 @@ def _keys(table: pd.DataFrame, what: str) -> list[str]:
 def _normal(key: str) -> str:
     """An id in lower case; a path with / separators and no leading ./"""
     key = key.strip()
-    return key.lower() if _SHA256.fullmatch(key.lower()) else key.replace("\\", "/").removeprefix("./")
+    return (
+        key.lower() if _SHA256.fullmatch(key.lower()) else key.replace("\\", "/").removeprefix("./")
+    )
 
 
 def apply_edits(kept: Sequence[Candidate], ids: dict[str, str], edits: Edits) -> Applied:
