@@ -21,6 +21,14 @@ PICTURES = {
     "duplicate": "duplicates.png",
     "outlier": "outliers.png",
 }
+TITLES = {
+    "label": "Suspect labels: the given label, and the class the out-of-sample probe favours",
+    "duplicate": "Near-duplicate pairs, side by side",
+    "outlier": "Outliers: far from every other image",
+}
+# Below this held-out accuracy of the probe, most disagreements are the probe's errors,
+# not the labels' (dogbreeds: 64 %, 33 planted flips among 294 flags).
+WEAK_PROBE = 0.85
 
 
 def headline(metrics: Mapping[str, Any]) -> str:
@@ -41,16 +49,6 @@ def headline(metrics: Mapping[str, Any]) -> str:
             "train images, so many suspect labels are hard images: read them from the top"
         )
     return line
-
-
-TITLES = {
-    "label": "Suspect labels: the given label, and the class the out-of-sample probe favours",
-    "duplicate": "Near-duplicate pairs, side by side",
-    "outlier": "Outliers: far from every other image",
-}
-# Below this held-out accuracy of the probe, most disagreements are the probe's errors,
-# not the labels' (dogbreeds: 64 %, 33 planted flips among 294 flags).
-WEAK_PROBE = 0.85
 
 
 def write_audit(
