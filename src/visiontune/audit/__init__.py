@@ -71,8 +71,8 @@ def audit_features(
 ) -> Audit:
     """Every finding of the audit, and its counts (the stage's DVC metrics).
 
-    `dropped`: (kept, dropped) paths of the byte-identical files fetch kept one of; each is
-    a duplicate finding too (score 1), so that findings.csv holds every duplicate.
+    `dropped`: (kept, dropped) paths of the byte-identical files fetch kept one of; each
+    whose kept image is audited is a duplicate finding too (score 1).
     """
     n_train = images.n_train
     train_y, valid_y = images.labels[:n_train], images.labels[n_train:]
@@ -104,15 +104,10 @@ def audit_features(
         leaks += images.splits[i] != images.splits[j]
         rows.append(_finding(images, classes, "duplicate", i, score, other=j))
     row_of = {path: row for row, path in enumerate(images.paths)}
-    for kept, copy in dropped:
-        row = row_of.get(kept)
-        rows.append({
-            "kind": "duplicate", "path": kept, "score": 1.0, "other_path": copy,
-            "split": images.splits[row] if row is not None else "",
-            "given_label": classes[int(images.labels[row])] if row is not None else "",
-            "other_split": DROPPED, "suggested_label": "",
-            "id": images.ids[row] if row is not None else "", "other_id": "", "other_label": "",
-        })  # fmt: skip
+    listed = [(row_of[kept], copy) for kept, copy in dropped if kept in row_of]
+    for row, copy in listed:
+        finding = _finding(images, classes, "duplicate", row, 1.0)
+        rows.append(finding | {"other_path": copy, "other_split": DROPPED})
     spread = isolation(neighbours, NEIGHBOURS)
     z = robust_z(spread)
     for row in np.argsort(-z, kind="stable"):
@@ -130,7 +125,7 @@ def audit_features(
         "label_issues_estimated": label_counts["train"][1] + label_counts["valid"][1],
         "duplicate_pairs": len(pairs),
         "duplicate_pairs_across_splits": int(leaks),
-        "identical_files_dropped": len(dropped),
+        "identical_files_dropped": len(listed),
         "outliers": int((z >= params.outlier_threshold).sum()),
         # How far to trust the label findings: the probe's accuracy on held-out train rows.
         "probe_cv_accuracy": None if accuracy is None else round(accuracy, 4),

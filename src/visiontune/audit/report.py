@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from visiontune.audit import MIN_PROBE_ROWS
 from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.evaluate.plots import markdown_table
+from visiontune.evaluate.plots import markdown_table, short_name
 from visiontune.fileio import atomic_path, write_csv, write_json, write_text
 
 THUMBNAIL = 200
@@ -118,10 +118,6 @@ def _thumbnail(path: Path) -> Image.Image:
         return Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     return image
-
-
-def short_name(name: str, limit: int) -> str:
-    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def render_markdown(findings: pd.DataFrame, metrics: Mapping[str, Any], show: int) -> str:

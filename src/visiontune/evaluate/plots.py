@@ -114,7 +114,8 @@ def top_losses_figure(images: Sequence[Image.Image], rows: pd.DataFrame) -> Figu
         ax.imshow(np.asarray(image))
         ax.set_axis_off()
         ax.set_title(
-            f"actual: {_short(row.label)}\npredicted: {_short(row.predicted)} ({row.prob:.2f})\n"
+            f"actual: {short_name(row.label)}\n"
+            f"predicted: {short_name(row.predicted)} ({row.prob:.2f})\n"
             f"loss: {row.loss:.2f}",
             fontsize=8,
             loc="left",
@@ -136,8 +137,8 @@ def grad_cam_figure(
                  fontsize=12)  # fmt: skip
     entries = zip(images, maps, rows.itertuples(index=False), strict=True)
     for i, (image, cams, row) in enumerate(entries):
-        titles = (_short(row.path.rsplit("/", 1)[-1]), f"actual: {_short(row.label)}",
-                  f"predicted: {_short(row.predicted)}")  # fmt: skip
+        titles = (short_name(row.path.rsplit("/", 1)[-1]), f"actual: {short_name(row.label)}",
+                  f"predicted: {short_name(row.predicted)}")  # fmt: skip
         for j, title in enumerate(titles):
             ax = fig.add_subplot(nrows, 3 * per_row, i * 3 + j + 1)
             ax.imshow(np.asarray(image))
@@ -150,7 +151,8 @@ def grad_cam_figure(
     return fig
 
 
-def _short(name: str, limit: int = 26) -> str:
+def short_name(name: str, limit: int = 26) -> str:
+    """`name` cut to `limit` characters, an ellipsis where cut."""
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
