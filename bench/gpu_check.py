@@ -1,44 +1,58 @@
-"""`make gpu-check`: the pipeline's CUDA path, run and measured once on a lent GPU machine.
+"""`make gpu-check`: the pipeline's stages on a lent GPU machine, as dvc.yaml runs them, measured.
 
-precompute → train_head → lr_find → fine-tune → evaluate on the photo subset that
-`make gpu-check-prepare` put in `.gpu/data`, with device cuda and precision auto, built
-from the library's own functions as the stages call them (no DVC, no tracking). Beside
-them, in the same process: the forward and train-step limits (bench/limits.py) and each
-stage's ratio to them, the share of each step spent waiting for data, peak GPU memory per
-stage, JPEG decoding by CPU workers against nvJPEG, one fp16 epoch (GradScaler: `auto`
-picks bf16 on GPUs that have it) and a one-rank NCCL all-reduce. Writes
-bench/results/gpu-<device>.json. `--dry-run-cpu` runs all of it, small, on the CPU.
+fetch → split → precompute → train_head → lr_find → finetune → evaluate run from dvc.yaml's
+own commands in a work folder, on the photos `make gpu-check-prepare` put in `.gpu/data`,
+with device cuda, precision auto and tracking off (that machine has no DVC and no MLflow).
+Each stage's files report its images/s, the share of its loop spent waiting for the loader
+and its peak GPU memory; bench/summary.py sets them against the forward and train-step limits
+measured beside them (bench/limits.py). Then: the eval decoding of the CPU loader workers
+against nvJPEG, one fp16 fine-tune epoch (GradScaler: `auto` picks bf16 where the GPU has
+it) and a one-rank NCCL all-reduce. Writes bench/results/gpu-<device>.json after each
+section, so a run cut short says how far it got. `--dry-run-cpu` runs it small on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import platform
+import re
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO_ROOT = BENCH.parent
-# The library of this checkout, whatever else is installed.
-sys.path[:0] = [str(BENCH), str(REPO_ROOT / "src")]
+sys.path[:0] = [str(BENCH), str(REPO_ROOT / "src")]  # this checkout's library
 
 import torch  # noqa: E402
-from gpu_stages import Check, run_stages, say, write_split  # noqa: E402
+import yaml  # noqa: E402
+from project import (  # noqa: E402
+    deep_merge,
+    git_state,
+    pipeline_stages,
+    project_env,
+    run_measured,
+    run_pipeline,
+)
+from summary import collect_outputs, summarize  # noqa: E402
 
+STAGES = ("fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate")
 GPU_OVERRIDES: dict[str, Any] = {
     "base": {"device": "cuda", "precision": "auto"},
     # Two 1-epoch SGDR cycles: a restart, and a second epoch whose cuDNN is warm.
     "finetune": {"n_cycles": 2, "cycle_len": 1, "cycle_mult": 1},
     "tracking": {"enabled": False},
 }
-# On 2 shared cores: tiny images and batches, one epoch, fp32 (the fastest on a CPU); the
-# code paths are the GPU run's.
+# On 2 shared cores: tiny images and batches, one epoch, fp32; the code paths are the GPU's.
 DRY_RUN_OVERRIDES: dict[str, Any] = {
     "base": {"device": "cpu", "precision": "fp32"},
     "runtime": {"num_workers": 1},
@@ -50,242 +64,228 @@ DRY_RUN_OVERRIDES: dict[str, Any] = {
     "finetune": {"batch_size": 4, "n_cycles": 1},
     "tta": {"n_augment": 2, "batch_size": 8},
 }
-REQUIRED_STAGES = ("precompute", "train_head", "lr_find", "finetune", "evaluate")
 GPU_TIMING = {"warmup": 3, "repeats": 3, "steps": 20}  # ms per step: more steps than a CPU's
 DRY_RUN_TIMING = {"warmup": 1, "repeats": 1, "steps": 1}
 
 
-def build_params(params_file: Path, dry_run: bool) -> Any:
-    """The repo's params with the check's overrides, validated (visiontune.config)."""
-    import yaml
-    from project import deep_merge
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+class Record(dict):
+    """The run's record, written after every section; a failed section keeps its traceback
+    and the sections that do not need it still run."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(ok=False, errors={})
+        self.path, self.started = path, time.monotonic()
+
+    def section(self, name: str, run: Any) -> bool:
+        say(f"{name} ...")
+        try:
+            run()
+        except Exception:
+            self["errors"][name] = traceback.format_exc()[-4000:]
+            say(f"{name} FAILED:\n{traceback.format_exc()}")
+        self["wall_s"] = time.monotonic() - self.started
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self, indent=2, default=str) + "\n", encoding="utf-8")
+        return name not in self["errors"]
+
+
+def make_work(work: Path, params: dict[str, Any]) -> None:
+    """A project folder the stage commands run in: this checkout's code, the check's params."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("src", "stages"):
+        (work / name).symlink_to(REPO_ROOT / name)
+    shutil.copy(REPO_ROOT / "dvc.yaml", work / "dvc.yaml")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def nvjpeg_decode(paths: list[Path], device: torch.device, batch: int, cfg: Any) -> dict:
+    """Images/s of torchvision's `decode_jpeg` on `device` (nvJPEG on CUDA) with the eval
+    resize and centre crop there, from bytes in memory: median of 3 passes after one."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    mode = InterpolationMode(cfg.interpolation)
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for i in range(0, len(data), batch):
+            images = decode_jpeg(data[i : i + batch], mode=ImageReadMode.RGB, device=device)
+            resized = [F.resize(x, [cfg.resize_size], interpolation=mode) for x in images]
+            torch.stack([F.center_crop(x, [cfg.image_size] * 2) for x in resized])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return len(data) / (time.perf_counter() - start)
+
+    one_pass()  # nvJPEG handles, resize kernels, page cache
+    return {"images": len(data), "images_per_s": statistics.median(one_pass() for _ in range(3))}
+
+
+COLLECTIVE = """
+import datetime, sys, tempfile, torch, torch.distributed as dist
+nccl = sys.argv[1] == "nccl"
+device = torch.device("cuda", 0) if nccl else torch.device("cpu")
+with tempfile.TemporaryDirectory() as tmp:
+    store = dist.FileStore(f"{tmp}/store", 1)
+    dist.init_process_group(sys.argv[1], store=store, rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    tensor = torch.arange(4, dtype=torch.float32, device=device)
+    dist.all_reduce(tensor)
+    dist.destroy_process_group()
+print(tensor.cpu().tolist())
+"""
+
+
+def collective(backend: str) -> dict[str, Any]:
+    """A one-rank all-reduce of `backend`, in a child process: a hang costs 90 s at most."""
+    done = subprocess.run([sys.executable, "-c", COLLECTIVE, backend], capture_output=True,
+                          text=True, timeout=90)  # fmt: skip
+    ok = done.returncode == 0 and done.stdout.strip() == "[0.0, 1.0, 2.0, 3.0]"
+    if not ok:
+        raise RuntimeError(f"{backend} all-reduce: exit {done.returncode}: {done.stderr[-2000:]}")
+    return {"backend": backend, "ok": True}
+
+
+def host(device: torch.device) -> dict[str, Any]:
+    from visiontune.data import pixels
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda_build": torch.version.cuda,
+            "jpeg_decoder": "pillow" if pixels.decode_jpeg is None else "torchcodec"}  # fmt: skip
+    if device.type == "cuda":
+        info |= {"device_name": torch.cuda.get_device_name(device),
+                 "bf16_supported": torch.cuda.is_bf16_supported(),
+                 "cudnn": torch.backends.cudnn.version()}  # fmt: skip
+    return info
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from limits import LimitProbe, measure_limits
 
     from visiontune.config import parse_params
+    from visiontune.distributed import resolve_backend
+    from visiontune.runtime import resolve_runtime
 
-    raw = deep_merge(yaml.safe_load(params_file.read_text(encoding="utf-8")), GPU_OVERRIDES)
-    return parse_params(deep_merge(raw, DRY_RUN_OVERRIDES) if dry_run else raw)
+    raw = deep_merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), GPU_OVERRIDES)
+    raw = deep_merge(raw, DRY_RUN_OVERRIDES) if args.dry_run_cpu else raw
+    raw["data"] |= {"source": str(args.data.resolve()), "labels": None}
+    params = parse_params(raw)
+    runtime = resolve_runtime(params.base, params.runtime)
+    name = "dry-run-cpu" if args.dry_run_cpu else torch.cuda.get_device_name(runtime.device)
+    record = Record(args.results / f"gpu-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.json")
+    record |= {"kind": "gpu-check", "dry_run": args.dry_run_cpu, "git": git_state(),
+               "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "host": host(runtime.device), "params": params.model_dump(mode="json")}  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="visiontune-gpu-check-"))
+    make_work(work, raw)
+    probe: Any = None
+    steps = 0 if args.dry_run_cpu else 10  # each limit again before and after its stage
 
+    def limits() -> None:
+        nonlocal probe
+        probe = LimitProbe(params, num_classes=len(list((args.data / "train").iterdir())))
+        timing = DRY_RUN_TIMING if args.dry_run_cpu else GPU_TIMING
+        images = 16 if args.dry_run_cpu else 384
+        record["limits"] = measure_limits(probe, args.data, images, timing=timing)
+        record["limits"]["adjacent"] = {}
 
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
-        )
-    except OSError:
-        return None
-    return done.stdout.strip() or None
+    def around(stage: str, when: str) -> None:
+        measured = probe.around(stage, steps=steps) if steps else None
+        if measured is not None:
+            record["limits"]["adjacent"].setdefault(stage, {})[when] = measured
 
+    def stages() -> None:
+        runs = run_pipeline(work, around=around, only=STAGES, commit=False)
+        record["stages"] = [run.to_dict() for run in runs]
+        failed = [run for run in runs if run.returncode != 0]
+        if failed or len(runs) < len(STAGES):
+            raise RuntimeError(f"stage failed: {failed[0].name if failed else '?'}")
+        outputs = collect_outputs(work)
+        record["summary"] = summarize(record["stages"], outputs, raw, record["limits"])
 
-def ratios(record: dict[str, Any], params: Any) -> dict[str, float | None]:
-    """Each stage against the limit measured next to it (bench/summary.py's definitions)."""
-    from summary import ratio, stage_limit
+    def fp16() -> None:
+        if runtime.device.type != "cuda":
+            record["fp16"] = "skipped: fp16 autocast on a CPU is emulated, seconds a step"
+            return
+        one = deep_merge(raw, {"base": {"precision": "fp16"},
+                               "finetune": {"n_cycles": 1, "cycle_len": 1}})  # fmt: skip
+        (work / "params-fp16.yaml").write_text(yaml.safe_dump(one, sort_keys=False))
+        words = shlex.split(next(c for n, c, _ in pipeline_stages(work) if n == "finetune"))
+        at = words.index("stages/finetune.py")
+        options = dict(zip(words[at + 1 :: 2], words[at + 2 :: 2], strict=True))
+        options |= {"--params": "params-fp16.yaml", "--out": "outputs/finetune-fp16"}
+        command = [sys.executable, *words[at : at + 1], *sum(options.items(), ())]
+        run = run_measured("finetune_fp16", command, work, project_env(work), work / "fp16.log")
+        metrics = json.loads((work / "outputs/finetune-fp16/metrics.json").read_text())
+        record["fp16"] = {**run.to_dict(), **metrics}
 
-    limits, stages = record.get("limits") or {}, record.get("stages") or {}
-    if "forward" not in limits:
-        return {}
-    pre_bs, tta_bs = str(params.precompute.batch_size), str(params.tta.batch_size)
-    forward_pre = stage_limit(limits, "precompute", limits["forward"][pre_bs]["images_per_s"])
-    forward_tta = stage_limit(limits, "evaluate", limits["forward"][tta_bs]["images_per_s"])
-    train = stage_limit(limits, "finetune", limits["train_step"]["images_per_s"])
-    pre, head = stages.get("precompute", {}), stages.get("train_head", {})
-    ft, ev = stages.get("finetune", {}), stages.get("evaluate", {})
-    epoch_rate = statistics.median(ft["epoch_images_per_s"]) if ft else None
-    epoch_s = statistics.median(row["seconds"] for row in ft["history"]) if ft else None
-    # evaluate reports images (all views of one) per second: per view here.
-    view_rate = ev["images_per_s"] * ev["n_views"] if ev else None
-    return {
-        "precompute_vs_forward": ratio(pre.get("images_per_s"), forward_pre["images_per_s"]),
-        "finetune_epoch_vs_train_step": ratio(epoch_rate, train["images_per_s"]),
-        "evaluate_vs_forward": ratio(view_rate, forward_tta["images_per_s"]),
-        "train_head_vs_finetune_epoch": ratio(head.get("wall_s"), epoch_s),
-    }
+    def decode() -> None:
+        from visiontune.data.manifest import read_split
 
+        valid = read_split(work / "data/split/valid.csv", work / "data/prepared")
+        paths = [Path(path) for path in valid["path"]]
+        batch, cfg = params.precompute.batch_size, probe.data_config
+        gpu = nvjpeg_decode(paths, runtime.device, batch, cfg)
+        cpu = record["limits"]["decode"]["eval"]["images_per_s"]
+        record["decode"] = {"nvjpeg": gpu, "nvjpeg_vs_cpu_workers": gpu["images_per_s"] / cpu}
 
-def compare_decoding(check: Check, params: Any, paths: list[Path], probe: Any) -> None:
-    """JPEG decoding of the photos `paths`: the pipeline's CPU loader workers against
-    torchvision's `decode_jpeg` on the GPU (nvJPEG; on the CPU in a dry run), decode alone
-    and with the eval resize and crop, each also against the forward limit (below 1: the
-    model waits for decoding)."""
-    from gpu_probes import DecodeOnly, jpeg_decoder, loader_rate, tensor_decode
-
-    from visiontune.data.dataset import ImageDataset
-    from visiontune.data.transforms import create_eval_transform, eval_min_size
-
-    runtime, cfg, limits = probe.runtime, probe.data_config, check.record["limits"]
-    batch = params.precompute.batch_size
-    eval_set = ImageDataset(paths, None, create_eval_transform(cfg), min_size=eval_min_size(cfg))
-    cpu = {
-        "decode": loader_rate(DecodeOnly(paths), batch, runtime),
-        "eval_transform": loader_rate(eval_set, batch, runtime),
-    }
-    device = {
-        "decode": tensor_decode(paths, runtime.device, batch),
-        "eval_transform": tensor_decode(
-            paths, runtime.device, batch, cfg.resize_size, cfg.image_size, cfg.interpolation
-        ),
-    }
-    forward = limits["forward"][str(batch)]["images_per_s"]
-    check.record["decode"] = {
-        "images": len(paths),
-        "cpu_jpeg_decoder": jpeg_decoder(),
-        "cpu_workers": cpu,
-        "decode_jpeg": {"device": str(runtime.device), **device},
-        "decode_jpeg_vs_cpu_workers": {
-            k: device[k]["images_per_s"] / cpu[k]["images_per_s"] for k in cpu
-        },
-        "eval_transform_vs_forward": {
-            "cpu_workers": cpu["eval_transform"]["images_per_s"] / forward,
-            "decode_jpeg": device["eval_transform"]["images_per_s"] / forward,
-        },
-    }
+    ran = record.section("limits", limits) and record.section("stages", stages)
+    if ran:
+        record.section("fp16", fp16)
+        record.section("decode", decode)
+    backend = resolve_backend(params.distributed.backend, runtime.device.type)
+    record.section("collective", lambda: record.update(collective=collective(backend)))
+    record["ok"] = ran and not record["errors"]
+    record.section("done", lambda: None)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    for line in summary_lines(record):
+        print(line)
+    say(f"{'ok' if record['ok'] else 'FAILED'} in {record['wall_s']:.0f} s: {record.path}")
+    return 0 if record["ok"] else 1
 
 
 def summary_lines(record: dict[str, Any]) -> list[str]:
-    def num(value: Any, fmt: str = ".1f") -> str:
-        return format(value, fmt) if isinstance(value, int | float) else "-"
-
-    host, lim = record.get("host", {}), record.get("limits") or {}
-    stages, r = record.get("stages", {}), record.get("ratios", {})
-    fwd = next(iter((lim.get("forward") or {}).values()), {})
-    lines = [
-        f"{host.get('device_name', 'cpu (dry run)')}, torch {host.get('torch')}, "
-        f"{lim.get('precision')}, {lim.get('num_workers')} workers, JPEGs by "
-        f"{host.get('jpeg_decoder')}: forward {num(fwd.get('images_per_s'))} img/s, "
-        f"train step {num((lim.get('train_step') or {}).get('images_per_s'))} img/s",
-    ]
-    for name in (*REQUIRED_STAGES, "finetune_fp16"):
-        s = stages.get(name)
-        if not s:
-            continue
-        wait = (s.get("data_wait") or {}).get("wait_share")
+    s, device = record.get("summary") or {}, record["host"].get("device_name", "cpu (dry run)")
+    lines = [f"{device}, torch {record['host']['torch']}"]
+    for row in s.get("stages", []):
+        rate, wait = row["images_per_s_reported"] or 0, row["data_wait_share"] or 0
         lines.append(
-            f"  {name:<14} {num(s.get('wall_s'))} s, {num(s.get('images_per_s'))} img/s, "
-            f"data wait {num(wait, '.0%')}, peak GPU {num(s.get('peak_gpu_allocated_mib'), '.0f')}"
-            f" MiB, acc {num(s.get('valid_acc', s.get('accuracy_tta')), '.4f')}"
+            f"  {row['name']:<11} {row['wall_s']:6.1f} s  {rate:8.1f} img/s  "
+            f"data wait {wait:.0%}  peak GPU {row['peak_gpu_mib'] or 0:.0f} MiB"
         )
-    lines.append("  ratios: " + ", ".join(f"{k} {num(v, '.3f')}" for k, v in r.items()))
-    dec = record.get("decode") or {}
-    if dec:
-        vs_cpu, vs_fwd = dec["decode_jpeg_vs_cpu_workers"], dec["eval_transform_vs_forward"]
-        lines.append(
-            f"  decode_jpeg on {dec['decode_jpeg']['device']} vs {lim.get('num_workers')} CPU "
-            f"workers ({dec['cpu_jpeg_decoder']}): {num(vs_cpu['decode'], '.2f')}x decoding, "
-            f"{num(vs_cpu['eval_transform'], '.2f')}x with the eval resize; vs the forward: "
-            f"workers {num(vs_fwd['cpu_workers'], '.2f')}, decode_jpeg "
-            f"{num(vs_fwd['decode_jpeg'], '.2f')}"
-        )
-    coll = record.get("collective") or {}
-    if coll:
-        lines.append(f"  {coll.get('backend')} all-reduce: {'ok' if coll.get('ok') else 'FAILED'}")
-    for name in record.get("errors", {}):
-        lines.append(f"  FAILED: {name}")
-    return lines
+    lines += [f"  {k}: {v:.3f}" for k, v in (s.get("ratios") or {}).items() if v is not None]
+    return lines + [f"  FAILED: {name}" for name in record["errors"]]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO_ROOT / ".gpu" / "data" / "dogscats")
-    parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     parser.add_argument("--dry-run-cpu", action="store_true", help="all of it, small, on CPU")
-    parser.add_argument(
-        "--budget-s", type=float, default=180.0, help="skip the optional sections after this"
-    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
-
     if not args.dry_run_cpu and not torch.cuda.is_available():
-        print(
-            f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build "
-            f"{torch.version.cuda}); run it on a GPU machine, or with --dry-run-cpu",
-            file=sys.stderr,
-        )
+        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build "
+              f"{torch.version.cuda}); run it on a GPU machine, or with --dry-run-cpu",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
-        import pydantic  # noqa: F401  (visiontune.config needs it; the lent machine lacks it)
+        import pydantic  # noqa: F401  (the typed params need it; the lent machine lacks it)
     except ImportError:
-        print(
-            "gpu_check: pydantic is missing: run `make gpu-check` (installs .gpu/wheels)",
-            file=sys.stderr,
-        )
+        print("gpu_check: no pydantic: run `make gpu-check` (installs .gpu/wheels)",
+              file=sys.stderr)  # fmt: skip
         return 2
     if not (args.data / "train").is_dir():
-        print(
-            f"gpu_check: no photos at {args.data}: run `make gpu-check-prepare` first",
-            file=sys.stderr,
-        )
+        print(f"gpu_check: no photos at {args.data}: run `make gpu-check-prepare` first",
+              file=sys.stderr)  # fmt: skip
         return 2
     return run_check(args)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    import psutil
-    from gpu_probes import collective_smoke, host_info, slug
-    from limits import LimitProbe, measure_limits
-
-    from visiontune.data.manifest import read_split
-    from visiontune.distributed import resolve_backend
-    from visiontune.runtime import resolve_runtime
-
-    params = build_params(args.params, args.dry_run_cpu)
-    runtime = resolve_runtime(params.base, params.runtime)
-    name = "dry-run-cpu" if args.dry_run_cpu else slug(torch.cuda.get_device_name(runtime.device))
-    # The dry run takes each limit once: on a CPU a first train step can take seconds.
-    check = Check(args.results / f"gpu-{name}.json", args.budget_s, 0 if args.dry_run_cpu else 10)
-    work = Path(tempfile.mkdtemp(prefix="visiontune-gpu-check-"))
-    record = check.record
-    record.update(
-        kind="gpu-check",
-        dry_run=args.dry_run_cpu,
-        started=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        # Python start-up and imports, before wall_s starts counting.
-        startup_s=time.time() - psutil.Process().create_time(),
-        commit=git_commit(),
-        host=host_info(runtime.device),
-        params=params.model_dump(mode="json"),
-        limits=None,
-    )
-    image_root = args.data.resolve()
-    say(f"gpu check on {record['host'].get('device_name', 'cpu')}, writing {check.path}")
-    try:
-        with check.section("split"):
-            record["subset"] = {
-                "root": image_root.name,
-                **write_split(image_root, params, work / "split"),
-            }
-        probe = None
-        with check.section("limits"):
-            probe = LimitProbe(params, num_classes=len(record["subset"]["classes"]))
-            timing = DRY_RUN_TIMING if args.dry_run_cpu else GPU_TIMING
-            decode_images = 16 if args.dry_run_cpu else 384
-            record["limits"] = measure_limits(probe, image_root, decode_images, timing=timing)
-        if probe is not None and not {"split", "limits"} & record["errors"].keys():
-            run_stages(check, params, work, image_root, probe)
-            with check.section("ratios"):
-                record["ratios"] = ratios(record, params)
-            with check.section("decode"):
-                split = work / "split"
-                paths = [
-                    Path(path)
-                    for table in ("train.csv", "valid.csv")
-                    for path in read_split(split / table, image_root)["path"]
-                ]
-                compare_decoding(check, params, paths, probe)
-        with check.section("collective", optional=True) as run:
-            if run:
-                backend = resolve_backend(params.distributed.backend, runtime.device.type)
-                record["collective"] = collective_smoke(backend)
-                if not record["collective"]["ok"]:
-                    raise RuntimeError(record["collective"].get("error", "wrong values"))
-        ran = set(record.get("stages", {}))
-        record["ok"] = not record["errors"] and ran.issuperset(REQUIRED_STAGES)
-    finally:
-        check.write()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print("\n".join(summary_lines(record)), flush=True)
-    say(f"{'ok' if record['ok'] else 'FAILED'} in {check.elapsed:.0f} s: {check.path}")
-    return 0 if record["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -246,6 +246,7 @@ def run_pipeline(
     echo: bool = True,
     around: Callable[[str, str], None] | None = None,
     only: Collection[str] | None = None,
+    commit: bool = True,
 ) -> list[StageRun]:
     """Run every stage in order (stop at the first failure), then let DVC record outputs.
 
@@ -253,6 +254,8 @@ def run_pipeline(
     (timed as a pseudo-stage `dvc`); runner "dvc": `dvc repro -s <stage>` per stage.
     `around(stage, "before" | "after")` is called next to each stage, outside its timing.
     `only`: run just these stages (the rest of the pipeline must not be needed by them).
+    `commit=False`: no DVC afterwards (a machine without it). Stage commands run with this
+    interpreter.
     """
     env = project_env(project)
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -261,6 +264,7 @@ def run_pipeline(
     for name, cmd, wdir in pipeline_stages(project):
         if only is not None and name not in only:
             continue
+        cmd = re.sub(r"^python\b", shlex.quote(sys.executable), cmd)
         command: str | list[str] = cmd if runner == "script" else [dvc, "repro", "-s", name]
         if around:
             around(name, "before")
@@ -279,7 +283,7 @@ def run_pipeline(
         if run.returncode != 0:
             print(run.log[-4000:], file=sys.stderr)
             return runs
-    if runner == "script":
+    if runner == "script" and commit:
         targets = "".join(f" {shlex.quote(run.name)}" for run in runs) if only is not None else ""
         script = f"{shlex.quote(dvc)} commit -f -q{targets} && {shlex.quote(dvc)} status{targets}"
         run = run_measured("dvc", script, project, env, logs / "dvc.log")

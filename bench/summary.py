@@ -165,6 +165,9 @@ def summarize(
                 "images": n,
                 "images_per_s_wall": n / stage["wall_s"] if n and stage["wall_s"] else None,
                 "images_per_s_reported": reported,
+                # Where a GPU's time went: the stage's own loader wait and peak memory.
+                "data_wait_share": find_number(m.get(stage["name"], {}), ("data_wait_share",)),
+                "peak_gpu_mib": find_number(m.get(stage["name"], {}), ("peak_gpu_mib",)),
             }
         )
     ft = params["finetune"]

@@ -8,18 +8,22 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
-from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.runtime import LoaderWait, Runtime, autocast, prepare_module, to_device
 
 
 def run_inference(
-    module: torch.nn.Module, loader: DataLoader, runtime: Runtime, desc: str = ""
+    module: torch.nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    desc: str = "",
+    wait: LoaderWait | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Run `module` over every batch of `loader`.
 
     The module is moved to the runtime's device and memory format (in place) and put in
     eval mode. Batches are `(images, labels, indices)` as ImageDataset yields them. The
     outputs keep the loader's order when it is sequential; a shuffled loader's outputs
-    are put back in index order.
+    are put back in index order. `wait` adds the time spent waiting for batches.
 
     Returns:
         (outputs as float32 N×D on the CPU, labels N (int64), images per second).
@@ -30,7 +34,7 @@ def run_inference(
     start = time.perf_counter()
     # no_grad, not inference_mode: callers train heads on these outputs afterwards.
     with torch.no_grad(), tqdm(total=size, desc=desc, unit="img", mininterval=1.0) as bar:
-        for images, targets, index in loader:
+        for images, targets, index in (wait or LoaderWait()).batches(loader):
             with autocast(runtime):
                 batch = module(to_device(images, runtime))
             outputs.append(batch.float().cpu())

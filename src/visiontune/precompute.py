@@ -34,7 +34,14 @@ from visiontune.distributed import (
 from visiontune.features import FeatureSet, compute_fingerprint, mirror_sample, model_overrides
 from visiontune.inference import run_inference
 from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
-from visiontune.runtime import Runtime, resolve_precision, resolve_runtime, seed_everything
+from visiontune.runtime import (
+    LoaderWait,
+    Runtime,
+    peak_gpu_mib,
+    resolve_precision,
+    resolve_runtime,
+    seed_everything,
+)
 
 
 def expected_fingerprint(
@@ -94,10 +101,11 @@ def _extract(
     dist: DistContext = SINGLE,
     *,
     mirror_seed: int,
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, float]:
+    wait: LoaderWait,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Features and labels of each split table, in table order, then of the mirror images
     of a seeded sample of the first table's rows (`mirror_sample`, with `mirror_seed`);
-    the sample's rows; and the images/s.
+    and the sample's rows. `wait` gathers the time spent waiting for batches.
 
     All of them go through one DataLoader: its start (worker spawn, the first batches'
     decoding while the model waits) is paid once, which on a 1000-image set was ~15 %.
@@ -122,30 +130,30 @@ def _extract(
         min_size=eval_min_size(data_config),
     )
     encoder = pixel_encoder(backbone, data_config)
-    start = time.perf_counter()
     if not dist.enabled:
         loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
-        features, all_labels, rate = run_inference(encoder, loader, runtime, desc="features")
+        features, all_labels, _ = run_inference(
+            encoder, loader, runtime, desc="features", wait=wait
+        )
     else:
         # Each rank extracts every world_size-th image; rows are gathered back in order.
         if len(dataset) > 0:
             loader = create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
             features, all_labels, _ = run_inference(
-                encoder, loader, runtime, desc=f"features (rank {dist.rank})"
+                encoder, loader, runtime, desc=f"features (rank {dist.rank})", wait=wait
             )
         else:  # more ranks than images
             features = torch.zeros(0, backbone.num_features)
             all_labels = torch.zeros(0, dtype=torch.int64)
         features = gather_shards(features, len(paths), dist)
         all_labels = gather_shards(all_labels, len(paths), dist)
-        rate = len(paths) / (time.perf_counter() - start)
     sizes = [len(frame) for frame in frames] + [len(rows)]
     # Clones: views of one storage cannot be saved as separate safetensors tensors.
     parts = [
         (x.clone(), y.clone())
         for x, y in zip(features.split(sizes), all_labels.split(sizes), strict=True)
     ]
-    return parts, mirror_rows, rate
+    return parts, mirror_rows
 
 
 def precompute_features(
@@ -159,7 +167,7 @@ def precompute_features(
     classes: Sequence[str],
     image_root: Path,
     dist: DistContext = SINGLE,
-) -> tuple[FeatureSet, dict[str, float]]:
+) -> tuple[FeatureSet, dict[str, float | None]]:
     """Pooled eval-transform features of every train and valid image.
 
     `runtime_params` (loader workers) change how fast, never which features: each image
@@ -177,8 +185,8 @@ def precompute_features(
     )
     backbone, weights = create_backbone(model.backbone, model.weights)
     data_config = resolve_data_config(backbone, model)
-    start = time.perf_counter()
-    parts, mirror_rows, _ = _extract(
+    start, wait = time.perf_counter(), LoaderWait()
+    parts, mirror_rows = _extract(
         backbone,
         [Path(train_csv), Path(valid_csv)],
         image_root,
@@ -189,14 +197,17 @@ def precompute_features(
         base.seed,
         dist,
         mirror_seed=base.seed,
+        wait=wait,
     )
     (train_x, train_y), (valid_x, valid_y), (mirror_x, _) = parts
     seconds = time.perf_counter() - start
     count = len(train_y) + len(valid_y) + len(mirror_x)
-    stats: dict[str, float] = {
+    stats: dict[str, float | None] = {
         "images": count,
         "seconds": seconds,
         "images_per_s": count / seconds,
+        "data_wait_share": wait.seconds / seconds,
+        "peak_gpu_mib": peak_gpu_mib(runtime),
         "feature_dim": train_x.shape[1],
     }
     fingerprint = compute_fingerprint(

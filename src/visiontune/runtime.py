@@ -12,16 +12,19 @@ import os
 import platform
 import random
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
 from visiontune.cores import cpu_count, loader_workers
+
+Batch = TypeVar("Batch")
 
 if TYPE_CHECKING:  # a served model ships this module without the params code
     from visiontune.config import BaseParams, RuntimeParams
@@ -293,6 +296,32 @@ def to_device(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if runtime.channels_last and tensor.ndim == 4:
         tensor = tensor.contiguous(memory_format=torch.channels_last)
     return tensor
+
+
+class LoaderWait:
+    """The seconds a loop spends blocked on its loader (worker start-up included): as a
+    share of the loop, whether the model waited for decoding. A stage writes it beside
+    its images/s, so a GPU run says where its time went without a profiler."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def batches(self, loader: Iterable[Batch]) -> Iterator[Batch]:
+        """`loader`'s batches, timing each wait for one."""
+        start = time.perf_counter()
+        batches = iter(loader)
+        for batch in batches:
+            self.seconds += time.perf_counter() - start
+            yield batch
+            start = time.perf_counter()
+        self.seconds += time.perf_counter() - start
+
+
+def peak_gpu_mib(runtime: Runtime) -> float | None:
+    """The most GPU memory this process has held in tensors so far (None off CUDA)."""
+    if runtime.device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(runtime.device) / 2**20
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

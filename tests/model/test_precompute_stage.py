@@ -79,7 +79,10 @@ def test_precompute_writes_a_fingerprinted_cache(project: Path, capsys) -> None:
     assert load_features(out / "features.safetensors", light).fingerprint == features.fingerprint
     throughput = read_json(out / "throughput.json")
     # The stage's own throughput only: its ratio to the model alone is bench/'s.
-    assert set(throughput) == {"images", "seconds", "images_per_s", "feature_dim"}
+    assert set(throughput) == {
+        "images", "seconds", "images_per_s", "data_wait_share", "peak_gpu_mib", "feature_dim"
+    }  # fmt: skip
+    assert 0 < throughput["data_wait_share"] < 1 and throughput["peak_gpu_mib"] is None
     # Forward passes: the 10 images, then the 6 train images mirrored (`flip: auto`).
     assert throughput["images"] == 10 + 6 and throughput["images_per_s"] > 0
     assert features.mirror_rows.tolist() == list(range(6))

@@ -16,7 +16,7 @@ from visiontune.data.dataset import create_loader
 from visiontune.distributed import SINGLE, DistContext, all_reduce_max, gather_shards, shard
 from visiontune.evaluate import metrics
 from visiontune.evaluate.tta import TtaDataset, ViewMaker, ViewPredictions, predict_views, tta_views
-from visiontune.runtime import Runtime
+from visiontune.runtime import LoaderWait, Runtime, peak_gpu_mib
 
 if TYPE_CHECKING:
     from visiontune.models.classifier import ModelInfo
@@ -106,9 +106,11 @@ def evaluate_model(
     paths = shard([root / p for p in frame["path"]], dist)
     local_labels = shard(labels.tolist(), dist)
     dataset = TtaDataset(paths, local_labels, ViewMaker(data_config, views, zoom=tta.zoom))
+    wait = LoaderWait()
     if len(dataset) > 0 or not dist.enabled:
         loader = create_loader(dataset, tta.batch_size, runtime, shuffle=False, seed=0)
-        local = predict_views(model, loader, runtime, desc=f"evaluate ({len(views)} views)")
+        desc = f"evaluate ({len(views)} views)"
+        local = predict_views(model, loader, runtime, desc=desc, wait=wait)
         probs, seconds = local.probs, local.seconds
     else:  # more ranks than images
         probs, seconds = torch.zeros(0, len(views), len(classes)), 0.0
@@ -121,4 +123,9 @@ def evaluate_model(
         )
     else:
         predictions = local
-    return score_predictions(predictions, list(frame["path"]), classes, [v.name for v in views])
+    names = [view.name for view in views]
+    evaluation = score_predictions(predictions, list(frame["path"]), classes, names)
+    # Where a GPU run's time went (this rank's loader; the bench reads it).
+    evaluation.metrics["data_wait_share"] = wait.seconds / seconds if seconds > 0 else 0.0
+    evaluation.metrics["peak_gpu_mib"] = peak_gpu_mib(runtime)
+    return evaluation

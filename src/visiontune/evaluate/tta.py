@@ -20,7 +20,7 @@ from PIL import Image
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.pixels import open_pixels
 from visiontune.data.transforms import DataConfig, eval_resize
-from visiontune.runtime import Runtime, autocast, prepare_module, to_device
+from visiontune.runtime import LoaderWait, Runtime, autocast, prepare_module, to_device
 
 Position = Literal["center", "top_left", "top_right", "bottom_left", "bottom_right"]
 _CORNERS: tuple[Position, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -212,12 +212,14 @@ def iter_view_batches(
     loader: torch.utils.data.DataLoader,
     runtime: Runtime,
     max_forward: int | None = None,
+    wait: LoaderWait | None = None,
 ) -> Iterator[ViewBatch]:
     """Every loader batch of a TtaDataset through `model`, as it comes: nothing is kept, so
-    a caller that writes each batch out predicts any number of images in flat memory."""
+    a caller that writes each batch out predicts any number of images in flat memory.
+    `wait` adds the time spent waiting for batches."""
     prepare_module(model, runtime).eval()
     chunk = max_forward or loader.batch_size or 1
-    for views, labels, index, errors in loader:
+    for views, labels, index, errors in (wait or LoaderWait()).batches(loader):
         probs = forward_views(model, views, runtime, chunk)
         yield ViewBatch(index=index, probs=probs, labels=labels, errors=list(errors))
 
@@ -228,6 +230,7 @@ def predict_views(
     runtime: Runtime,
     desc: str = "",
     max_forward: int | None = None,
+    wait: LoaderWait | None = None,
 ) -> ViewPredictions:
     """Run every view of every image through `model` (it takes uint8 pixels); rows come
     back in dataset order.
@@ -243,7 +246,7 @@ def predict_views(
     errors = [""] * n
     start = time.perf_counter()
     with tqdm(total=n, desc=desc or "tta", unit="img", leave=False) as bar:
-        for batch in iter_view_batches(model, loader, runtime, max_forward):
+        for batch in iter_view_batches(model, loader, runtime, max_forward, wait):
             if probs is None:
                 probs = torch.zeros(n, batch.probs.shape[1], batch.probs.shape[-1])
             probs[batch.index] = batch.probs

@@ -28,7 +28,7 @@ from visiontune.distributed import (
     barrier,
     check_in_sync,
 )
-from visiontune.runtime import Runtime
+from visiontune.runtime import LoaderWait, Runtime, peak_gpu_mib
 from visiontune.train.checkpoint import CHECKPOINT_NAME, restore_rng
 from visiontune.train.epoch import epoch_loader, evaluate, set_train_mode
 from visiontune.train.groups import layer_groups_report
@@ -124,10 +124,11 @@ def _train_epoch(
     seed: int,
     stop: threading.Event,
     on_step: Callable[[int], None] | None,
-) -> tuple[float, int] | None:
+) -> tuple[float, int, float] | None:
     """Train the rest of the current epoch, one scheduled step per batch.
 
-    Returns its training seconds and images (all ranks), or None when `stop` was set on
+    Returns its training seconds, images (all ranks) and seconds spent waiting for
+    batches, or None when `stop` was set on
     any rank before its end. Either way the losses so far are in `state`.
     """
     steps_per_epoch = run.schedule.steps_per_epoch
@@ -135,7 +136,8 @@ def _train_epoch(
     # One loader per epoch, seeded by the epoch: same order and augmentation whether
     # or not the run was interrupted (the data never draws from these RNGs).
     loader = epoch_loader(dataset, run.batch_size, run.runtime, seed, epoch, run.dist, skip)
-    batches = iter(loader)
+    wait = LoaderWait()
+    batches = wait.batches(loader)
     run.ddp_model.train()
     set_train_mode(run.model, run.params.freeze_bn)
     started, losses, images = time.perf_counter(), [], 0
@@ -156,7 +158,7 @@ def _train_epoch(
     del batches, loader
     seconds = time.perf_counter() - started
     state.losses += _mean_losses(losses, run.dist)
-    return seconds, images
+    return seconds, images, wait.seconds
 
 
 def _mean_losses(losses: list[torch.Tensor], dist: DistContext) -> list[float]:
@@ -172,6 +174,7 @@ def _end_epoch(
     epoch: int,
     seconds: float,
     images: int,
+    waited: float,
     valid_loader,
     valid_total: int | None,
 ) -> dict[str, Any]:
@@ -189,6 +192,7 @@ def _end_epoch(
         "lr": run.base_lrs[-1] * run.schedule(last_step),
         "seconds": seconds,
         "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "data_wait_share": waited / seconds if seconds > 0 else 0.0,
     }
     state.history.append(row)
     return row
@@ -211,6 +215,8 @@ def _result(run: Trainer, state: Progress, resumed_from: int | None) -> Finetune
         "steps": len(state.lrs),
         # The loop's own throughput; bench/ sets it against the train-step limit.
         "images_per_s": sum(h["images_per_s"] for h in trained) / max(1, len(trained)),
+        "data_wait_share": sum(h["data_wait_share"] for h in trained) / max(1, len(trained)),
+        "peak_gpu_mib": peak_gpu_mib(run.runtime),
     }
     run.model.eval()
     report = layer_groups_report(run.model, run.groups, run.params.lr_ratios)
