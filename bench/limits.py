@@ -146,7 +146,6 @@ def decode_limit(
     min_size: int | None,
     runtime: Runtime,
     batch_size: int,
-    num_workers: int | None = None,
     repeats: int = 2,
     per_image_seeds: bool = False,
 ) -> dict[str, Any]:
@@ -155,12 +154,8 @@ def decode_limit(
     The first pass warms the page cache and starts the workers; the median of the
     next `repeats` passes is reported. `per_image_seeds` as the training loaders.
     """
-    from dataclasses import replace
-
     from visiontune.data.dataset import ImageDataset, create_loader
 
-    if num_workers is not None:
-        runtime = replace(runtime, num_workers=num_workers)
     dataset = ImageDataset([str(p) for p in paths], [0] * len(paths), transform, min_size=min_size)
     rates = []
     for attempt in range(repeats + 1):
@@ -182,14 +177,10 @@ def decode_limit(
 
 
 class LimitProbe:
-    """The backbone and network the limits are measured on, kept for re-measuring.
-
-    On shared cores the host's speed drifts: on 2026-11-23 the forward limit read 99 img/s
-    at the start of a run and 83 in the precompute stage two minutes later, and 81-125
-    over a day. A limit taken once at the start is the wrong yardstick for a stage ten
-    minutes on, so the benchmark re-measures each stage's limit right before and right
-    after it (`around`). The training copy is separate, so forward passes always run on
-    the untouched pretrained weights.
+    """The backbone and network the limits are measured on, kept for re-measuring: on
+    shared cores the host's speed drifts (81-125 img/s over a day), so each stage's limit is
+    measured again right before and after it (`around`). Forward passes run on a copy of
+    the pretrained weights that the train step never touches.
     """
 
     def __init__(self, params: Params, num_classes: int) -> None:
@@ -317,15 +308,6 @@ def measure_limits(
             runtime,
             params.finetune.batch_size,
             per_image_seeds=True,
-        ),
-        "eval_one_process": decode_limit(
-            paths[:128],
-            create_eval_transform(data_cfg),
-            eval_min_size(data_cfg),
-            runtime,
-            params.precompute.batch_size,
-            num_workers=0,
-            repeats=1,
         ),
     }
     for name, result in decode.items():

@@ -65,7 +65,7 @@ def test_the_dry_run_runs_the_stages_on_the_cpu_without_what_the_gpu_machine_lac
     assert all(run["returncode"] == 0 and run["peak_rss_mb"] > 0 for run in runs.values())
     assert "stages/precompute.py --params params.yaml" in runs["precompute"]["command"]
     summary = {row["name"]: row for row in record["summary"]["stages"]}
-    assert summary["precompute"]["images"] == 12 + 6
+    assert summary["precompute"]["images"] == 12 + 6 + 12  # and the train photos mirrored
     assert summary["evaluate"]["images"] == 6 * 3  # three views of each valid photo
     # What each stage wrote of its own loader wait, and no GPU memory on a CPU.
     for name in ("precompute", "finetune", "evaluate"):
