@@ -26,7 +26,7 @@ OVERRIDES = {
     "finetune": {"n_cycles": 1, "cycle_len": 1, "batch_size": 4, "lr": 1.0e-3},
     "tracking": {"enabled": False},
 }
-TIMINGS = ("seconds", "per_s", "throughput")
+TIMINGS = ("seconds", "per_s", "throughput", "wait_share")
 
 
 def stage(name: str):
