@@ -25,11 +25,12 @@ demo: setup ## run the whole pipeline (dvc repro) on the demo data
 # Two workers, each test file on one: the slow cases wait on subprocesses (dvc, an MLflow
 # server, torchrun) as much as they compute.
 PYTEST_WORKERS ?= 2
+# Whole files to each worker, in the order tests/conftest.py sorts them (longest first).
 test: setup ## run the whole test suite (CI runs this)
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup ## run the tests not marked slow
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: setup ## ruff lint + format check
 	$(BIN)/ruff check src stages tests bench

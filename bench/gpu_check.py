@@ -103,21 +103,19 @@ def make_work(work: Path, params: dict[str, Any]) -> None:
 
 
 def nvjpeg_decode(paths: list[Path], device: torch.device, batch: int, cfg: Any) -> dict:
-    """Images/s of torchvision's `decode_jpeg` on `device` (nvJPEG on CUDA) with the eval
-    resize and centre crop there, from bytes in memory: median of 3 passes after one."""
+    """Images/s of torchvision's `decode_jpeg` on `device` (nvJPEG on CUDA), then the
+    library's `eval_crop` there, from bytes in memory: median of 3 passes after one."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+
+    from visiontune.data.transforms import eval_crop
 
     data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
-    mode = InterpolationMode(cfg.interpolation)
 
     def one_pass() -> float:
         start = time.perf_counter()
         for i in range(0, len(data), batch):
             images = decode_jpeg(data[i : i + batch], mode=ImageReadMode.RGB, device=device)
-            resized = [F.resize(x, [cfg.resize_size], interpolation=mode) for x in images]
-            torch.stack([F.center_crop(x, [cfg.image_size] * 2) for x in resized])
+            torch.stack([eval_crop(image, cfg) for image in images])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return len(data) / (time.perf_counter() - start)

@@ -60,15 +60,21 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
     return merged
 
 
+# What a copy leaves behind: the developer's own pipeline results; the copy starts clean.
+NOT_COPIED = ("data/", "outputs/", "bench/results/", "bench/.venv", "dvc.lock", "mlflow.db",
+              "mlruns/", ".gpu/")  # fmt: skip
+
+
 def repo_files(root: Path = REPO_ROOT) -> list[str]:
-    """The files git sees in the working tree (tracked + untracked, not ignored)."""
+    """The files git sees in the working tree (tracked + untracked, not ignored) that a
+    project copy takes."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=root,
         check=True,
         capture_output=True,
     ).stdout.decode()
-    return [name for name in listed.split("\0") if name and not name.startswith("bench/")]
+    return [name for name in listed.split("\0") if name and not name.startswith(NOT_COPIED)]
 
 
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
@@ -86,18 +92,23 @@ def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
 
 
 def make_project(dest: Path, params: Mapping[str, Any], root: Path = REPO_ROOT) -> Path:
-    """Copy the repo's files to `dest`, write its params.yaml, make it a git repo."""
+    """Copy the repo's files to `dest` with `params` as its params.yaml, as a git repo.
+
+    `dest` gets a `shared` link beside it, to the `shared/` beside this repo, so that the
+    shipped relative paths (`../shared/data/dogscats`) mean there what they mean here.
+    """
+    with contextlib.suppress(FileExistsError):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (dest.parent / "shared").symlink_to(root.parent / "shared", target_is_directory=True)
     for name in repo_files(root):
-        source = root / name
-        if source.is_file():
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+        if (root / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "bench project"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "project copy"], cwd=dest, check=True)
     return dest
 
 

@@ -36,7 +36,7 @@ from project import (
     run_pipeline,
 )
 from scale_data import SHARED_DATA, link_subset, make_scale_set
-from summary import count_rows
+from summary import collect_outputs
 
 BENCH = Path(__file__).resolve().parent
 STAGES = ("source_stamp", "fetch", "split", "precompute", "audit", "train_head")
@@ -99,7 +99,7 @@ def run_size(source: Path, args: argparse.Namespace, workdir: Path) -> dict[str,
     print(f"== {source.name}: {source}", flush=True)
     runs = run_pipeline(project, only=STAGES)
     ok = bool(runs) and all(r.returncode == 0 for r in runs)
-    images = count_rows(project / "data/prepared/manifest.csv") if ok else 0
+    images = collect_outputs(project)["prepared_images"] if ok else 0
     record: dict[str, Any] = {"source": str(source), "ok": ok, "images": images, "stages": {}}
     for run in runs:
         record["stages"][run.name] = run.to_dict() | {

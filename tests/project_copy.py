@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -17,7 +15,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from project import deep_merge, free_port, pipeline_stages  # noqa: E402, F401  (bench/project.py)
+import project as bench_project  # noqa: E402  (bench/project.py)
+from project import deep_merge, free_port, pipeline_stages  # noqa: E402, F401
 
 # The real params.yaml, shrunk: a few real photos per class, small images, one short cycle
 # each, so the whole pipeline runs in a minute or two on two CPU cores. The data is the demo's:
@@ -52,51 +51,12 @@ def stage_argv(stage: str, project: Path = REPO_ROOT, **paths: str | Path) -> li
     raise KeyError(f"dvc.yaml has no stage {stage!r}")
 
 
-def _repo_files() -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout.decode()
-    # Pipeline results of the developer's own runs stay behind: the copy starts clean.
-    skip = (
-        "data/",
-        "outputs/",
-        "bench/results/",
-        "bench/.venv",
-        "dvc.lock",
-        "mlflow.db",
-        "mlruns/",
-    )
-    return [name for name in listed.split("\0") if name and not name.startswith(skip)]
-
-
 def make_project(dest: Path, overrides: Mapping[str, Any] | None = None) -> Path:
-    """Copy the repo's files (as git sees them) to `dest`, shrink params, commit.
-
-    `dest` gets a `shared` link beside it, to the `shared/` beside this repo, so that the
-    shipped relative paths (`../shared/data/dogscats`) mean there what they mean here.
-    """
-    shared = dest.parent / "shared"
-    with contextlib.suppress(FileExistsError):
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        shared.symlink_to(SHARED_DATA.parent, target_is_directory=True)
-    for name in _repo_files():
-        source = REPO_ROOT / name
-        if source.is_file():
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    """A copy of the repo at `dest` (bench/project.py), its params shrunk and `overrides`
+    merged on top."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params = deep_merge(params, SMALL_OVERRIDES)
-    params = deep_merge(params, overrides or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "test project"], cwd=dest, check=True)
-    return dest
+    params = deep_merge(deep_merge(params, SMALL_OVERRIDES), overrides or {})
+    return bench_project.make_project(dest, params)
 
 
 def project_env(**extra: str) -> dict[str, str]:

@@ -1,13 +1,16 @@
 """docs/data.md followed as written, in a new shell, on its own user's clone: the first stages
 alone, in-place changes, unprotect and gc, and fetch in a temp experiment (DVC's copy of the
 repo) reading the shipped relative mirror. Its own project, so that it runs beside the long
-README chain of tests/test_walkthrough.py, which needs none of it."""
+README chain of tests/test_walkthrough.py, which needs none of it. Tracking is off here (a
+documented key): this page checks data, the README chain checks MLflow in every DVC mode,
+and tracking costs ~2 s of imports and store calls in each of the page's stage runs."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 from doc_pages import bash_lines, blocks, normalize, page, shown_commands
+from project_copy import deep_merge
 from shell import user_project
 from test_walkthrough import WALK, validate_yaml
 
@@ -15,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_data_page(tmp_path) -> None:
-    shell = user_project(tmp_path, WALK)
+    shell = user_project(tmp_path, deep_merge(WALK, {"tracking": {"enabled": False}}))
     project = shell.cwd
     shell.run("source .venv/bin/activate")  # the README's, before any page's dvc
     for line in bash_lines("data.md"):

@@ -1,5 +1,5 @@
 """Disk and memory: a full disk mid-write keeps the previous output and leaves no temp files;
-fetch + precompute (DataLoader workers included) on the 1000-image, 120-breed set stay
+fetch + precompute (DataLoader workers included) on 2 photos of each of 120 breeds stay
 within a bounded RSS."""
 
 from __future__ import annotations
@@ -129,10 +129,11 @@ def test_a_write_failing_midway_keeps_the_old_file(tmp_path: Path) -> None:
 
 # -- memory ----------------------------------------------------------------------------------
 
-# The real params at the backbone's own input size (224 px), all 1000 dogbreeds photos.
+# The real params at the backbone's own input size (224 px), 2 photos of each of 120 breeds:
+# the model and the loader workers dominate the memory, not the number of photos.
 MEMORY_PARAMS = {
     "runtime": {"num_workers": 2},
-    "data": {"labels": "labels.csv", "label_column": "breed", "max_per_class": None},
+    "data": {"labels": "labels.csv", "label_column": "breed", "max_per_class": 2},
     "precompute": {"batch_size": 64},
     "tracking": {"enabled": False},
 }  # fmt: skip
@@ -163,9 +164,7 @@ def _run_measured(command: list[str], cwd: Path) -> tuple[float, int]:
 
 
 @pytest.mark.slow
-def test_fetch_and_precompute_rss_on_1000_images_of_120_breeds(
-    dogbreeds: Path, tmp_path: Path
-) -> None:
+def test_fetch_and_precompute_rss_on_120_breeds(dogbreeds: Path, tmp_path: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in MEMORY_PARAMS.items():
         params[section].update(values)
@@ -189,8 +188,10 @@ def test_fetch_and_precompute_rss_on_1000_images_of_120_breeds(
     report["largest_process_rss_mib"] = round(largest / 2**20)
     print(json.dumps(report))
     manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv")
-    assert len(manifest) == 1000 and manifest["label"].nunique() == 120
-    assert (tmp_path / "features" / "features.safetensors").stat().st_size > 1000 * 1280 * 2
+    per_breed = pd.read_csv(dogbreeds / "labels.csv")["breed"].value_counts()
+    assert len(manifest) == per_breed.clip(upper=2).sum() and manifest["label"].nunique() == 120
+    features = tmp_path / "features" / "features.safetensors"
+    assert features.stat().st_size > len(manifest) * 1280 * 2
     for name, (_, rss) in measured.items():
         assert rss < RSS_LIMIT, (name, report)
     assert largest < RSS_LIMIT, report
