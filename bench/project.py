@@ -204,12 +204,6 @@ def run_measured(
     )
 
 
-PIPELINE_ORDER = (
-    "source_stamp", "fetch", "split", "precompute", "train_head",
-    "lr_find", "finetune", "evaluate", "report",
-)  # fmt: skip
-
-
 def resolve_templating(text: str, params: Mapping[str, Any]) -> str:
     """Substitute dvc.yaml's `${section.key}` references with params.yaml values, as DVC does
     (e.g. `${distributed.launcher} stages/finetune.py`)."""
@@ -226,29 +220,17 @@ def resolve_templating(text: str, params: Mapping[str, Any]) -> str:
 
 
 def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
-    """(name, command, working dir) of each dvc.yaml stage, in pipeline order.
-
-    A stage script in `stages/` that dvc.yaml does not declare yet runs as
-    `python stages/<name>.py` in its place (reported as such), so the benchmark can run
-    while the pipeline is being assembled.
-    """
-    spec = yaml.safe_load((project / "dvc.yaml").read_text()) or {}
-    params = yaml.safe_load((project / "params.yaml").read_text()) or {}
+    """(name, command, working dir) of each dvc.yaml stage, in dvc.yaml's order (which a
+    test keeps a valid pipeline order)."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
     # dvc.yaml's own `vars` (the stages' paths) resolve like params.yaml's values.
     for entry in spec.get("vars") or []:
-        if isinstance(entry, Mapping):
-            params = {**params, **entry}
-    declared = {}
-    for name, stage in (spec.get("stages") or {}).items():
-        cmd = stage["cmd"]
-        if isinstance(cmd, list):
-            cmd = " && ".join(cmd)
-        declared[name] = (name, resolve_templating(cmd, params), project / stage.get("wdir", "."))
-    for name in PIPELINE_ORDER:
-        if name not in declared and (project / "stages" / f"{name}.py").is_file():
-            declared[name] = (name, f"python stages/{name}.py", project)
-    rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
-    return sorted(declared.values(), key=lambda s: rank.get(s[0], len(rank)))
+        params = {**params, **entry}
+    return [
+        (name, resolve_templating(stage["cmd"], params), project / stage.get("wdir", "."))
+        for name, stage in spec["stages"].items()
+    ]
 
 
 def run_pipeline(
