@@ -55,18 +55,9 @@ class Inputs:
     errors: list[Prediction]
 
 
-def collect_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[Prediction]]:
-    """Expand folders (recursively, image suffixes only, sorted); keep named files as given.
-
-    Returns:
-        The files to predict, and error entries for inputs that yield nothing.
-    """
-    found = find_inputs(paths)
-    return found.files, found.errors
-
-
 def find_inputs(paths: Iterable[str | Path]) -> Inputs:
-    """`collect_inputs`, also saying which folder each file was found in."""
+    """Expand folders (recursively, image suffixes only, sorted); keep named files as given,
+    with the folder each file was found in."""
     files: list[Path] = []
     roots: list[Path | None] = []
     errors: list[Prediction] = []

@@ -9,14 +9,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-
-SUGGESTION_METHODS = ("min/10", "steepest", "valley", "slide", "takeoff/30")
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,6 @@ class LrFindResult:
     curve: pd.DataFrame
     suggestions: dict[str, float]
     stopped_early: bool
-    notes: list[str] = field(default_factory=list)
 
     def suggestion(self, method: str) -> float:
         return self.suggestions[method]
