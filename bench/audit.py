@@ -30,9 +30,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "tests"))
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+from visiontune.data.images import is_image_name  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -67,13 +66,13 @@ def plant(source: Path, dest: Path, *, seed: int, flip: float, dups: float, crop
         labels_csv = csvs[0]
         table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
         id_col, label_col = table.columns[:2]
-        files = {p.stem: p for p in dest.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+        files = {p.stem: p for p in dest.rglob("*") if is_image_name(p)}
         pairs = zip(table[id_col], table[label_col], strict=True)
         rows = [(files[i].relative_to(dest).as_posix(), lab) for i, lab in pairs if i in files]
     else:
         labels_csv = None
         rows = [(p.relative_to(dest).as_posix(), p.parent.name)
-                for p in sorted(dest.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+                for p in sorted(dest.rglob("*")) if is_image_name(p)]  # fmt: skip
     rows.sort()
     classes = sorted({label for _, label in rows})
     order = rng.permutation(len(rows))
@@ -118,11 +117,8 @@ def plant(source: Path, dest: Path, *, seed: int, flip: float, dups: float, crop
 
 def run_stages(planted: Planted, project: Path, stages: list[str]) -> dict[str, float]:
     """A project copy whose data.source is the planted set; run `stages` in it (seconds each)."""
-    import subprocess
-
     import yaml
-    from project import make_project, project_env
-    from project_copy import stage_argv
+    from project import make_project, run_pipeline
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["source"] = str(planted.root)
@@ -133,22 +129,16 @@ def run_stages(planted: Planted, project: Path, stages: list[str]) -> dict[str, 
     params["tracking"]["enabled"] = False
     if not (project / "params.yaml").exists():
         make_project(project, params)
-    env = project_env(project)
-    seconds = {}
-    for stage in stages:
-        start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, f"stages/{stage}.py", *stage_argv(stage, project)],
-            cwd=project, env=env, check=True,
-        )  # fmt: skip
-        seconds[stage] = time.perf_counter() - start
-    return seconds
+    runs = run_pipeline(project, echo=False, only=stages, commit=False)
+    if len(runs) < len(stages) or runs[-1].returncode != 0:
+        raise RuntimeError(f"{runs[-1].name} failed in {project}:\n{runs[-1].log[-3000:]}")
+    return {run.name: run.wall_s for run in runs}
 
 
 def stage_seconds(project: Path, stage: str) -> float:
     """`stage`'s own time: its main() in this process, the second of two calls (the first
     pays the imports), with tracking off as run_stages set it."""
-    from project_copy import stage_argv
+    from project import stage_argv
 
     spec = importlib.util.spec_from_file_location(stage, project / "stages" / f"{stage}.py")
     module = importlib.util.module_from_spec(spec)

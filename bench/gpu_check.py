@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import platform
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -38,10 +37,10 @@ import yaml  # noqa: E402
 from project import (  # noqa: E402
     deep_merge,
     git_state,
-    pipeline_stages,
     project_env,
     run_measured,
     run_pipeline,
+    stage_argv,
 )
 from summary import collect_outputs, summarize  # noqa: E402
 
@@ -213,11 +212,8 @@ def run_check(args: argparse.Namespace) -> int:
         one = deep_merge(raw, {"base": {"precision": "fp16"},
                                "finetune": {"n_cycles": 1, "cycle_len": 1}})  # fmt: skip
         (work / "params-fp16.yaml").write_text(yaml.safe_dump(one, sort_keys=False))
-        words = shlex.split(next(c for n, c, _ in pipeline_stages(work) if n == "finetune"))
-        at = words.index("stages/finetune.py")
-        options = dict(zip(words[at + 1 :: 2], words[at + 2 :: 2], strict=True))
-        options |= {"--params": "params-fp16.yaml", "--out": "outputs/finetune-fp16"}
-        command = [sys.executable, *words[at : at + 1], *sum(options.items(), ())]
+        argv = stage_argv("finetune", work, params="params-fp16.yaml", out="outputs/finetune-fp16")
+        command = [sys.executable, "stages/finetune.py", *argv]
         run = run_measured("finetune_fp16", command, work, project_env(work), work / "fp16.log")
         metrics = json.loads((work / "outputs/finetune-fp16/metrics.json").read_text())
         record["fp16"] = {**run.to_dict(), **metrics}

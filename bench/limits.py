@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from visiontune.config import Params
+from visiontune.data.images import is_image_name
 from visiontune.data.transforms import PixelNormalize
 from visiontune.runtime import (
     Runtime,
@@ -28,8 +29,6 @@ from visiontune.runtime import (
     resolve_runtime,
     to_device,
 )
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def cpu_model() -> str:
@@ -133,7 +132,7 @@ def train_step_limit(
 
 def sample_images(root: Path, count: int) -> list[Path]:
     """`count` image files spread evenly over the sorted files under `root`."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if is_image_name(p))
     if len(files) <= count:
         return files
     stride = len(files) / count

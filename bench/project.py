@@ -233,6 +233,23 @@ def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
     ]
 
 
+def stage_argv(stage: str, project: Path = REPO_ROOT, **paths: str | Path) -> list[str]:
+    """The arguments dvc.yaml gives `stages/<stage>.py`, for `main(argv)` or a subprocess.
+
+    Its `vars` paths are resolved; keywords replace options (`params="bad.yaml"`,
+    `out=tmp / "o"`, `lr_find=...` for `--lr-find`).
+    """
+    for name, command, _ in pipeline_stages(project):
+        if name == stage:
+            words = shlex.split(command)
+            argv = words[words.index(f"stages/{stage}.py") + 1 :]
+            options = dict(zip(argv[::2], argv[1::2], strict=True))
+            for key, value in paths.items():
+                options[f"--{key.replace('_', '-')}"] = str(value)
+            return [word for pair in options.items() for word in pair]
+    raise KeyError(f"dvc.yaml has no stage {stage!r}")
+
+
 def run_pipeline(
     project: Path,
     runner: str = "script",

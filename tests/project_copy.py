@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 import project as bench_project  # noqa: E402  (bench/project.py)
-from project import deep_merge, free_port, pipeline_stages  # noqa: E402, F401
+from project import deep_merge, free_port, pipeline_stages, stage_argv  # noqa: E402, F401
 
 # The real params.yaml, shrunk: a few real photos per class, small images, one short cycle
 # each, so the whole pipeline runs in a minute or two on two CPU cores. The data is the demo's:
@@ -32,23 +31,6 @@ SMALL_OVERRIDES: dict[str, Any] = {
     "tta": {"n_augment": 2, "batch_size": 16},
     "report": {"top_losses": 4},
 }
-
-
-def stage_argv(stage: str, project: Path = REPO_ROOT, **paths: str | Path) -> list[str]:
-    """The arguments dvc.yaml gives `stages/<stage>.py`, for `main(argv)` or a subprocess.
-
-    Its `vars` paths are resolved; keywords replace options (`params="bad.yaml"`,
-    `out=tmp / "o"`, `lr_find=...` for `--lr-find`).
-    """
-    for name, command, _ in pipeline_stages(project):
-        if name == stage:
-            words = shlex.split(command)
-            argv = words[words.index(f"stages/{stage}.py") + 1 :]
-            options = dict(zip(argv[::2], argv[1::2], strict=True))
-            for key, value in paths.items():
-                options[f"--{key.replace('_', '-')}"] = str(value)
-            return [word for pair in options.items() for word in pair]
-    raise KeyError(f"dvc.yaml has no stage {stage!r}")
 
 
 def make_project(dest: Path, overrides: Mapping[str, Any] | None = None) -> Path:

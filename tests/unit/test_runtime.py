@@ -10,6 +10,7 @@ import pytest
 import torch
 from real_config import default_runtime, default_section
 
+import visiontune.runtime as runtime_module
 from visiontune.config import RuntimeParams
 from visiontune.data.dataset import create_loader
 from visiontune.runtime import (
@@ -222,3 +223,30 @@ def test_configured_memory_puts_large_tensors_on_huge_pages(tmp_path) -> None:
 
     kib = {mode: anon_huge_kib(mode) for mode in ("on", "off")}
     assert kib["on"] >= 32 * 1024 and kib["off"] < kib["on"]
+
+
+def test_loader_wait_counts_the_waits_for_batches_and_not_the_work_on_them(monkeypatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(runtime_module.time, "perf_counter", lambda: clock[0])
+
+    def loader():
+        clock[0] += 2.0  # worker start-up and the first batch
+        yield "a"
+        clock[0] += 0.5
+        yield "b"
+        clock[0] += 0.25  # the loader notices it is done
+
+    wait, seen = runtime_module.LoaderWait(), []
+    for batch in wait.batches(loader()):
+        clock[0] += 10.0  # the model's work on the batch: not a wait
+        seen.append(batch)
+    assert seen == ["a", "b"] and wait.seconds == 2.75
+    # A loop that stops early (the fine-tune's steps) counts only the waits it had.
+    early = runtime_module.LoaderWait()
+    batches = early.batches(loader())
+    next(batches)
+    assert early.seconds == 2.0
+
+
+def test_peak_gpu_memory_is_none_off_cuda() -> None:
+    assert runtime_module.peak_gpu_mib(default_runtime(device="cpu")) is None
