@@ -73,8 +73,23 @@ def _runs(client: MlflowClient) -> list:
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
+def _finished_experiments(project: Path) -> int:
+    """Experiments DVC has finished and recorded: its refs/exps/<baseline>/<name> refs."""
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(bool(re.fullmatch(r"refs/exps/\w{2}/\w{38}/[^/]+", ref)) for ref in refs.split())
+
+
 def _wait_for_queue(shell: Shell, line: str = "dvc queue status") -> str:
-    deadline = time.monotonic() + 400
+    """Run the README's status line until no experiment is queued or running. Between two
+    looks, a finished experiment's git ref is watched (a `dvc` start is a second of CPU the
+    experiments want); a failed one shows at the next look, at most 20 s later."""
+    deadline, target = time.monotonic() + 400, None
     while True:
         result = shell.run(line, check=False)
         status = result.stdout
@@ -92,10 +107,17 @@ def _wait_for_queue(shell: Shell, line: str = "dvc queue status") -> str:
                     "dvc queue logs " + status.split("Failed")[0].split()[-3], check=False
                 ).stdout
             )
-        if not re.search(r"\b(Queued|Running)\b", status):
+        pending = len(re.findall(r"\b(?:Queued|Running)\b", status))
+        if not pending:
             return status
         assert time.monotonic() < deadline, status
-        time.sleep(10)  # each look starts dvc: a second of CPU the experiments want
+        finished = _finished_experiments(shell.cwd)
+        if target is not None and finished >= target:  # recorded, its task still closing
+            time.sleep(2)
+            continue
+        target, look_again = finished + pending, time.monotonic() + 20
+        while _finished_experiments(shell.cwd) < target and time.monotonic() < look_again:
+            time.sleep(1)
 
 
 def validate_yaml(block: Block, shipped: dict) -> None:
