@@ -5,6 +5,7 @@ resume and is run on two ranks (tests/model/test_distributed_stages.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from project_copy import dvc, make_project, project_env
+from project_copy import dvc, make_project, project_env, stage_argv
 
 # Real dogscats photos, tiny: 16 train images per class at 64 px, batch 4 → 8 steps per
 # epoch, two 1-epoch SGDR cycles: the kill lands in epoch 2, after the epoch-1 checkpoint.
@@ -88,15 +89,25 @@ def _no_temp_files(project: Path) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, dogscats: Path) -> tuple[Path, dict]:
-    """A project run once, uninterrupted, up to finetune; its steps.csv is the reference."""
+    """A project run once, uninterrupted, up to finetune; its steps.csv is the reference.
+
+    The stages before finetune run in this process, as their scripts' `main`, and `dvc
+    commit` records them: six stage processes' imports saved. finetune, the stage under
+    test, runs under `dvc repro` from the start.
+    """
     root = make_project(tmp_path_factory.mktemp("interrupt"), OVERRIDES)
-    started = time.perf_counter()
-    dvc(root, "repro", "finetune")
-    reference = {
-        "steps": pd.read_csv(root / "outputs/finetune/steps.csv"),
-        "seconds": time.perf_counter() - started,
-    }
-    return root, reference
+    upstream = ("source_stamp", "fetch", "split", "precompute", "train_head", "lr_find")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(root)
+        for name in upstream:
+            spec = importlib.util.spec_from_file_location(name, root / "stages" / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            assert module.main(stage_argv(name, root)) == 0, name
+    dvc(root, "commit", "-f", *upstream)
+    repro = dvc(root, "repro", "finetune").stdout
+    assert "Running stage 'lr_find'" not in repro  # the commit recorded the stages before
+    return root, {"steps": pd.read_csv(root / "outputs/finetune/steps.csv")}
 
 
 @pytest.mark.slow
