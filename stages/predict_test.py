@@ -2,20 +2,16 @@
 
 id (file name without extension) + one probability column per class, from evaluate's
 model file with the views and precision evaluate scored, as the registered model
-predicts. A source without a test folder gives a file with the header alone.
+predicts. A source without a test folder (most of them) gives the header alone, written
+from the model's record without loading torch: every experiment that re-runs evaluate
+re-runs this stage.
 """
 
 from __future__ import annotations
 
-from visiontune.evaluate.predict import find_inputs, image_ids, write_submission
+from visiontune.evaluate.submission import submission_writer
 from visiontune.fileio import atomic_open
-from visiontune.models.classifier import load_model_file
-from visiontune.runtime import loader_workers
-from visiontune.serving.predictor import (
-    create_views,
-    inference_settings,
-    predicting_runtime,
-)
+from visiontune.models.record import read_model_info
 from visiontune.stagekit import Stage, run_stage
 
 PATHS = {"model": "evaluate's model file", "test": "held-out test images (fetch's test/)",
@@ -24,9 +20,20 @@ PATHS = {"model": "evaluate's model file", "test": "held-out test images (fetch'
 
 def predict_test(stage: Stage):
     params, paths = stage.params, stage.paths
+    if not paths.test.is_dir():
+        classes = read_model_info(paths.model).classes
+        with atomic_open(paths.out / "submission.csv", newline="") as out:
+            submission_writer(out, classes)
+        print("predict_test: 0 test images predicted (no test folder: header only)")
+        return paths.out
+    from visiontune.evaluate.predict import find_inputs, image_ids, write_submission
+    from visiontune.models.classifier import load_model_file
+    from visiontune.runtime import loader_workers
+    from visiontune.serving.predictor import create_views, inference_settings, predicting_runtime
+
     model, info = load_model_file(paths.model)
     settings = inference_settings(info, str(paths.model))
-    found = find_inputs([paths.test] if paths.test.is_dir() else [])
+    found = find_inputs([paths.test])
     # Decoding in loader workers, as the CLI does: a test set may hold 10^5 photos.
     workers = loader_workers(params.runtime.num_workers)
     runtime, note = predicting_runtime(settings.precision, params.base.device, workers)
@@ -39,8 +46,7 @@ def predict_test(stage: Stage):
         )  # fmt: skip
     for error in summary.errors:
         print(f"predict_test: {error.path}: {error.error} (left out)")
-    where = paths.test if paths.test.is_dir() else "no test folder: header only"
-    print(f"predict_test: {summary.rows} test images predicted ({where})")
+    print(f"predict_test: {summary.rows} test images predicted ({paths.test})")
     return paths.out
 
 

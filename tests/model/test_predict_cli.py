@@ -203,6 +203,17 @@ def test_predict_test_stage_writes_the_submission_or_a_header(model_file, photos
     none, missing = tmp_path / "none", str(tmp_path / "no_test")
     assert stage.main([*common, "--test", missing, "--out", str(none)]) == 0
     assert (none / "submission.csv").read_text() == "id," + ",".join(CLASSES) + "\n"
+    # Without test images the stage never imports torch: most sources have none, and each
+    # experiment that re-runs evaluate re-runs it.
+    argv = [str(script), *common, "--test", missing, "--out", str(none)]
+    code = (
+        f"import runpy, sys; sys.argv = {argv!r}\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_predicting_loads_neither_matplotlib_nor_scikit_learn() -> None:

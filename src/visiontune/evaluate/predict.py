@@ -7,7 +7,6 @@ memory stays flat however many images a folder holds.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from visiontune.data.dataset import create_loader
 from visiontune.data.images import is_image_name
+from visiontune.evaluate.submission import submission_writer
 from visiontune.evaluate.tta import TtaDataset, ViewMaker, average_views, iter_view_batches
 from visiontune.models.classifier import ImageClassifier, InferenceSettings, ModelInfo
 from visiontune.runtime import Runtime
@@ -168,12 +168,7 @@ def write_submission(
 
     Unreadable images get no row; they come back in the summary (the caller reports them).
     """
-    classes = list(info.classes)
-    if positive is not None and positive not in classes:
-        raise ValueError(f"--positive {positive!r} is not a class; classes: {classes}")
-    columns = [classes.index(positive)] if positive is not None else list(range(len(classes)))
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["id", *(classes[j] for j in columns)])
+    writer, columns = submission_writer(out, list(info.classes), positive)
     rows = 0
     errors: list[Prediction] = []
     if not files:

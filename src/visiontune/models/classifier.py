@@ -19,14 +19,18 @@ from safetensors.torch import save_file
 
 from visiontune.data.transforms import PixelNormalize
 from visiontune.models.head import create_head
-from visiontune.models.record import METADATA_KEY, InferenceSettings, ModelInfo, RecordError
+from visiontune.models.record import (
+    METADATA_KEY,
+    InferenceSettings,
+    ModelInfo,
+    RecordError,
+    read_model_info,
+)
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["ImageClassifier", "InferenceSettings", "ModelInfo", "RecordError"]
-# What an unusable model file's error tells the user to do.
-RERUN = "re-run `dvc repro` (finetune and evaluate write the model files)"
+__all__ = ["ImageClassifier", "InferenceSettings", "ModelInfo", "RecordError", "read_model_info"]
 
 
 class ImageClassifier(torch.nn.Module):
@@ -77,14 +81,6 @@ def save_model_file(path: Path, model: ImageClassifier, info: ModelInfo) -> None
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={METADATA_KEY: info.to_json()})
-
-
-def read_model_info(path: Path) -> ModelInfo:
-    """The record stored in a model file, without reading its tensors (RecordError if it
-    has none, or one of another version)."""
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(METADATA_KEY)
-    return ModelInfo.from_json(raw, str(path), RERUN)
 
 
 def load_model_file(

@@ -20,12 +20,17 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 # 2: weights identity, head fit, domain and mirror verdicts; the data config is the feature
 #    cache's; every field is written, null where a stage has not filled it yet.
 SCHEMA_VERSION = 2
 METADATA_KEY = "visiontune"
+# What an unusable model file's error tells the user to do.
+RERUN = "re-run `dvc repro` (finetune and evaluate write the model files)"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DOMAINS = ("near", "far")
 HEAD_INITS = ("logreg", "source", "random")
@@ -176,3 +181,11 @@ def _inference(data: Mapping[str, Any]) -> InferenceSettings:
     if set(data) != {"n_augment", "zoom", "precision"}:
         raise ValueError(f"inference needs n_augment, zoom and precision, got {sorted(data)}")
     return InferenceSettings(int(data["n_augment"]), float(data["zoom"]), str(data["precision"]))
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """The record stored in a model file, without reading its tensors or importing torch
+    (RecordError if it has none, or one of another version)."""
+    with safe_open(str(path), framework="numpy") as handle:
+        raw = (handle.metadata() or {}).get(METADATA_KEY)
+    return ModelInfo.from_json(raw, str(path), RERUN)
