@@ -86,10 +86,13 @@ class Record(dict):
         except Exception:
             self["errors"][name] = traceback.format_exc()[-4000:]
             say(f"{name} FAILED:\n{traceback.format_exc()}")
+        self.save()
+        return name not in self["errors"]
+
+    def save(self) -> None:
         self["wall_s"] = time.monotonic() - self.started
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self, indent=2, default=str) + "\n", encoding="utf-8")
-        return name not in self["errors"]
 
 
 def make_work(work: Path, params: dict[str, Any]) -> None:
@@ -215,6 +218,8 @@ def run_check(args: argparse.Namespace) -> int:
         argv = stage_argv("finetune", work, params="params-fp16.yaml", out="outputs/finetune-fp16")
         command = [sys.executable, "stages/finetune.py", *argv]
         run = run_measured("finetune_fp16", command, work, project_env(work), work / "fp16.log")
+        if run.returncode != 0:
+            raise RuntimeError(f"finetune at fp16 failed ({run.returncode}):\n{run.log[-3000:]}")
         metrics = json.loads((work / "outputs/finetune-fp16/metrics.json").read_text())
         record["fp16"] = {**run.to_dict(), **metrics}
 
@@ -235,7 +240,7 @@ def run_check(args: argparse.Namespace) -> int:
     backend = resolve_backend(params.distributed.backend, runtime.device.type)
     record.section("collective", lambda: record.update(collective=collective(backend)))
     record["ok"] = ran and not record["errors"]
-    record.section("done", lambda: None)
+    record.save()
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     for line in summary_lines(record):

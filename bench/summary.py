@@ -76,18 +76,18 @@ def summarize(
     m, history = outputs["metrics"], outputs["finetune_history"]
     ft, train, valid = params["finetune"], outputs["train_images"], outputs["valid_images"]
     epochs = sum(ft["cycle_len"] * ft["cycle_mult"] ** i for i in range(ft["n_cycles"]))
-    views = m["evaluate"].get("n_views", 1)
+    views = m["evaluate"].get("n_views")  # None: evaluate wrote nothing (it failed)
     images = {
         "fetch": outputs["prepared_images"],
         "precompute": m["precompute"].get("images"),
         "lr_find": outputs["lr_find_iterations"] * params["lr_find"]["batch_size"],
         "finetune": epochs * train,
-        "evaluate": valid * views,
+        "evaluate": valid * views if views else None,
     }
     reported = {  # each stage's own loop, start-up excluded; evaluate's per view
         "precompute": m["precompute"].get("images_per_s"),
         "finetune": _median(history, "images_per_s"),
-        "evaluate": (m["evaluate"].get("images_per_s") or 0) * views or None,
+        "evaluate": m["evaluate"]["images_per_s"] * views if views else None,
     }
     rows = []
     for stage in stages:

@@ -280,3 +280,25 @@ def test_logistic_baseline_scores_a_feature_cache(tmp_path: Path) -> None:
     save_file({"train_x": x[:60], "train_y": y[:60], "valid_x": x[60:], "valid_y": y[60:]}, path)
     result = logistic_baseline(path)
     assert result["accuracy"] > 0.9 and 0 < result["loss"] < 0.5 and result["C"] > 0
+
+
+def test_a_stage_that_wrote_nothing_gets_no_numbers_made_up() -> None:
+    params = {
+        "finetune": {"cycle_len": 1, "cycle_mult": 1, "n_cycles": 1},
+        "tta": {"n_augment": 1, "batch_size": 32},
+        "precompute": {"batch_size": 32},
+        "lr_find": {"batch_size": 32},
+    }
+    outputs = {  # evaluate failed: its metrics.json was never written
+        "train_images": 100, "valid_images": 50, "prepared_images": 150,
+        "lr_find_iterations": 0, "finetune_history": [],
+        "metrics": {"precompute": {"images": 150, "images_per_s": 80.0}, "train_head": {},
+                    "finetune": {}, "evaluate": {}},
+    }  # fmt: skip
+    limits = {"forward": {"32": {"images_per_s": 100.0}}, "train_step": {"images_per_s": 20.0}}
+    stages = [{"name": "evaluate", "wall_s": 2.0}]
+    result = summary.summarize(stages, outputs, params, limits)
+    (row,) = result["stages"]
+    assert row["images"] is None and row["images_per_s_reported"] is None
+    assert result["ratios"]["evaluate_vs_forward"] is None
+    assert result["targets_met"]["evaluate_vs_forward"] is None

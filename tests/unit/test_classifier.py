@@ -19,10 +19,10 @@ from visiontune.models.classifier import (
     RecordError,
     build_classifier,
     load_model_file,
-    read_model_info,
     save_model_file,
 )
 from visiontune.models.head import create_head
+from visiontune.models.record import read_model_info
 
 DATA = DataConfig(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)
 

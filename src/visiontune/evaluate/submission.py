@@ -15,7 +15,7 @@ def submission_writer(
     """Write the header to `out`; the csv writer for the rows and the classes' columns."""
     if positive is not None and positive not in classes:
         raise ValueError(f"--positive {positive!r} is not a class; classes: {list(classes)}")
-    columns = [list(classes).index(positive)] if positive else list(range(len(classes)))
+    columns = list(range(len(classes))) if positive is None else [list(classes).index(positive)]
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["id", *(classes[j] for j in columns)])
     return writer, columns

@@ -10,7 +10,6 @@ loads lazily).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -27,10 +26,7 @@ from visiontune.models.record import (
     read_model_info,
 )
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["ImageClassifier", "InferenceSettings", "ModelInfo", "RecordError", "read_model_info"]
+__all__ = ["ImageClassifier", "InferenceSettings", "ModelInfo", "RecordError"]
 
 
 class ImageClassifier(torch.nn.Module):

@@ -164,7 +164,7 @@ def log_model(
     never retrains. Returns `{"model_uri": ..., "version": ...}` (version None when not
     registered).
     """
-    from visiontune.models.classifier import read_model_info
+    from visiontune.models.record import read_model_info
     from visiontune.serving.predictor import inference_settings
 
     info = read_model_info(model_file)

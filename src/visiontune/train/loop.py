@@ -128,8 +128,8 @@ def _train_epoch(
     """Train the rest of the current epoch, one scheduled step per batch.
 
     Returns its training seconds, images (all ranks) and seconds spent waiting for
-    batches, or None when `stop` was set on
-    any rank before its end. Either way the losses so far are in `state`.
+    batches, or None when `stop` was set on any rank before its end. Either way the
+    losses so far are in `state`.
     """
     steps_per_epoch = run.schedule.steps_per_epoch
     epoch, skip = divmod(state.step, steps_per_epoch)
