@@ -16,23 +16,22 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEASURE = Path(__file__).resolve().with_name("measure.py")
+# What a copy leaves behind: the developer's own pipeline results; the copy starts clean.
+NOT_COPIED = ("data/", "outputs/", "bench/results/", "dvc.lock", "mlflow.db", "mlruns/", ".gpu/")
 
 
 def portable(value: Any) -> Any:
-    """Paths in a results record relative to the repo (`.venv/...`, `../shared/...`), so the
-    committed record names no machine's directories."""
+    """Paths in a results record relative to the repo, so that it names no machine's folders."""
     if isinstance(value, dict):
         return {key: portable(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -60,55 +59,35 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
     return merged
 
 
-# What a copy leaves behind: the developer's own pipeline results; the copy starts clean.
-NOT_COPIED = ("data/", "outputs/", "bench/results/", "bench/.venv", "dvc.lock", "mlflow.db",
-              "mlruns/", ".gpu/")  # fmt: skip
-
-
-def repo_files(root: Path = REPO_ROOT) -> list[str]:
-    """The files git sees in the working tree (tracked + untracked, not ignored) that a
-    project copy takes."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=root,
-        check=True,
-        capture_output=True,
-    ).stdout.decode()
-    return [name for name in listed.split("\0") if name and not name.startswith(NOT_COPIED)]
+def git(*args: str, root: Path = REPO_ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
 
 
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
     """Commit and dirtiness of the repo the benchmark copied, for the record."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
     # bench/results left out: a run of several datasets writes the first one's results
     # there before it copies the repo for the next.
-    status = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
+    status = git("status", "--porcelain", "--", ".", ":(exclude)bench/results", root=root)
+    return {"commit": git("rev-parse", "HEAD", root=root).strip(), "dirty": bool(status.strip())}
 
 
 def make_project(dest: Path, params: Mapping[str, Any], root: Path = REPO_ROOT) -> Path:
-    """Copy the repo's files to `dest` with `params` as its params.yaml, as a git repo.
-
-    `dest` gets a `shared` link beside it, to the `shared/` beside this repo, so that the
-    shipped relative paths (`../shared/data/dogscats`) mean there what they mean here.
-    """
+    """Copy the files git sees in `root` to `dest` with `params` as its params.yaml, as a git
+    repo. A `shared` link beside `dest` to the `shared/` beside `root` keeps the shipped
+    relative paths (`../shared/data/dogscats`) meaning there what they mean here."""
     with contextlib.suppress(FileExistsError):
         dest.parent.mkdir(parents=True, exist_ok=True)
         (dest.parent / "shared").symlink_to(root.parent / "shared", target_is_directory=True)
-    for name in repo_files(root):
-        if (root / name).is_file():
+    listed = git("ls-files", "--cached", "--others", "--exclude-standard", "-z", root=root)
+    for name in listed.split("\0"):
+        if name and not name.startswith(NOT_COPIED) and (root / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "project copy"], cwd=dest, check=True)
+    subprocess.run([*command, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*command, "commit", "-qm", "project copy"], cwd=dest, check=True)
     return dest
 
 
@@ -135,78 +114,44 @@ class StageRun:
     command: str
     wall_s: float
     cpu_s: float
-    peak_rss_mb: float  # largest single process (ru_maxrss of the stage and its children)
-    peak_tree_rss_mb: float  # sampled sum over the process tree (counts shared pages twice)
+    peak_rss_mb: float  # the largest single process of the stage's tree
     returncode: int
     log: str = field(repr=False, default="")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("log")
-        return data
-
-
-def _sample_tree_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    while not stop.is_set():
-        total = 0
-        try:
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += proc.memory_info().rss
-        except psutil.Error:
-            break
-        peak[0] = max(peak[0], total / 2**20)
-        stop.wait(0.25)
+        return {key: value for key, value in asdict(self).items() if key != "log"}
 
 
 def run_measured(
     name: str, command: str | Sequence[str], cwd: Path, env: Mapping[str, str], log_path: Path
 ) -> StageRun:
-    """Run one command, measuring wall time, CPU time and peak RSS of it alone.
-
-    The command runs under bench/measure.py, a small launcher that reports the rusage of
-    exactly this command and the children it waited for (see its docstring for why the
-    launcher is needed); a sampler adds the peak summed RSS of the whole process tree.
-    """
-    shell = isinstance(command, str)
-    text = command if shell else shlex.join(command)
+    """Run one command (a string: through the shell) under bench/measure.py, which reports
+    the rusage of exactly this command and the children it waited for."""
+    text = command if isinstance(command, str) else shlex.join(command)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     usage_path = log_path.with_suffix(".rusage.json")
     usage_path.unlink(missing_ok=True)
-    launcher = [sys.executable, str(MEASURE), str(usage_path), "--"]
-    launcher += [text] if shell else list(command)
+    words = [text] if isinstance(command, str) else list(command)
     with open(log_path, "wb") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            launcher, cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT
-        )
-        stop, peak = threading.Event(), [0.0]
-        sampler = threading.Thread(target=_sample_tree_rss, args=(proc.pid, stop, peak))
-        sampler.start()
-        returncode = proc.wait()
+        returncode = subprocess.run(
+            [sys.executable, str(MEASURE), str(usage_path), "--", *words],
+            cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+        ).returncode  # fmt: skip
         wall = time.perf_counter() - start
-        stop.set()
-        sampler.join()
     usage = json.loads(usage_path.read_text()) if usage_path.exists() else {}
-    return StageRun(
-        name=name,
-        command=text,
-        wall_s=wall,
-        cpu_s=usage.get("cpu_s", float("nan")),
-        peak_rss_mb=usage.get("peak_rss_mb", float("nan")),
-        peak_tree_rss_mb=peak[0],
-        returncode=usage.get("returncode", returncode),
-        log=log_path.read_text(errors="replace"),
-    )
+    return StageRun(name, text, wall, usage.get("cpu_s", float("nan")),
+                    usage.get("peak_rss_mb", float("nan")), usage.get("returncode", returncode),
+                    log_path.read_text(errors="replace"))  # fmt: skip
 
 
-def resolve_templating(text: str, params: Mapping[str, Any]) -> str:
-    """Substitute dvc.yaml's `${section.key}` references with params.yaml values, as DVC does
-    (e.g. `${distributed.launcher} stages/finetune.py`)."""
+def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
+    """(name, command, working dir) of each dvc.yaml stage, in dvc.yaml's order (which a test
+    keeps a valid pipeline order), with `${section.key}` templating resolved as DVC does."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for entry in spec.get("vars") or []:  # dvc.yaml's own `vars`: the stages' paths
+        params = {**params, **entry}
 
     def value(match: re.Match[str]) -> str:
         node: Any = params
@@ -216,29 +161,16 @@ def resolve_templating(text: str, params: Mapping[str, Any]) -> str:
             node = node[part]
         return str(node)
 
-    return re.sub(r"\$\{\s*([\w.-]+)\s*\}", value, text)
-
-
-def pipeline_stages(project: Path) -> list[tuple[str, str, Path]]:
-    """(name, command, working dir) of each dvc.yaml stage, in dvc.yaml's order (which a
-    test keeps a valid pipeline order)."""
-    spec = yaml.safe_load((project / "dvc.yaml").read_text())
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    # dvc.yaml's own `vars` (the stages' paths) resolve like params.yaml's values.
-    for entry in spec.get("vars") or []:
-        params = {**params, **entry}
     return [
-        (name, resolve_templating(stage["cmd"], params), project / stage.get("wdir", "."))
+        (name, re.sub(r"\$\{\s*([\w.-]+)\s*\}", value, stage["cmd"]),
+         project / stage.get("wdir", "."))
         for name, stage in spec["stages"].items()
-    ]
+    ]  # fmt: skip
 
 
 def stage_argv(stage: str, project: Path = REPO_ROOT, **paths: str | Path) -> list[str]:
-    """The arguments dvc.yaml gives `stages/<stage>.py`, for `main(argv)` or a subprocess.
-
-    Its `vars` paths are resolved; keywords replace options (`params="bad.yaml"`,
-    `out=tmp / "o"`, `lr_find=...` for `--lr-find`).
-    """
+    """The arguments dvc.yaml gives `stages/<stage>.py`, for `main(argv)` or a subprocess;
+    keywords replace options (`params="bad.yaml"`, `lr_find=...` for `--lr-find`)."""
     for name, command, _ in pipeline_stages(project):
         if name == stage:
             words = shlex.split(command)
@@ -252,52 +184,37 @@ def stage_argv(stage: str, project: Path = REPO_ROOT, **paths: str | Path) -> li
 
 def run_pipeline(
     project: Path,
-    runner: str = "script",
     echo: bool = True,
     around: Callable[[str, str], None] | None = None,
     only: Collection[str] | None = None,
     commit: bool = True,
 ) -> list[StageRun]:
-    """Run every stage in order (stop at the first failure), then let DVC record outputs.
-
-    runner "script": each stage's cmd as DVC would run it, then `dvc commit` + `dvc status`
-    (timed as a pseudo-stage `dvc`); runner "dvc": `dvc repro -s <stage>` per stage.
-    `around(stage, "before" | "after")` is called next to each stage, outside its timing.
-    `only`: run just these stages (the rest of the pipeline must not be needed by them).
-    `commit=False`: no DVC afterwards (a machine without it). Stage commands run with this
-    interpreter.
-    """
-    env = project_env(project)
-    dvc = str(Path(sys.executable).parent / "dvc")
-    logs = project / "bench-logs"
+    """Run each stage's command as DVC would, in order, with this interpreter; stop at the
+    first failure; then `dvc commit` + `dvc status` (a pseudo-stage `dvc`) unless `commit` is
+    False (a machine without DVC). `around(stage, "before" | "after")` runs next to each
+    stage, outside its timing; `only` runs just those stages."""
+    env, logs = project_env(project), project / "bench-logs"
     runs: list[StageRun] = []
-    for name, cmd, wdir in pipeline_stages(project):
+    for name, command, wdir in pipeline_stages(project):
         if only is not None and name not in only:
             continue
-        cmd = re.sub(r"^python\b", shlex.quote(sys.executable), cmd)
-        command: str | list[str] = cmd if runner == "script" else [dvc, "repro", "-s", name]
+        command = re.sub(r"^python\b", shlex.quote(sys.executable), command)
         if around:
             around(name, "before")
-        run = run_measured(
-            name, command, wdir if runner == "script" else project, env, logs / f"{name}.log"
-        )
-        runs.append(run)
-        if around and run.returncode == 0:
-            around(name, "after")
+        runs.append(run := run_measured(name, command, wdir, env, logs / f"{name}.log"))
         if echo:
-            print(
-                f"  {name:<11} {run.wall_s:8.1f} s  peak RSS {run.peak_rss_mb:7.0f} MiB"
-                f"  rc={run.returncode}",
-                flush=True,
-            )
+            print(f"  {name:<11} {run.wall_s:8.1f} s  peak RSS {run.peak_rss_mb:7.0f} MiB"
+                  f"  rc={run.returncode}", flush=True)  # fmt: skip
         if run.returncode != 0:
             print(run.log[-4000:], file=sys.stderr)
             return runs
-    if runner == "script" and commit:
-        targets = "".join(f" {shlex.quote(run.name)}" for run in runs) if only is not None else ""
-        script = f"{shlex.quote(dvc)} commit -f -q{targets} && {shlex.quote(dvc)} status{targets}"
-        run = run_measured("dvc", script, project, env, logs / "dvc.log")
-        runs.append(run)
+        if around:
+            around(name, "after")
+    if commit:
+        dvc = shlex.quote(str(Path(sys.executable).parent / "dvc"))
+        targets = "".join(f" {shlex.quote(run.name)}" for run in runs) if only else ""
+        script = f"{dvc} commit -f -q{targets} && {dvc} status{targets}"
+        runs.append(run_measured("dvc", script, project, env, logs / "dvc.log"))
         if echo:
-            print(f"  {'dvc commit':<11} {run.wall_s:8.1f} s  rc={run.returncode}", flush=True)
+            print(f"  dvc commit  {runs[-1].wall_s:8.1f} s  rc={runs[-1].returncode}", flush=True)
     return runs

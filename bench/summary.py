@@ -23,10 +23,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    return list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
 
 
 def collect_outputs(project: Path) -> dict[str, Any]:
@@ -56,14 +53,12 @@ def ratio(value: float | None, limit: float | None) -> float | None:
     return value / limit if value and limit else None
 
 
-def stage_limit(limits: Mapping[str, Any], stage: str, at_start: float) -> dict[str, Any]:
+def stage_limit(limits: Mapping[str, Any], stage: str, at_start: float) -> float:
     """A stage's limit: the mean of those measured right before and after it (the host's
     speed drifts), else the one taken at the start of the run."""
     adjacent = (limits.get("adjacent") or {}).get(stage) or {}
-    around = {w: adjacent[w]["images_per_s"] for w in ("before", "after") if w in adjacent}
-    value = sum(around.values()) / len(around) if around else at_start
-    source = "next to the stage" if around else "start of run"
-    return {"images_per_s": value, "source": source, "at_start": at_start, **around}
+    around = [adjacent[w]["images_per_s"] for w in ("before", "after") if w in adjacent]
+    return sum(around) / len(around) if around else at_start
 
 
 def summarize(
@@ -91,8 +86,7 @@ def summarize(
     }
     rows = []
     for stage in stages:
-        name, n = stage["name"], images.get(stage["name"])
-        own = m.get(name, {})
+        name, n, own = stage["name"], images.get(stage["name"]), m.get(stage["name"], {})
         rows.append({**stage, "images": n,
                      "images_per_s_wall": n / stage["wall_s"] if n and stage["wall_s"] else None,
                      "images_per_s_reported": reported.get(name),
@@ -113,36 +107,39 @@ def summarize(
     }
     if not limits:
         return result
-    fwd = limits["forward"]
-    used = {
-        "precompute": stage_limit(limits, "precompute",
-                                  fwd[str(params["precompute"]["batch_size"])]["images_per_s"]),
-        "evaluate": stage_limit(limits, "evaluate",
-                                fwd[str(params["tta"]["batch_size"])]["images_per_s"]),
+    forward = {int(bs): f["images_per_s"] for bs, f in limits["forward"].items()}
+    pre, tta = params["precompute"]["batch_size"], params["tta"]["batch_size"]
+    used = result["limits_used"] = {
+        "precompute": stage_limit(limits, "precompute", forward[pre]),
+        "evaluate": stage_limit(limits, "evaluate", forward[tta]),
         "finetune": stage_limit(limits, "finetune", limits["train_step"]["images_per_s"]),
     }  # fmt: skip
     by_name = {row["name"]: row for row in rows}
     wall = {name: by_name.get(name, {}).get("images_per_s_wall") for name in used}
-    pre, ev = used["precompute"]["images_per_s"], used["evaluate"]["images_per_s"]
-    result["limits_used"] = used
-    result["ratios"] = {
-        "precompute_vs_forward": ratio(reported["precompute"], pre),
-        "precompute_wall_vs_forward": ratio(wall["precompute"], pre),
-        "evaluate_vs_forward": ratio(reported["evaluate"], ev),
-        "evaluate_wall_vs_forward": ratio(wall["evaluate"], ev),
-        "finetune_epoch_vs_train_step": ratio(
-            reported["finetune"], used["finetune"]["images_per_s"]
-        ),
+    ratios = result["ratios"] = {
+        "precompute_vs_forward": ratio(reported["precompute"], used["precompute"]),
+        "precompute_wall_vs_forward": ratio(wall["precompute"], used["precompute"]),
+        "evaluate_vs_forward": ratio(reported["evaluate"], used["evaluate"]),
+        "evaluate_wall_vs_forward": ratio(wall["evaluate"], used["evaluate"]),
+        "finetune_epoch_vs_train_step": ratio(reported["finetune"], used["finetune"]),
         "train_head_vs_finetune_epoch": ratio(
             by_name.get("train_head", {}).get("wall_s"), result["finetune_epoch_s"]
         ),
     }
     result["targets_met"] = {
-        key: None if (value := result["ratios"][key]) is None
-        else (value < bound if key.startswith("train_head") else value >= bound)
+        key: None if ratios[key] is None
+        else (ratios[key] < bound if key.startswith("train_head") else ratios[key] >= bound)
         for key, bound in TARGETS.items()
     }  # fmt: skip
     return result
+
+
+def limit_rates(limits: Mapping[str, Any]) -> str:
+    """The limits' images/s on one line."""
+    rates = {f"forward at {bs}": f for bs, f in limits["forward"].items()}
+    rates |= {"train step": limits["train_step"]}
+    rates |= {f"decode {key}": d for key, d in limits["decode"].items()}
+    return ", ".join(f"{key} {r['images_per_s']:.1f} img/s" for key, r in rates.items())
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -151,56 +148,38 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
 
 def markdown(name: str, record: Mapping[str, Any]) -> str:
     """One dataset's benchmark record as a short markdown report."""
-    s, git = record["summary"], record["git"]
-    busy = " · **machine busy: ratios not representative**" if record.get("busy") else ""
+    s, git, acc = record["summary"], record["git"], record["summary"]["accuracy"]
     lines = [
         f"# Benchmark: {name}",
         "",
         f"{record['started']} · commit `{git['commit'][:10]}`{' (dirty)' if git['dirty'] else ''}"
-        f" · {'quick' if record['quick'] else 'full'} run{busy}",
+        f" · {'quick' if record['quick'] else 'full'} run",
         "",
         "| stage | wall s | images | img/s (wall) | img/s (stage) | CPU s | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in s["stages"]:
-        lines.append(
-            f"| {row['name']} | {_fmt(row['wall_s'])} | {_fmt(row['images'], 'd')} | "
-            f"{_fmt(row['images_per_s_wall'])} | {_fmt(row['images_per_s_reported'])} | "
-            f"{_fmt(row['cpu_s'])} | {_fmt(row['peak_rss_mb'], '.0f')} |"
-        )
-    acc = s["accuracy"]
-    lines += [
+        *(f"| {r['name']} | {_fmt(r['wall_s'])} | {_fmt(r['images'], 'd')} | "
+          f"{_fmt(r['images_per_s_wall'])} | {_fmt(r['images_per_s_reported'])} | "
+          f"{_fmt(r['cpu_s'])} | {_fmt(r['peak_rss_mb'], '.0f')} |" for r in s["stages"]),
         f"| **total** | {_fmt(s['total_wall_s'])} | | | | | |",
         "",
-        "| accuracy | logistic baseline | head | fine-tune | evaluate | evaluate + TTA |",
-        "|---|---:|---:|---:|---:|---:|",
-        "| visiontune | "
-        + " | ".join(_fmt(acc[k], ".2%") for k in ("baseline", "head", "finetune", "evaluate"))
-        + f" | {_fmt(acc['evaluate_tta'], '.2%')} |",
+        "| logistic baseline | head | fine-tune | evaluate | evaluate + TTA |",
+        "|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(_fmt(value, ".2%") for value in acc.values()) + " |",
         "",
-    ]
+    ]  # fmt: skip
     limits = record.get("limits")
     if not limits:
         return "\n".join(lines)
     lines += [
         f"Limits ({limits['backbone']}, {limits['image_size']} px, {limits['precision']}, "
-        f"{limits['torch_threads']} torch threads, {limits['cpu_model']}): forward "
-        + ", ".join(
-            f"{_fmt(f['images_per_s'])} img/s at {bs}" for bs, f in limits["forward"].items()
-        )
-        + f"; train step {_fmt(limits['train_step']['images_per_s'])} img/s; decode "
-        + ", ".join(
-            f"{key} {_fmt(d['images_per_s'])} img/s ({d['num_workers']} workers)"
-            for key, d in limits["decode"].items()
-        ),
+        f"{limits['torch_threads']} torch threads, {limits['cpu']}): {limit_rates(limits)}",
         "",
         "| ratio | measured | limit used | target |",
         "|---|---:|---:|---:|",
-    ]
-    used = s["limits_used"]
+    ]  # fmt: skip
     for key, value in s["ratios"].items():
         bound, stage = TARGETS.get(key), key.split("_")[0]
         target = "" if bound is None else f"{'<' if stage == 'train' else '≥'} {bound}"
-        limit = _fmt(used[stage]["images_per_s"]) if stage in used else ""
+        limit = _fmt(s["limits_used"].get(stage))
         lines.append(f"| {key} | {_fmt(value, '.3f')} | {limit} | {target} |")
     return "\n".join([*lines, ""])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -32,13 +32,12 @@ def test_deep_merge_merges_sections_and_replaces_leaves() -> None:
     assert base["data"]["max_per_class"] == 8  # the input is not mutated
 
 
-@pytest.mark.parametrize("name", run.DATASETS)
+@pytest.mark.parametrize("name", run.CLASS_COUNTS)
 @pytest.mark.parametrize("quick", [False, True])
 def test_bench_params_are_valid_params_with_absolute_data_paths(
     name: str, quick: bool, tmp_path: Path
 ) -> None:
-    (tmp_path / "defects").mkdir()  # already generated: the params only point at it
-    raw = run.bench_params(name, tmp_path, quick=quick, tracking=False, scratch=tmp_path)
+    raw = run.bench_params(name, tmp_path, quick=quick, tracking=False)
     params = parse_params(raw)
     assert Path(params.data.source).is_absolute()
     # A local source: the shipped mirror of the demo URL stays and is not used.
@@ -61,7 +60,6 @@ def test_run_measured_reports_this_child_memory_time_and_exit_code(tmp_path: Pat
     assert result.returncode == 3
     assert result.wall_s >= 0.3
     assert 200 <= result.peak_rss_mb < 1000
-    assert result.peak_tree_rss_mb >= 200
 
 
 def test_summarize_ratios_against_limits() -> None:
@@ -162,15 +160,7 @@ def test_ratios_use_the_limits_measured_next_to_each_stage() -> None:
     }
     result = summary.summarize(stages, outputs, params, limits)
     used = result["limits_used"]
-    assert used["precompute"] == {
-        "images_per_s": 100.0,
-        "source": "next to the stage",
-        "at_start": 125.0,
-        "before": 90.0,
-        "after": 110.0,
-    }
-    assert used["finetune"]["images_per_s"] == 12.5
-    assert used["evaluate"] == {"images_per_s": 120.0, "source": "start of run", "at_start": 120.0}
+    assert used == {"precompute": 100.0, "finetune": 12.5, "evaluate": 120.0}
     ratios = result["ratios"]
     assert ratios["precompute_vs_forward"] == pytest.approx(0.8)
     assert ratios["finetune_epoch_vs_train_step"] == pytest.approx(10 / 12.5)
@@ -188,15 +178,16 @@ def test_ratios_use_the_limits_measured_next_to_each_stage() -> None:
             "precision": "bf16",
             "channels_last": True,
             "torch_threads": 2,
-            "cpu_model": "cpu",
+            "cpu": "AVX512",
             "train_step": {"batch_size": 32, "images_per_s": 20.0},
             "decode": {},
         },
     }
     table = summary.markdown("x", record)
+    assert "forward at 32 120.0 img/s, forward at 64 125.0 img/s, train step 20.0 img/s" in table
     assert "| precompute_vs_forward | 0.800 | 100.0 | ≥ 0.85 |" in table
     assert "| evaluate_vs_forward | 0.583 | 120.0 | ≥ 0.85 |" in table
-    assert "| train_head_vs_finetune_epoch | – |  | < 0.05 |" in table
+    assert "| train_head_vs_finetune_epoch | – | – | < 0.05 |" in table
 
 
 def test_run_measured_does_not_charge_the_parents_memory_to_the_stage(tmp_path: Path) -> None:
@@ -212,30 +203,27 @@ def test_run_measured_does_not_charge_the_parents_memory_to_the_stage(tmp_path: 
     del ballast
 
 
-def test_stage_commands_are_resolved_like_dvc_templating() -> None:
+def test_stage_commands_are_resolved_like_dvc_templating(tmp_path: Path) -> None:
     repo = BENCH.parent
     commands = {name: cmd for name, cmd, _ in project.pipeline_stages(repo)}
     assert all("${" not in cmd for cmd in commands.values())
     assert commands["finetune"].startswith("python stages/finetune.py --params params.yaml")
     launcher = {"distributed": {"launcher": "torchrun --standalone --nproc_per_node=2"}}
-    resolved = project.resolve_templating("${distributed.launcher} stages/x.py", launcher)
-    assert resolved == "torchrun --standalone --nproc_per_node=2 stages/x.py"
+    assert "${distributed.launcher} stages/finetune.py" in (repo / "dvc.yaml").read_text()
+    project_dir = tmp_path / "p"
+    project_dir.mkdir()
+    a = "a: {cmd: '${distributed.launcher} stages/x.py'}"
+    (project_dir / "dvc.yaml").write_text(
+        f"stages:\n  {a}\n  b: {{cmd: '${{distributed.nope}}'}}\n"
+    )
+    (project_dir / "params.yaml").write_text(yaml.safe_dump(launcher))
     with pytest.raises(KeyError, match=r"distributed\.nope"):
-        project.resolve_templating("${distributed.nope} x", launcher)
-
-
-def test_other_load_counts_only_cpu_outside_this_process_tree() -> None:
-    start = run.cpu_snapshot()
-    deadline = time.process_time() + 0.3
-    while time.process_time() < deadline:  # our own work: not "other"
-        pass
-    subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"], check=True)
-    end = run.cpu_snapshot()
-    assert end[1] - start[1] >= 0.3  # this process and the child it waited for
-    assert end[0] - start[0] >= 0.25  # the machine saw that work too
-    assert run.other_load((10.0, 2.0), (16.0, 5.0), 2.0) == 1.5  # 6 busy s, 3 ours, in 2 s
-    assert run.other_load((10.0, 2.0), (12.0, 5.0), 2.0) == 0.0  # tick rounding: never < 0
-    assert run.other_load(None, end, 2.0) is None
+        project.pipeline_stages(project_dir)
+    (project_dir / "dvc.yaml").write_text(
+        "stages:\n  a: {cmd: '${distributed.launcher} stages/x.py'}\n"
+    )
+    [(_, command, _)] = project.pipeline_stages(project_dir)
+    assert command == "torchrun --standalone --nproc_per_node=2 stages/x.py"
 
 
 def test_git_state_ignores_earlier_results_but_not_other_changes(tmp_path: Path) -> None:
@@ -252,20 +240,6 @@ def test_git_state_ignores_earlier_results_but_not_other_changes(tmp_path: Path)
     assert project.git_state(tmp_path)["dirty"] is False
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert project.git_state(tmp_path)["dirty"] is True
-
-
-def test_defects_are_balanced_deterministic_and_one_photo_each(tmp_path: Path) -> None:
-    from defects import CLASSES, make_defects
-
-    shared = BENCH.parents[1] / "shared" / "data"
-    if not (shared / "dogscats").is_dir():
-        pytest.skip("sample photos not found")
-    a = make_defects(tmp_path / "a", per_class=3, seed=1, shared_data=shared)
-    b = make_defects(tmp_path / "b", per_class=3, seed=1, shared_data=shared)
-    files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
-    assert [len(list((a / c).glob("*.jpg"))) for c in CLASSES] == [3] * len(CLASSES)
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert len({(a / f).read_bytes() for f in files}) == len(files)
 
 
 def test_logistic_baseline_scores_a_feature_cache(tmp_path: Path) -> None:
