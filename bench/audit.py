@@ -1,179 +1,112 @@
 """Audit bench: plant label flips and near-duplicates in a copy of a photo set, run the
-pipeline's stages to the audit, and score what the audit found against what was planted.
+pipeline to the audit, and score its findings against what was planted.
 
-    python bench/audit.py ../shared/data/dogscats --seeds 0 1 2 --out bench/results/audit
+    python bench/audit.py ../shared/data/dogscats --seeds 0 1 2 --out bench/results/audit.json
 
-A planted copy is the source's own layout (a folder per class, or images + labels CSV) with:
-- `--flip` of the labelled images given another class, chosen uniformly;
-- `--dups` near-duplicates per 1,000 images: a copy of a random image, cropped by up to
-  `--crop` per side, resized to 50-90 %, JPEG re-encoded at quality 50-90, filed under the same
-  class (and, where the source has train/valid folders, on a random side of the split).
-Errors the set already had are not known: they count against precision.
+A copy keeps the source's layout (class folders, or images + labels CSV); `--flip` of its labels
+move to another class; `--dups` near-copies per 1,000 images (`--crop` per side, 50-90 % size,
+JPEG quality 50-90) join its class, on a random side of train/valid if any. The set's own errors
+count against precision. Cost: audit / precompute wall time, as the audit logs no in-stage time.
 """
 
-from __future__ import annotations
-
 import argparse
-import importlib.util
 import io
 import json
-import os
 import shutil
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
+from project import make_project, run_pipeline
+
+from visiontune.data.images import is_image_name
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from visiontune.data.images import is_image_name  # noqa: E402
+STAGES = ["source_stamp", "fetch", "split", "precompute", "audit"]
 
 
-@dataclass(frozen=True)
-class Planted:
-    root: Path
-    labels_csv: Path | None  # the labels CSV of a CSV-labelled source
-    flips: dict[str, str]  # planted path (relative to root) -> the true label
-    duplicates: list[tuple[str, str]]  # (original, copy), paths relative to root
-
-
-def _near_copy(source: Path, rng: np.random.Generator, crop: float) -> bytes:
-    with Image.open(source) as image:
-        image = image.convert("RGB")
-        w, h = image.size
-        box = [rng.uniform(0, crop) for _ in range(4)]
-        image = image.crop((box[0] * w, box[1] * h, w - box[2] * w, h - box[3] * h))
-        scale = rng.uniform(0.5, 0.9)
-        image = image.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.LANCZOS)
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=int(rng.integers(50, 91)))
+def near_copy(source: Path, rng: np.random.Generator, crop: float) -> bytes:
+    image = Image.open(source).convert("RGB")  # a single-frame image closes its file on load
+    w, h = image.size
+    left, top, right, bottom = rng.uniform(0, crop, 4)
+    image = image.crop((left * w, top * h, w - right * w, h - bottom * h))
+    scale = rng.uniform(0.5, 0.9)
+    image = image.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=int(rng.integers(50, 91)))
     return out.getvalue()
 
 
-def plant(source: Path, dest: Path, *, seed: int, flip: float, dups: float, crop: float) -> Planted:
-    """A copy of `source` with planted flips and near-duplicates (see the module doc)."""
+def plant(source: Path, dest: Path, *, seed: int, flip: float, dups: float, crop: float) -> dict:
+    """Copy `source` to a new `dest`, plant flips and near-copies (module doc). The truth, also
+    in `<dest>.truth.json`: `flips` {path: true label}, `duplicates` [(original, copy)] (paths
+    relative to `dest`), and `data`, the params.data keys that read the copy."""
     rng = np.random.default_rng(seed)
-    if dest.exists():
-        shutil.rmtree(dest)
     shutil.copytree(source, dest)
-    csvs = sorted(dest.glob("*.csv"))
-    if csvs:  # images + labels CSV (dogbreeds: train/<id>.jpg, labels.csv id,breed)
-        labels_csv = csvs[0]
+    data = {"source": str(dest), "labels": None}
+    labels_csv = next(iter(sorted(dest.glob("*.csv"))), None)
+    images = [(p.relative_to(dest).as_posix(), p) for p in dest.rglob("*") if is_image_name(p)]
+    if labels_csv:  # images + labels CSV (dogbreeds: train/<id>.jpg, labels.csv id,breed)
         table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
         id_col, label_col = table.columns[:2]
-        files = {p.stem: p for p in dest.rglob("*") if is_image_name(p)}
-        pairs = zip(table[id_col], table[label_col], strict=True)
-        rows = [(files[i].relative_to(dest).as_posix(), lab) for i, lab in pairs if i in files]
+        known = dict(zip(table[id_col], table[label_col], strict=True))
+        data |= {"labels": labels_csv.name, "id_column": id_col, "label_column": label_col}
+        rows = sorted((rel, known[p.stem]) for rel, p in images if p.stem in known)
     else:
-        labels_csv = None
-        rows = [(p.relative_to(dest).as_posix(), p.parent.name)
-                for p in sorted(dest.rglob("*")) if is_image_name(p)]  # fmt: skip
-    rows.sort()
-    classes = sorted({label for _, label in rows})
+        rows = sorted((rel, p.parent.name) for rel, p in images)
     order = rng.permutation(len(rows))
     n_flip, n_dup = round(flip * len(rows)), round(dups * len(rows) / 1000)
-    flip_rows = [rows[i] for i in order[:n_flip]]
-    dup_rows = [rows[i] for i in order[n_flip : n_flip + n_dup]]
-    flips: dict[str, str] = {}
-    new_labels: dict[str, str] = {}
-    for rel, label in flip_rows:
-        wrong = str(rng.choice([c for c in classes if c != label]))
-        if labels_csv is None:  # move it into the wrong class folder
-            parts = Path(rel).parts
-            moved = Path(*parts[:-2], wrong, parts[-1]).as_posix()
-            (dest / moved).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).rename(dest / moved)
-            rel = moved
+    flips, duplicates, new_labels = {}, [], {}
+    for rel, label in (rows[i] for i in order[:n_flip]):
+        wrong = str(rng.choice(sorted({c for _, c in rows} - {label})))
+        if not labels_csv:  # move it into the wrong class's folder
+            moved = dest / Path(rel).parent.parent / wrong / Path(rel).name
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            rel = (dest / rel).rename(moved).relative_to(dest).as_posix()
         new_labels[Path(rel).stem] = wrong
         flips[rel] = label
-    duplicates = []
-    for rel, label in dup_rows:
+    for rel, label in (rows[i] for i in order[n_flip : n_flip + n_dup]):
         parts = Path(rel).parts
-        name = f"nearcopy{len(duplicates)}_{Path(rel).stem}.jpg"
-        if labels_csv is None and len(parts) >= 3 and parts[-3] in ("train", "valid"):
-            side = "train" if rng.random() < 0.5 else "valid"
-            copy = Path(*parts[:-3], side, *parts[-2:-1], name).as_posix()
-        else:
-            copy = Path(*parts[:-1], name).as_posix()
+        copy = Path(rel).with_name(f"nearcopy{len(duplicates)}_{Path(rel).stem}.jpg")
+        if not labels_csv and len(parts) >= 3 and parts[-3] in ("train", "valid"):
+            copy = Path(*parts[:-3], ("train", "valid")[rng.random() >= 0.5], parts[-2], copy.name)
         (dest / copy).parent.mkdir(parents=True, exist_ok=True)
-        (dest / copy).write_bytes(_near_copy(dest / rel, rng, crop))
-        new_labels[Path(copy).stem] = label
-        duplicates.append((rel, copy))
-    if labels_csv is not None:
-        known = dict(zip(table[id_col], table[label_col], strict=True))
-        known.update(new_labels)
-        pd.DataFrame(sorted(known.items()), columns=[id_col, label_col]).to_csv(
-            labels_csv, index=False
-        )
-    truth = {"flips": flips, "duplicates": duplicates, "seed": seed}
-    (dest.parent / f"{dest.name}.truth.json").write_text(json.dumps(truth, indent=1))
-    return Planted(dest, labels_csv, flips, duplicates)
+        (dest / copy).write_bytes(near_copy(dest / rel, rng, crop))
+        new_labels[copy.stem] = label
+        duplicates.append((rel, copy.as_posix()))
+    if labels_csv:
+        table = pd.DataFrame(sorted((known | new_labels).items()), columns=[id_col, label_col])
+        table.to_csv(labels_csv, index=False)
+    truth = {"flips": flips, "duplicates": duplicates, "data": data, "seed": seed}
+    dest.with_name(f"{dest.name}.truth.json").write_text(json.dumps(truth, indent=1))
+    return truth
 
 
-def run_stages(planted: Planted, project: Path, stages: list[str]) -> dict[str, float]:
-    """A project copy whose data.source is the planted set; run `stages` in it (seconds each)."""
-    import yaml
-    from project import make_project, run_pipeline
-
+def run_stages(data: dict, project: Path) -> dict[str, float]:
+    """Wall seconds of each of STAGES in a project copy: `data` in params.data, tracking off."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["source"] = str(planted.root)
-    params["data"]["labels"] = planted.labels_csv.name if planted.labels_csv else None
-    if planted.labels_csv is not None:
-        header = planted.labels_csv.read_text().splitlines()[0].split(",")
-        params["data"]["id_column"], params["data"]["label_column"] = header[:2]
+    params["data"] |= data
     params["tracking"]["enabled"] = False
-    if not (project / "params.yaml").exists():
-        make_project(project, params)
-    runs = run_pipeline(project, echo=False, only=stages, commit=False)
-    if len(runs) < len(stages) or runs[-1].returncode != 0:
+    runs = run_pipeline(make_project(project, params), echo=False, only=STAGES, commit=False)
+    if len(runs) < len(STAGES) or runs[-1].returncode != 0:
         raise RuntimeError(f"{runs[-1].name} failed in {project}:\n{runs[-1].log[-3000:]}")
     return {run.name: run.wall_s for run in runs}
 
 
-def stage_seconds(project: Path, stage: str) -> float:
-    """`stage`'s own time: its main() in this process, the second of two calls (the first
-    pays the imports), with tracking off as run_stages set it."""
-    from project import stage_argv
-
-    spec = importlib.util.spec_from_file_location(stage, project / "stages" / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    here = Path.cwd()
-    os.chdir(project)
-    try:
-        for _ in range(2):
-            start = time.perf_counter()
-            if module.main(stage_argv(stage, project)) != 0:
-                raise RuntimeError(f"{stage} failed in {project}")
-            seconds = time.perf_counter() - start
-    finally:
-        os.chdir(here)
-    return seconds
-
-
-def score(findings_csv: Path, planted: Planted, images: int) -> dict[str, float]:
+def score(findings_csv: Path, truth: dict, images: int) -> dict[str, float]:
     """The audit's findings against what was planted."""
     findings = pd.read_csv(findings_csv, dtype=str, keep_default_na=False)
-    labels = set(findings.loc[findings["kind"] == "label", "path"])
-    flips = set(planted.flips)
+    labels, flips = set(findings.loc[findings["kind"] == "label", "path"]), set(truth["flips"])
     pairs = findings[findings["kind"] == "duplicate"]
     found = {frozenset(p) for p in zip(pairs["path"], pairs["other_path"], strict=True)}
-    truth = {frozenset(p) for p in planted.duplicates}
-    return {
-        "images": images,
-        "flips": len(flips),
-        "flagged": len(labels),
-        "label_recall": len(labels & flips) / max(len(flips), 1),
-        "label_precision": len(labels & flips) / max(len(labels), 1),
-        "duplicates": len(truth),
-        "duplicates_found": len(found & truth) / max(len(truth), 1),
-        "other_pairs_per_1000": 1000 * len(found - truth) / images,
-    }
+    planted = {frozenset(p) for p in truth["duplicates"]}
+    hit, copies = len(labels & flips), len(found & planted)
+    return {"images": images, "flips": len(flips), "flagged": len(labels),
+            "label_recall": hit / max(len(flips), 1), "label_precision": hit / max(len(labels), 1),
+            "duplicates": len(planted), "duplicates_found": copies / max(len(planted), 1),
+            "other_pairs_per_1000": 1000 * len(found - planted) / images}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,32 +120,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/audit.json")
     args = parser.parse_args(argv)
     results = []
-    for source in args.sources:
-        for seed in args.seeds:
-            base = args.work / f"{source.name}-{seed}"
-            if base.exists():
-                shutil.rmtree(base)
-            planted = plant(source, base / "photos", seed=seed, flip=args.flip, dups=args.dups,
-                            crop=args.crop)  # fmt: skip
-            stages = ["source_stamp", "fetch", "split", "precompute", "audit"]
-            seconds = run_stages(planted, base / "project", stages)
-            project = base / "project"
-            metrics = json.loads((project / "outputs/audit/metrics.json").read_text())
-            throughput = json.loads((project / "outputs/features/throughput.json").read_text())
-            row = {"set": source.name, "seed": seed,
-                   **score(base / "project/outputs/audit/findings.csv", planted,
-                           metrics["images"]),
-                   "audit_in_stage_s": stage_seconds(project, "audit"),
-                   "precompute_in_stage_s": throughput["seconds"],
-                   "audit_stage_s": seconds["audit"], "precompute_stage_s": seconds["precompute"],
-                   "probe_cv_accuracy": metrics["probe_cv_accuracy"]}  # fmt: skip
-            print(json.dumps(row), flush=True)
-            results.append(row)
+    for source, seed in ((source, seed) for source in args.sources for seed in args.seeds):
+        base = args.work / f"{source.name}-{seed}"
+        shutil.rmtree(base, ignore_errors=True)
+        truth = plant(source, base / "photos", seed=seed, flip=args.flip, dups=args.dups,
+                      crop=args.crop)  # fmt: skip
+        seconds = run_stages(truth["data"], base / "project")
+        metrics = json.loads((base / "project/outputs/audit/metrics.json").read_text())
+        row = {"set": source.name, "seed": seed,
+               **score(base / "project/outputs/audit/findings.csv", truth, metrics["images"]),
+               "probe_cv_accuracy": metrics["probe_cv_accuracy"],
+               "audit_stage_s": seconds["audit"], "precompute_stage_s": seconds["precompute"],
+               "audit_share": seconds["audit"] / seconds["precompute"]}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        results.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"flip": args.flip, "dups": args.dups, "crop": args.crop}
     args.out.write_text(json.dumps({"settings": settings, "runs": results}, indent=1) + "\n")
-    frame = pd.DataFrame(results)
-    print(frame.groupby("set").mean(numeric_only=True).round(3).to_string())
+    print(pd.DataFrame(results).groupby("set").mean(numeric_only=True).round(3).to_string())
     return 0
 
 
