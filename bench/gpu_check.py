@@ -1,22 +1,12 @@
-"""`make gpu-check`: the pipeline's stages on a lent GPU machine, as dvc.yaml runs them, measured.
-
-fetch → split → precompute → train_head → lr_find → finetune → evaluate run from dvc.yaml's
-own commands in a work folder, on the photos `make gpu-check-prepare` put in `.gpu/data`,
-with device cuda, precision auto and tracking off (that machine has no DVC and no MLflow).
-Each stage's files report its images/s, the share of its loop spent waiting for the loader
-and its peak GPU memory; bench/summary.py sets them against the forward and train-step limits
-measured beside them (bench/limits.py). Then: the eval decoding of the CPU loader workers
-against nvJPEG, one fp16 fine-tune epoch (GradScaler: `auto` picks bf16 where the GPU has
-it) and a one-rank NCCL all-reduce. Writes bench/results/gpu-<device>.json after each
-section, so a run cut short says how far it got. `--dry-run-cpu` runs it small on the CPU.
-"""
+"""`make gpu-check`: dvc.yaml's stages on a lent GPU machine, measured against the limits
+beside them, then fp16, nvJPEG decoding and an all-reduce (bench/README.md, "gpu-check").
+Writes bench/results/gpu-<device>.json after each section; `--dry-run-cpu`: small, on CPU."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import importlib.util
 import json
-import platform
 import re
 import shutil
 import statistics
@@ -34,14 +24,7 @@ sys.path[:0] = [str(BENCH), str(REPO_ROOT / "src")]  # this checkout's library
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from project import (  # noqa: E402
-    deep_merge,
-    git_state,
-    project_env,
-    run_measured,
-    run_pipeline,
-    stage_argv,
-)
+from project import deep_merge, git_state, run_pipeline  # noqa: E402
 from summary import collect_outputs, summarize  # noqa: E402
 
 STAGES = ("fetch", "split", "precompute", "train_head", "lr_find", "finetune", "evaluate")
@@ -58,233 +41,154 @@ DRY_RUN_OVERRIDES: dict[str, Any] = {
     "data": {"max_per_class": 6},
     "model": {"image_size": 32},
     "precompute": {"batch_size": 8},
-    "head": {"epochs": 2},
     "lr_find": {"num_iter": 5, "batch_size": 4, "end_lr": 1.0e-2},
     "finetune": {"batch_size": 4, "n_cycles": 1},
     "tta": {"n_augment": 2, "batch_size": 8},
 }
 GPU_TIMING = {"warmup": 3, "repeats": 3, "steps": 20}  # ms per step: more steps than a CPU's
 DRY_RUN_TIMING = {"warmup": 1, "repeats": 1, "steps": 1}
+COLLECTIVE = """
+import sys, tempfile, torch, torch.distributed as dist
+with tempfile.TemporaryDirectory() as tmp:
+    dist.init_process_group(sys.argv[1], init_method=f"file://{tmp}/store", rank=0, world_size=1)
+    tensor = torch.arange(4.0, device="cuda" if sys.argv[1] == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    dist.destroy_process_group()
+print(tensor.tolist())
+"""
 
 
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-class Record(dict):
-    """The run's record, written after every section; a failed section keeps its traceback
-    and the sections that do not need it still run."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(ok=False, errors={})
-        self.path, self.started = path, time.monotonic()
-
-    def section(self, name: str, run: Any) -> bool:
-        say(f"{name} ...")
-        try:
-            run()
-        except Exception:
-            self["errors"][name] = traceback.format_exc()[-4000:]
-            say(f"{name} FAILED:\n{traceback.format_exc()}")
-        self.save()
-        return name not in self["errors"]
-
-    def save(self) -> None:
-        self["wall_s"] = time.monotonic() - self.started
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def make_work(work: Path, params: dict[str, Any]) -> None:
-    """A project folder the stage commands run in: this checkout's code, the check's params."""
-    work.mkdir(parents=True, exist_ok=True)
-    for name in ("src", "stages"):
-        (work / name).symlink_to(REPO_ROOT / name)
-    shutil.copy(REPO_ROOT / "dvc.yaml", work / "dvc.yaml")
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def nvjpeg_decode(paths: list[Path], device: torch.device, batch: int, cfg: Any) -> dict:
-    """Images/s of torchvision's `decode_jpeg` on `device` (nvJPEG on CUDA), then the
-    library's `eval_crop` there, from bytes in memory: median of 3 passes after one."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from visiontune.data.transforms import eval_crop
-
-    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
-
-    def one_pass() -> float:
-        start = time.perf_counter()
-        for i in range(0, len(data), batch):
-            images = decode_jpeg(data[i : i + batch], mode=ImageReadMode.RGB, device=device)
-            torch.stack([eval_crop(image, cfg) for image in images])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return len(data) / (time.perf_counter() - start)
-
-    one_pass()  # nvJPEG handles, resize kernels, page cache
-    return {"images": len(data), "images_per_s": statistics.median(one_pass() for _ in range(3))}
-
-
-COLLECTIVE = """
-import datetime, sys, tempfile, torch, torch.distributed as dist
-nccl = sys.argv[1] == "nccl"
-device = torch.device("cuda", 0) if nccl else torch.device("cpu")
-with tempfile.TemporaryDirectory() as tmp:
-    store = dist.FileStore(f"{tmp}/store", 1)
-    dist.init_process_group(sys.argv[1], store=store, rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    tensor = torch.arange(4, dtype=torch.float32, device=device)
-    dist.all_reduce(tensor)
-    dist.destroy_process_group()
-print(tensor.cpu().tolist())
-"""
-
-
-def collective(backend: str) -> dict[str, Any]:
-    """A one-rank all-reduce of `backend`, in a child process: a hang costs 90 s at most."""
-    done = subprocess.run([sys.executable, "-c", COLLECTIVE, backend], capture_output=True,
-                          text=True, timeout=90)  # fmt: skip
-    ok = done.returncode == 0 and done.stdout.strip() == "[0.0, 1.0, 2.0, 3.0]"
-    if not ok:
-        raise RuntimeError(f"{backend} all-reduce: exit {done.returncode}: {done.stderr[-2000:]}")
-    return {"backend": backend, "ok": True}
-
-
-def host(device: torch.device) -> dict[str, Any]:
-    from visiontune.data import pixels
-
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cuda_build": torch.version.cuda,
-            "jpeg_decoder": "pillow" if pixels.decode_jpeg is None else "torchcodec"}  # fmt: skip
-    if device.type == "cuda":
-        info |= {"device_name": torch.cuda.get_device_name(device),
-                 "bf16_supported": torch.cuda.is_bf16_supported(),
-                 "cudnn": torch.backends.cudnn.version()}  # fmt: skip
-    return info
-
-
-def run_check(args: argparse.Namespace) -> int:
+def run_check(data: Path, results: Path, dry_run: bool) -> int:
     from limits import LimitProbe, measure_limits
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     from visiontune.config import parse_params
+    from visiontune.data import pixels
+    from visiontune.data.manifest import read_split
+    from visiontune.data.transforms import eval_crop
     from visiontune.distributed import resolve_backend
     from visiontune.runtime import resolve_runtime
 
     raw = deep_merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), GPU_OVERRIDES)
-    raw = deep_merge(raw, DRY_RUN_OVERRIDES) if args.dry_run_cpu else raw
-    raw["data"] |= {"source": str(args.data.resolve()), "labels": None}
+    raw = deep_merge(raw, DRY_RUN_OVERRIDES) if dry_run else raw
+    raw["data"] |= {"source": str(data.resolve()), "labels": None}
     params = parse_params(raw)
-    runtime = resolve_runtime(params.base, params.runtime)
-    name = "dry-run-cpu" if args.dry_run_cpu else torch.cuda.get_device_name(runtime.device)
-    record = Record(args.results / f"gpu-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.json")
-    record |= {"kind": "gpu-check", "dry_run": args.dry_run_cpu, "git": git_state(),
-               "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "host": host(runtime.device), "params": params.model_dump(mode="json")}  # fmt: skip
+    device = resolve_runtime(params.base, params.runtime).device
+    name = "dry-run-cpu" if dry_run else torch.cuda.get_device_name(device)
+    path = results / f"gpu-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.json"
+    record: dict[str, Any] = {"errors": {}, "dry_run": dry_run, "git": git_state()}
+    record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record["host"] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    record["host"]["jpeg_decoder"] = "pillow" if pixels.decode_jpeg is None else "torchcodec"
+    record["params"] = params.model_dump(mode="json")
+    started = time.monotonic()
+
+    def section(name: str, run: Any) -> bool:
+        """Run one section, then save the record; a failure keeps its traceback."""
+        say(f"{name} ...")
+        try:
+            run()
+        except Exception:
+            record["errors"][name] = traceback.format_exc()[-4000:]
+            say(f"{name} FAILED:\n{record['errors'][name]}")
+        done = all(key in record for key in ("summary", "decode", "fp16", "collective"))
+        record.update(ok=done and not record["errors"], wall_s=time.monotonic() - started)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return name not in record["errors"]
+
     work = Path(tempfile.mkdtemp(prefix="visiontune-gpu-check-"))
-    make_work(work, raw)
+    for code in ("src", "stages"):  # this checkout's code, the check's params
+        (work / code).symlink_to(REPO_ROOT / code)
+    shutil.copy(REPO_ROOT / "dvc.yaml", work / "dvc.yaml")
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     probe: Any = None
-    steps = 0 if args.dry_run_cpu else 10  # each limit again before and after its stage
 
     def limits() -> None:
         nonlocal probe
-        probe = LimitProbe(params, num_classes=len(list((args.data / "train").iterdir())))
-        timing = DRY_RUN_TIMING if args.dry_run_cpu else GPU_TIMING
-        images = 16 if args.dry_run_cpu else 384
-        record["limits"] = measure_limits(probe, args.data, images, timing=timing)
-        record["limits"]["adjacent"] = {}
+        probe = LimitProbe(params, num_classes=len(list((data / "train").iterdir())))
+        timing, images = (DRY_RUN_TIMING, 16) if dry_run else (GPU_TIMING, 384)
+        record["limits"] = measure_limits(probe, data, images, timing=timing) | {"adjacent": {}}
 
-    def around(stage: str, when: str) -> None:
-        measured = probe.around(stage, steps=steps) if steps else None
-        if measured is not None:
+    def around(stage: str, when: str) -> None:  # each limit again next to its stage
+        if not dry_run and (measured := probe.around(stage, steps=10)) is not None:
             record["limits"]["adjacent"].setdefault(stage, {})[when] = measured
 
     def stages() -> None:
         runs = run_pipeline(work, around=around, only=STAGES, commit=False)
         record["stages"] = [run.to_dict() for run in runs]
-        failed = [run for run in runs if run.returncode != 0]
-        if failed or len(runs) < len(STAGES):
-            raise RuntimeError(f"stage failed: {failed[0].name if failed else '?'}")
+        if [run.returncode for run in runs] != [0] * len(STAGES):
+            raise RuntimeError(f"stage failed: {[(run.name, run.returncode) for run in runs]}")
         outputs = collect_outputs(work)
         record["summary"] = summarize(record["stages"], outputs, raw, record["limits"])
 
-    def fp16() -> None:
-        if runtime.device.type != "cuda":
-            record["fp16"] = "skipped: fp16 autocast on a CPU is emulated, seconds a step"
-            return
-        one = deep_merge(raw, {"base": {"precision": "fp16"},
-                               "finetune": {"n_cycles": 1, "cycle_len": 1}})  # fmt: skip
-        (work / "params-fp16.yaml").write_text(yaml.safe_dump(one, sort_keys=False))
-        argv = stage_argv("finetune", work, params="params-fp16.yaml", out="outputs/finetune-fp16")
-        command = [sys.executable, "stages/finetune.py", *argv]
-        run = run_measured("finetune_fp16", command, work, project_env(work), work / "fp16.log")
-        if run.returncode != 0:
-            raise RuntimeError(f"finetune at fp16 failed ({run.returncode}):\n{run.log[-3000:]}")
-        metrics = json.loads((work / "outputs/finetune-fp16/metrics.json").read_text())
-        record["fp16"] = {**run.to_dict(), **metrics}
-
-    def decode() -> None:
-        from visiontune.data.manifest import read_split
-
+    def decode() -> None:  # torchvision's decode_jpeg (nvJPEG on CUDA) + eval_crop there
         valid = read_split(work / "data/split/valid.csv", work / "data/prepared")
-        paths = [Path(path) for path in valid["path"]]
-        batch, cfg = params.precompute.batch_size, probe.data_config
-        gpu = nvjpeg_decode(paths, runtime.device, batch, cfg)
+        jpegs = [read_file(path) for path in valid["path"]]  # bytes in memory
+        batch, rates = params.precompute.batch_size, []
+        for _ in range(4):  # the first pass warms nvJPEG's handles, the kernels, the page cache
+            start = time.perf_counter()
+            for i in range(0, len(jpegs), batch):
+                images = decode_jpeg(jpegs[i : i + batch], mode=ImageReadMode.RGB, device=device)
+                torch.stack([eval_crop(image, probe.data_config) for image in images])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates.append(len(jpegs) / (time.perf_counter() - start))
+        gpu = {"images": len(jpegs), "images_per_s": statistics.median(rates[1:])}
         cpu = record["limits"]["decode"]["eval"]["images_per_s"]
         record["decode"] = {"nvjpeg": gpu, "nvjpeg_vs_cpu_workers": gpu["images_per_s"] / cpu}
 
-    ran = record.section("limits", limits) and record.section("stages", stages)
-    if ran:
-        record.section("fp16", fp16)
-        record.section("decode", decode)
-    backend = resolve_backend(params.distributed.backend, runtime.device.type)
-    record.section("collective", lambda: record.update(collective=collective(backend)))
-    record["ok"] = ran and not record["errors"]
-    record.save()
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    for line in summary_lines(record):
-        print(line)
-    say(f"{'ok' if record['ok'] else 'FAILED'} in {record['wall_s']:.0f} s: {record.path}")
+    def fp16() -> None:  # finetune again, its params.yaml at fp16 for one epoch
+        if device.type != "cuda":
+            record["fp16"] = "skipped: fp16 autocast on a CPU is emulated, seconds a step"
+            return
+        one = {"base": {"precision": "fp16"}, "finetune": {"n_cycles": 1, "cycle_len": 1}}
+        (work / "params.yaml").write_text(yaml.safe_dump(deep_merge(raw, one), sort_keys=False))
+        [run] = run_pipeline(work, only=("finetune",), commit=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"finetune at fp16 failed ({run.returncode}):\n{run.log[-3000:]}")
+        metrics = json.loads((work / "outputs/finetune/metrics.json").read_text())
+        record["fp16"] = {**run.to_dict(), **metrics}
+
+    def collective() -> None:  # one rank, in a child process: a hang costs 90 s at most
+        backend = resolve_backend(params.distributed.backend, device.type)
+        argv = [sys.executable, "-c", COLLECTIVE, backend]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+        if done.returncode != 0 or done.stdout.strip() != "[0.0, 1.0, 2.0, 3.0]":
+            raise RuntimeError(f"{backend} all-reduce: exit {done.returncode}: {done.stderr}")
+        record["collective"] = {"backend": backend, "ok": True}
+
+    if section("limits", limits) and section("stages", stages):
+        section("decode", decode)
+        section("fp16", fp16)
+    section("collective", collective)
+    shutil.rmtree(work, ignore_errors=True)
+    say(f"{'ok' if record['ok'] else 'FAILED'} in {record['wall_s']:.0f} s: {path}")
     return 0 if record["ok"] else 1
 
 
-def summary_lines(record: dict[str, Any]) -> list[str]:
-    s, device = record.get("summary") or {}, record["host"].get("device_name", "cpu (dry run)")
-    lines = [f"{device}, torch {record['host']['torch']}"]
-    for row in s.get("stages", []):
-        rate, wait = row["images_per_s_reported"] or 0, row["data_wait_share"] or 0
-        lines.append(
-            f"  {row['name']:<11} {row['wall_s']:6.1f} s  {rate:8.1f} img/s  "
-            f"data wait {wait:.0%}  peak GPU {row['peak_gpu_mib'] or 0:.0f} MiB"
-        )
-    lines += [f"  {k}: {v:.3f}" for k, v in (s.get("ratios") or {}).items() if v is not None]
-    return lines + [f"  FAILED: {name}" for name in record["errors"]]
+def refuse(reason: str) -> int:
+    print(f"gpu_check: {reason}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=REPO_ROOT / ".gpu" / "data" / "dogscats")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     parser.add_argument("--dry-run-cpu", action="store_true", help="all of it, small, on CPU")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if not args.dry_run_cpu and not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build "
-              f"{torch.version.cuda}); run it on a GPU machine, or with --dry-run-cpu",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        import pydantic  # noqa: F401  (the typed params need it; the lent machine lacks it)
-    except ImportError:
-        print("gpu_check: no pydantic: run `make gpu-check` (installs .gpu/wheels)",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return refuse(f"no CUDA device (torch {torch.__version__}): use a GPU or --dry-run-cpu")
+    if importlib.util.find_spec("pydantic") is None:  # the typed params; the GPU machine lacks it
+        return refuse("no pydantic: run `make gpu-check` (installs .gpu/wheels)")
     if not (args.data / "train").is_dir():
-        print(f"gpu_check: no photos at {args.data}: run `make gpu-check-prepare` first",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    return run_check(args)
+        return refuse(f"no photos at {args.data}: run `make gpu-check-prepare` first")
+    return run_check(args.data, args.results, args.dry_run_cpu)
 
 
 if __name__ == "__main__":
