@@ -1,281 +1,179 @@
-"""`make bench-scale`: does the data path scale? fetch → split → precompute → audit → train_head on
-a generated set of 50 000 photos and on its first quarter, in the same run.
-
-Per stage: seconds per 1 000 images at both sizes and their ratio, peak RSS and its ratio;
-disk: data/prepared + .dvc/cache (each inode once, the feature file apart) per source byte;
-the time of a no-op `dvc status` and `dvc repro` (which may run source_stamp only).
-Writes bench/results/scale.json and .md.
+"""`make bench-scale`: source_stamp → fetch → split → precompute → audit → train_head on a
+generated set of 50,000 photos and on its first quarter, each in its own project copy: per
+stage s per 1,000 images and peak RSS at both sizes and their ratios, disk use per source byte,
+no-op `dvc status`/`dvc repro` times, targets met. Writes bench/results/scale.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
-import shlex
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import project as bench
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from project import (
-    REPO_ROOT,
-    deep_merge,
-    git_state,
-    make_project,
-    portable,
-    project_env,
-    run_measured,
-    run_pipeline,
-)
-from scale_data import SHARED_DATA, link_subset, make_scale_set
+from PIL import Image, ImageOps
 from summary import collect_outputs
 
-BENCH = Path(__file__).resolve().parent
+SHARED_DATA = bench.REPO_ROOT.parent / "shared" / "data"
+SCRATCH = Path(tempfile.gettempdir()) / "visiontune-bench-data"  # kept for the next run
+DVC = str(Path(sys.executable).parent / "dvc")
 STAGES = ("source_stamp", "fetch", "split", "precompute", "audit", "train_head")
-TIMED = ("fetch", "split", "precompute", "audit", "train_head")
-# The issue-24 targets: same-run ratios of the full size to the quarter; issue 32's: the
-# audit's wall time (process start included) against precompute's at each size.
-TARGETS = {"s_per_1k_ratio": 1.15, "peak_rss_ratio": 1.5, "disk_per_source": 1.1, "noop_s": 30.0,
-           "audit_share": 0.10}  # fmt: skip
+TIMED = STAGES[1:]
+# Issue 24: same-run ratios of the full size to the quarter; issue 32: the audit's wall time
+# (process start included) against precompute's, from 12,500 images (below, imports dominate).
+TARGETS = {"s_per_1k_ratio": 1.15, "peak_rss_ratio": 1.5, "disk_per_source": 1.1,
+           "audit_share": 0.1}  # fmt: skip
 AUDIT_TARGET_IMAGES = 12_500
+# `du` counts each inode once, in the first folder holding it: outputs/ first, so the feature
+# file's cache object (a hardlink to outputs/) does not count as data.
+DISK = ("outputs", "data/prepared", "data/split", ".dvc/cache")
 
 
-def scale_sets(
-    scratch: Path, images: int, seed: int, workers: int, shared_data: Path
-) -> tuple[Path, Path]:
-    """The generated set and its first quarter (hardlinks), made once and reused."""
-    full = scratch / f"scale-s{seed}-{images}"
-    quarter = scratch / f"scale-s{seed}-{images}-first-{images // 4}"
-    if not full.is_dir():
-        print(f"-- generating {images} images into {full}", flush=True)
-        shutil.rmtree(full.with_suffix(".tmp"), ignore_errors=True)
-        make_scale_set(full.with_suffix(".tmp"), images, seed, workers, shared_data)
-        full.with_suffix(".tmp").rename(full)
-    if not quarter.is_dir():
-        shutil.rmtree(quarter.with_suffix(".tmp"), ignore_errors=True)
-        link_subset(full, quarter.with_suffix(".tmp"), images // 4, seed, shared_data)
-        quarter.with_suffix(".tmp").rename(quarter)
-    return full, quarter
+# Image i is a variant of dogscats photo i mod 3000 (in a seeded order, so any first n mix the
+# classes and splits) in that photo's folder, `train/cats/cat.1.v003.jpg`: a crop of 50-100 % of
+# each side, mirrored half the time, long side 160-512 px, JPEG quality 85-95. One RNG per
+# (seed, i): the same images whatever the worker count, and any bigger set starts with them.
+def variant_paths(data: Path, seed: int, images: int) -> list[tuple[Path, Path]]:
+    """(photo, path in the set) of images 0..`images`-1."""
+    photos = sorted((data / "dogscats").glob("*/*/*.jpg"))
+    if not photos:
+        raise FileNotFoundError(f"no dogscats photos under {data}")
+    photos = [photos[i] for i in np.random.default_rng(seed).permutation(len(photos))]
+    variants = [(i, photos[i % len(photos)]) for i in range(images)]
+    name = "{0.stem}.v{1:03d}.jpg"
+    return [(p, Path(*p.parts[-3:-1], name.format(p, i // len(photos)))) for i, p in variants]
 
 
-def disk_bytes(roots: list[Path], exclude: list[Path] = ()) -> int:
-    """Bytes of the files under `roots`, each inode once (as `du`), less those whose inode
-    is also under `exclude` (the feature file's cache object is a link to outputs/)."""
-    skip = {(s.st_dev, s.st_ino) for root in exclude for s in _stats(root)}
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for root in roots:
-        for stat in _stats(root):
-            key = (stat.st_dev, stat.st_ino)
-            if key not in seen and key not in skip:
-                seen.add(key)
-                total += stat.st_size
-    return total
+def _make_images(job: tuple[list[tuple[Path, Path]], int, int, Path]) -> None:
+    paths, start, seed, out = job
+    for index, (photo, rel) in enumerate(paths, start):
+        rng = np.random.default_rng([seed, index])
+        with Image.open(photo) as img:
+            img = img.convert("RGB")
+        w, h = img.size
+        width, height = (max(1, int(side * rng.uniform(0.5, 1.0))) for side in img.size)
+        left, top = int(rng.integers(0, w - width + 1)), int(rng.integers(0, h - height + 1))
+        img = img.crop((left, top, left + width, top + height))
+        img = ImageOps.mirror(img) if rng.random() < 0.5 else img
+        scale = int(rng.integers(160, 513)) / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        img.save(out / rel, quality=int(rng.integers(85, 96)))
 
 
-def _stats(root: Path) -> list[os.stat_result]:
-    if root.is_file():
-        return [root.lstat()]
-    return [p.lstat() for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+def scale_set(scratch: Path, images: int, seed: int = 0, data: Path = SHARED_DATA) -> Path:
+    """`scratch/scale-s<seed>-<images>`, kept: hardlinked from a bigger set there, else made."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = scratch / f"scale-s{seed}-{images}"
+    if out.is_dir():
+        return out
+    shutil.rmtree(tmp := out.with_suffix(".tmp"), ignore_errors=True)
+    names = (re.fullmatch(rf"scale-s{seed}-(.*-)?(\d+)", p.name) for p in scratch.iterdir())
+    bigger = {int(m[2]): scratch / m[0] for m in names if m and int(m[2]) > images}
+    paths = variant_paths(data, seed, images)
+    if bigger:
+        for _, rel in paths:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(bigger[min(bigger)] / rel, tmp / rel)
+    else:
+        print(f"-- generating {images} images into {out}", flush=True)
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            jobs = [(paths[i : i + 500], i, seed, tmp) for i in range(0, images, 500)]
+            list(pool.map(_make_images, jobs))
+    return tmp.rename(out)
 
 
-def run_size(source: Path, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """One size: the four stages measured, then disk use and DVC no-op times."""
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params = deep_merge(params, {"data": {"source": str(source), "mirrors": {}}})
+def du(*folders: Path) -> list[int]:
+    """`du -sb` of each folder: apparent bytes, each inode once, in the first folder holding it."""
+    out = subprocess.run(["du", "-sb", *folders], capture_output=True, text=True, check=True)
+    return [int(line.split("\t")[0]) for line in out.stdout.splitlines()]
+
+
+def run_size(source: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One size: the stages measured alone, then disk use and DVC's no-op times."""
+    params = yaml.safe_load((bench.REPO_ROOT / "params.yaml").read_text())
+    params["data"]["source"] = str(source)
     if args.no_tracking:
-        params = deep_merge(params, {"tracking": {"enabled": False}})
-    project = make_project(workdir / "repo", params)
-    if args.cache_type:
-        subprocess.run(["dvc", "config", "cache.type", args.cache_type], cwd=project, check=True)
-    print(f"== {source.name}: {source}", flush=True)
-    runs = run_pipeline(project, only=STAGES)
+        params["tracking"]["enabled"] = False
+    project = bench.make_project(work / "repo", params)
+    print(f"== {source}", flush=True)
+    runs = bench.run_pipeline(project, only=STAGES)
     ok = bool(runs) and all(r.returncode == 0 for r in runs)
-    images = collect_outputs(project)["prepared_images"] if ok else 0
-    record: dict[str, Any] = {"source": str(source), "ok": ok, "images": images, "stages": {}}
-    for run in runs:
-        record["stages"][run.name] = run.to_dict() | {
-            "s_per_1k": 1000 * run.wall_s / images if images else None
-        }
+    n = collect_outputs(project)["prepared_images"] if ok else 0
+    stages = {r.name: r.to_dict() | {"s_per_1k": 1000 * r.wall_s / n if n else None} for r in runs}
+    record: dict[str, Any] = {"source": str(source), "ok": ok, "images": n, "stages": stages}
     if not ok:
         return record
-    env = project_env(project)
-    dvc = shlex.quote(str(Path(sys.executable).parent / "dvc"))
-    for name, command in (
-        ("dvc_status", "status --with-deps train_head"),
-        ("dvc_repro_noop", "repro train_head"),
-    ):
+    for name, command in (("dvc_status", ["status", "--with-deps"]), ("dvc_repro_noop", ["repro"])):
         log = project / f"bench-logs/{name}.log"
-        run = run_measured(name, f"{dvc} {command}", project, env, log)
+        env = bench.project_env(project)
+        run = bench.run_measured(name, [DVC, *command, "train_head"], project, env, log)
         # Nothing changed: only source_stamp (always_changed) may run.
         reran = [stage for stage in TIMED if f"Running stage '{stage}'" in run.log]
         record[name] = run.to_dict() | {"log_tail": run.log[-400:], "reran": reran}
-        print(f"  {name:<14} {run.wall_s:8.1f} s  rc={run.returncode}", flush=True)
+    data, source_bytes = sum(du(*(project / folder for folder in DISK))[1:]), du(source)[0]
     features = project / "outputs/features/features.safetensors"
-    data_roots = [project / "data/prepared", project / "data/split", project / ".dvc/cache"]
-    record["disk"] = {
-        "source_bytes": disk_bytes([source]),
-        "data_and_cache_bytes": disk_bytes(data_roots, exclude=[project / "outputs"]),
-        "features_bytes": features.stat().st_size,
-        "cache_type": args.cache_type or "as in .dvc/config",
-    }
-    disk = record["disk"]
-    disk["data_and_cache_per_source"] = disk["data_and_cache_bytes"] / disk["source_bytes"]
-    disk["bytes_per_image"] = disk["data_and_cache_bytes"] / images
-    if args.keep:
-        print(f"project copy kept at {project}")
+    record["disk"] = {"source_bytes": source_bytes, "data_and_cache_bytes": data,
+                      "features_bytes": features.stat().st_size, "bytes_per_image": data / n,
+                      "data_and_cache_per_source": data / source_bytes}  # fmt: skip
     return record
 
 
-def compare(small: Mapping[str, Any], big: Mapping[str, Any]) -> dict[str, Any]:
-    """Full-size / quarter ratios per stage, and each target met or not."""
-    rows: dict[str, Any] = {}
+def compare(small: dict[str, Any], big: dict[str, Any]) -> dict[str, Any]:
+    """Full-size / quarter ratios per stage, the audit's share of precompute, targets met."""
+    rows, checks, shares = {}, {}, {}
     for stage in TIMED:
         a, b = small["stages"].get(stage, {}), big["stages"].get(stage, {})
-        per_1k = b.get("s_per_1k") / a["s_per_1k"] if a.get("s_per_1k") else None
-        rss = b.get("peak_rss_mb") / a["peak_rss_mb"] if a.get("peak_rss_mb") else None
-        rows[stage] = {"s_per_1k_ratio": per_1k, "peak_rss_ratio": rss}
-    checks = {
-        f"{stage} {key} <= {TARGETS[key]}": value is not None and value <= TARGETS[key]
-        for stage, row in rows.items()
-        for key, value in row.items()
-    }
-    shares: dict[str, float] = {}
+        for key, field in (("s_per_1k_ratio", "s_per_1k"), ("peak_rss_ratio", "peak_rss_mb")):
+            value = b.get(field) / a[field] if a.get(field) and b.get(field) is not None else None
+            rows.setdefault(stage, {})[key] = value
+            checks[f"{stage} {key} <= {TARGETS[key]}"] = value is not None and value <= TARGETS[key]
     for name, record in (("quarter", small), ("full", big)):
-        audit, precompute = record["stages"].get("audit"), record["stages"].get("precompute")
-        if audit and precompute:
-            shares[name] = audit["wall_s"] / precompute["wall_s"]
-            if record.get("images", 0) >= AUDIT_TARGET_IMAGES:  # below, imports dominate
-                checks[f"{name} audit <= {TARGETS['audit_share']} of precompute"] = (
-                    shares[name] <= TARGETS["audit_share"]
-                )
+        stages = record["stages"]
+        if "audit" in stages and "precompute" in stages:
+            share = shares[name] = stages["audit"]["wall_s"] / stages["precompute"]["wall_s"]
+            if record["images"] >= AUDIT_TARGET_IMAGES:
+                checks[f"{name} audit <= 0.1 of precompute"] = share <= TARGETS["audit_share"]
         if "disk" in record:
             per_source = record["disk"]["data_and_cache_per_source"]
             checks[f"{name} disk per source byte <= 1.1"] = per_source <= TARGETS["disk_per_source"]
-    if "dvc_repro_noop" in big:
-        noop = big["dvc_repro_noop"]
+    if noop := big.get("dvc_repro_noop"):
         checks["full no-op dvc repro <= 30 s"] = noop["wall_s"] <= 30.0 and not noop["reran"]
     return {"ratios": rows, "audit_share_of_precompute": shares, "targets_met": checks}
 
 
-def markdown(record: Mapping[str, Any]) -> str:
-    small, big = record["quarter"], record["full"]
-    lines = [
-        f"# Scale: {big['images']} vs {small['images']} images ({record['started']}, "
-        f"{record['cpu_count']} cores, commit {record['git']['commit'][:10]}"
-        f"{' dirty' if record['git']['dirty'] else ''})",
-        "",
-        "| stage | s / 1k (quarter) | s / 1k (full) | ratio | peak RSS MiB (quarter) "
-        "| peak RSS MiB (full) | ratio |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for stage in TIMED:
-        a, b = small["stages"].get(stage, {}), big["stages"].get(stage, {})
-        ratio = record["comparison"]["ratios"][stage]
-        lines.append(
-            f"| {stage} | {_num(a.get('s_per_1k'))} | {_num(b.get('s_per_1k'))} "
-            f"| {_num(ratio['s_per_1k_ratio'], 2)} | {_num(a.get('peak_rss_mb'), 0)} "
-            f"| {_num(b.get('peak_rss_mb'), 0)} | {_num(ratio['peak_rss_ratio'], 2)} |"
-        )
-    shares = record["comparison"].get("audit_share_of_precompute", {})
-    lines += ["", "| | quarter | full |", "|---|---|---|"]
-    lines.append(f"| audit wall / precompute wall | {_num(shares.get('quarter'), 3)} "
-                 f"| {_num(shares.get('full'), 3)} |")  # fmt: skip
-    lines += [f"| {label} | {cells[0]} | {cells[1]} |" for label, cells in _other_rows(small, big)]
-    lines += ["", "Targets (issue 24):", ""]
-    lines += [
-        f"- [{'x' if met else ' '}] {name}"
-        for name, met in record["comparison"]["targets_met"].items()
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _other_rows(*records: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
-    def disk(record: Mapping[str, Any], key: str) -> float | None:
-        return record.get("disk", {}).get(key)
-
-    def wall(record: Mapping[str, Any], key: str) -> float | None:
-        return record.get(key, {}).get("wall_s")
-
-    def features(record: Mapping[str, Any]) -> float | None:
-        if "disk" not in record:
-            return None
-        return record["disk"]["features_bytes"] / record["disk"]["source_bytes"]
-
-    return [
-        (
-            "data/prepared + data/split + .dvc/cache per source byte",
-            [_num(disk(r, "data_and_cache_per_source"), 3) for r in records],
-        ),
-        ("the same, bytes per image", [_num(disk(r, "bytes_per_image"), 0) for r in records]),
-        ("feature file per source byte", [_num(features(r), 3) for r in records]),
-        (
-            "no-op `dvc status --with-deps train_head` s",
-            [_num(wall(r, "dvc_status")) for r in records],
-        ),
-        ("no-op `dvc repro train_head` s", [_num(wall(r, "dvc_repro_noop")) for r in records]),
-    ]
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    from visiontune.fileio import write_json, write_text
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50_000, help="the full size (>= 4)")
-    parser.add_argument("--seed", type=int, default=0, help="the generated set's seed")
-    parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="generator processes"
-    )
-    parser.add_argument(
-        "--cache-type", help="override .dvc/config cache.type (e.g. copy: before issue 24)"
-    )
     parser.add_argument("--no-tracking", action="store_true", help="tracking.enabled: false")
-    parser.add_argument("--data-root", type=Path, default=SHARED_DATA)
-    parser.add_argument("--results", type=Path, default=BENCH / "results")
-    parser.add_argument("--keep", action="store_true", help="keep the temp project copies")
-    parser.add_argument(
-        "--scratch",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "visiontune-bench-data",
-        help="where the generated images are written (and kept for the next run), outside the repo",
-    )
+    parser.add_argument("--results", type=Path, default=bench.REPO_ROOT / "bench/results")
+    parser.add_argument("--scratch", type=Path, default=SCRATCH, help="the generated images")
     args = parser.parse_args(argv)
-    args.scratch.mkdir(parents=True, exist_ok=True)
-    full, quarter = scale_sets(args.scratch, args.images, args.seed, args.workers, args.data_root)
+    full, quarter = (scale_set(args.scratch, n) for n in (args.images, args.images // 4))
     record: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git": git_state(),
-        "cpu_count": os.cpu_count(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
-    workdirs = []
-    for name, source in (("quarter", quarter), ("full", full)):
-        workdirs.append(Path(tempfile.mkdtemp(prefix=f"visiontune-scale-{name}-")))
-        record[name] = run_size(source, args, workdirs[-1])
+        "git": bench.git_state(), "cpu_count": os.cpu_count(),
+        "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="visiontune-scale-") as work:
+        for name, source in (("quarter", quarter), ("full", full)):
+            record[name] = run_size(source, args, Path(work, name))
     record["comparison"] = compare(record["quarter"], record["full"])
-    record = portable(record)  # no machine's directories in a committed record
-    suffix = "" if args.images == 50_000 else f"-{args.images}"
-    if args.cache_type:
-        suffix += f"-{args.cache_type.replace(',', '-')}"
-    results = args.results / f"scale{suffix}.json"
-    write_json(results, record)
-    write_text(results.with_suffix(".md"), markdown(record))
-    print(markdown(record), flush=True)
-    if not args.keep:
-        for workdir in workdirs:
-            shutil.rmtree(workdir, ignore_errors=True)
+    record = bench.portable(record)  # no machine's directories in a committed record
+    suffix = "" if args.images == 50_000 else f"-{args.images}"  # a try keeps the record
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"scale{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["comparison"], indent=2), flush=True)
     return 0 if record["quarter"]["ok"] and record["full"]["ok"] else 1
 
 

@@ -1,4 +1,4 @@
-"""The scale benchmark: its generated photo set (bench/scale_data.py) and helpers (scale.py)."""
+"""The scale benchmark (bench/scale.py): its generated photo set, disk count and targets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import scale  # noqa: E402
-from scale_data import link_subset, make_scale_set  # noqa: E402
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -22,37 +21,48 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_scale_set_is_deterministic_and_any_prefix_is_the_same(
     shared_data: Path, tmp_path: Path
 ) -> None:
-    a = _files(make_scale_set(tmp_path / "a", 6, seed=3, shared_data=shared_data))
-    b = _files(make_scale_set(tmp_path / "b", 6, seed=3, workers=2, shared_data=shared_data))
-    assert a == b and len(a) == 6
-    prefix = _files(make_scale_set(tmp_path / "c", 3, seed=3, shared_data=shared_data))
-    assert prefix.items() <= a.items()
-    other = _files(make_scale_set(tmp_path / "d", 6, seed=4, shared_data=shared_data))
+    full = scale.scale_set(tmp_path / "a", 6, seed=3, data=shared_data)
+    assert full.name == "scale-s3-6"
+    a = _files(full)
+    assert len(a) == 6
+    # An image depends on (seed, index) only, not on how the work is split between processes.
+    paths = scale.variant_paths(shared_data, 3, 6)
+    scale._make_images((paths[4:], 4, 3, tmp_path / "b"))
+    scale._make_images((paths[:4], 0, 3, tmp_path / "b"))
+    assert _files(tmp_path / "b") == a
+    prefix = _files(scale.scale_set(tmp_path / "c", 3, seed=3, data=shared_data))
+    assert len(prefix) == 3 and prefix.items() <= a.items()
+    other = _files(scale.scale_set(tmp_path / "d", 6, seed=4, data=shared_data))
     assert set(other.values()).isdisjoint(a.values())
     # Real JPEGs of varied sizes, in <split>/<class>/ folders of the dogscats layout.
     for rel in a:
         split, label, _ = rel.split("/")
         assert split in ("train", "valid") and label in ("cats", "dogs")
-        with Image.open(tmp_path / "a" / rel) as img:
+        with Image.open(full / rel) as img:
             assert img.format == "JPEG" and 160 <= max(img.size) <= 512
 
-    # The quarter the benchmark also runs: the same first images, hardlinked (no new bytes).
-    quarter = link_subset(tmp_path / "a", tmp_path / "q", 3, seed=3, shared_data=shared_data)
-    assert _files(quarter) == prefix
+    # The quarter the benchmark also runs: the same first images, hardlinked from the bigger
+    # set beside it (no new bytes), and kept for the next run.
+    quarter = scale.scale_set(tmp_path / "a", 3, seed=3, data=shared_data)
+    assert quarter != full and _files(quarter) == prefix
     assert all(p.stat().st_nlink == 2 for p in quarter.rglob("*.jpg"))
+    inodes = {p: p.stat().st_ino for p in full.rglob("*.jpg")}
+    assert scale.scale_set(tmp_path / "a", 6, seed=3, data=shared_data) == full
+    assert {p: p.stat().st_ino for p in full.rglob("*.jpg")} == inodes
 
 
-def test_disk_bytes_counts_each_inode_once_and_leaves_out_the_excluded(tmp_path: Path) -> None:
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "work").mkdir()
-    (tmp_path / "out").mkdir()
-    (tmp_path / "cache" / "photo").write_bytes(b"x" * 100)
-    os.link(tmp_path / "cache" / "photo", tmp_path / "work" / "photo")
-    (tmp_path / "cache" / "features").write_bytes(b"f" * 40)
-    os.link(tmp_path / "cache" / "features", tmp_path / "out" / "features")
-    roots = [tmp_path / "work", tmp_path / "cache"]
-    assert scale.disk_bytes(roots) == 140
-    assert scale.disk_bytes(roots, exclude=[tmp_path / "out"]) == 100
+def test_du_counts_each_inode_once_in_the_first_folder_holding_it(tmp_path: Path) -> None:
+    out, work, cache = (tmp_path / name for name in ("outputs", "data", "cache"))
+    for folder in (out, work, cache):
+        folder.mkdir()
+    (cache / "photo").write_bytes(b"x" * 100)
+    os.link(cache / "photo", work / "photo")
+    (cache / "features").write_bytes(b"f" * 40)
+    os.link(cache / "features", out / "features")
+    own = [folder.stat().st_size for folder in (out, work, cache)]
+    assert scale.du(work, cache) == [own[1] + 100, own[2] + 40]
+    # As the benchmark counts data: outputs/ first, so the feature file's object is not data.
+    assert scale.du(out, work, cache) == [own[0] + 40, own[1] + 100, own[2]]
 
 
 def test_compare_checks_the_issue_targets() -> None:
@@ -65,8 +75,20 @@ def test_compare_checks_the_issue_targets() -> None:
 
     met = scale.compare(record(10, 1000, 1.0, 5, 9), record(11, 1400, 1.02, 20, 8))
     assert met["audit_share_of_precompute"] == {"quarter": 0.09, "full": 0.08}
+    assert met["ratios"]["fetch"] == {"s_per_1k_ratio": 1.1, "peak_rss_ratio": 1.4}
     met = met["targets_met"]
     assert all(met.values()) and len(met) == 2 * len(scale.TIMED) + 5
     missed = scale.compare(record(10, 1000, 1.0, 5, 9), record(12, 1600, 2.0, 40, 11))
     missed = missed["targets_met"]
     assert not any(v for k, v in missed.items() if not k.startswith("quarter"))
+    # A size below 12,500 images leaves the audit share unchecked (imports dominate there).
+    small = record(10, 1000, 1.0, 5, 50) | {"images": 3_125}
+    assert not any(
+        "quarter audit" in k for k in scale.compare(small, record(11, 1, 1, 1, 1))["targets_met"]
+    )
+    # A stage that did not run at the full size fails its targets rather than passing them.
+    failed = record(11, 1400, 1.02, 20, 8)
+    del failed["stages"]["train_head"]
+    assert not scale.compare(record(10, 1000, 1.0, 5, 9), failed)["targets_met"][
+        "train_head s_per_1k_ratio <= 1.15"
+    ]
