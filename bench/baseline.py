@@ -1,8 +1,6 @@
-"""The accuracy baseline beside every result: a logistic regression on the same features.
-
-StandardScaler + LogisticRegressionCV(cv=3) on the cached train features, its C chosen on
-train folds only, scored on the validation features. What the head must at least reach.
-"""
+"""The accuracy baseline beside every result, what the head must at least reach:
+StandardScaler + LogisticRegressionCV(cv=3) on the cached train features (C chosen on train
+folds only), scored on the validation features."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""What this machine can do at best with the pipeline's own settings, measured in-process.
-
-Model-only forward and train-step throughput on random uint8 pixels, and JPEG decode+resize
-throughput of the loader alone, all built with visiontune's own runtime/model/data builders
-so the limits use exactly the backbone, precision, memory format and batch sizes the stages use.
-"""
+"""What this machine can do at best with the pipeline's own settings, measured in-process:
+the forward and the train step on random uint8 pixels, and the loaders' decoding alone, built
+with the library's own factories (the stages' backbone, precision, layout and batch sizes)."""
 
 from __future__ import annotations
 
@@ -24,17 +21,20 @@ from visiontune.data.transforms import PixelNormalize
 from visiontune.runtime import Runtime, autocast, configure_memory, prepare_module, to_device
 
 
-def timed(step: Callable[[], int], warmup: int, repeats: int, steps: int) -> dict[str, Any]:
+def timed(
+    step: Callable[[], int], runtime: Runtime, warmup: int, repeats: int, steps: int
+) -> dict[str, Any]:
     """Images/s of `step` (which returns the images it processed): the median of `repeats`
     runs of `steps` calls, after `warmup` untimed calls (oneDNN picks and caches its kernels
     on the first calls for a shape)."""
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else lambda: None
     for _ in range(warmup):
         step()
     rates = []
     for _ in range(repeats):
-        start, images = time.perf_counter(), 0
-        for _ in range(steps):
-            images += step()
+        sync()  # times the kernels done, not queued
+        start, images = time.perf_counter(), sum(step() for _ in range(steps))
+        sync()
         rates.append(images / (time.perf_counter() - start))
     return {"images_per_s": statistics.median(rates), "runs": rates}
 
@@ -43,11 +43,6 @@ def random_pixels(runtime: Runtime, batch_size: int, image_size: int) -> torch.T
     """A uint8 N×3×H×W batch of random pixels, the loaders' format, on the runtime's device."""
     shape = (batch_size, 3, image_size, image_size)
     return to_device(torch.randint(0, 256, shape, dtype=torch.uint8), runtime)
-
-
-def synchronize(runtime: Runtime) -> None:
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def forward_limit(
@@ -61,10 +56,9 @@ def forward_limit(
     def step() -> int:
         with torch.inference_mode(), autocast(runtime):
             body(batch)
-        synchronize(runtime)
         return batch_size
 
-    return {"batch_size": batch_size, **timed(step, warmup, repeats, steps)}
+    return {"batch_size": batch_size, **timed(step, runtime, warmup, repeats, steps)}
 
 
 def sample_images(root: Path, count: int) -> list[Path]:
@@ -97,10 +91,9 @@ def decode_limit(
 
 
 class LimitProbe:
-    """The networks the limits are measured on, kept for measuring again: on shared cores the
-    host's speed drifts (81-125 img/s over a day), so each stage's limit is measured again
-    right before and after it (`around`). The forward runs on a copy of the pretrained body
-    that the train step never touches."""
+    """The networks the limits are measured on, kept to measure again right before and after
+    each stage (`around`): on shared cores the host's speed drifts (81-125 img/s in a day).
+    The train step trains a copy of the body, not the one the forward runs."""
 
     def __init__(self, params: Params, num_classes: int) -> None:
         from visiontune.models.backbone import create_backbone, resolve_data_config
@@ -145,14 +138,12 @@ class LimitProbe:
                 loss = nn.functional.cross_entropy(self.network(batch).float(), labels)
             loss.backward()
             optimizer.step()
-            synchronize(runtime)
             return batch_size
 
-        return {"batch_size": batch_size, **timed(step, warmup, repeats, steps)}
+        return {"batch_size": batch_size, **timed(step, runtime, warmup, repeats, steps)}
 
     def around(self, stage: str, steps: int = 2) -> dict[str, Any] | None:
-        """A stage's limit measured now (shorter than at the start), or None for a stage
-        without one."""
+        """A stage's limit measured now, shorter than at the start; None: it has none."""
         timing = {"warmup": 1, "repeats": 3, "steps": steps}
         if stage in ("precompute", "evaluate"):
             p = self.params

@@ -1,11 +1,7 @@
-"""Run one shell command and write its own rusage (peak RSS, CPU seconds) as JSON.
+"""`python bench/measure.py OUT.json -- COMMAND...`: run COMMAND, write its rusage as JSON.
 
-A tiny launcher process between the benchmark and each stage: Linux charges a child with
-the memory high-water mark of the process it was forked from (`ru_maxrss` survives
-fork/vfork + exec), so a stage spawned directly by the big benchmark process would report
-the benchmark's own RSS. Forked from this small process, it reports its own.
-Usage: python bench/measure.py OUT.json -- COMMAND...
-"""
+A small launcher between the benchmark and each stage: `ru_maxrss` survives fork + exec, so a
+stage forked straight from the big benchmark process would report the benchmark's RSS."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Run the real pipeline in a throwaway copy of this repo and measure every stage.
-
-Each stage's command (from dvc.yaml) runs as its own subprocess, so its wall time and peak
-RSS are its own; DVC then records the outputs (`dvc commit`) and must report them up to date.
-"""
+"""Run the real pipeline in a throwaway copy of this repo, each dvc.yaml stage command as its
+own measured subprocess; DVC then records the outputs and must report them up to date."""
 
 from __future__ import annotations
 
@@ -31,7 +28,7 @@ NOT_COPIED = ("data/", "outputs/", "bench/results/", "dvc.lock", "mlflow.db", "m
 
 
 def portable(value: Any) -> Any:
-    """Paths in a results record relative to the repo, so that it names no machine's folders."""
+    """A results record whose paths name no machine's folders: relative to the repo."""
     if isinstance(value, dict):
         return {key: portable(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -64,9 +61,8 @@ def git(*args: str, root: Path = REPO_ROOT) -> str:
 
 
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """Commit and dirtiness of the repo the benchmark copied, for the record."""
-    # bench/results left out: a run of several datasets writes the first one's results
-    # there before it copies the repo for the next.
+    """Commit and dirtiness of the repo the benchmark copied (bench/results left out: a run
+    of several datasets writes the first one's results before it copies the repo again)."""
     status = git("status", "--porcelain", "--", ".", ":(exclude)bench/results", root=root)
     return {"commit": git("rev-parse", "HEAD", root=root).strip(), "dirty": bool(status.strip())}
 
@@ -84,10 +80,10 @@ def make_project(dest: Path, params: Mapping[str, Any], root: Path = REPO_ROOT) 
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
-    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run([*command, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*command, "commit", "-qm", "project copy"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
+                    "commit", "-qm", "project copy"], cwd=dest, check=True)  # fmt: skip
     return dest
 
 
@@ -95,9 +91,7 @@ def project_env(project: Path) -> dict[str, str]:
     """Stage environment: this venv first on PATH, the copy's own `src` first on sys.path."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(project / "src"), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project / "src"), env.get("PYTHONPATH")]))
     # Stages must log to the copy's own store and group under one pipeline run; nothing
     # inherited from a surrounding dvc/mlflow session may point them back at the repo.
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
@@ -107,9 +101,7 @@ def project_env(project: Path) -> dict[str, str]:
 
 
 @dataclass
-class StageRun:
-    """What one stage cost: wall time, CPU time, peak memory, exit status."""
-
+class StageRun:  # what one command cost
     name: str
     command: str
     wall_s: float
@@ -128,10 +120,9 @@ def run_measured(
     """Run one command (a string: through the shell) under bench/measure.py, which reports
     the rusage of exactly this command and the children it waited for."""
     text = command if isinstance(command, str) else shlex.join(command)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    usage_path = log_path.with_suffix(".rusage.json")
-    usage_path.unlink(missing_ok=True)
     words = [text] if isinstance(command, str) else list(command)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    (usage_path := log_path.with_suffix(".rusage.json")).unlink(missing_ok=True)
     with open(log_path, "wb") as log:
         start = time.perf_counter()
         returncode = subprocess.run(

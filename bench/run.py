@@ -46,19 +46,15 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from visiontune.config import load_params
     from visiontune.fileio import write_json, write_text
 
-    print(f"== {name} ({'quick' if args.quick else 'full'})", flush=True)
     params = bench_params(name, args.data_root, args.quick, not args.no_tracking)
     workdir = Path(tempfile.mkdtemp(prefix=f"visiontune-bench-{name}-"))
     project = make_project(workdir / "repo", params)
+    print(f"== {name} ({'quick' if args.quick else 'full'}) in {project}", flush=True)
     typed = load_params(project / "params.yaml")  # fail fast on a bad override
-    record: dict[str, Any] = {
-        "dataset": name,
-        "quick": args.quick,
-        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git": git_state(),
-        "params": typed.model_dump(mode="json"),
-        "limits": None,
-    }
+    started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    record: dict[str, Any] = {"dataset": name, "quick": args.quick, "started": started,
+                              "git": git_state(), "params": typed.model_dump(mode="json"),
+                              "limits": None}  # fmt: skip
     around = None
     if not args.no_limits:
         from limits import LimitProbe, measure_limits
@@ -87,9 +83,7 @@ def bench_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     write_json(results, record)
     write_text(results.with_suffix(".md"), markdown(name, record))
     print(markdown(name, record), flush=True)
-    if args.keep:
-        print(f"project copy kept at {project}")
-    else:
+    if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return record
 
