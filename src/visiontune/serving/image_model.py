@@ -1,11 +1,6 @@
-"""The served MLflow model (models-from-code): encoded images in, labels and probabilities out.
-
-MLflow runs this file to load the model, so nothing is unpickled: the weights are the
-`weights` artifact (the safetensors model file) and the code is the visiontune modules
-shipped beside this file (`code_paths`). Input: a column `image` of encoded bytes (base64
-in JSON). Output: `label`, `error` ("" when fine) and one probability column per class.
-The `tta` parameter (default true) turns the model's TTA views off for a request.
-"""
+"""The served MLflow model (models-from-code): a column `image` of encoded bytes (base64 in
+JSON) in; `label`, `error` ("" when fine) and one probability per class out. The `tta`
+parameter (default true) turns the model's TTA views off for a request."""
 
 from __future__ import annotations
 
@@ -15,10 +10,6 @@ from typing import Any
 import mlflow.models
 import pandas as pd
 from mlflow.pyfunc import PythonModel
-
-INPUT_COLUMN = "image"
-# Where the model runs: auto (CUDA when there is one) | cpu | cuda.
-DEVICE_VARIABLE = "VISIONTUNE_DEVICE"
 
 
 class ImageModel(PythonModel):
@@ -32,7 +23,7 @@ class ImageModel(PythonModel):
         configure_memory(AutoMemory())
         from visiontune.serving.predictor import ImagePredictor
 
-        device = os.environ.get(DEVICE_VARIABLE, "auto")
+        device = os.environ.get("VISIONTUNE_DEVICE", "auto")  # auto (CUDA if any) | cpu | cuda
         self.predictor = ImagePredictor.from_file(context.artifacts["weights"], device=device)
 
     # pd.DataFrame: a type hint MLflow accepts without inferring a schema from it (the
@@ -41,17 +32,15 @@ class ImageModel(PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if INPUT_COLUMN not in frame.columns:
-            raise ValueError(f"expected a column {INPUT_COLUMN!r}; got {list(frame.columns)}")
+        if "image" not in frame.columns:
+            raise ValueError(f"expected a column 'image'; got {list(frame.columns)}")
         tta = bool((params or {}).get("tta", True))
-        probs, errors = self.predictor.predict_bytes(frame[INPUT_COLUMN].tolist(), tta=tta)
+        probs, errors = self.predictor.predict_bytes(frame["image"].tolist(), tta=tta)
         classes = self.predictor.classes
         best = probs.nan_to_num(-1.0).argmax(dim=1).tolist()
         labels = ["" if error else classes[i] for i, error in zip(best, errors, strict=True)]
-        table = probs.double().numpy()
-        columns = {"label": labels, "error": errors}
-        columns.update({name: table[:, j] for j, name in enumerate(classes)})
-        return pd.DataFrame(columns)
+        columns = dict(zip(classes, probs.double().numpy().T, strict=True))
+        return pd.DataFrame({"label": labels, "error": errors, **columns})
 
 
 mlflow.models.set_model(ImageModel())

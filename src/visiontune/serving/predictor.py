@@ -1,11 +1,6 @@
-"""Images → class probabilities, cut and computed as the model file says.
-
-`visiontune predict` and the served MLflow model both go through here: the views come from
-the model's inference settings (`create_views`), the device and precision from
-`inference_runtime`, decoding from `open_pixels`/`decode_pixels` (the same decoder choice
-for a file and for its bytes) and the forward pass from `forward_views`. So the two agree
-by construction. Needs torch, torchvision, timm, safetensors, Pillow and numpy only.
-"""
+"""Images → class probabilities, cut and computed as the model file says: `visiontune predict`
+and the served MLflow model share the views, runtime, decoding and forward pass below, so
+they agree by construction. Needs torch, torchvision, timm, safetensors, Pillow, numpy only."""
 
 from __future__ import annotations
 
@@ -29,9 +24,14 @@ from visiontune.models.classifier import (
     RecordError,
     load_model_file,
 )
-from visiontune.runtime import Runtime, cpu_supports_bf16, loader_workers, prepare_module
-
-_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from visiontune.models.record import PRECISIONS
+from visiontune.runtime import (
+    Runtime,
+    cpu_supports_bf16,
+    create_runtime,
+    loader_workers,
+    prepare_module,
+)
 
 
 def inference_settings(info: ModelInfo, where: str) -> InferenceSettings:
@@ -71,21 +71,14 @@ def host_precision(precision: str, device: str = "auto") -> tuple[str, str | Non
 
 
 def inference_runtime(precision: str, device: str = "auto", num_workers: int = 0) -> Runtime:
-    """Device (`auto`: CUDA when there is one), autocast dtype and memory format for
-    predicting at `precision` (fp32 | bf16 | fp16), as the training stages lay tensors out."""
-    if precision not in _AMP:
-        raise ValueError(f"precision must be one of {', '.join(_AMP)}, got {precision!r}")
+    """The stages' runtime for predicting at `precision` (fp32 | bf16 | fp16) on `device`
+    (`auto`: CUDA when there is one)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for but no CUDA device is available")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    amp_dtype = _AMP[precision]
-    return Runtime(
-        device=torch.device("cuda" if use_cuda else "cpu"),
-        amp_dtype=amp_dtype,
-        channels_last=not use_cuda or amp_dtype is not None,
-        num_workers=num_workers,
-        pin_memory=use_cuda,
-        idle_workers=not use_cuda,
+    return create_runtime(
+        device=device, precision=precision, num_workers=num_workers, worker_priority="auto"
     )
 
 
@@ -129,7 +122,8 @@ class ImagePredictor:
         error ("" when fine) for encoded images (bytes, or base64 text).
 
         Decoding runs in threads (Pillow and TorchCodec release the GIL); the views of
-        all readable images go through the model `batch_size` images at a time.
+        all readable images go through the model `batch_size` images at a time, in chunks
+        of `batch_size` views as `visiontune predict` forwards a loader batch.
         """
         views = create_views(self.info, self.settings, tta)
         n = len(images)
@@ -137,32 +131,25 @@ class ImagePredictor:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             decoded = list(pool.map(lambda item: _views_of(item, views), images))
         probs = torch.full((n, len(self.info.classes)), math.nan)
-        errors = [error for _, error in decoded]
         good = [i for i, (stack, _) in enumerate(decoded) if stack is not None]
         for start in range(0, len(good), self.batch_size):
             rows = good[start : start + self.batch_size]
             batch = torch.stack([decoded[i][0] for i in rows])  # type: ignore[misc]
-            # Chunks of `batch_size` views, as `visiontune predict` forwards a loader batch.
-            chunk = self.batch_size
-            probs[rows] = average_views(forward_views(self.model, batch, self.runtime, chunk))
-        return probs, errors
+            view_probs = forward_views(self.model, batch, self.runtime, self.batch_size)
+            probs[rows] = average_views(view_probs)
+        return probs, [error for _, error in decoded]
 
 
 def _views_of(item: bytes | str, views: ViewMaker) -> tuple[torch.Tensor | None, str]:
-    try:
-        data = _as_bytes(item)
-        return views(decode_pixels(data, min_size=views.min_decode_size)), ""
-    except UnreadableImageError as exc:
-        return None, exc.reason
-
-
-def _as_bytes(item: bytes | str) -> bytes:
-    """Bytes as they are; text as base64 (what JSON carries); anything else is an error."""
-    if isinstance(item, bytes | bytearray | memoryview):
-        return bytes(item)
+    """The views of one encoded image (bytes, or base64 text as JSON carries it), or why not."""
     if isinstance(item, str):
         try:
-            return base64.b64decode(item, validate=False)
+            item = base64.b64decode(item, validate=False)
         except ValueError:
-            raise UnreadableImageError("<text>", "text that is not base64") from None
-    raise UnreadableImageError("<value>", f"not image bytes ({type(item).__name__})")
+            return None, "text that is not base64"
+    if not isinstance(item, bytes | bytearray | memoryview):
+        return None, f"not image bytes ({type(item).__name__})"
+    try:
+        return views(decode_pixels(bytes(item), min_size=views.min_decode_size)), ""
+    except UnreadableImageError as exc:
+        return None, exc.reason

@@ -15,9 +15,9 @@ PID_TAG = "visiontune.pid"
 PID_START_TAG = "visiontune.pid_start"
 
 
-def process_tags(pid: int | None = None) -> dict[str, str]:
-    """The tags that say which process holds a run open (this one by default)."""
-    process = psutil.Process(pid)
+def process_tags() -> dict[str, str]:
+    """The tags that say this process holds a run open."""
+    process = psutil.Process()
     return {
         HOST_TAG: socket.gethostname(),
         PID_TAG: str(process.pid),
@@ -36,13 +36,9 @@ def _holder_alive(tags: Mapping[str, str]) -> bool:
 
 
 def close_orphaned_runs(client: MlflowClient) -> list[str]:
-    """Mark KILLED the RUNNING runs of this host whose process is gone; their ids.
-
-    A stage killed by SIGKILL (or the OOM killer) cannot close its own runs. Every stage
-    calls this when it starts, so no run stays RUNNING past the next stage's start. Runs
-    of other hosts are never touched: a shared server holds runs of live processes
-    elsewhere, and a pid means nothing across hosts.
-    """
+    """Mark KILLED the RUNNING runs of this host whose process is gone (a SIGKILLed stage
+    cannot close its own); their ids. Other hosts' runs are never touched: a pid means
+    nothing across hosts."""
     host = socket.gethostname().replace("'", "\\'")
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
@@ -52,9 +48,7 @@ def close_orphaned_runs(client: MlflowClient) -> list[str]:
         filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
         max_results=1000,
     )
-    closed = []
-    for run in runs:
-        if not _holder_alive(run.data.tags):
-            client.set_terminated(run.info.run_id, status="KILLED")
-            closed.append(run.info.run_id)
-    return closed
+    orphans = [run.info.run_id for run in runs if not _holder_alive(run.data.tags)]
+    for run_id in orphans:
+        client.set_terminated(run_id, status="KILLED")
+    return orphans

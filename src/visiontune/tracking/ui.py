@@ -1,9 +1,5 @@
-"""`make ui`: the MLflow UI on this repo's local store, opened at the experiment's runs.
-
-It serves the store the stages log to (`tracking.uri` and `tracking.artifact_location`,
-resolved as the stages resolve them) on localhost, and prints the address of the runs view
-of `tracking.experiment` first, so that a person lands on the runs, not on MLflow's home page.
-"""
+"""`make ui`: the MLflow UI on localhost over the local store the stages log to, opened at
+`tracking.experiment`'s runs rather than MLflow's home page."""
 
 from __future__ import annotations
 
@@ -14,11 +10,6 @@ from pathlib import Path
 
 from visiontune.config import ParamsError, load_params
 from visiontune.tracking.store import repo_root, resolve_store
-
-
-def runs_url(base: str, experiment_id: str | None) -> str:
-    """The UI's address of an experiment's runs table (the home page when there is none)."""
-    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mlflow.tracking import MlflowClient
 
-    experiment = MlflowClient(tracking_uri=store.uri).get_experiment_by_name(
-        params.tracking.experiment
-    )
-    url = runs_url(f"http://127.0.0.1:{args.port}", experiment and experiment.experiment_id)
-    note = "" if experiment else f" (no runs of {params.tracking.experiment!r} yet)"
-    print(f"MLflow UI: {url}{note}", flush=True)
+    name = params.tracking.experiment
+    experiment = MlflowClient(tracking_uri=store.uri).get_experiment_by_name(name)
+    base = f"http://127.0.0.1:{args.port}"
+    if experiment:
+        print(f"MLflow UI: {base}/#/experiments/{experiment.experiment_id}/runs", flush=True)
+    else:
+        print(f"MLflow UI: {base}/ (no runs of {name!r} yet)", flush=True)
     command = [
         str(Path(sys.executable).parent / "mlflow"), "ui",
         "--backend-store-uri", store.uri,
