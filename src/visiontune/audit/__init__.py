@@ -1,21 +1,18 @@
-"""The data audit: suspect labels, near-duplicates and outliers, from the feature cache.
-
-It reads what precompute already computed (one feature vector per train and valid image)
-and decides nothing: the findings are a table for a person, who may then exclude or
-relabel images through `data.exclude` and `data.relabel` (applied by fetch).
-"""
+"""The data audit: suspect labels, near-duplicates and outliers, from the feature cache. It
+decides nothing: a person acts on the findings with `data.exclude` and `data.relabel`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from visiontune.audit.labels import label_issues, out_of_sample_probs
-from visiontune.audit.neighbours import Neighbours, candidate_pairs, isolation, nearest, unit_rows
+from visiontune.audit.neighbours import Neighbours, nearest, unit_rows
 from visiontune.config import AuditParams
 from visiontune.train.logreg import CV_FOLDS
 
@@ -32,15 +29,11 @@ FINDING_COLUMNS = (
     "other_id",
     "other_label",
 )
-# cleanlab's default filter: flags where the out-of-sample class disagrees with the given
-# one by more than the estimated noise rate of that class pair allows.
+# cleanlab's default: flag where disagreement exceeds the class pair's estimated noise rate.
 LABEL_FILTER = "prune_by_noise_rate"
-# other_split of a byte-identical copy that fetch dropped (rejects.csv has it).
-DROPPED = "dropped by fetch"
-# Train images the label probe needs at least: two per fold of its cross-validation.
-MIN_PROBE_ROWS = 2 * CV_FOLDS
-# Neighbours that define an image's neighbourhood (duplicates) and its isolation (outliers).
-NEIGHBOURS = 10
+DROPPED = "dropped by fetch"  # other_split of an identical file fetch dropped (see rejects.csv)
+MIN_PROBE_ROWS = 2 * CV_FOLDS  # two train images per fold of the label probe's CV
+NEIGHBOURS = 10  # an image's neighbourhood (duplicates) and isolation (outliers)
 
 
 @dataclass(frozen=True)
@@ -69,85 +62,72 @@ def audit_features(
     seed: int,
     dropped: Sequence[tuple[str, str]] = (),
 ) -> Audit:
-    """Every finding of the audit, and its counts (the stage's DVC metrics).
-
-    `dropped`: (kept, dropped) paths of the byte-identical files fetch kept one of; each
-    whose kept image is audited is a duplicate finding too (score 1).
-    """
+    """Every finding of the audit, and its counts (the stage's DVC metrics). `dropped`: the
+    (kept, dropped) paths of identical files fetch kept one of: duplicates of score 1."""
     n_train = images.n_train
-    train_y, valid_y = images.labels[:n_train], images.labels[n_train:]
+    train_y = images.labels[:n_train]
+    finding = partial(_finding, images, classes)
     rows: list[dict[str, Any]] = []
-    label_counts = {"train": (0, 0), "valid": (0, 0)}
+    flagged = {"train": 0, "valid": 0}
+    estimated = 0
     probs = None
-    # Cross-validation needs a few train images and two classes; a smaller set gets no
-    # label findings rather than made-up ones.
+    # Cross-validation needs a few train images and two classes: fewer get no label findings.
     if len(train_y) >= MIN_PROBE_ROWS and len(np.unique(train_y)) >= 2:
         probs = out_of_sample_probs(train_x, train_y, valid_x, len(classes), seed)
-        splits = (("train", 0, train_y, probs.train), ("valid", n_train, valid_y, probs.valid))
-    else:
-        splits = ()
-    for split, offset, y, p in splits:
-        issues = label_issues(y, p, LABEL_FILTER)
-        label_counts[split] = (len(issues.rows), issues.estimated)
-        flagged = zip(issues.rows, issues.suggested, issues.quality, strict=True)
-        for row, suggested, quality in flagged:
-            suggested_label = classes[int(suggested)]
-            score = 1.0 - float(quality)
-            rows.append(_finding(images, classes, "label", offset + int(row), score,
-                                 suggested_label=suggested_label))  # fmt: skip
+        for split, offset, p in (("train", 0, probs.train), ("valid", n_train, probs.valid)):
+            issues = label_issues(images.labels[offset : offset + len(p)], p, LABEL_FILTER)
+            flagged[split] = len(issues.rows)
+            estimated += issues.estimated
+            found = zip(issues.rows, issues.suggested, issues.quality, strict=True)
+            for row, suggested, quality in found:
+                label, score = classes[int(suggested)], 1.0 - float(quality)
+                rows.append(finding("label", offset + int(row), score, suggested_label=label))
 
     unit = unit_rows(np.concatenate([train_x, valid_x]), train_x.mean(axis=0))
     neighbours = nearest(unit, NEIGHBOURS + 1)
     pairs = duplicate_pairs(neighbours, params.duplicate_threshold)
-    leaks = 0
-    for i, j, score in pairs:
-        leaks += images.splits[i] != images.splits[j]
-        rows.append(_finding(images, classes, "duplicate", i, score, other=j))
+    rows += [finding("duplicate", i, score, other=j) for i, j, score in pairs]
     row_of = {path: row for row, path in enumerate(images.paths)}
     listed = [(row_of[kept], copy) for kept, copy in dropped if kept in row_of]
     for row, copy in listed:
-        finding = _finding(images, classes, "duplicate", row, 1.0)
-        rows.append(finding | {"other_path": copy, "other_split": DROPPED})
-    spread = isolation(neighbours, NEIGHBOURS)
-    z = robust_z(spread)
-    for row in np.argsort(-z, kind="stable"):
-        if z[row] < params.outlier_threshold:
-            break
-        rows.append(_finding(images, classes, "outlier", int(row), float(z[row])))
-
-    findings = pd.DataFrame(rows, columns=list(FINDING_COLUMNS))
+        rows.append(finding("duplicate", row, 1.0) | {"other_path": copy, "other_split": DROPPED})
+    # Isolation, 1 − mean cosine to the nearest images, as a robust z.
+    z = robust_z(1.0 - neighbours.similarity[:, :NEIGHBOURS].mean(axis=1))
+    outliers = [row for row in np.argsort(-z, kind="stable") if z[row] >= params.outlier_threshold]
+    rows += [finding("outlier", int(row), float(z[row])) for row in outliers]
+    leaks = sum(images.splits[i] != images.splits[j] for i, j, _ in pairs)
     accuracy = None if probs is None else float((probs.train.argmax(axis=1) == train_y).mean())
     metrics = {
-        "label_issues": label_counts["train"][0] + label_counts["valid"][0],
-        "label_issues_train": label_counts["train"][0],
-        "label_issues_valid": label_counts["valid"][0],
+        "label_issues": flagged["train"] + flagged["valid"],
+        "label_issues_train": flagged["train"],
+        "label_issues_valid": flagged["valid"],
         # cleanlab's estimate of the number of wrong labels, calibrated to the label counts.
-        "label_issues_estimated": label_counts["train"][1] + label_counts["valid"][1],
+        "label_issues_estimated": estimated,
         "duplicate_pairs": len(pairs),
-        "duplicate_pairs_across_splits": int(leaks),
+        "duplicate_pairs_across_splits": leaks,
         "identical_files_dropped": len(listed),
-        "outliers": int((z >= params.outlier_threshold).sum()),
+        "outliers": len(outliers),
         # How far to trust the label findings: the probe's accuracy on held-out train rows.
         "probe_cv_accuracy": None if accuracy is None else round(accuracy, 4),
         "probe_C": None if probs is None else probs.C,
         "images": len(images.paths),
     }
-    return Audit(findings, metrics)
+    return Audit(pd.DataFrame(rows, columns=list(FINDING_COLUMNS)), metrics)
 
 
 def duplicate_pairs(neighbours: Neighbours, threshold: float) -> list[tuple[int, int, float]]:
-    """Pairs much more alike than either image is to its other neighbours.
-
-    The score is how far the pair's cosine stands above the larger of the two images'
-    neighbourhoods (the mean cosine to its 2nd to 11th nearest: the first may be the copy),
-    as a share of the way to 1. Raw cosine cannot tell a re-encoded copy from two photos of
-    one breed on one lawn, since some classes are tight clusters; measured against its own
-    neighbourhood it can.
-    """
+    """Pairs much more alike than either image is to its other neighbours, most alike first:
+    how far the cosine stands above the larger of the two images' mean cosine to their 2nd-11th
+    nearest (the 1st may be the copy), as a share of the way to 1. Raw cosine cannot tell a
+    copy from two photos of one breed on one lawn (some classes are tight clusters)."""
     background = neighbours.similarity[:, 1 : NEIGHBOURS + 1].mean(axis=1)
-    candidates = candidate_pairs(neighbours, top=3)
+    # Candidates: each pair where one is among the other's 3 nearest.
+    cosines: dict[tuple[int, int], float] = {}
+    for i, others in enumerate(neighbours.index[:, :3].tolist()):
+        for j, cosine in zip(others, neighbours.similarity[i, :3].tolist(), strict=True):
+            cosines[(min(i, j), max(i, j))] = cosine
     scored = []
-    for i, j, cosine in candidates:
+    for (i, j), cosine in cosines.items():
         base = max(background[i], background[j])
         score = (cosine - base) / max(1.0 - base, 1e-6)
         if score >= threshold:

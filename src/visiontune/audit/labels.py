@@ -1,10 +1,6 @@
-"""Suspect labels: confident learning (cleanlab) on out-of-sample probabilities of a
-logistic regression over the cached features.
-
-Train images are scored by cross-validation within train; valid images by the models fitted
-on train folds, so a valid label never decides which train image is flagged, and no image's
-own label ever shapes the probabilities it is judged by.
-"""
+"""Suspect labels: cleanlab on out-of-sample probabilities of a logistic regression over the
+cached features. Train images get the fold model that held them out, valid images the fold
+models' mean: no label judges itself, and no valid label decides a train image's flag."""
 
 from __future__ import annotations
 
@@ -16,25 +12,25 @@ import torch
 from cleanlab.count import num_label_issues
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
+from scipy.special import softmax
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 
 from visiontune.train.logreg import LOGREG_CS, LOGREG_MAX_ITER, cv_folds
 
-# lbfgs stops at this relative improvement. The probe ranks images, and 1e-2 flags the
-# same planted flips as the head's 1e-3 (dogscats 118/120, digits 59 against 57/72) in a
-# third to a fifth of the time (dogbreeds' 120 classes: 3.2 s against 16 s).
+# The probe ranks images, and lbfgs at tol 1e-2 flags the same planted flips as the head's
+# 1e-3 (dogscats 118/120, digits 59 against 57/72) in a third to a fifth of the time.
 PROBE_TOL = 1.0e-2
 
 
 @dataclass(frozen=True)
 class LabelIssues:
-    """The flagged rows of one split, most suspect first."""
+    """The flagged rows of one split, most suspect (lowest label quality) first."""
 
-    rows: np.ndarray  # row indices into the split, ranked by score (lowest quality first)
-    suggested: np.ndarray  # [len(rows)] the class the probabilities favour
-    quality: np.ndarray  # [len(rows)] cleanlab's label quality in [0, 1]: low = suspect
+    rows: np.ndarray  # row indices into the split
+    suggested: np.ndarray  # the class the probabilities favour
+    quality: np.ndarray  # cleanlab's label quality in [0, 1]: low = suspect
     estimated: int  # cleanlab's calibrated estimate of the split's number of label errors
 
 
@@ -48,14 +44,9 @@ class OutOfSampleProbs:
 def out_of_sample_probs(
     train_x: np.ndarray, train_y: np.ndarray, valid_x: np.ndarray, num_classes: int, seed: int
 ) -> OutOfSampleProbs:
-    """Probabilities no image's own label took part in (see the module doc).
-
-    C is picked by cross-validation on train, and every probability comes from the fold
-    models at that C, so the C search is the whole cost: a train row from the one fold
-    model that never saw it, a valid row from the mean of all of them.
-    """
-    # scikit-learn's logistic regression works in float64: standardise one float64 copy
-    # in place, which it then uses as it is (at 50,000 images, 200 MB a copy).
+    """Probabilities no image's own label took part in, from the fold models of the C search
+    (C by cross-validation on train), so that search is the whole cost."""
+    # sklearn works in float64: standardise one float64 copy in place (200 MB at 50,000 images).
     train = np.array(train_x, dtype=np.float64, order="C")
     scaler = StandardScaler(copy=False).fit(train)
     scaler.transform(train)
@@ -64,9 +55,15 @@ def out_of_sample_probs(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol 1e-2: ranks, not digits
         search = LogisticRegressionCV(
-            Cs=list(LOGREG_CS), cv=folds, scoring="neg_log_loss", l1_ratios=(0.0,),
-            use_legacy_attributes=False, max_iter=LOGREG_MAX_ITER, tol=PROBE_TOL, refit=False,
-        ).fit(train, train_y)  # fmt: skip
+            Cs=list(LOGREG_CS),
+            cv=folds,
+            scoring="neg_log_loss",
+            l1_ratios=(0.0,),
+            use_legacy_attributes=False,
+            max_iter=LOGREG_MAX_ITER,
+            tol=PROBE_TOL,
+            refit=False,
+        ).fit(train, train_y)
     best = int(np.argmax(search.scores_.mean(axis=0).ravel()))
     present = search.classes_
     train_probs = np.zeros((len(train_y), num_classes))
@@ -74,20 +71,16 @@ def out_of_sample_probs(
     for fold, (_, held_out) in enumerate(folds):
         path = search.coefs_paths_[fold, 0, best]  # [K', D + 1]: weights, then intercept
         weight, bias = path[:, :-1].T, path[:, -1]
-        train_probs[np.ix_(held_out, present)] = _softmax_or_sigmoid(
-            train[held_out] @ weight + bias
-        )
-        valid_probs[:, present] += _softmax_or_sigmoid(valid @ weight + bias) / len(folds)
+        train_probs[np.ix_(held_out, present)] = _probabilities(train[held_out] @ weight + bias)
+        valid_probs[:, present] += _probabilities(valid @ weight + bias) / len(folds)
     return OutOfSampleProbs(train_probs, valid_probs, float(LOGREG_CS[best]))
 
 
-def _softmax_or_sigmoid(scores: np.ndarray) -> np.ndarray:
+def _probabilities(scores: np.ndarray) -> np.ndarray:
     if scores.shape[1] == 1:  # binary: sklearn's one row is the second class's logit
         p = 1.0 / (1.0 + np.exp(-scores[:, 0]))
         return np.stack([1.0 - p, p], axis=1)
-    scores = scores - scores.max(axis=1, keepdims=True)
-    e = np.exp(scores)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(scores, axis=1)
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray, filter_by: str) -> LabelIssues:

@@ -1,10 +1,5 @@
-"""Nearest neighbours in feature space, block by block: near-duplicates and outliers.
-
-Features are centred on the train mean and scaled to unit length, so the cosine of two
-images measures what they share beyond what every image of the set shares. The search
-holds one block of similarities at a time (`block` rows × all rows) and keeps each row's
-`k` nearest, so memory grows with N·k, not N².
-"""
+"""Nearest neighbours by cosine of train-centred features (what two images share beyond what
+all share), for near-duplicates and outliers; block by block, so memory grows with N·k."""
 
 from __future__ import annotations
 
@@ -29,13 +24,11 @@ def unit_rows(features: np.ndarray, centre: np.ndarray) -> torch.Tensor:
 
 
 def nearest(rows: torch.Tensor, k: int, block: int = 1024) -> Neighbours:
-    """The `k` most similar other rows of each row (cosine on unit rows), blockwise."""
+    """The `k` most similar other rows of each unit row (by cosine)."""
     n = len(rows)
-    k = min(k, n - 1)
-    index = np.zeros((n, max(k, 0)), dtype=np.int64)
-    similarity = np.zeros((n, max(k, 0)), dtype=np.float32)
-    if k <= 0:
-        return Neighbours(index, similarity)
+    k = max(min(k, n - 1), 0)
+    index = np.zeros((n, k), dtype=np.int64)
+    similarity = np.zeros((n, k), dtype=np.float32)
     for start in range(0, n, block):
         stop = min(start + block, n)
         sims = rows[start:stop] @ rows.T  # [block, N]
@@ -44,18 +37,3 @@ def nearest(rows: torch.Tensor, k: int, block: int = 1024) -> Neighbours:
         index[start:stop] = top.indices.numpy()
         similarity[start:stop] = top.values.numpy()
     return Neighbours(index, similarity)
-
-
-def candidate_pairs(neighbours: Neighbours, top: int) -> list[tuple[int, int, float]]:
-    """Each pair (i < j) with j among i's `top` nearest or i among j's, once, with its cosine."""
-    pairs: dict[tuple[int, int], float] = {}
-    index, similarity = neighbours.index[:, :top], neighbours.similarity[:, :top]
-    for i, (others, cosines) in enumerate(zip(index.tolist(), similarity.tolist(), strict=True)):
-        for j, cosine in zip(others, cosines, strict=True):
-            pairs[(min(i, j), max(i, j))] = cosine
-    return [(i, j, cosine) for (i, j), cosine in sorted(pairs.items())]
-
-
-def isolation(neighbours: Neighbours, k: int) -> np.ndarray:
-    """1 − mean cosine to the `k` nearest rows: large for an image far from all others."""
-    return 1.0 - neighbours.similarity[:, :k].mean(axis=1)

@@ -16,15 +16,23 @@ from visiontune.fileio import atomic_path, write_csv, write_json, write_text
 
 THUMBNAIL = 200
 FONT = 13
-PICTURES = {
-    "label": "suspect_labels.png",
-    "duplicate": "duplicates.png",
-    "outlier": "outliers.png",
-}
+PICTURES = {"label": "suspect_labels.png", "duplicate": "duplicates.png", "outlier": "outliers.png"}
 TITLES = {
     "label": "Suspect labels: the given label, and the class the out-of-sample probe favours",
     "duplicate": "Near-duplicate pairs, side by side",
     "outlier": "Outliers: far from every other image",
+}
+CAPTIONS = {  # str.format of a finding's columns, a line each
+    "label": ["given: {given_label}", "suggested: {suggested_label}", "{split}, score {score:.2f}"],
+    "duplicate": ["{split}: {given_label}", "score {score:.2f}"],
+    "outlier": ["{split}: {given_label}", "z = {score:.1f}"],
+}
+HEADINGS = {"label": "Suspect labels", "duplicate": "Near-duplicates", "outlier": "Outliers"}
+# audit.md's columns of each kind after path, split and given_label
+COLUMNS = {
+    "label": ["suggested_label", "score"],
+    "duplicate": ["other_path", "other_split", "other_label", "score"],
+    "outlier": ["score"],
 }
 # Below this held-out accuracy of the probe, most disagreements are the probe's errors,
 # not the labels' (dogbreeds: 64 %, 33 planted flips among 294 flags).
@@ -58,36 +66,18 @@ def write_audit(
     out_dir = Path(out_dir)
     write_csv(out_dir / "findings.csv", findings)
     write_json(out_dir / "metrics.json", dict(metrics))
-    pictures = []
     for kind, name in PICTURES.items():
         tiles = []
         for row in findings[findings["kind"] == kind].head(show).itertuples(index=False):
-            if kind == "label":
-                caption = [f"given: {row.given_label}", f"suggested: {row.suggested_label}",
-                           f"{row.split}, score {row.score:.2f}"]  # fmt: skip
-                tiles.append((image_root / row.path, caption))
-            elif kind == "duplicate":
-                tiles.append(
-                    (
-                        image_root / row.path,
-                        [f"{row.split}: {row.given_label}", f"score {row.score:.2f}"],
-                    )
-                )
-                tiles.append(
-                    (
-                        image_root / row.other_path,
-                        [f"{row.other_split}: {row.other_label}", "its near-duplicate"],
-                    )
-                )
-            else:
-                caption = [f"{row.split}: {row.given_label}", f"z = {row.score:.1f}"]
-                tiles.append((image_root / row.path, caption))
-        path = out_dir / name
-        with atomic_path(path) as tmp:
+            caption = [line.format(**row._asdict()) for line in CAPTIONS[kind]]
+            tiles.append((image_root / row.path, caption))
+            if kind == "duplicate":
+                other = [f"{row.other_split}: {row.other_label}", "its near-duplicate"]
+                tiles.append((image_root / row.other_path, other))
+        with atomic_path(out_dir / name) as tmp:
             contact_sheet(tiles, TITLES[kind]).save(tmp, format="PNG")
-        pictures.append(path)
     write_text(out_dir / "audit.md", render_markdown(findings, metrics, show))
-    return pictures
+    return [out_dir / name for name in PICTURES.values()]
 
 
 def contact_sheet(tiles: list[tuple[Path, list[str]]], title: str, cols: int = 4) -> Image.Image:
@@ -103,56 +93,36 @@ def contact_sheet(tiles: list[tuple[Path, list[str]]], title: str, cols: int = 4
     draw.text((8, 6), title if tiles else f"{title}: none found", fill="black", font=font)
     for n, (path, lines) in enumerate(tiles):
         x, y = (n % cols) * cell_w + 4, 2 * line + (n // cols) * cell_h
-        image = _thumbnail(path)
+        try:
+            image = open_rgb(path)
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+        except (UnreadableImageError, OSError):  # moved since fetch: a grey tile keeps the grid
+            image = Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
         sheet.paste(image, (x + (THUMBNAIL - image.width) // 2, y + THUMBNAIL - image.height))
         for i, text in enumerate(lines):
-            draw.text((x, y + THUMBNAIL + 4 + i * line), short_name(text, 34), fill="black",
-                      font=font)  # fmt: skip
+            where = (x, y + THUMBNAIL + 4 + i * line)
+            draw.text(where, short_name(text, 34), fill="black", font=font)
     return sheet
-
-
-def _thumbnail(path: Path) -> Image.Image:
-    try:
-        image = open_rgb(path)
-    except (UnreadableImageError, OSError):  # moved since fetch: a grey tile keeps the grid
-        return Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    return image
 
 
 def render_markdown(findings: pd.DataFrame, metrics: Mapping[str, Any], show: int) -> str:
     """audit.md: the counts, the top findings of each kind, and how to act on them."""
-    m = metrics
     lines = [
         "# Data audit",
         "",
-        f"{m['images']} images. {headline(m)}.",
+        f"{metrics['images']} images. {headline(metrics)}.",
         "",
-        f"cleanlab estimates {m['label_issues_estimated']} wrong labels. The findings are in "
-        "`findings.csv`, each kind most suspect first. Nothing here changes the data: "
+        f"cleanlab estimates {metrics['label_issues_estimated']} wrong labels. The findings are "
+        "in `findings.csv`, each kind most suspect first. Nothing here changes the data: "
         "see docs/data.md for `data.exclude` and `data.relabel`.",
         "",
     ]
-    columns = {
-        "label": ["path", "split", "given_label", "suggested_label", "score"],
-        "duplicate": [
-            "path",
-            "split",
-            "given_label",
-            "other_path",
-            "other_split",
-            "other_label",
-            "score",
-        ],
-        "outlier": ["path", "split", "given_label", "score"],
-    }
-    titles = {"label": "Suspect labels", "duplicate": "Near-duplicates", "outlier": "Outliers"}
     for kind, name in PICTURES.items():
         rows = findings[findings["kind"] == kind]
-        lines += [f"## {titles[kind]} ({len(rows)})", ""]
+        lines += [f"## {HEADINGS[kind]} ({len(rows)})", ""]
         if len(rows):
-            table = markdown_table(rows.head(show)[columns[kind]])
-            lines += [f"![{titles[kind]}]({name})", "", table, ""]
+            table = rows.head(show)[["path", "split", "given_label", *COLUMNS[kind]]]
+            lines += [f"![{HEADINGS[kind]}]({name})", "", markdown_table(table), ""]
         else:
             lines += ["None found.", ""]
     return "\n".join(lines)

@@ -9,9 +9,19 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-# Probabilities are float32 softmax outputs; a true-class probability that underflowed to
-# 0 would give an infinite loss, so it is clipped at the smallest normal float32.
+# A float32 softmax can underflow to 0 for the true class: clip there to keep the loss finite.
 _TINY = float(np.finfo(np.float32).tiny)
+
+
+def label_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Map class names to indices, naming any label the model does not know."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise ValueError(
+            f"labels not among the model's {len(classes)} classes: {', '.join(unknown[:10])}"
+        )
+    return np.array([index[name] for name in labels], dtype=np.int64)
 
 
 def per_image_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -20,30 +30,23 @@ def per_image_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(true_prob.astype(np.float64), _TINY, None))
 
 
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(axis=1) == labels)) if len(labels) else float("nan")
-
-
 def summary(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and mean loss of one set of predictions."""
+    """Accuracy and mean loss of one set of predictions (NaN without images)."""
+    if not len(labels):
+        return {"accuracy": float("nan"), "loss": float("nan")}
     return {
-        "accuracy": accuracy(probs, labels),
-        "loss": float(per_image_loss(probs, labels).mean()) if len(labels) else float("nan"),
+        "accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+        "loss": float(per_image_loss(probs, labels).mean()),
     }
 
 
 def paired_change(
     right_before: np.ndarray, right_after: np.ndarray, alternative: str = "two-sided"
 ) -> dict[str, float]:
-    """Of the same images, how many the second verdicts (`right_after`, booleans) get right
-    that the first got wrong (`gained`) and the reverse (`lost`), with the exact McNemar
-    test's p (scipy's binomial test on those changed images; `alternative` "less": fewer
-    gained than lost).
-
-    Two accuracies on the same images hide how few images they differ on: on 205 dogbreeds
-    images TTA's gain read +1.0, -0.5, 0 and -2.0 points at the head start and the three
-    epoch ends of one fine-tune (0-4 images), each a split that chance gives easily.
-    """
+    """Images the second verdicts get right that the first got wrong (`gained`) and the
+    reverse (`lost`), with the exact McNemar p (`alternative` "less": fewer gained than lost).
+    Two accuracies hide how few images they differ on: on 205 dogbreeds images TTA's gain read
+    +1.0, -0.5, 0 and -2.0 points along one fine-tune (0-4 images), all within chance."""
     gained = int(np.sum(right_after & ~right_before))
     lost = int(np.sum(right_before & ~right_after))
     changed = gained + lost
@@ -52,20 +55,12 @@ def paired_change(
 
 
 def per_class_table(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support per class (scikit-learn; 0 where undefined)."""
-    predicted = probs.argmax(axis=1)
+    """Precision, recall, F1 and support per class (0 where undefined)."""
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=np.arange(len(classes)), zero_division=0
+        labels, probs.argmax(axis=1), labels=np.arange(len(classes)), zero_division=0
     )
-    return pd.DataFrame(
-        {
-            "class": list(classes),
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "support": support.astype(int),
-        }
-    )
+    scores = {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
+    return pd.DataFrame({"class": list(classes), **scores})
 
 
 def macro_scores(table: pd.DataFrame) -> dict[str, float]:
@@ -94,30 +89,21 @@ def predictions_table(
 def confusion(
     actual: Sequence[str], predicted: Sequence[str], classes: Sequence[str], normalize: bool = False
 ) -> np.ndarray:
-    """Confusion matrix, rows = actual, columns = predicted, in the order of `classes`.
-
-    With `normalize`, each row is divided by its total (recall on the diagonal); rows
-    of classes absent from `actual` stay 0.
-    """
-    matrix = confusion_matrix(actual, predicted, labels=list(classes))
-    if not normalize:
-        return matrix
-    totals = matrix.sum(axis=1, keepdims=True)
-    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    """Rows actual, columns predicted, in the order of `classes`; with `normalize`, each row
+    as shares of its total (recall on the diagonal; 0 for classes absent from `actual`)."""
+    return confusion_matrix(
+        actual, predicted, labels=list(classes), normalize="true" if normalize else None
+    )
 
 
-def most_confused(
-    matrix: np.ndarray, classes: Sequence[str], limit: int, min_count: int = 1
-) -> pd.DataFrame:
-    """Off-diagonal cells with the most images (fastai's `most_confused`), largest first.
-
-    Columns: actual, predicted, count, share (of the actual class's images).
-    """
+def most_confused(matrix: np.ndarray, classes: Sequence[str], limit: int) -> pd.DataFrame:
+    """Off-diagonal cells with the most images (fastai's `most_confused`), largest first:
+    actual, predicted, count, share (of the actual class's images)."""
     totals = matrix.sum(axis=1)
     rows = [
         (classes[i], classes[j], int(matrix[i, j]), matrix[i, j] / totals[i])
         for i, j in zip(*np.nonzero(matrix), strict=True)
-        if i != j and matrix[i, j] >= min_count
+        if i != j
     ]
     frame = pd.DataFrame(rows, columns=["actual", "predicted", "count", "share"])
     frame = frame.sort_values(

@@ -1,8 +1,5 @@
-"""The report step: confusion matrix, most confused pairs, top losses, LR plots and report.md.
-
-Everything is derived from the TTA probabilities that `evaluate` scored, so the report
-and the metrics can never disagree.
-"""
+"""The report step: confusion matrix, most confused pairs, top losses, LR plots and report.md,
+all from the TTA probabilities `evaluate` scored, so report and metrics never disagree."""
 
 from __future__ import annotations
 
@@ -21,7 +18,6 @@ from visiontune.data.pixels import open_pixels
 from visiontune.data.transforms import DataConfig, eval_crop, eval_min_size
 from visiontune.evaluate import metrics, plots
 from visiontune.evaluate.gradcam import grad_cam
-from visiontune.evaluate.plots import markdown_table
 from visiontune.fileio import write_csv, write_text
 from visiontune.models.classifier import ImageClassifier
 
@@ -36,12 +32,12 @@ class ReportFiles:
     most_confused_csv: Path
     top_losses_png: Path
     grad_cam_png: Path
-    lr_find_png: Path | None
-    lr_schedule_png: Path | None
+    lr_find_png: Path
+    lr_schedule_png: Path
 
     def images(self) -> list[Path]:
-        candidates = [self.confusion_png, self.top_losses_png, self.grad_cam_png, self.lr_find_png]
-        return [p for p in [*candidates, self.lr_schedule_png] if p is not None]
+        pngs = [self.confusion_png, self.top_losses_png, self.grad_cam_png, self.lr_find_png]
+        return [*pngs, self.lr_schedule_png]
 
 
 def read_probabilities(
@@ -53,15 +49,8 @@ def read_probabilities(
     if list(probs["path"]) != list(labelled["path"]):
         raise ValueError(f"{probabilities_csv} and {predictions_csv} list different images")
     classes = [str(c) for c in probs.columns[1:]]
-    index = {name: i for i, name in enumerate(classes)}
-    labels = np.array([index[name] for name in labelled["label"]], dtype=np.int64)
+    labels = metrics.label_indices(labelled["label"], classes)
     return probs[classes].to_numpy(np.float64), labels, list(labelled["path"]), classes
-
-
-def evaluated_view(path: Path, cfg: DataConfig) -> torch.Tensor:
-    """The pixels the model saw without TTA (uint8 [3, H, W]): decoded as the loaders
-    decode, `eval_crop`."""
-    return eval_crop(open_pixels(path, min_size=eval_min_size(cfg)), cfg)
 
 
 def build_report(
@@ -75,9 +64,9 @@ def build_report(
     model: ImageClassifier,
     eval_metrics: Mapping[str, float],
     params: ReportParams,
-    lr_curve: pd.DataFrame | None = None,
-    lr_suggestion: float | None = None,
-    steps: pd.DataFrame | None = None,
+    lr_curve: pd.DataFrame,
+    lr_suggestion: float | None,
+    steps: pd.DataFrame,
 ) -> ReportFiles:
     """Write every report file into `out_dir` (each atomically) and return their paths."""
     out_dir = Path(out_dir)
@@ -90,41 +79,34 @@ def build_report(
         most_confused_csv=out_dir / "most_confused.csv",
         top_losses_png=out_dir / "top_losses.png",
         grad_cam_png=out_dir / "top_losses_gradcam.png",
-        lr_find_png=out_dir / "lr_find.png" if lr_curve is not None else None,
-        lr_schedule_png=out_dir / "lr_schedule.png" if steps is not None else None,
+        lr_find_png=out_dir / "lr_find.png",
+        lr_schedule_png=out_dir / "lr_schedule.png",
     )
     # One row per image: what DVC's confusion template counts.
-    write_csv(
-        files.confusion_csv, table.rename(columns={"label": "actual"})[["actual", "predicted"]]
-    )
+    actual = table.rename(columns={"label": "actual"})
+    write_csv(files.confusion_csv, actual[["actual", "predicted"]])
     confused = metrics.most_confused(counts, classes, params.most_confused)
     write_csv(files.most_confused_csv, confused)
-    plots.save_figure(
-        plots.confusion_figure(counts, classes, normalize=params.normalize_confusion),
-        files.confusion_png,
-    )
+    figure = plots.confusion_figure(counts, classes, normalize=params.normalize_confusion)
+    plots.save_figure(figure, files.confusion_png)
     worst = table.sort_values("loss", ascending=False, kind="stable").head(params.top_losses)
-    views = []
+    size = data_config.image_size
+    views = []  # the pixels the model saw without TTA, decoded as the loaders decode
     for rel in worst["path"]:
         try:
-            views.append(evaluated_view(Path(image_root) / rel, data_config))
+            pixels = open_pixels(Path(image_root) / rel, min_size=eval_min_size(data_config))
+            views.append(eval_crop(pixels, data_config))
         except UnreadableImageError:  # moved or damaged since evaluate: keep its row, grey tile
-            views.append(torch.full((3, data_config.image_size, data_config.image_size), 200,
-                                    dtype=torch.uint8))  # fmt: skip
+            views.append(torch.full((3, size, size), 200, dtype=torch.uint8))
     images = [TF.to_pil_image(view) for view in views]
     plots.save_figure(plots.top_losses_figure(images, worst), files.top_losses_png)
-    # Where the model looked on each: Grad-CAM for the actual and the predicted class.
-    index = {name: i for i, name in enumerate(classes)}
     maps = [
-        grad_cam(model, view, [index[row.label], index[row.predicted]])
+        grad_cam(model, view, metrics.label_indices([row.label, row.predicted], classes))
         for view, row in zip(views, worst.itertuples(index=False), strict=True)
     ]
     plots.save_figure(plots.grad_cam_figure(images, maps, worst), files.grad_cam_png)
-    if files.lr_find_png is not None and lr_curve is not None:
-        column = "smoothed_loss" if "smoothed_loss" in lr_curve else "loss"
-        plots.save_figure(plots.lr_find_figure(lr_curve, lr_suggestion, column), files.lr_find_png)
-    if files.lr_schedule_png is not None and steps is not None:
-        plots.save_figure(plots.lr_schedule_figure(steps), files.lr_schedule_png)
+    plots.save_figure(plots.lr_find_figure(lr_curve, lr_suggestion), files.lr_find_png)
+    plots.save_figure(plots.lr_schedule_figure(steps), files.lr_schedule_png)
     per_class = metrics.per_class_table(probs, labels, classes)
     text = render_markdown(eval_metrics, per_class, confused, worst, files, lr_suggestion)
     write_text(files.report, text)
@@ -145,15 +127,14 @@ def tta_gain_line(m: Mapping[str, float]) -> str:
 
 
 def render_markdown(
-    eval_metrics: Mapping[str, float],
+    m: Mapping[str, float],
     per_class: pd.DataFrame,
     confused: pd.DataFrame,
     worst: pd.DataFrame,
     files: ReportFiles,
     lr_suggestion: float | None,
 ) -> str:
-    """report.md: headline numbers, the weakest classes, most confused pairs, figures."""
-    m = eval_metrics
+    """report.md: headline numbers `m`, the weakest classes, most confused pairs, figures."""
     lines = [
         "# Evaluation report",
         "",
@@ -171,16 +152,19 @@ def render_markdown(
         f"![confusion matrix]({files.confusion_png.name})",
         "",
     ]
-    shown = per_class if len(per_class) <= 20 else per_class.nsmallest(10, "f1", keep="first")
-    title = "Per-class scores (TTA)" if len(per_class) <= 20 else "The 10 weakest classes (TTA F1)"
-    lines += [f"## {title}", "", markdown_table(shown), ""]
+    if len(per_class) <= 20:
+        lines += ["## Per-class scores (TTA)", "", plots.markdown_table(per_class), ""]
+    else:
+        weakest = per_class.nsmallest(10, "f1", keep="first")
+        lines += ["## The 10 weakest classes (TTA F1)", "", plots.markdown_table(weakest), ""]
     lines += ["## Most confused pairs", ""]
     if len(confused):
-        lines += [markdown_table(confused), "", f"As CSV: `{files.most_confused_csv.name}`."]
+        csv_note = f"As CSV: `{files.most_confused_csv.name}`."
+        lines += [plots.markdown_table(confused), "", csv_note]
     else:
         lines += ["No confusions: every image was classified correctly."]
     lines += ["", "## Top losses", "", f"![top losses]({files.top_losses_png.name})", ""]
-    lines += [markdown_table(worst[["path", "label", "predicted", "prob", "loss"]]), ""]
+    lines += [plots.markdown_table(worst[["path", "label", "predicted", "prob", "loss"]]), ""]
     lines += [
         "Where the model looked (Grad-CAM of the fine-tuned model over the pixels it saw, for "
         "the actual and the predicted class): on the subject, or on the background?",
@@ -188,9 +172,7 @@ def render_markdown(
         f"![Grad-CAM of the top losses]({files.grad_cam_png.name})",
         "",
     ]
-    if files.lr_find_png is not None:
-        suggested = f" (suggested LR {lr_suggestion:.2e})" if lr_suggestion is not None else ""
-        lines += ["## LR finder" + suggested, "", f"![LR finder]({files.lr_find_png.name})", ""]
-    if files.lr_schedule_png is not None:
-        lines += ["## LR schedule", "", f"![LR schedule]({files.lr_schedule_png.name})", ""]
+    suggested = f" (suggested LR {lr_suggestion:.2e})" if lr_suggestion is not None else ""
+    lines += ["## LR finder" + suggested, "", f"![LR finder]({files.lr_find_png.name})", ""]
+    lines += ["## LR schedule", "", f"![LR schedule]({files.lr_schedule_png.name})", ""]
     return "\n".join(lines)

@@ -1,6 +1,5 @@
-"""A submission table's format: `id`, then the probability of each class in class order, or
-of the positive class alone. `visiontune predict --submission` and the predict_test stage
-write it; no torch here, so a stage with no test images writes the header in a blink."""
+"""A submission table: `id`, then each class's probability, or the positive class's alone.
+Torch-free, so predict_test writes the header in a blink where there are no test images."""
 
 from __future__ import annotations
 
