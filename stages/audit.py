@@ -1,7 +1,7 @@
 """audit: suspect labels, near-duplicates and outliers, from the cached features.
 
-Run it before a first full run (`dvc repro audit`): it needs only fetch, split and
-precompute, and it changes nothing. Act on its findings with data.exclude and data.relabel.
+It needs only fetch, split and precompute, so run it before a first full run (`dvc repro
+audit`); it changes nothing: act on its findings with data.exclude and data.relabel.
 """
 
 from __future__ import annotations
@@ -35,34 +35,30 @@ PATHS = {
 def audit(stage: Stage):
     params, paths = stage.params, stage.paths
     classes = read_classes(paths.split / "classes.json")
-    features = load_current_features(
-        paths.features / "features.safetensors", params.model, params.base,
-        paths.split / "train.csv", paths.split / "valid.csv", classes,
-    )  # fmt: skip
+    tables = paths.split / "train.csv", paths.split / "valid.csv"
+    cache = paths.features / "features.safetensors"
+    features = load_current_features(cache, params.model, params.base, *tables, classes)
     manifest = read_manifest(paths.prepared / "manifest.csv")
     ids = dict(zip(manifest["path"], manifest["sha256"], strict=True))
-    tables = {s: read_table(paths.split / f"{s}.csv", SPLIT_COLUMNS) for s in ("train", "valid")}
-    rows = [*tables["train"]["path"], *tables["valid"]["path"]]
+    train, valid = (read_table(table, SPLIT_COLUMNS) for table in tables)
+    rows = [*train["path"], *valid["path"]]
     images = AuditImages(
         paths=[path.removeprefix(f"{IMAGES_DIR}/") for path in rows],
         labels=np.concatenate([features.train_y.numpy(), features.valid_y.numpy()]),
-        splits=["train"] * len(tables["train"]) + ["valid"] * len(tables["valid"]),
+        splits=["train"] * len(train) + ["valid"] * len(valid),
         ids=[ids[path] for path in rows],
-        n_train=len(tables["train"]),
+        n_train=len(train),
     )
     # Of byte-identical files fetch kept one: the others are duplicates the user should see.
     rejects = read_table(paths.prepared / "rejects.csv", REJECT_COLUMNS)
     copies = rejects[rejects["reason"].str.startswith(DUPLICATE_OF)]
     dropped = [(reason.removeprefix(DUPLICATE_OF), path) for path, reason in copies.values]
-    result = audit_features(
-        features.train_x.float().numpy(), features.valid_x.float().numpy(), images, classes,
-        params.audit, params.base.seed, dropped,
-    )  # fmt: skip
-    write_audit(paths.out, result.findings, result.metrics, paths.prepared / IMAGES_DIR,
-                params.audit.show)  # fmt: skip
-    save_config(
-        paths.out / "config.json", {"audit": params.audit, "base": {"seed": params.base.seed}}
-    )
+    train_x, valid_x = features.train_x.float().numpy(), features.valid_x.float().numpy()
+    seed = params.base.seed
+    result = audit_features(train_x, valid_x, images, classes, params.audit, seed, dropped)
+    image_root = paths.prepared / IMAGES_DIR
+    write_audit(paths.out, result.findings, result.metrics, image_root, params.audit.show)
+    save_config(paths.out / "config.json", {"audit": params.audit, "base": {"seed": seed}})
     print(f"audit: {headline(result.metrics)}; see {paths.out / 'findings.csv'}")
     return paths.out
 

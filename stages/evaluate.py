@@ -1,8 +1,7 @@
 """evaluate: loss and accuracy of the fine-tuned model on the validation images, plain and TTA.
 
-It writes the model file to use (`model.safetensors`): the fine-tuned weights with the
-views and the precision scored here recorded in it, so `visiontune predict` and the
-registered model predict as evaluate scored.
+It writes the model file to use (`model.safetensors`), with the views and precision scored
+here recorded in it: `visiontune predict` and the registered model predict as evaluate scored.
 """
 
 from __future__ import annotations
@@ -16,8 +15,12 @@ from visiontune.fileio import save_config, write_csv, write_json
 from visiontune.models.classifier import InferenceSettings, load_model_file, save_model_file
 from visiontune.stagekit import Stage, run_stage
 
-PATHS = {"model": "fine-tuned model file", "valid": "validation table",
-         "prepared": "folder the image paths are under", "out": "output folder"}  # fmt: skip
+PATHS = {
+    "model": "fine-tuned model file",
+    "valid": "validation table",
+    "prepared": "folder the image paths are under",
+    "out": "output folder",
+}
 
 
 def evaluate(stage: Stage):
@@ -35,12 +38,9 @@ def evaluate(stage: Stage):
     write_csv(out / "predictions.csv", result.predictions)
     write_csv(out / "per_class.csv", result.per_class)
     write_csv(out / "probabilities.csv", result.probabilities)
-    save_config(out / "config.json", {
-        "base": params.base, "tta": params.tta, "views": list(result.views),
-        "runtime": {"device": str(runtime.device), "precision": runtime.precision,
-                    "world_size": dist.world_size},
-    })  # fmt: skip
-    # The model to use predicts with the views and the precision scored here.
+    ran = {"device": str(runtime.device), "precision": runtime.precision}
+    config = {"base": params.base, "tta": params.tta, "views": list(result.views)}
+    save_config(out / "config.json", {**config, "runtime": {**ran, "world_size": dist.world_size}})
     scored = InferenceSettings(params.tta.n_augment, params.tta.zoom, runtime.precision)
     save_model_file(out / "model.safetensors", model, replace(info, inference=scored))
     stage.register_model = out / "model.safetensors"

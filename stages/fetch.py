@@ -16,20 +16,16 @@ PATHS = {
 
 
 def fetch(stage: Stage):
-    params, paths = stage.params, stage.paths
-    # Unusable sources, archives and downloads raise ValueError or OSError: the runner
-    # reports them and exits 1, and the atomic folder leaves no partial output.
-    with atomic_dir(paths.out) as tmp:
-        # Downloads are kept in the repo DVC was run from: experiment copies share them.
-        downloads = stage.locate.shared(paths.download_dir)
+    params, paths, seed = stage.params, stage.paths, stage.params.base.seed
+    # Downloads are kept in the repo DVC was run from: experiment copies share them.
+    downloads = stage.locate.shared(paths.download_dir)
+    workers, progress = loader_workers("auto"), sys.stderr.isatty()
+    with atomic_dir(paths.out) as tmp:  # a bad source (OSError, ValueError) leaves nothing
         summary = prepare_dataset(
-            params.data, tmp, downloads, stage.locate, seed=params.base.seed,
-            workers=loader_workers("auto"), progress=sys.stderr.isatty(),
-        )  # fmt: skip
-        save_config(
-            tmp / "config.json",
-            {"data": params.data, "base": {"seed": params.base.seed}, "fetch": summary},
+            params.data, tmp, downloads, stage.locate, seed=seed, workers=workers, progress=progress
         )
+        config = {"data": params.data, "base": {"seed": seed}, "fetch": summary}
+        save_config(tmp / "config.json", config)
     print(format_summary(summary, paths.out / "rejects.csv"))
     return paths.out
 

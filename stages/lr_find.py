@@ -24,28 +24,31 @@ PATHS = {
 
 def lr_find(stage: Stage):
     params, paths, runtime = stage.params, stage.paths, stage.runtime
+    method = params.lr_find.method
     model, info, _ = load_classifier(params.model, paths.head)
     finetune = resolve_finetune(params.finetune, info)
     train = read_split(paths.train, paths.prepared)
     dataset = create_train_dataset(train, info.classes, info.data_config, finetune.augment)
     # Too few points before the loss diverged is a ValueError: the runner reports it.
     result = run_lr_find(model, dataset, finetune, params.lr_find, runtime, seed=params.base.seed)
-    lr = result.suggestion(params.lr_find.method)
+    lr, iterations = result.suggestion(method), len(result.curve)
     write_csv(paths.out / "curve.csv", result.curve)
-    write_json(paths.out / "suggestion.json", {
-        "method": params.lr_find.method, "lr": lr, "suggestions": result.suggestions,
-        "group_lrs": group_lrs(lr, finetune.lr_ratios), "lr_ratios": list(finetune.lr_ratios),
-        "stopped_early": result.stopped_early, "iterations": len(result.curve),
-    })  # fmt: skip
-    save_config(paths.out / "config.json", {
-        "base": params.base, "model": params.model, "lr_find": params.lr_find,
-        "finetune": finetune, "runtime": {"device": str(runtime.device),
-                                          "precision": runtime.precision},
-    })  # fmt: skip
+    suggestion = {
+        "method": method,
+        "lr": lr,
+        "suggestions": result.suggestions,
+        "group_lrs": group_lrs(lr, finetune.lr_ratios),
+        "lr_ratios": list(finetune.lr_ratios),
+        "stopped_early": result.stopped_early,
+        "iterations": iterations,
+    }
+    write_json(paths.out / "suggestion.json", suggestion)
+    ran = {"device": str(runtime.device), "precision": runtime.precision}
+    config = {"base": params.base, "model": params.model, "lr_find": params.lr_find}
+    save_config(paths.out / "config.json", {**config, "finetune": finetune, "runtime": ran})
     others = ", ".join(f"{k} {v:.2e}" for k, v in sorted(result.suggestions.items()))
     stopped = " (stopped: loss diverged)" if result.stopped_early else ""
-    print(f"lr_find: {len(result.curve)} iterations{stopped}; "
-          f"{params.lr_find.method} suggests lr {lr:.2e} ({others})")  # fmt: skip
+    print(f"lr_find: {iterations} iterations{stopped}; {method} suggests lr {lr:.2e} ({others})")
     return paths.out
 
 

@@ -20,19 +20,24 @@ def precompute(stage: Stage):
     params, paths = stage.params, stage.paths
     # Under torchrun the ranks share the images; rank 0 writes the cache.
     features, stats = precompute_features(
-        params.model, params.base, params.precompute,
-        train_csv=paths.split / "train.csv", valid_csv=paths.split / "valid.csv",
-        classes=read_classes(paths.split / "classes.json"), image_root=paths.prepared,
-        runtime_params=params.runtime, dist=stage.dist,
-    )  # fmt: skip
+        params.model,
+        params.base,
+        params.precompute,
+        train_csv=paths.split / "train.csv",
+        valid_csv=paths.split / "valid.csv",
+        classes=read_classes(paths.split / "classes.json"),
+        image_root=paths.prepared,
+        runtime_params=params.runtime,
+        dist=stage.dist,
+    )
     if not stage.is_main:
         return None
+    config = {"base": params.base, "model": params.model, "precompute": params.precompute}
     with atomic_dir(paths.out) as tmp:
         save_features(tmp / "features.safetensors", features)
         write_json(tmp / "fingerprint.json", features.fingerprint)
         write_json(tmp / "throughput.json", stats)
-        save_config(tmp / "config.json", {"base": params.base, "model": params.model,
-                                          "precompute": params.precompute})  # fmt: skip
+        save_config(tmp / "config.json", config)
     print(
         f"precompute: {len(features.train_y)} train + {len(features.valid_y)} valid images, "
         f"{int(stats['feature_dim'])} features, {stats['images_per_s']:.1f} images/s "

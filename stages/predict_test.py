@@ -1,10 +1,9 @@
 """predict_test: the submission table for the unlabelled test images fetch held out.
 
-id (file name without extension) + one probability column per class, from evaluate's
-model file with the views and precision evaluate scored, as the registered model
-predicts. A source without a test folder (most of them) gives the header alone, written
-from the model's record without loading torch: every experiment that re-runs evaluate
-re-runs this stage.
+id (file name without extension) + one probability column per class, from evaluate's model
+file with the views and precision evaluate scored, as the registered model predicts. Without
+a test folder (most sources) it writes the header alone, from the model's record and without
+importing torch: every experiment that re-runs evaluate re-runs this stage.
 """
 
 from __future__ import annotations
@@ -14,16 +13,18 @@ from visiontune.fileio import atomic_open
 from visiontune.models.record import read_model_info
 from visiontune.stagekit import Stage, run_stage
 
-PATHS = {"model": "evaluate's model file", "test": "held-out test images (fetch's test/)",
-         "out": "output folder (submission.csv)"}  # fmt: skip
+PATHS = {
+    "model": "evaluate's model file",
+    "test": "held-out test images (fetch's test/)",
+    "out": "output folder (submission.csv)",
+}
 
 
 def predict_test(stage: Stage):
     params, paths = stage.params, stage.paths
     if not paths.test.is_dir():
-        classes = read_model_info(paths.model).classes
-        with atomic_open(paths.out / "submission.csv", newline="") as out:
-            submission_writer(out, classes)
+        with atomic_open(paths.out / "submission.csv") as out:
+            submission_writer(out, read_model_info(paths.model).classes)
         print("predict_test: 0 test images predicted (no test folder: header only)")
         return paths.out
     from visiontune.evaluate.predict import find_inputs, image_ids, write_submission
@@ -39,11 +40,12 @@ def predict_test(stage: Stage):
     runtime, note = predicting_runtime(settings.precision, params.base.device, workers)
     if note:
         print(f"predict_test: {note}")
-    with atomic_open(paths.out / "submission.csv", newline="") as out:
+    model, views = model.to(runtime.device), create_views(info, settings)
+    ids = image_ids(found, "stem")
+    with atomic_open(paths.out / "submission.csv") as out:
         summary = write_submission(
-            model.to(runtime.device), info, found.files, image_ids(found, "stem"), runtime,
-            create_views(info, settings), out, batch_size=params.tta.batch_size,
-        )  # fmt: skip
+            model, info, found.files, ids, runtime, views, out, batch_size=params.tta.batch_size
+        )
     for error in summary.errors:
         print(f"predict_test: {error.path}: {error.error} (left out)")
     print(f"predict_test: {summary.rows} test images predicted ({paths.test})")

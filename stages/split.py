@@ -31,8 +31,8 @@ def split(stage: Stage):
         f"{report['classes']} classes, {report['test_held_out']} test held out"
     )
     if report["dropped_classes"]:
-        print(f"split: dropped classes with < {report['min_per_class']} images: "
-              f"{report['dropped_classes']}")  # fmt: skip
+        minimum, dropped = report["min_per_class"], report["dropped_classes"]
+        print(f"split: dropped classes with < {minimum} images: {dropped}")
     for warning in report["warnings"]:
         print(f"split: warning: {warning}")
     return paths.out

@@ -19,12 +19,11 @@ PATHS = {
 
 def train_head(stage: Stage):
     params, paths = stage.params, stage.paths
+    classes = read_classes(paths.split / "classes.json")
+    tables = paths.split / "train.csv", paths.split / "valid.csv"
+    cache = paths.features / "features.safetensors"
     # A cache computed from other params or data is refused (StaleCacheError).
-    features = load_current_features(
-        paths.features / "features.safetensors", params.model, params.base,
-        paths.split / "train.csv", paths.split / "valid.csv",
-        read_classes(paths.split / "classes.json"),
-    )  # fmt: skip
+    features = load_current_features(cache, params.model, params.base, *tables, classes)
     # The backbone's own classifier, cached by precompute, may seed the head (head.init).
     source = None if params.head.init == "random" else features.source
     result = train_head_on_features(features, params.head, params.base.seed, source)

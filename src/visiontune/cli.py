@@ -1,42 +1,35 @@
-"""The `visiontune` console script: subcommands for using a trained model file.
+"""The `visiontune` console script: `visiontune predict` with a model file evaluate wrote.
 
-`visiontune predict MODEL PATH...` prints the top-k labels of images or folders of images,
-or with `--submission FILE` writes a submission table (id + a probability per class). The
-TTA views and the precision are those evaluate scored, recorded in the model file it wrote
-(outputs/evaluate/model.safetensors), as the served MLflow model uses them. No file in the
-current directory changes that: `--params`, `--no-tta` and `--precision` override it only
-when given.
+The TTA views and precision are the model file's own, as the served MLflow model uses them:
+no file in the current directory changes that; `--params`, `--no-tta` and `--precision` do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from visiontune.evaluate.predict import (
     ID_KINDS,
     Prediction,
     find_inputs,
     image_ids,
+    inference_from_params,
     predict_files,
     write_submission,
 )
-from visiontune.models.classifier import InferenceSettings, ModelInfo, load_model_file
+from visiontune.models.classifier import load_model_file
 from visiontune.runtime import AutoMemory, configure_memory, loader_workers
-from visiontune.serving.predictor import (
-    create_views,
-    inference_settings,
-    predicting_runtime,
-)
+from visiontune.serving.predictor import create_views, inference_settings, predicting_runtime
 
 
 def _positive_int(text: str) -> int:
@@ -46,7 +39,108 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _report(message: object, code: int = 2) -> int:
+    """Print `message` on stderr as predict's; `code` is the exit status to return with it."""
+    print(f"visiontune predict: {message}", file=sys.stderr)
+    return code
+
+
+def _predict(args: argparse.Namespace) -> int:
+    found = find_inputs(args.paths)
+    try:
+        ids = image_ids(found, args.id) if args.submission else []
+    except ValueError as exc:
+        return _report(exc)
+    try:
+        # Large tensors on huge pages, freed memory kept for the next batch (see runtime).
+        configure_memory(AutoMemory())
+        model, info = load_model_file(args.model)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return _report(f"cannot load {args.model}: {exc}")
+    try:  # --params FILE, else the model's record; --precision wins over both
+        if args.params:
+            from visiontune.config import load_params  # pydantic: only where it is needed
+
+            settings = inference_from_params(load_params(args.params))
+        else:
+            settings = inference_settings(info, args.model)
+        if args.precision != "model":
+            settings = dataclasses.replace(settings, precision=args.precision)
+        views = create_views(info, settings, args.tta)
+    except ValueError as exc:  # a bad params file or record: the message says what to do
+        return _report(exc)
+    # Worker processes cost more than they save for a handful of images.
+    workers = 0 if len(found.files) <= args.batch_size else loader_workers("auto")
+    try:
+        runtime, note = predicting_runtime(settings.precision, args.device, workers)
+        model = model.to(runtime.device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return _report(f"cannot load {args.model}: {exc}")
+    if note:
+        _report(note)
+    if not args.submission:
+        results = found.errors + predict_files(
+            model, info, found.files, runtime, views, top_k=args.top_k, batch_size=args.batch_size
+        )
+        for result in results:
+            if result.error:
+                _report(f"{result.path}: {result.error}")
+        write_results(results, args.format, sys.stdout)
+        if all(result.error for result in results):
+            return _report("no image could be predicted", code=1)
+        return 0
+    if args.positive is not None and args.positive not in info.classes:
+        return _report(f"--positive {args.positive!r} is not one of the classes {info.classes}")
+    from visiontune.fileio import atomic_open  # pydantic and pandas: only where needed
+
+    to_stdout = args.submission == "-"
+    with contextlib.nullcontext(sys.stdout) if to_stdout else atomic_open(args.submission) as out:
+        summary = write_submission(
+            model, info, found.files, ids, runtime, views, out, args.positive, args.batch_size
+        )
+    errors = found.errors + summary.errors
+    for error in errors:
+        _report(f"{error.path}: {error.error}")
+    where = "stdout" if to_stdout else args.submission
+    _report(f"{summary.rows} images predicted, {len(errors)} unreadable (left out) -> {where}")
+    # An empty test folder gives a header alone; files that all fail are an error.
+    return 0 if summary.rows or not found.files else 1
+
+
+def write_results(results: Sequence[Prediction], fmt: str, out: TextIO) -> None:
+    """Print predictions as a table, CSV (one row per label) or JSON (one object per input)."""
+    if fmt == "json":
+        rows = [
+            {
+                "path": r.path,
+                "predictions": [{"label": label, "probability": p} for label, p in r.top],
+                "error": r.error,
+            }
+            for r in results
+        ]
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "rank", "label", "probability", "error"])
+        for r in results:
+            if r.error:
+                writer.writerow([r.path, "", "", "", r.error])
+            for rank, (label, p) in enumerate(r.top, start=1):
+                writer.writerow([r.path, rank, label, f"{p:.6f}", ""])
+    else:
+        image = Column("image", overflow="fold")
+        probability = Column("probability", justify="right")
+        table = Table(image, "prediction", probability, "next best", header_style="bold")
+        for r in results:
+            if not r.error:  # errors are reported on stderr
+                (label, p), rest = r.top[0], r.top[1:]
+                others = ", ".join(f"{name} {q:.3f}" for name, q in rest)
+                table.add_row(r.path, label, f"{p:.3f}", others)
+        Console(file=out).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="visiontune", description="Use models trained by the visiontune pipeline."
     )
@@ -103,138 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="model",
         help="compute precision (default: the model's)",
     )
-    predict.set_defaults(run=_predict)
-    return parser
-
-
-def _settings(info: ModelInfo, args: argparse.Namespace) -> InferenceSettings:
-    """The TTA views and precision to predict with: those evaluate recorded in the model
-    file, unless `--params FILE` names others; `--precision` wins over both."""
-    if args.params:
-        from visiontune.config import load_params
-        from visiontune.evaluate.predict import inference_from_params
-
-        settings = inference_from_params(load_params(args.params))
-    else:
-        settings = inference_settings(info, args.model)
-    if args.precision != "model":
-        settings = dataclasses.replace(settings, precision=args.precision)
-    return settings
-
-
-def _predict(args: argparse.Namespace) -> int:
-    found = find_inputs(args.paths)
-    files = found.files
-    try:
-        ids = image_ids(found, args.id) if args.submission else []
-    except ValueError as exc:
-        print(f"visiontune predict: {exc}", file=sys.stderr)
-        return 2
-    # Worker processes cost more than they save for a handful of images.
-    workers = 0 if len(files) <= args.batch_size else loader_workers("auto")
-    try:
-        # Large tensors on huge pages, freed memory kept for the next batch (see runtime).
-        configure_memory(AutoMemory())
-        model, info = load_model_file(args.model)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        settings = _settings(info, args)
-        views = create_views(info, settings, args.tta)
-    except ValueError as exc:  # a bad params file or record: the message says what to do
-        print(f"visiontune predict: {exc}", file=sys.stderr)
-        return 2
-    try:
-        runtime, note = predicting_runtime(settings.precision, args.device, workers)
-        model = model.to(runtime.device)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"visiontune predict: cannot load {args.model}: {exc}", file=sys.stderr)
-        return 2
-    if note:
-        print(f"visiontune predict: {note}", file=sys.stderr)
-    if args.submission:
-        return _write_submission(args, model, info, files, ids, runtime, views, found.errors)
-    results = found.errors + predict_files(
-        model, info, files, runtime, views, top_k=args.top_k, batch_size=args.batch_size
-    )
-    for result in results:
-        if result.error:
-            print(f"visiontune predict: {result.path}: {result.error}", file=sys.stderr)
-    write_results(results, args.format, sys.stdout)
-    predicted = sum(1 for r in results if not r.error)
-    if not predicted:
-        print("visiontune predict: no image could be predicted", file=sys.stderr)
-    return 0 if predicted else 1
-
-
-def _write_submission(args, model, info, files, ids, runtime, views, missing) -> int:
-    from visiontune.fileio import atomic_open
-
-    if args.positive is not None and args.positive not in info.classes:
-        print(f"visiontune predict: --positive {args.positive!r} is not one of the classes "
-              f"{info.classes}", file=sys.stderr)  # fmt: skip
-        return 2
-    kwargs = {"positive": args.positive, "batch_size": args.batch_size}
-    if args.submission == "-":
-        summary = write_submission(model, info, files, ids, runtime, views, sys.stdout, **kwargs)
-    else:
-        Path(args.submission).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(args.submission, newline="") as out:
-            summary = write_submission(model, info, files, ids, runtime, views, out, **kwargs)
-    errors = missing + summary.errors
-    for error in errors:
-        print(f"visiontune predict: {error.path}: {error.error}", file=sys.stderr)
-    where = "stdout" if args.submission == "-" else args.submission
-    print(f"visiontune predict: {summary.rows} images predicted, {len(errors)} unreadable "
-          f"(left out) -> {where}", file=sys.stderr)  # fmt: skip
-    # An empty test folder gives a header alone; files that all fail are an error.
-    return 0 if summary.rows or not files else 1
-
-
-def write_results(results: Sequence[Prediction], fmt: str, out: TextIO) -> None:
-    """Print predictions as a table, CSV (one row per label) or JSON (one object per input)."""
-    if fmt == "json":
-        rows = [
-            {
-                "path": r.path,
-                "predictions": [{"label": label, "probability": p} for label, p in r.top],
-                "error": r.error,
-            }
-            for r in results
-        ]
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-    elif fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["path", "rank", "label", "probability", "error"])
-        for r in results:
-            if r.error:
-                writer.writerow([r.path, "", "", "", r.error])
-            for rank, (label, p) in enumerate(r.top, start=1):
-                writer.writerow([r.path, rank, label, f"{p:.6f}", ""])
-    else:
-        _print_table(results, out)
-
-
-def _print_table(results: Sequence[Prediction], out: TextIO) -> None:
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("image", overflow="fold")
-    table.add_column("prediction")
-    table.add_column("probability", justify="right")
-    table.add_column("next best")
-    for r in results:
-        if r.error:
-            continue  # already reported on stderr
-        (label, p), rest = r.top[0], r.top[1:]
-        others = ", ".join(f"{name} {q:.3f}" for name, q in rest)
-        table.add_row(r.path, label, f"{p:.3f}", others)
-    Console(file=out).print(table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    return _predict(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

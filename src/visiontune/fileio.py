@@ -18,41 +18,31 @@ from pydantic import BaseModel
 
 
 def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks (memory stays flat on any size)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _remove_orphans(path: Path) -> None:
-    """Delete temp files/folders an earlier write of `path` left when it was SIGKILLed.
-
-    Nothing else cleans them: DVC removes a stage's outputs, not their hidden siblings, and
-    never touches a folder that is no output (the checkpoints), so each kill would leak a
-    full-size copy.
-    """
+def _clear_orphans(path: str | Path) -> Path:
+    """`path`, its folder made and the temp copies of SIGKILLed writes gone (DVC never removes
+    an output's hidden siblings: each kill would leak a full-size copy)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         if orphan.is_dir() and not orphan.is_symlink():
             shutil.rmtree(orphan, ignore_errors=True)
         else:
             orphan.unlink(missing_ok=True)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
-
-    The temp file lives in the same directory so the final `os.replace` is atomic, and
-    the previous content of `path` survives any failure (including a full disk).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Yield a temp path beside `path`, renamed over it only if the block succeeds: the
+    previous content survives any failure (a full disk too), and the rename is atomic."""
+    path = _clear_orphans(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = Path(name)
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -65,8 +55,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temp file for writing that replaces `path` when closed without error."""
-    if "w" not in mode:
-        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
         kwargs.setdefault("newline", "")
@@ -77,22 +65,18 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temp name and swap it into place when done."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
+    path = _clear_orphans(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)  # left by a write killed mid-swap
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -117,7 +101,6 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
-    """Write a DataFrame as CSV atomically, without the index."""
     with atomic_open(path) as handle:
         frame.to_csv(handle, index=False, lineterminator="\n")
 
@@ -130,11 +113,11 @@ def write_text(path: str | Path, text: str) -> None:
 def write_safetensors(
     path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
 ) -> None:
-    """Write tensors as safetensors atomically, with a canonical (key-sorted) header.
+    """Write tensors as safetensors atomically, with a key-sorted header.
 
-    safetensors serialises `metadata` from a Rust HashMap, whose order changes from call to
-    call: with two or more metadata keys the same tensors gave different bytes (and DVC
-    hashes). Offsets in the header are explicit, so sorting its keys keeps the file valid.
+    safetensors writes `metadata` in a Rust HashMap's order, which changes from call to call
+    (the same tensors, other bytes and DVC hashes); the header's offsets are explicit, so
+    sorting its keys keeps the file valid.
     """
     from safetensors.torch import save
 

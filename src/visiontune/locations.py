@@ -1,10 +1,8 @@
 """Where a relative path of `params.yaml` points, in the workspace and in DVC's experiment copies.
 
-`dvc exp run --temp` and queued experiments run the stages in a copy of the repo's git
-files under `.dvc/tmp/exps/`: a path outside the repo (`../photos`) or a git-ignored one is
-not there. A relative path is therefore looked up in the checkout the stage runs in first
-(what is there belongs to the experiment's snapshot), then in the repo DVC was run from
-(`$DVC_ROOT`, which DVC hands every stage). In the workspace the two are the same folder.
+`dvc exp run --temp` and queued experiments run in a copy of the repo's git files, where
+`../photos` or a git-ignored path is missing: so a relative path is looked up in the stage's
+checkout first (the experiment's snapshot), then in the repo DVC ran from (`$DVC_ROOT`).
 """
 
 from __future__ import annotations
@@ -43,15 +41,24 @@ class Locator:
     def in_experiment_copy(self) -> bool:
         return self.origin != self.checkout
 
-    def find(self, written: str) -> Located | None:
-        """The file or folder `written` names, or None where neither place has it."""
+    def _candidates(self, written: str) -> dict[Path, str]:
+        """Where `written` may be, each with the phrase that says why it was used."""
         given = Path(written).expanduser()
         if given.is_absolute():
-            return Located(written, given, "used as given") if given.exists() else None
-        for root in dict.fromkeys((self.checkout, self.origin)):
-            candidate = root / given
-            if candidate.exists():
-                return Located(written, candidate, self._describe(root))
+            return {given: "used as given"}
+        if not self.in_experiment_copy:
+            return {self.checkout / given: "found in the repo"}
+        return {
+            self.checkout / given: "found in this experiment's copy of the repo",
+            self.origin / given: f"found in {self.origin}, the repo DVC was run from "
+            "(not in this experiment's copy)",
+        }
+
+    def find(self, written: str) -> Located | None:
+        """The file or folder `written` names, or None where neither place has it."""
+        for path, where in self._candidates(written).items():
+            if path.exists():
+                return Located(written, path, where)
         return None
 
     def locate(self, written: str, what: str) -> Located:
@@ -59,21 +66,13 @@ class Locator:
         found = self.find(written)
         if found is not None:
             return found
-        given = Path(written).expanduser()
-        if given.is_absolute():
+        if Path(written).expanduser().is_absolute():
             raise NotFoundError(f"{what} not found: {written}")
-        places = [str(root / given) for root in dict.fromkeys((self.checkout, self.origin))]
-        raise NotFoundError(f"{what} not found: {written} (looked for {' and '.join(places)})")
+        places = " and ".join(str(path) for path in self._candidates(written))
+        raise NotFoundError(f"{what} not found: {written} (looked for {places})")
 
     def shared(self, written: str | Path) -> Path:
         """`written` in the repo DVC was run from: a per-machine cache (downloads) that every
         experiment copy shares instead of filling its own."""
         given = Path(written).expanduser()
         return given if given.is_absolute() else self.origin / given
-
-    def _describe(self, root: Path) -> str:
-        if not self.in_experiment_copy:
-            return "found in the repo"
-        if root == self.checkout:
-            return "found in this experiment's copy of the repo"
-        return f"found in {root}, the repo DVC was run from (not in this experiment's copy)"
