@@ -20,9 +20,8 @@ def cpu_count() -> int:
 
 
 def loader_workers(num_workers: int | str, share: int = 1) -> int:
-    """`runtime.num_workers` as a number. `auto`: this process's share of the cores (`share`
-    processes of one machine split them, e.g. torchrun's local ranks), at least 1 and at
-    most 8; decoding JPEGs in parallel keeps the model fed."""
+    """`runtime.num_workers` as a number; `auto`: this process's share of the cores (`share`
+    processes split them, e.g. torchrun's local ranks), from 1 to MAX_AUTO_WORKERS."""
     if num_workers != "auto":
         return int(num_workers)
     return max(1, min(cpu_count() // share, MAX_AUTO_WORKERS))

@@ -20,12 +20,7 @@ from torch import nn
 
 from visiontune.config import DistributedParams, Params
 from visiontune.cores import loader_workers
-from visiontune.runtime import (
-    Runtime,
-    configure_memory,
-    resolve_runtime,
-    seed_everything,
-)
+from visiontune.runtime import Runtime, configure_memory, resolve_runtime, seed_everything
 
 T = TypeVar("T")
 
@@ -55,6 +50,10 @@ class DistContext:
 SINGLE = DistContext()
 
 
+class DistributedSetupError(ValueError):
+    """A multi-process launch these params cannot serve (the message says why)."""
+
+
 def resolve_backend(backend: str, device_type: str) -> str:
     """`auto`: nccl for CUDA, gloo for CPU; an explicit backend must suit the device."""
     if backend == "auto":
@@ -64,46 +63,11 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return backend
 
 
-def init_distributed(
-    *,
-    rank: int,
-    world_size: int,
-    local_rank: int,
-    local_world_size: int,
-    backend: str,
-    device_type: str,
-    timeout_s: float,
-    init_method: str = "env://",
-) -> DistContext:
-    """Join the process group (`env://`: torch reads MASTER_ADDR/MASTER_PORT, set by torchrun).
-
-    With world_size 1 no group is created and `SINGLE` is returned.
-    """
-    if world_size <= 1:
-        return SINGLE
-    backend = resolve_backend(backend, device_type)
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
-    )
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return DistContext(rank, world_size, local_rank, local_world_size, backend, control)
-
-
-class DistributedSetupError(ValueError):
-    """A multi-process launch these params cannot serve (the message says why)."""
-
-
 def init_from_environ(
     section: DistributedParams, device_type: str, environ: Mapping[str, str]
 ) -> DistContext:
-    """Join torchrun's process group when `environ` says this is one of several ranks.
-
-    `environ` (the stage passes os.environ) supplies RANK, WORLD_SIZE, LOCAL_RANK and
-    LOCAL_WORLD_SIZE as torchrun sets them; `SINGLE` for a plain `python stages/x.py`.
-    """
+    """Join torchrun's process group when `environ` (the stage passes os.environ) says this
+    is one of several ranks; `SINGLE` for a plain `python stages/x.py`."""
     world_size = int(environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return SINGLE
@@ -113,32 +77,33 @@ def init_from_environ(
             "set it to true, or run one process"
         )
     try:
-        return init_distributed(
-            rank=int(environ.get("RANK", "0")),
-            world_size=world_size,
-            local_rank=int(environ.get("LOCAL_RANK", "0")),
-            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", str(world_size))),
-            backend=section.backend,
-            device_type=device_type,
-            timeout_s=section.timeout_s,
-        )
+        backend = resolve_backend(section.backend, device_type)
+        rank, local_rank = int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0"))
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        timeout = datetime.timedelta(seconds=section.timeout_s)
+        # torch reads MASTER_ADDR and MASTER_PORT, set by torchrun, from the environment.
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+        local_world_size = int(environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     except ValueError as exc:
         raise DistributedSetupError(str(exc)) from None
+    return DistContext(rank, world_size, local_rank, local_world_size, backend, control)
 
 
 @contextlib.contextmanager
 def torch_stage(params: Params) -> Iterator[tuple[Runtime, DistContext]]:
-    """A torch stage's set-up, written once: (this rank's runtime, its process group).
-
-    Allocator settings first (before any tensor), then seeds, device and precision, then
-    torchrun's process group, left on exit. Raises ValueError or RuntimeError for a launch
-    these params cannot serve (the stage runner exits 2 with the message).
-    """
+    """A torch stage's set-up, written once: allocator (before any tensor), seeds, runtime,
+    then torchrun's process group (left on exit); yields this rank's runtime and group. A
+    launch these params cannot serve raises ValueError or RuntimeError (the stage exits 2)."""
     configure_memory(params.runtime)
     seed_everything(params.base.seed, params.base.deterministic)
     runtime = resolve_runtime(params.base, params.runtime)
-    if params.distributed.sync_bn:
-        check_sync_bn(runtime)
+    if params.distributed.sync_bn and runtime.device.type != "cuda":
+        raise ValueError(
+            "distributed.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU path); "
+            "set it to false on CPU"
+        )
     ctx = init_from_environ(params.distributed, runtime.device.type, os.environ)
     try:
         yield rank_runtime(runtime, ctx, params.runtime.num_workers == "auto"), ctx
@@ -171,13 +136,17 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(group=ctx.control_group)
 
 
+def all_reduce_max(value: float, ctx: DistContext) -> float:
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return float(tensor.item())
+
+
 def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank when `flag` is true on any (e.g. a stop request seen by one)."""
-    if not ctx.enabled:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control_group)
-    return bool(value.item())
+    return all_reduce_max(float(flag), ctx) > 0
 
 
 def _device(ctx: DistContext) -> torch.device:
@@ -191,19 +160,6 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     value = tensor.detach().to(_device(ctx), dtype=torch.float64).clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return (value / ctx.world_size).to(tensor.device, dtype=tensor.dtype)
-
-
-def _all_reduce_scalar(value: float, ctx: DistContext, op: dist.ReduceOp) -> float:
-    if not ctx.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=op, group=ctx.control_group)
-    return float(tensor.item())
-
-
-def all_reduce_max(value: float, ctx: DistContext) -> float:
-    """Largest `value` over the ranks."""
-    return _all_reduce_scalar(value, ctx, dist.ReduceOp.MAX)
 
 
 def all_gather_varlen(tensor: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
@@ -223,10 +179,8 @@ def all_gather_varlen(tensor: torch.Tensor, ctx: DistContext) -> list[torch.Tens
 
 
 def shard(items: Sequence[T], ctx: DistContext) -> Sequence[T]:
-    """This rank's items: every world_size-th from its rank on (no padding, no duplicates).
-
-    A DataFrame is sharded by row position.
-    """
+    """This rank's items (a DataFrame's rows): every world_size-th from its rank on, with no
+    padding and no duplicates."""
     rows = getattr(items, "iloc", items)
     return rows[ctx.rank :: ctx.world_size]
 
@@ -245,15 +199,11 @@ def gather_shards(local: torch.Tensor, total: int, ctx: DistContext) -> torch.Te
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext, runtime: Runtime, sync_bn: bool) -> nn.Module:
-    """DistributedDataParallel around `model` (returned as is for a single process).
-
-    `sync_bn` converts the BatchNorm layers in place to SyncBatchNorm (CUDA only in torch:
-    its CPU path raises), so batch statistics come from the global batch.
-    """
+    """DistributedDataParallel around `model` (as is for a single process); `sync_bn` (CUDA
+    only, `torch_stage` checks it) takes BatchNorm statistics from the global batch."""
     if not ctx.enabled:
         return model
     if sync_bn:
-        check_sync_bn(runtime)
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # Every parameter takes part in every step (frozen BN keeps its affine weights
@@ -261,15 +211,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, runtime: Runtime, sync_bn: bool
     return nn.parallel.DistributedDataParallel(
         model, device_ids=device_ids, find_unused_parameters=False
     )
-
-
-def check_sync_bn(runtime: Runtime) -> None:
-    """SyncBatchNorm only trains on GPUs: say so before any work."""
-    if runtime.device.type != "cuda":
-        raise ValueError(
-            "distributed.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU path); "
-            "set it to false on CPU"
-        )
 
 
 def check_in_sync(model: nn.Module, ctx: DistContext) -> None:

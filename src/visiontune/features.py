@@ -1,10 +1,6 @@
-"""The feature cache (fastai's `precompute=True`): features, labels and a fingerprint.
-
-The fingerprint records everything that determines the features: backbone, weight file
-hash, data config (and the timm version and `model.*` overrides it follows from),
-precision and the split tables. `load_features` refuses a cache whose fingerprint differs
-from the expected one, so a stale cache can never be used by mistake. This module needs
-neither timm nor torchvision: the stages that only read the cache start in a second less.
+"""The feature cache (fastai's `precompute=True`): features, labels and a fingerprint of
+everything they depend on. `load_features` refuses a cache whose fingerprint differs, key by
+key. No timm nor torchvision here: the stages that only read the cache start a second sooner.
 """
 
 from __future__ import annotations
@@ -31,20 +27,16 @@ if TYPE_CHECKING:
 
 # Bump when the extraction or the cache's content changes: old caches go stale.
 # 2: the source classifier is cached; timm version and model overrides fingerprinted.
-# 3: the eval resize runs on uint8 tensors (torch's antialiased kernel, ~0.02 grey levels
-#    from Pillow's on average, 3.5x faster); the torch version is fingerprinted, since
-#    both that kernel and the bf16 forward are torch's.
+# 3: the eval resize runs on uint8 tensors (torch's antialiased kernel: 3.5x faster, ~0.02
+#    grey levels from Pillow's); the torch version is fingerprinted (that kernel, bf16).
 # 4: the features of a sample of mirrored train images (`flip: auto`).
 FEATURES_VERSION = 4
 _TENSORS = ("train_x", "train_y", "valid_x", "valid_y")
 _MIRROR_TENSORS = ("mirror_rows", "mirror_x")
 _SOURCE_TENSORS = ("source_weight", "source_bias")
-# The data config follows from the backbone's pretrained config in this timm version and
-# the `model.*` overrides, all fingerprinted too: a check that cannot resolve it without
-# building the model (timm) may leave it out and compare those instead.
+# The data config follows from the backbone in this timm version and the `model.*`
+# overrides: a check that cannot build the model (timm) may compare those instead.
 DERIVED_KEYS = {"data_config": ("backbone", "timm_version", "model_overrides")}
-_OVERRIDES = ("image_size", "mean", "std", "interpolation", "crop_pct")
-
 
 # Train images whose mirror images precompute also caches, at most: ~1,000 more forward
 # passes, and on digits ~100 images that the mirror changes, enough for p ~ 1e-8.
@@ -69,13 +61,9 @@ class StaleCacheError(ValueError):
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Pooled features and labels of the train and valid split, rows in split-CSV order.
-
-    `mirror_x` holds the features of the mirror images of the train rows `mirror_rows`
-    (a seeded sample, `visiontune.train.mirror`). `source` is the backbone's own
-    pretrained classifier (weight [classes, features], bias) when its weights carry one
-    that sits on these features; it seeds the head.
-    """
+    """Pooled features and labels of the train and valid split, rows in split-CSV order;
+    `mirror_x` of the mirror images of the train rows `mirror_rows`; `source`: the backbone's
+    own classifier (weight [classes, features], bias), if any sits on these features."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -100,71 +88,60 @@ def manifest_hash(train_csv: Path, valid_csv: Path, classes: Sequence[str]) -> s
 
 def model_overrides(model: ModelParams) -> dict[str, Any]:
     """The `model.*` values that override the backbone's pretrained data config."""
-    return _json_safe(model.model_dump(include=set(_OVERRIDES)))
+    fields = {"image_size", "mean", "std", "interpolation", "crop_pct"}
+    return _json_safe(model.model_dump(include=fields))
 
 
 def compute_fingerprint(
     *,
     backbone: str,
     weights: WeightsInfo,
-    data_config: DataConfig,
+    data_config: DataConfig | None,
     overrides: dict[str, Any],
     precision: str,
     train_csv: Path,
     valid_csv: Path,
     classes: Sequence[str],
 ) -> dict[str, Any]:
-    """Everything the feature values depend on, as a flat JSON-able dict."""
-    inputs = _fingerprint_inputs(
-        backbone, weights, overrides, precision, train_csv, valid_csv, classes
-    )
-    return {**inputs, "data_config": _json_safe(data_config.to_dict())}
+    """Everything the feature values depend on, as a flat JSON-able dict; without the data
+    config where it is None (see DERIVED_KEYS)."""
+    fingerprint = {
+        "features_version": FEATURES_VERSION,
+        "backbone": backbone,
+        "weights_source": weights.source,
+        "weights_sha256": weights.sha256,
+        "timm_version": package_version("timm"),
+        "torch_version": torch.__version__,
+        # The JPEG decoders (visiontune.data.pixels); no TorchCodec: Pillow decodes them all.
+        "pillow_version": package_version("pillow"),
+        "torchcodec_version": installed_version("torchcodec"),
+        "model_overrides": overrides,
+        "precision": precision,
+        "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
+    }
+    if data_config is not None:
+        fingerprint["data_config"] = data_config.to_dict()
+    return _json_safe(fingerprint)
 
 
 def expected_inputs(
     model: ModelParams, base: BaseParams, train_csv: Path, valid_csv: Path, classes: Sequence[str]
 ) -> dict[str, Any] | None:
-    """The fingerprint a cache must have for these params, without building the backbone:
-    every key but the derived data config (see DERIVED_KEYS), from a hash of the weight
-    file. None for hub weights, which are identified only once loaded; use
-    `visiontune.precompute.expected_fingerprint` then.
-    """
+    """The fingerprint a cache must have for these params, without building the backbone, so
+    without the data config (see DERIVED_KEYS). None for hub weights, identified only once
+    loaded: use `visiontune.precompute.expected_fingerprint` then."""
     weights = weights_identity(model.backbone, model.weights)
     if weights is None:
         return None
-    precision = resolve_precision(base)
-    overrides = model_overrides(model)
-    return _fingerprint_inputs(
-        model.backbone, weights, overrides, precision, train_csv, valid_csv, classes
-    )
-
-
-def _fingerprint_inputs(
-    backbone: str,
-    weights: WeightsInfo,
-    overrides: dict[str, Any],
-    precision: str,
-    train_csv: Path,
-    valid_csv: Path,
-    classes: Sequence[str],
-) -> dict[str, Any]:
-    """Every fingerprint key but the derived data config."""
-    return _json_safe(
-        {
-            "features_version": FEATURES_VERSION,
-            "backbone": backbone,
-            "weights_source": weights.source,
-            "weights_sha256": weights.sha256,
-            "timm_version": package_version("timm"),
-            "torch_version": torch.__version__,
-            # The JPEG decoders the pixels come from (visiontune.data.pixels).
-            "pillow_version": package_version("pillow"),
-            # None without TorchCodec: then Pillow decodes every JPEG (data.pixels).
-            "torchcodec_version": installed_version("torchcodec"),
-            "model_overrides": overrides,
-            "precision": precision,
-            "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
-        }
+    return compute_fingerprint(
+        backbone=model.backbone,
+        weights=weights,
+        data_config=None,
+        overrides=model_overrides(model),
+        precision=resolve_precision(base),
+        train_csv=train_csv,
+        valid_csv=valid_csv,
+        classes=classes,
     )
 
 
@@ -181,10 +158,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
-    """Raise StaleCacheError naming every key whose value differs.
-
-    A derived key missing from `expected` is not compared; the keys it follows from are.
-    """
+    """Raise StaleCacheError naming every key whose value differs; a derived key missing
+    from `expected` is not compared, the keys it follows from are."""
     expected = _json_safe(expected)
     keys = set(found.keys() | expected.keys())
     for key, sources in DERIVED_KEYS.items():
@@ -236,8 +211,7 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
         mirror = {name: handle.get_tensor(name) for name in _MIRROR_TENSORS if name in names}
         source = None
         if names.issuperset(_SOURCE_TENSORS):
-            weight, bias = (handle.get_tensor(name) for name in _SOURCE_TENSORS)
-            source = (weight, bias)
+            source = (handle.get_tensor("source_weight"), handle.get_tensor("source_bias"))
     return FeatureSet(
         **tensors,
         classes=json.loads(metadata["classes"]),

@@ -18,12 +18,9 @@ def run_inference(
     desc: str = "",
     wait: LoaderWait | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Run `module` over every batch of `loader`.
-
-    The module is moved to the runtime's device and memory format (in place) and put in
-    eval mode. Batches are `(images, labels, indices)` as ImageDataset yields them. The
-    outputs keep the loader's order when it is sequential; a shuffled loader's outputs
-    are put back in index order. `wait` adds the time spent waiting for batches.
+    """Run `module` (moved to the runtime's device and memory format in place, in eval
+    mode) over the `(images, labels, indices)` batches of `loader`, adding the time spent
+    waiting for them to `wait`; a shuffled loader's outputs are put back in index order.
 
     Returns:
         (outputs as float32 N×D on the CPU, labels N (int64), images per second).

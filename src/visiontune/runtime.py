@@ -1,8 +1,5 @@
-"""Where and how tensors run: device, mixed precision, memory format, loader workers, seeds.
-
-`resolve_runtime` turns the `base` and `runtime` params into one frozen `Runtime` that
-every stage passes to the loaders, the inference loop and the training loop.
-"""
+"""Where and how tensors run: device, mixed precision, memory format, CPU allocator, loader
+workers, seeds; `resolve_runtime` makes the params one frozen `Runtime` for every stage."""
 
 from __future__ import annotations
 
@@ -24,14 +21,14 @@ import torch
 
 from visiontune.cores import cpu_count, loader_workers
 
-Batch = TypeVar("Batch")
-
 if TYPE_CHECKING:  # a served model ships this module without the params code
     from visiontune.config import BaseParams, RuntimeParams
 
 __all__ = ["cpu_count", "loader_workers"]  # re-exported: the serving code imports them here
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+Batch = TypeVar("Batch")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISIONS = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -48,24 +45,15 @@ class Runtime:
     @property
     def precision(self) -> str:
         """`fp32`, `bf16` or `fp16`: the compute precision actually used."""
-        return _precision_name(self.amp_dtype)
-
-
-def _precision_name(amp_dtype: torch.dtype | None) -> str:
-    names = {dtype: name for name, dtype in _DTYPES.items()}
-    return "fp32" if amp_dtype is None else names[amp_dtype]
+        return _PRECISIONS[self.amp_dtype]
 
 
 @cache
 def cpu_supports_bf16() -> bool:
-    """Whether the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX).
-
-    Without it, CPU bf16 autocast is emulated and slower than fp32.
-    """
+    """Whether the CPU has native bf16 (AVX-512 BF16 or AMX); else bf16 is slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        # No /proc (macOS, Windows): oneDNN's own check is the next best signal.
+    except OSError:  # no /proc (macOS, Windows): oneDNN's own check is the next best signal
         is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
         return bool(is_supported and is_supported())
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -82,38 +70,29 @@ def resolve_runtime(base: BaseParams, settings: RuntimeParams) -> Runtime:
 
 
 def resolve_precision(base: BaseParams) -> str:
-    """`fp32`, `bf16` or `fp16`: the precision the `base` params compute in on this machine
-    (what a feature cache's fingerprint records; loader settings play no part in it)."""
-    return _precision_name(_resolve_amp_dtype(base.precision, _resolve_device(base.device)))
+    """What the `base` params compute in on this machine (a feature cache records it)."""
+    return _PRECISIONS[_resolve_amp_dtype(base.precision, _resolve_device(base.device))]
 
 
 def create_runtime(
     *, device: str, precision: str, num_workers: int | str, worker_priority: str
 ) -> Runtime:
-    """Pick device, precision, memory format and loader workers.
-
-    `auto` device is CUDA when available, else CPU. `auto` precision is bf16 (or fp16
-    where bf16 is unsupported) AMP on CUDA, bf16 autocast on CPUs with native bf16,
-    otherwise fp32. channels_last is what oneDNN's fast convolution kernels want, in any
-    precision (Lite0 fp32 forward measured ~1.6x faster with it here), and cuDNN's
-    tensor-core kernels under AMP.
-    """
+    """Device (`auto`: CUDA when available), precision (`auto`: bf16, else fp16, on CUDA;
+    bf16 on CPUs with native bf16, else fp32), memory format and loader workers. channels_last
+    suits oneDNN's convolutions in any precision (Lite0 fp32 forward ~1.6x faster) and
+    cuDNN's tensor cores under AMP."""
     torch_device = _resolve_device(device)
     use_cuda = torch_device.type == "cuda"
     amp_dtype = _resolve_amp_dtype(precision, torch_device)
-    workers = loader_workers(num_workers)
-    # On a CPU the workers share the cores with the model's OpenMP threads: a worker that
-    # preempts one thread stalls the whole parallel region while the other waits at its
-    # barrier, so decoding cost the model about twice its own CPU time. At idle priority
-    # the workers fill only the gaps the model leaves (2 cores, dogscats, alternating runs:
-    # precompute 87 -> 99 and 104 -> 110 images/s, lr_find 6-12 % faster). On CUDA the
-    # model runs on the GPU and the workers need the cores the main thread leaves.
+    # On a CPU a worker that preempts one OpenMP thread stalls the model's parallel region;
+    # at idle priority workers fill only the gaps (2 cores, dogscats: precompute 87 -> 99
+    # and 104 -> 110 images/s, lr_find 6-12 % faster). On CUDA they need the free cores.
     idle = worker_priority == "idle" or (worker_priority == "auto" and not use_cuda)
     return Runtime(
         device=torch_device,
         amp_dtype=amp_dtype,
         channels_last=not use_cuda or amp_dtype is not None,
-        num_workers=workers,
+        num_workers=loader_workers(num_workers),
         pin_memory=use_cuda,
         idle_workers=idle,
     )
@@ -132,12 +111,20 @@ def _resolve_amp_dtype(precision: str, device: torch.device) -> torch.dtype | No
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "bf16" if cpu_supports_bf16() else "fp32"
-    return _DTYPES.get(precision)
+    return _DTYPES[precision]
 
 
 # PyTorch's CPU allocator madvises allocations of 2 MiB and more as huge pages when this
 # variable is 1; it reads it once, at the first such allocation.
 _THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+# glibc's own allocator settings: a user who set any of them keeps them (`auto`).
+_MALLOC_VARIABLES = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "GLIBC_TUNABLES",
+)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -160,17 +147,11 @@ class MemorySettings:
 def configure_memory(
     settings: RuntimeParams | AutoMemory, environ: MutableMapping[str, str] = os.environ
 ) -> MemorySettings:
-    """Set up the CPU allocator for batch after batch of large tensors; call before building
-    any model.
-
-    A forward pass allocates its activations afresh. `runtime.huge_pages` puts tensors of
-    2 MiB and more on transparent huge pages: with 4 KiB pages a Lite0 batch of 64 took
-    ~350 000 page faults, which on a 2-core VM was more than half of the forward (110 ->
-    250 images/s; precompute 90-100 -> 141-156). `auto` is on where the kernel has
-    transparent huge pages (Linux); a value already in the environment wins.
-
-    `runtime.keep_freed_memory` stops those faults altogether (see `keep_freed_memory`).
-    """
+    """Set up the CPU allocator, before any model is built: `runtime.huge_pages` (`auto`:
+    where the kernel offers them; the environment's value wins) and `keep_freed_memory`
+    (`auto`: with glibc, unless the user tuned it). Each forward allocates its activations
+    afresh: in 4 KiB pages a Lite0 batch of 64 took ~350 000 page faults, over half of the
+    forward on 2 cores (huge pages: 110 -> 250 images/s, precompute 90-100 -> 141-156)."""
     wanted = settings.huge_pages if settings.huge_pages != "auto" else thp_available()
     if wanted:
         environ.setdefault(_THP_VARIABLE, "1")
@@ -183,59 +164,33 @@ def configure_memory(
     )
 
 
-# glibc's own allocator settings: a user who set any of them keeps them (`auto`).
-_MALLOC_VARIABLES = (
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_ARENA_MAX",
-    "GLIBC_TUNABLES",
-)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
-_INT_MAX = 2**31 - 1
-
-
 def is_glibc() -> bool:
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
 @cache
 def _glibc() -> ctypes.CDLL | None:
-    """The process's C library when it is glibc (whose allocator calls this module uses)."""
-    if not is_glibc():
-        return None
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
+    """The process's C library when it is glibc, whose allocator this module tunes."""
+    return ctypes.CDLL(None) if is_glibc() else None
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process for reuse; returns whether it took.
+    """Make glibc keep freed memory for reuse (forked workers inherit it); whether it took.
 
-    glibc serves every block above 32 MiB with a fresh mapping and unmaps it when freed,
-    and trims freed memory off the top of its heap: so each batch's activations were
-    faulted in, zeroed and handed back again, ~1.2 GB of huge pages per Lite0 batch of 64
-    (`thp_fault_alloc` in /proc/vmstat). On a VM those faults also stall in the host now
-    and then, and batches took 2-5x their median. With mmap off and trimming at 2 GiB
-    the heap keeps what a batch freed for the next one (2 cores, alternating fresh
-    processes: forward 136/130 -> 223/225 images/s, 35 000 -> 500 huge-page faults;
-    the precompute loop 139 -> 183; a train step +10-18 %). The price: the process keeps its
-    peak memory until it exits, which for a stage is the working set it needs anyway.
-    Forked loader workers inherit the setting.
-
-    Every thread allocates from that one heap (one arena): a thread of its own gets a
-    separate heap of at most 64 MiB, which cannot keep a batch's activations, so a forward
-    run from a request thread, as the served model's are, faulted its pages in afresh
-    (batches of 32 from a worker thread: 86-98 -> 124-137 images/s).
+    glibc maps blocks above 32 MiB afresh, unmaps them when freed and trims its heap, so
+    each batch's activations were faulted in again (~1.2 GB per Lite0 batch of 64). Kept,
+    at the price of the peak working set: forward 136 -> 223 images/s on 2 cores, a train
+    step +10-18 %. One arena: a request thread's own heap (64 MiB) cannot keep a batch
+    (86-98 -> 124-137 images/s).
     """
     libc = _glibc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return (
         mallopt(_M_MMAP_MAX, 0) == 1
-        and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+        and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # INT_MAX: trim only past 2 GiB
         and mallopt(_M_ARENA_MAX, 1) == 1
     )
 
@@ -250,27 +205,17 @@ def thp_available() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Hand the memory freed so far back to the system (glibc's `malloc_trim`), before
-    forking loader workers.
-
-    With `keep_freed_memory` the heap holds the last batches' freed activations. Forked
-    workers share those pages copy-on-write, so every page either process wrote again
-    was copied first: fine-tune steps with a fresh loader per epoch ran at 0.80-0.85 of
-    the same steps on a fixed batch, and at 0.86-1.06 after trimming (2 cores, dogscats;
-    0.75-1.02 without kept memory). Trimming costs the next batch one round of page
-    faults, as every batch paid before.
-    """
-    malloc_trim = getattr(_glibc(), "malloc_trim", None)
-    if malloc_trim is not None:
-        malloc_trim(0)
+    """Hand kept freed memory back (glibc's `malloc_trim`) before loader workers fork and
+    share it copy-on-write: fine-tune steps with a fresh loader per epoch ran at 0.80-0.85 of
+    steps on a fixed batch, 0.86-1.06 after trimming (2 cores, dogscats)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def lower_to_idle_priority() -> None:
-    """Run this process only on CPU time nothing else wants (SCHED_IDLE, else nice 19).
-
-    Lowering a priority needs no privileges. Called in loader workers only: they end with
-    their loader, and the main process keeps its own priority.
-    """
+    """Run this process only on CPU time nothing else wants (SCHED_IDLE, else nice 19): for
+    loader workers, which end with their loader (lowering needs no privileges)."""
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     else:  # macOS, Windows
@@ -299,9 +244,8 @@ def to_device(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
 
 
 class LoaderWait:
-    """The seconds a loop spends blocked on its loader (worker start-up included): as a
-    share of the loop, whether the model waited for decoding. A stage writes it beside
-    its images/s, so a GPU run says where its time went without a profiler."""
+    """Seconds a loop spent blocked on its loader (worker start-up included): beside a stage's
+    images/s, whether the model waited for decoding."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -309,8 +253,7 @@ class LoaderWait:
     def batches(self, loader: Iterable[Batch]) -> Iterator[Batch]:
         """`loader`'s batches, timing each wait for one."""
         start = time.perf_counter()
-        batches = iter(loader)
-        for batch in batches:
+        for batch in loader:
             self.seconds += time.perf_counter() - start
             yield batch
             start = time.perf_counter()

