@@ -1,8 +1,5 @@
-"""Safe extraction of .zip/.tar/.tar.gz/.tgz dataset archives.
-
-Every member is checked before anything is written: absolute paths, `..`, links that
-leave the target and device files are refused with an error naming the member.
-"""
+"""Safe extraction of dataset archives: before anything is written, absolute paths, `..`,
+links leaving the target and device files are refused with an error naming the member."""
 
 from __future__ import annotations
 
@@ -24,21 +21,16 @@ class UnsafeArchiveError(ArchiveError):
 
 
 def is_archive_name(name: str | Path) -> bool:
-    """Whether a file name (or URL path) ends with a supported archive suffix."""
     return str(name).lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def extract_archive(archive: Path, dest: Path) -> Path:
+def extract_archive(archive: Path, dest: Path) -> None:
     """Check every member of `archive`, then extract it into `dest` (created if needed).
-
-    Returns:
-        `dest`.
 
     Raises:
         UnsafeArchiveError: a member is unsafe (nothing has been extracted).
         ArchiveError: the file is not a readable archive of a supported kind.
     """
-    archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if archive.name.lower().endswith(".zip"):
         _extract_zip(archive, dest)
@@ -46,11 +38,11 @@ def extract_archive(archive: Path, dest: Path) -> Path:
         _extract_tar(archive, dest)
     else:
         raise ArchiveError(f"{archive}: not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
-    return dest
 
 
 def _check_member_name(archive: Path, name: str) -> None:
-    # Backslashes are path separators to Windows tools that made many zips.
+    # Backslashes are path separators to the Windows tools that made many zips; tar's
+    # 'data' filter would strip a leading / rather than refuse it.
     normalised = name.replace("\\", "/")
     if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":"):
         raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path; refusing")
@@ -75,15 +67,13 @@ def _extract_zip(archive: Path, dest: Path) -> None:
     except zipfile.BadZipFile as exc:
         raise ArchiveError(f"{archive}: not a valid zip archive ({exc})") from None
     with handle:
-        members = handle.infolist()
         root = dest.resolve()
-        for info in members:
+        for info in handle.infolist():
             _check_member_name(archive, info.filename)
             kind = stat.S_IFMT(info.external_attr >> 16)
             if kind == stat.S_IFLNK:
                 target = handle.read(info).decode("utf-8", errors="replace")
-                link_dir = (root / info.filename).parent
-                if not (link_dir / target).resolve().is_relative_to(root):
+                if not ((root / info.filename).parent / target).resolve().is_relative_to(root):
                     raise UnsafeArchiveError(
                         f"{archive}: member {info.filename!r} is a link to {target!r} "
                         "outside the extraction directory; refusing"
@@ -92,7 +82,7 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                 raise UnsafeArchiveError(
                     f"{archive}: member {info.filename!r} is a special file; refusing"
                 )
-        _check_space(archive, dest, sum(info.file_size for info in members))
+        _check_space(archive, dest, sum(info.file_size for info in handle.infolist()))
         # zipfile writes link members as small regular files (never as links), so
         # after the checks above plain extraction cannot leave `dest`.
         handle.extractall(dest)
@@ -104,17 +94,15 @@ def _extract_tar(archive: Path, dest: Path) -> None:
     except (tarfile.TarError, OSError) as exc:
         raise ArchiveError(f"{archive}: not a valid tar archive ({exc})") from None
     with handle:
-        members = handle.getmembers()
         root = str(dest.resolve())
-        for member in members:
+        for member in handle.getmembers():
             _check_member_name(archive, member.name)
             try:
-                # Python's own 'data' filter: refuses absolute paths, traversal, links
-                # leaving the target, device files and fifos.
+                # Python's 'data' filter refuses links leaving the target, devices and fifos.
                 tarfile.data_filter(member, root)
             except tarfile.FilterError as exc:
                 raise UnsafeArchiveError(
                     f"{archive}: member {member.name!r}: {exc}; refusing"
                 ) from None
-        _check_space(archive, dest, sum(member.size for member in members if member.isfile()))
+        _check_space(archive, dest, sum(m.size for m in handle.getmembers() if m.isfile()))
         handle.extractall(dest, filter="data")

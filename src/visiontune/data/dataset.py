@@ -1,28 +1,19 @@
 """Images on disk → batches: a dataset that decodes only as much JPEG as it needs, and loaders.
 
-Decoding runs in DataLoader workers. Shuffling comes from one seeded generator; training
-augmentation from a seed per image and pass (`PerImageSeeds`), so it repeats exactly for
-a given seed whatever the number of workers or processes.
+Shuffling comes from one seeded generator, training augmentation from a seed per image and
+pass (`PerImageSeeds`): it repeats for a given seed whatever the number of workers or processes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    RandomSampler,
-    Sampler,
-    SequentialSampler,
-    get_worker_info,
-)
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from visiontune.data.images import UnreadableImageError
 from visiontune.data.pixels import open_pixels
@@ -30,15 +21,11 @@ from visiontune.runtime import Runtime, lower_to_idle_priority, release_freed_me
 
 
 class ImageDataset(Dataset):
-    """(image tensor, label or -1, index) for each path, decoded with `open_pixels`: the
-    transform gets uint8 3×H×W pixels.
+    """(uint8 3×H×W pixels through `transform`, label or -1, index) for each path.
 
-    `min_size` is the short side the transform needs: JPEGs are decoded in draft mode
-    at the largest DCT reduction that keeps at least that many pixels (several times
-    faster than a full decode of a large photo, and the transform downsizes anyway).
-
-    A key is an index, or an `(index, seed)` pair from `PerImageSeeds`: the transform then
-    draws from RNGs seeded with `seed`, and the caller's RNG states are left as they were.
+    `min_size` (the short side the transform needs) lets `open_pixels` decode a large JPEG
+    at a reduced size, several times faster. A key is an index, or an `(index, seed)` pair
+    from `PerImageSeeds`: the transform then draws from RNGs seeded with `seed`.
     """
 
     def __init__(
@@ -69,9 +56,7 @@ class ImageDataset(Dataset):
                 path, f"{exc.reason} (it was readable when fetched; re-run the fetch stage)"
             ) from None
         label = -1 if self.labels is None else self.labels[index]
-        if seed is None:
-            return self.transform(image), label, index
-        with seeded_rngs(seed):
+        with contextlib.nullcontext() if seed is None else seeded_rngs(seed):
             return self.transform(image), label, index
 
 
@@ -79,12 +64,11 @@ class ImageDataset(Dataset):
 def seeded_rngs(seed: int) -> Iterator[None]:
     """Seed the CPU RNGs a transform may draw from (torch, NumPy, `random`).
 
-    In the main process (num_workers 0) their states are put back afterwards. A loader
-    worker's RNGs serve nobody else, so it skips that: saving and restoring NumPy's
-    state was most of the 77 µs per image this took in the workers (7 µs without).
+    The main process gets their states back afterwards. A loader worker's RNGs serve nobody
+    else, so it skips that: saving and restoring (NumPy's mostly) took 77 µs an image, 7 without.
     """
     saved = None
-    if get_worker_info() is None:
+    if torch.utils.data.get_worker_info() is None:
         saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
     # The CPU generator only: torch.manual_seed would also reseed CUDA's.
     torch.default_generator.manual_seed(seed)
@@ -100,15 +84,12 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 
 
 class PerImageSeeds(Sampler[tuple[int, int]]):
-    """Each index of `sampler`, paired with a seed of its own for the image's augmentation.
+    """Each index of `sampler`, paired with a seed for the image's augmentation.
 
-    The seed depends on `seed`, on how many times this sampler was iterated before (the
-    pass over the data) and on the index, and on nothing else. So an image gets the same
-    augmentation whichever worker decodes it, with any `num_workers`, and under torchrun
-    in whichever process takes it. A DataLoader draws per-worker seeds instead, which
-    made the augmentation of a batch depend on which worker drew it.
-    `skip` drops the first indices of the first pass without decoding them (a resumed
-    epoch starts where it stopped).
+    The seed depends only on `seed`, the pass over the data and the index, so an image is
+    augmented alike whichever worker or torchrun process decodes it (a DataLoader's
+    per-worker seeds made a batch's augmentation depend on the worker that drew it).
+    `skip` drops the first indices of the first pass undecoded (a resumed epoch).
     """
 
     def __init__(self, sampler: Sampler[int], seed: int, skip: int = 0) -> None:
@@ -129,20 +110,14 @@ class PerImageSeeds(Sampler[tuple[int, int]]):
 
 
 def image_seed(seed: int, pass_index: int, index: int) -> int:
-    """A 63-bit seed for one image in one pass, well mixed from the three (NumPy
-    SeedSequence); 63 bits, so that it fits an int64 tensor."""
+    """The three mixed by NumPy's SeedSequence into 63 bits, so that it fits an int64 tensor."""
     high, low = np.random.SeedSequence((seed, pass_index, index)).generate_state(2, np.uint32)
     return (int(high) >> 1) << 32 | int(low)
 
 
-def _seed_worker(worker_id: int, idle: bool = False) -> None:
-    # torch seeds each worker from the loader's generator; derive the other RNGs from it
-    # so that numpy- or random-based transforms repeat too.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    if idle:
-        lower_to_idle_priority()
+def _idle_worker(worker_id: int) -> None:
+    # torch itself seeds each worker's torch, NumPy and `random` from the loader's generator.
+    lower_to_idle_priority()
 
 
 def create_loader(
@@ -159,11 +134,9 @@ def create_loader(
 ) -> DataLoader:
     """A DataLoader with the runtime's workers and pinning, reproducible for a given seed.
 
-    A `sampler` (e.g. a DistributedSampler) replaces `shuffle`. `per_image_seeds` seeds
-    each image's augmentation from (`seed`, pass, index) (`PerImageSeeds`; the dataset
-    must take `(index, seed)` keys, as ImageDataset does), and `skip` then drops the first
-    images of the first pass. With `runtime.idle_workers` the workers run at idle CPU
-    priority (see `resolve_runtime`).
+    A `sampler` (e.g. a DistributedSampler) replaces `shuffle`. `per_image_seeds` wraps it
+    in `PerImageSeeds` (the dataset must take `(index, seed)` keys, as ImageDataset does),
+    which `skip` needs. `runtime.idle_workers` runs the workers at idle CPU priority.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -192,7 +165,5 @@ def create_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         generator=generator,
-        worker_init_fn=(
-            functools.partial(_seed_worker, idle=runtime.idle_workers) if workers > 0 else None
-        ),
+        worker_init_fn=_idle_worker if workers > 0 and runtime.idle_workers else None,
     )

@@ -1,8 +1,5 @@
-"""Download a dataset archive over http(s): streamed, retried, checked, cached.
-
-The file is streamed to a temp name beside its destination and renamed only when it is
-complete (and matches `sha256` when one is given), so a cached file is never partial.
-"""
+"""Download a dataset archive over http(s): streamed, retried, checked, cached. The body is
+renamed into the cache only once whole and matching `sha256`: a cached file is never partial."""
 
 from __future__ import annotations
 
@@ -17,7 +14,6 @@ from tqdm import tqdm
 
 from visiontune.fileio import atomic_path, sha256_file
 
-_CHUNK = 1 << 20
 # Worth another try: the server or the network may do better in a moment.
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -28,10 +24,6 @@ class DownloadError(OSError):
 
 class _Retryable(Exception):
     """A failure worth another attempt."""
-
-
-class _ChecksumMismatch(Exception):
-    """The body arrived whole but hashes to another digest (carried as the message)."""
 
 
 def is_url(source: str) -> bool:
@@ -62,20 +54,18 @@ def download(
 ) -> Path:
     """Fetch `url` to `dest`, reusing `dest` when it is already there (and matches `sha256`).
 
-    Connection errors, timeouts, truncated bodies and HTTP 408/429/5xx are retried
-    `retries` times with exponential backoff (`backoff_s`, then twice that, ...).
-
-    Raises:
-        DownloadError: the download failed for good, or its SHA-256 is not `sha256`.
+    Connection errors, timeouts, truncated bodies and HTTP 408/429/5xx are retried `retries`
+    times with exponential backoff (`backoff_s`, then twice that, ...); DownloadError when
+    the download fails for good, or its SHA-256 is not `sha256`.
     """
-    dest = Path(dest)
     if dest.is_file():
         if sha256 is None or sha256_file(dest) == sha256:
             return dest
         print(f"cached {dest} does not match sha256 {sha256}; downloading again")
     for attempt in range(retries + 1):
         try:
-            actual = _fetch_once(url, dest, sha256, timeout_s, progress)
+            _fetch_once(url, dest, sha256, timeout_s, progress)
+            break
         except _Retryable as exc:
             if attempt == retries:
                 raise DownloadError(
@@ -84,17 +74,10 @@ def download(
             wait = backoff_s * 2**attempt
             print(f"{url}: {exc}; retrying in {wait:.1f}s ({attempt + 1}/{retries})")
             time.sleep(wait)
-            continue
-        if sha256 is not None and actual != sha256:
-            raise DownloadError(
-                f"{url}: sha256 mismatch: expected {sha256}, got {actual} "
-                "(the file was not kept; check data.sha256 or the URL)"
-            )
-        return dest
-    raise AssertionError("unreachable")  # the loop either returns or raises
+    return dest
 
 
-def _fetch_once(url: str, dest: Path, sha256: str | None, timeout_s: float, progress: bool) -> str:
+def _fetch_once(url: str, dest: Path, sha256: str | None, timeout_s: float, progress: bool) -> None:
     digest = hashlib.sha256()
     try:
         with requests.get(url, stream=True, timeout=timeout_s) as response:
@@ -103,27 +86,25 @@ def _fetch_once(url: str, dest: Path, sha256: str | None, timeout_s: float, prog
             if response.status_code >= 400:
                 raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
             expected = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
             bar = tqdm(
                 total=expected, unit="B", unit_scale=True, desc=dest.name, disable=not progress
             )
+            # An error inside atomic_path leaves no file behind.
             with bar, atomic_path(dest) as tmp, open(tmp, "wb") as handle:
-                for chunk in response.iter_content(_CHUNK):
+                for chunk in response.iter_content(1 << 20):
                     handle.write(chunk)
                     digest.update(chunk)
-                    received += len(chunk)
                     bar.update(len(chunk))
-                if expected is not None and received != expected:
-                    raise _Retryable(f"connection closed after {received} of {expected} bytes")
+                if expected is not None and handle.tell() != expected:
+                    raise _Retryable(f"connection closed after {handle.tell()} of {expected} bytes")
                 if sha256 is not None and digest.hexdigest() != sha256:
-                    # Leave no file behind: the temp file is removed by atomic_path.
-                    raise _ChecksumMismatch(digest.hexdigest())
-    except _ChecksumMismatch as exc:
-        return str(exc)
+                    raise DownloadError(
+                        f"{url}: sha256 mismatch: expected {sha256}, got {digest.hexdigest()} "
+                        "(the file was not kept; check data.sha256 or the URL)"
+                    )
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise _Retryable(f"{type(exc).__name__}: {exc}") from None
     except requests.exceptions.ChunkedEncodingError as exc:
         raise _Retryable(f"truncated response: {exc}") from None
     except requests.RequestException as exc:
         raise DownloadError(f"{url}: {exc}") from None
-    return digest.hexdigest()

@@ -1,9 +1,8 @@
 """A person's corrections to the source, applied by fetch: `data.exclude` and `data.relabel`.
 
-Each entry names an image by its id, the SHA-256 of its bytes (the `id` column of the
-audit's findings.csv), or by its path under the source. An id survives renaming and
-moving the file; a path is easier to write by hand. A relabel wins over the folder name or
-`data.labels`: it is applied last.
+An entry names an image by its id, the SHA-256 of its bytes (findings.csv's `id`), which
+survives renaming and moving the file, or by its path under the source, easier to write by
+hand. A relabel wins over the folder name or `data.labels`: it is applied last.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ class Edits:
 @dataclass(frozen=True)
 class Applied:
     kept: list[Candidate]  # relabelled where asked
-    ids: dict[str, str]  # path -> id of each kept image
     edits: pd.DataFrame  # EDIT_COLUMNS: one row per image excluded or relabelled
     unmatched: list[str]  # entries that named no kept image
 
@@ -38,18 +36,18 @@ class Applied:
 def read_edits(exclude: str | Sequence[str] | None, relabel: str | None, locate: Locator) -> Edits:
     """The entries of `data.exclude` (a CSV file, or a list of ids and paths) and
     `data.relabel` (a CSV file with a label column)."""
-    if exclude is None:
-        excluded: list[str] = []
-    elif isinstance(exclude, str):
-        excluded = list(_keys(_read(exclude, "data.exclude", locate), "data.exclude"))
+    if isinstance(exclude, str):
+        excluded = _keys(_read(exclude, "data.exclude", locate), "data.exclude")
     else:
-        excluded = [str(entry).strip() for entry in exclude]
+        excluded = [str(entry).strip() for entry in exclude or ()]
     relabelled: dict[str, str] = {}
     if relabel is not None:
         table = _read(relabel, "data.relabel", locate)
         if "label" not in table.columns:
-            raise SourceError(f"data.relabel {relabel}: needs a label column (the right class); "
-                              f"it has {', '.join(table.columns)}")  # fmt: skip
+            raise SourceError(
+                f"data.relabel {relabel}: needs a label column (the right class); "
+                f"it has {', '.join(table.columns)}"
+            )
         labels = table["label"].str.strip()
         if (labels == "").any():
             line = int((labels == "").to_numpy().argmax()) + 2  # the header is line 1
@@ -63,7 +61,7 @@ def read_edits(exclude: str | Sequence[str] | None, relabel: str | None, locate:
 def _read(written: str, what: str, locate: Locator) -> pd.DataFrame:
     path = locate.locate(written, f"{what} file").path
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        return pd.read_csv(path, dtype=str, na_filter=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SourceError(f"{what} {path}: not a readable CSV ({exc})") from None
 
@@ -73,8 +71,10 @@ def _keys(table: pd.DataFrame, what: str) -> list[str]:
     for column in ("id", "path"):
         if column in table.columns:
             return [key.strip() for key in table[column]]
-    raise SourceError(f"{what}: needs an id column (SHA-256, as findings.csv has) or a path "
-                      f"column (under the source); it has {', '.join(table.columns)}")  # fmt: skip
+    raise SourceError(
+        f"{what}: needs an id column (SHA-256, as findings.csv has) or a path column "
+        f"(under the source); it has {', '.join(table.columns)}"
+    )
 
 
 def _normal(key: str) -> str:
@@ -90,34 +90,28 @@ def apply_edits(kept: Sequence[Candidate], ids: dict[str, str], edits: Edits) ->
     used: set[str] = set()
     result, rows = [], []
     for candidate in kept:
-        key_id, key_path = ids[candidate.path], candidate.path
-        names = {key_id, key_path}
-        if names & edits.exclude:
-            used |= names & edits.exclude
-            rows.append(
-                (candidate.path, key_id, candidate.split_hint, "exclude", candidate.label, "")
-            )
+        names = (ids[candidate.path], candidate.path)
+        row = (candidate.path, ids[candidate.path], candidate.split_hint)
+        if excluded := edits.exclude.intersection(names):
+            used |= excluded
+            rows.append((*row, "exclude", candidate.label, ""))
             continue
-        entry = next((k for k in (key_id, key_path) if k in edits.relabel), None)
-        if entry is not None and edits.relabel[entry] != candidate.label:
+        entry = next((name for name in names if name in edits.relabel), None)
+        if entry is not None:
             used.add(entry)
-            new = edits.relabel[entry]
-            rows.append(
-                (candidate.path, key_id, candidate.split_hint, "relabel", candidate.label, new)
-            )
-            candidate = replace(candidate, label=new)
-        elif entry is not None:
-            used.add(entry)
+            if edits.relabel[entry] != candidate.label:
+                rows.append((*row, "relabel", candidate.label, edits.relabel[entry]))
+                candidate = replace(candidate, label=edits.relabel[entry])
         result.append(candidate)
     unmatched = sorted((edits.exclude | edits.relabel.keys()) - used)
     table = pd.DataFrame(rows, columns=list(EDIT_COLUMNS))
-    return Applied(result, {c.path: ids[c.path] for c in result}, table, unmatched)
+    return Applied(result, table, unmatched)
 
 
 def files_named(exclude: str | Sequence[str] | None, relabel: str | None) -> list[tuple[str, str]]:
     """(what, written path) of the edit files fetch reads: source_stamp fingerprints them."""
-    named = [("exclude", exclude)] if isinstance(exclude, str) else []
-    return [*named, *([("relabel", relabel)] if relabel is not None else [])]
+    named = {"exclude": exclude, "relabel": relabel}
+    return [(what, path) for what, path in named.items() if isinstance(path, str)]
 
 
 def edit_counts(edits: pd.DataFrame) -> dict[str, dict[str, int]]:

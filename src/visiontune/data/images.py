@@ -1,8 +1,7 @@
 """Safe image checking and loading: every photo passes through here before it reaches a model.
 
-`inspect_image` decides at fetch time whether a file is usable (and says why not);
-`open_rgb` turns any accepted file into an upright 8-bit RGB image, and `decode_rgb` does
-the same for encoded bytes (what a served model receives).
+`inspect_image` decides at fetch time whether a file is usable and says why not; `open_rgb`
+and `decode_rgb` turn a file or its bytes into an upright 8-bit RGB image.
 """
 
 from __future__ import annotations
@@ -18,10 +17,6 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 )
 
-# Transparent pixels become white rather than black: product photos and clip-art with
-# alpha are drawn on white far more often than on black.
-_BACKGROUND = (255, 255, 255)
-
 
 class UnreadableImageError(ValueError):
     """An image file that cannot be decoded; `reason` is the human-readable cause."""
@@ -33,30 +28,20 @@ class UnreadableImageError(ValueError):
 
 
 def is_image_name(path: str | Path) -> bool:
-    """Whether a file name has one of the image suffixes we scan for."""
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def inspect_image(
     source: Path | bytes, max_pixels: int | None = None, name: str | None = None
 ) -> str | None:
-    """Check that a file (a path, or its bytes already read: `name` labels them) is a
-    complete, decodable image.
+    """None when a file (a path, or its bytes: `name` labels them) is a usable image, else why not.
 
-    The whole first frame is decoded (so truncated JPEGs are caught), EXIF orientation
-    and the conversion to RGB are exercised, and the header size is checked against
-    `max_pixels` before any pixel is decoded (decompression bombs).
-
-    Returns:
-        None when the image is usable, else the reason it is not.
+    The whole first frame is decoded (truncated JPEGs show), EXIF orientation and the RGB
+    conversion are exercised, and the header's size is held against `max_pixels` before any
+    pixel is decoded (decompression bombs).
     """
     try:
-        if isinstance(source, bytes):
-            if not source:
-                return "empty file (0 bytes)"
-            _load(io.BytesIO(source), min_size=None, max_pixels=max_pixels, name=name)
-        else:
-            _load(Path(source), min_size=None, max_pixels=max_pixels)
+        _load(source, min_size=None, max_pixels=max_pixels, name=name)
     except UnreadableImageError as exc:
         return exc.reason
     return None
@@ -65,11 +50,8 @@ def inspect_image(
 def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     """Open an image as fully decoded, upright, 8-bit RGB.
 
-    Args:
-        path: the image file.
-        min_size: when given and the file is a JPEG, decode at the largest DCT
-            reduction (1/2, 1/4, 1/8) that keeps the short side >= `min_size`; this
-            makes decoding a large photo several times faster.
+    `min_size`: a JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps
+    its short side >= `min_size`, several times faster for a large photo.
 
     Raises:
         UnreadableImageError: the file is missing, not an image, or corrupt.
@@ -78,28 +60,18 @@ def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
 
 
 def decode_rgb(data: bytes, min_size: int | None = None, name: str = "<bytes>") -> Image.Image:
-    """`open_rgb` for an encoded image held in memory (PNG, JPEG, WebP, ... bytes).
-
-    Raises:
-        UnreadableImageError: the bytes are empty, not an image, or corrupt; `name` is
-            the label its message uses.
-    """
-    if not data:
-        raise UnreadableImageError(name, "empty file (0 bytes)")
-    return _load(io.BytesIO(data), min_size=min_size, max_pixels=None, name=name)
+    """`open_rgb` for encoded bytes; `name` labels them in the UnreadableImageError."""
+    return _load(data, min_size=min_size, max_pixels=None, name=name)
 
 
 def _load(
-    source: Path | io.BytesIO,
-    min_size: int | None,
-    max_pixels: int | None,
-    name: str | None = None,
+    source: Path | bytes, min_size: int | None, max_pixels: int | None, name: str | None = None
 ) -> Image.Image:
-    path = name if name is not None else source
+    path = source if isinstance(source, Path) else name or "<bytes>"
     try:
-        if isinstance(source, Path) and source.stat().st_size == 0:
+        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
-        with Image.open(source) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise UnreadableImageError(
@@ -128,26 +100,15 @@ def _load(
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (alpha composited on white)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode == "P":
+    if img.mode == "P":
         has_alpha = "transparency" in img.info or img.palette.mode == "RGBA"
         img = img.convert("RGBA" if has_alpha else "RGB")
-        mode = img.mode
-        if mode == "RGB":
-            return img
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I") or mode == "F":
-        return _high_depth_to_rgb(img)
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-
-
-def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # On white, not black: photos and clip-art with alpha are drawn on white far more often.
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img if img.mode == "RGB" else img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
     # Pillow's own convert clips 16-bit values at 255 (a white image); rescale instead.
     array = np.asarray(img).astype(np.float64)
     if img.mode == "F":
@@ -155,5 +116,4 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
         array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
     elif array.max() > 255:
         array = array / 257.0  # 0..65535 → 0..255
-    gray = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
-    return gray.convert("RGB")
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).convert("RGB")

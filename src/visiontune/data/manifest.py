@@ -1,8 +1,5 @@
-"""Read and write the dataset tables that pass between stages (manifest, splits, classes).
-
-Every table is read with all columns as plain strings: a class called `NA`, `None` or
-`1` must stay that string, not become a missing value or a number.
-"""
+"""Read and write the tables that pass between stages (manifest, splits, classes), every
+column as strings: a class called `NA`, `None` or `1` stays that string."""
 
 from __future__ import annotations
 
@@ -29,12 +26,8 @@ SPLIT_HINTS = ("train", "valid", "test", "")
 
 
 def read_table(csv_path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """Read a CSV written by a stage, as strings, checking that `columns` are present.
-
-    Raises:
-        ValueError: a required column is missing.
-    """
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
+    """`columns` of a CSV written by a stage, as strings; ValueError names a missing one."""
+    frame = pd.read_csv(csv_path, dtype=str, na_filter=False)
     missing = [name for name in columns if name not in frame.columns]
     if missing:
         raise ValueError(
@@ -54,11 +47,7 @@ def read_manifest(csv_path: Path) -> pd.DataFrame:
 
 
 def read_split(csv_path: Path, image_root: Path) -> pd.DataFrame:
-    """Read `train.csv`/`valid.csv` with `path` made absolute under `image_root`.
-
-    Returns:
-        A frame with columns `path` (absolute path as str) and `label`.
-    """
+    """`train.csv`/`valid.csv` (`path`, `label`), `path` made absolute under `image_root`."""
     frame = read_table(Path(csv_path), SPLIT_COLUMNS)
     root = Path(image_root).resolve()
     frame["path"] = [str(root / rel) for rel in frame["path"]]
@@ -66,7 +55,7 @@ def read_split(csv_path: Path, image_root: Path) -> pd.DataFrame:
 
 
 def read_classes(path: Path) -> list[str]:
-    """Read `classes.json` (a JSON list of class names, sorted)."""
+    """The class names of `classes.json`, sorted."""
     classes = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise ValueError(f"{path}: expected a JSON list of class names")
@@ -74,7 +63,6 @@ def read_classes(path: Path) -> list[str]:
 
 
 def write_classes(path: Path, classes: list[str]) -> None:
-    """Write the sorted class list as JSON."""
     write_json(path, sorted(classes))
 
 
@@ -97,9 +85,8 @@ def seeded_rank(seed: int, key: str) -> str:
 def valid_edit_counts(edits_csv: Path, valid_paths: Sequence[str]) -> dict[str, int]:
     """How many validation images a person's edits touched: what the accuracy now means.
 
-    `valid_paths` are the valid table's paths (under the prepared dir). An image excluded
-    from a source without its own split had no side yet: it counts as `excluded_unsplit`.
-    A folder without `edits.csv` (prepared by hand, or by a fetch before edits) has none.
+    `valid_paths` are under the prepared dir. An image excluded from a source without its
+    own split had no side yet: `excluded_unsplit`. A folder without `edits.csv` has none.
     """
     if not Path(edits_csv).is_file():
         return {"valid_excluded": 0, "excluded_unsplit": 0, "valid_relabelled": 0}

@@ -1,9 +1,8 @@
 """Build the prepared dataset: check every image, drop duplicates, subset, copy, write tables.
 
-Output (under `out_dir`): `images/<layout of the source>`, `manifest.csv`
-(path,label,split_hint), `rejects.csv` (path,reason), and `test/`: the
-source's unlabelled test images, held out as they are (not decoded here: every one of them
-needs a prediction; `visiontune predict --submission` reports the unreadable ones).
+Under `out_dir`: `images/<layout of the source>`, `manifest.csv`, `rejects.csv`, `edits.csv`,
+and `test/`, the source's unlabelled test images as they are (not decoded: each needs a
+prediction, and `visiontune predict --submission` reports the unreadable ones).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from visiontune.data.manifest import (
 )
 from visiontune.data.sources import (
     Candidate,
-    Listing,
     Reject,
     SourceError,
     list_folders,
@@ -61,29 +60,13 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Fetch `params.source` and write the prepared dataset into `out_dir`.
 
-    Args:
-        params: the `data` section.
-        out_dir: an empty folder (the stage swaps it into place when done).
-        download_dir: cache for downloads and scratch space for extraction.
-        locate: finds the relative paths of `params` (source, mirrors, labels).
-        seed: picks the `max_per_class` subset.
-        workers: threads decoding images (Pillow releases the GIL while decoding).
-
-    Returns:
-        A JSON-able summary: the source used, counts, rejects by kind, empty classes.
+    `out_dir` is an empty folder, `download_dir` the download cache and extraction scratch
+    space, `seed` picks the `max_per_class` subset, and `workers` threads decode images
+    (Pillow releases the GIL while decoding). Returns a JSON-able summary.
     """
-    out_dir = Path(out_dir)
     # Read before the source: a missing or malformed edit file stops fetch at once.
     edits = read_edits(params.exclude, params.relabel, locate)
-    with resolve_source(
-        params.source,
-        params.mirrors,
-        download_dir,
-        locate,
-        sha256=params.sha256,
-        retries=params.download_retries,
-        timeout_s=params.download_timeout_s,
-    ) as source:
+    with resolve_source(params, download_dir, locate) as source:
         if params.labels:
             labels_csv = resolve_labels_path(params.labels, source.root, locate)
             listing = list_labelled(source.root, labels_csv, params.id_column, params.label_column)
@@ -100,21 +83,13 @@ def prepare_dataset(
             progress=progress,
         )
         applied = apply_edits(ingested.kept, ingested.ids, edits)
-        for row in applied.edits.itertuples(index=False):
-            if row.action == "exclude":
-                (out_dir / IMAGES_DIR / row.path).unlink()
-        kept, skipped = applied.kept, ingested.skipped
-        rejects = (
-            list(listing.rejects)
-            + ingested.rejects
-            + [
-                Reject(row.path, f"excluded by data.exclude (id {row.id})", "excluded")
-                for row in applied.edits.itertuples(index=False)
-                if row.action == "exclude"
-            ]
-        )
+        kept = applied.kept
+        rejects = [*listing.rejects, *ingested.rejects]
+        for row in applied.edits[applied.edits["action"] == "exclude"].itertuples(index=False):
+            (out_dir / IMAGES_DIR / row.path).unlink()
+            rejects.append(Reject(row.path, f"excluded by data.exclude (id {row.id})", "excluded"))
         if not kept:
-            raise SourceError(_nothing_usable(source.used, source.root, listing, rejects))
+            raise SourceError(_nothing_usable(source.used, source.root, listing.layout, rejects))
         held_out = 0
         for path, below in listing.held_out:
             target = out_dir / TEST_DIR / below
@@ -127,10 +102,10 @@ def prepare_dataset(
             held_out += 1
 
     manifest = pd.DataFrame(
-        [(f"{IMAGES_DIR}/{c.path}", c.label, c.split_hint, applied.ids[c.path]) for c in kept],
+        [(f"{IMAGES_DIR}/{c.path}", c.label, c.split_hint, ingested.ids[c.path]) for c in kept],
         columns=list(MANIFEST_COLUMNS),
     )
-    reject_frame = pd.DataFrame([(r.path, r.reason) for r in rejects], columns=["path", "reason"])
+    reject_frame = pd.DataFrame([(r.path, r.reason) for r in rejects], columns=list(REJECT_COLUMNS))
     write_table(out_dir / "manifest.csv", sorted_rows(manifest, MANIFEST_COLUMNS), MANIFEST_COLUMNS)
     write_table(out_dir / "rejects.csv", sorted_rows(reject_frame, REJECT_COLUMNS), REJECT_COLUMNS)
     # What a person changed: evaluate says how many valid images it touched.
@@ -139,18 +114,18 @@ def prepare_dataset(
     classes = sorted(set(manifest["label"]))
     return {
         "source": {
-            "requested": source.requested,
+            "requested": params.source,
             "used": source.used,
             "kind": source.kind,
             "layout": listing.layout,
             "archive_sha256": source.archive_sha256,
             "reason": source.reason,
         },
-        "images": len(kept),
+        "images": len(manifest),
         "candidates": len(listing.candidates),
         "rejected": len(rejects),
         "rejected_by_kind": dict(sorted(Counter(r.kind for r in rejects).items())),
-        "skipped_by_max_per_class": skipped,
+        "skipped_by_max_per_class": ingested.skipped,
         "classes": len(classes),
         "per_class": dict(sorted(Counter(manifest["label"]).items())),
         "split_hints": dict(sorted(Counter(manifest["split_hint"]).items())),
@@ -161,7 +136,7 @@ def prepare_dataset(
     }
 
 
-def _nothing_usable(used: str, root: Path, listing: Listing, rejects: Sequence[Reject]) -> str:
+def _nothing_usable(used: str, root: Path, layout: str, rejects: Sequence[Reject]) -> str:
     """Why a source gave no image to train on: what was looked for, and what was there."""
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
@@ -169,7 +144,7 @@ def _nothing_usable(used: str, root: Path, listing: Listing, rejects: Sequence[R
     found = f"its top level holds {shown or 'nothing'}"
     if kinds:
         found += "; rejected: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
-    if listing.layout == "labels_csv":
+    if layout == "labels_csv":
         wanted = "image files named by the ids of data.labels"
     else:
         wanted = (
@@ -181,9 +156,7 @@ def _nothing_usable(used: str, root: Path, listing: Listing, rejects: Sequence[R
 
 @dataclass(frozen=True)
 class Ingested:
-    """What `ingest_images` kept (written into the images folder), rejected and left out."""
-
-    kept: list[Candidate]
+    kept: list[Candidate]  # written into the images folder
     ids: dict[str, str]  # path -> SHA-256 of each kept file
     rejects: list[Reject]
     skipped: int  # distinct files left unchecked by max_per_class
@@ -201,19 +174,18 @@ def ingest_images(
     progress: bool = True,
 ) -> Ingested:
     """Keep the readable, distinct images, at most `max_per_class` per (label, split hint),
-    reading each file's bytes once: the same bytes are hashed, checked and written to
-    `images_dir`/<path>.
+    reading each file once: the same bytes are hashed, checked and written to `images_dir`.
 
-    With `max_per_class`, each group is ranked by a seeded hash of the path and taken in
-    that order until it has enough readable images; the files beyond are hashed (to find
-    duplicates) but never decoded, so a quick run on a big folder stays quick. Ranking by
-    hash keeps each file's fate independent of the others: adding images does not
-    reshuffle the choice. Of byte-identical files one is kept, the first taken; when their
-    labels differ nobody knows which is right, and none is. A group that loses an image
-    that way, or to an unreadable file, is topped up from its next-ranked files.
+    With `max_per_class`, a group is taken in the seeded hash order of its paths (adding
+    images reshuffles nothing) until it has enough readable images; the files beyond are
+    hashed for duplicates, never decoded, so a quick run on a big folder stays quick. Of
+    byte-identical files the first taken is kept, and none where their labels differ
+    (nobody knows which is right); a group that loses an image so, or to an unreadable
+    file, is topped up from its next-ranked files.
     """
+    ordered = sorted(candidates, key=lambda c: c.path)
     by_group: dict[tuple[str, str], list[Candidate]] = {}
-    for candidate in sorted(candidates, key=lambda c: c.path):
+    for candidate in ordered:
         by_group.setdefault((candidate.label, candidate.split_hint), []).append(candidate)
     if max_per_class is not None:
         for group in by_group.values():
@@ -225,25 +197,28 @@ def ingest_images(
     kept: dict[str, Candidate] = {}  # digest -> the copy written
     banned: set[str] = set()  # digests of identical files with conflicting labels
 
-    def take(candidate: Candidate) -> tuple[str, str | None] | Reject:
-        """Read once: (digest, None) once checked and written, (digest, why not) if not."""
+    def read(candidate: Candidate, decode: bool = True) -> tuple[str, str | None] | Reject:
+        """Read once: the digest and, decoding, why the image is unusable (None: written)."""
         try:
+            if not decode:  # a file beyond what is needed: hashed for the duplicates only
+                return sha256_file(root / candidate.path), None
             data = (root / candidate.path).read_bytes()
         except OSError as exc:
             return Reject(candidate.path, f"cannot read file: {exc.strerror or exc}", "unreadable")
-        digest = hashlib.sha256(data).hexdigest()
         reason = inspect_image(data, max_pixels, name=candidate.path)
         if reason is None:  # a duplicate is deleted again once known (rare)
             target = images_dir / candidate.path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        return digest, reason
+        return hashlib.sha256(data).hexdigest(), reason
 
-    def hash_only(candidate: Candidate) -> tuple[str, None] | Reject:
-        try:
-            return sha256_file(root / candidate.path), None
-        except OSError as exc:
-            return Reject(candidate.path, f"cannot read file: {exc.strerror or exc}", "unreadable")
+    def copies() -> dict[str, list[Candidate]]:
+        """The files read and not rejected, by digest, in path order."""
+        found: dict[str, list[Candidate]] = {}
+        for c in ordered:
+            if c.path in digests and c.path not in rejects:
+                found.setdefault(digests[c.path], []).append(c)
+        return found
 
     def next_batch() -> list[Candidate]:
         """The next `need` files of each group, known duplicates passed over."""
@@ -263,7 +238,7 @@ def ingest_images(
         while True:
             while batch := next_batch():
                 # Results in batch order, whatever the threads' timing: deterministic.
-                for candidate, result in zip(batch, pool.map(take, batch), strict=True):
+                for candidate, result in zip(batch, pool.map(read, batch), strict=True):
                     bar.update(candidate.path not in digests)
                     if isinstance(result, Reject):
                         rejects[candidate.path] = result
@@ -277,91 +252,71 @@ def ingest_images(
                         need[(candidate.label, candidate.split_hint)] -= 1
                     else:
                         (images_dir / candidate.path).unlink()
-            # The files beyond what is needed: hashed only, for the duplicates among them.
             rest = [c for group in groups.values() for c in group if c.path not in digests]
-            for candidate, result in zip(rest, pool.map(hash_only, rest), strict=True):
+            hashed = pool.map(partial(read, decode=False), rest)
+            for candidate, result in zip(rest, hashed, strict=True):
                 bar.update()
                 if isinstance(result, Reject):
                     rejects[candidate.path] = result
                 else:
                     digests[candidate.path] = result[0]
-            conflicts = _conflicting(candidates, digests, rejects) - banned
+            conflicts = {d for d, same in copies().items() if len({c.label for c in same}) > 1}
+            conflicts -= banned
+            banned |= conflicts
             if not conflicts & kept.keys():
-                banned |= conflicts
                 break
             for digest in conflicts & kept.keys():  # take them out; top the groups up
                 loser = kept.pop(digest)
                 (images_dir / loser.path).unlink()
                 need[(loser.label, loser.split_hint)] += 1
                 groups[(loser.label, loser.split_hint)].appendleft(loser)  # passed over: banned
-            banned |= conflicts
-    return _ingested(candidates, digests, rejects, kept, banned)
 
-
-def _conflicting(candidates, digests, rejects) -> set[str]:
-    """Digests shared by readable files of different labels."""
-    labels: dict[str, set[str]] = {}
-    for c in candidates:
-        if c.path in digests and c.path not in rejects:
-            labels.setdefault(digests[c.path], set()).add(c.label)
-    return {digest for digest, names in labels.items() if len(names) > 1}
-
-
-def _ingested(candidates, digests, rejects, kept, banned) -> Ingested:
-    """Every candidate kept, rejected or skipped; duplicates name the copy kept."""
-    copies: dict[str, list[Candidate]] = {}
-    for c in sorted(candidates, key=lambda c: c.path):
-        if c.path in digests and c.path not in rejects:
-            copies.setdefault(digests[c.path], []).append(c)
+    # Every file is now kept, rejected or skipped; a duplicate names the copy kept.
     skipped = 0
-    for digest, group in copies.items():
+    for digest, same in copies().items():
         if digest in banned:
-            others = ", ".join(f"{c.path} ({c.label})" for c in group[:5])
+            others = ", ".join(f"{c.path} ({c.label})" for c in same[:5])
             reason = f"identical files with conflicting labels: {others}"
-            rejects.update({c.path: Reject(c.path, reason, "conflicting duplicate") for c in group})
+            rejects.update({c.path: Reject(c.path, reason, "conflicting duplicate") for c in same})
             continue
-        first = kept.get(digest, group[0])
-        for c in group:
+        first = kept.get(digest, same[0])
+        for c in same:
             if c.path != first.path:
                 rejects[c.path] = Reject(c.path, f"{DUPLICATE_OF}{first.path}", "duplicate")
         skipped += digest not in kept
     ids = {c.path: digest for digest, c in kept.items()}
-    return Ingested(
-        sorted(kept.values(), key=lambda c: c.path), ids, list(rejects.values()), skipped
-    )
+    return Ingested(sorted(kept.values(), key=lambda c: c.path), ids, [*rejects.values()], skipped)
 
 
 def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
     """A few human lines for the end of the fetch stage."""
-    hints = ", ".join(f"{k or 'no hint'} {v}" for k, v in summary["split_hints"].items())
-    source = summary["source"]
+    source, unmatched = summary["source"], summary["edits_unmatched"]
     layout = _LAYOUTS.get(source["layout"], source["layout"])
+    hints = ", ".join(f"{k or 'no hint'} {v}" for k, v in summary["split_hints"].items())
+    kinds = ", ".join(f"{n} {kind}" for kind, n in summary["rejected_by_kind"].items())
     lines = [
-        f"fetch: source {source['used']} ({layout}): {source['reason']}",
-        f"fetch: {summary['images']} images in {summary['classes']} classes ({hints or 'none'})",
+        f"source {source['used']} ({layout}): {source['reason']}",
+        f"{summary['images']} images in {summary['classes']} classes ({hints or 'none'})",
+        f"{summary['rejected']} files rejected ({kinds}); see {rejects_path}"
+        if summary["rejected"]
+        else "no files rejected",
     ]
-    if summary["rejected"]:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in summary["rejected_by_kind"].items())
-        lines.append(f"fetch: {summary['rejected']} files rejected ({kinds}); see {rejects_path}")
-    else:
-        lines.append("fetch: no files rejected")
     if summary["skipped_by_max_per_class"]:
-        lines.append(f"fetch: {summary['skipped_by_max_per_class']} left out by max_per_class")
+        lines.append(f"{summary['skipped_by_max_per_class']} left out by max_per_class")
     if summary.get("held_out_test"):
         lines.append(
-            f"fetch: {summary['held_out_test']} unlabelled test images held out in "
+            f"{summary['held_out_test']} unlabelled test images held out in "
             f"{rejects_path.parent / TEST_DIR} (the predict_test stage predicts them)"
         )
     if summary["empty_classes"]:
-        lines.append(f"fetch: class folders without usable images: {summary['empty_classes']}")
+        lines.append(f"class folders without usable images: {summary['empty_classes']}")
     for action, counts in summary["edits"].items():
         where = ", ".join(f"{n} {hint}" for hint, n in counts.items())
         verb = "excluded by data.exclude" if action == "exclude" else "relabelled by data.relabel"
-        lines.append(f"fetch: {sum(counts.values())} images {verb} ({where})")
-    if summary["edits_unmatched"]:
-        shown = ", ".join(summary["edits_unmatched"][:5])
+        lines.append(f"{sum(counts.values())} images {verb} ({where})")
+    if unmatched:
         lines.append(
-            f"fetch: warning: {len(summary['edits_unmatched'])} entries of data.exclude/relabel "
-            f"name no image of the source (e.g. {shown})"
+            f"warning: {len(unmatched)} entries of data.exclude/relabel name no image of the "
+            f"source (e.g. {', '.join(unmatched[:5])})"
         )
-    return "\n".join(lines)
+    return "\n".join(f"fetch: {line}" for line in lines)

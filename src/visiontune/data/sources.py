@@ -1,9 +1,8 @@
 """Find the dataset (folder, archive, URL or a local mirror of that URL) and list its images.
 
-Two layouts are understood: folders per class (below any depth of train/valid/test
-folders), and a folder of images plus a CSV of labels. Files that cannot be used are
-returned as rejects with a reason, never dropped silently. Unlabelled images in a test
-folder (Kaggle's `test/` beside `train/`) are held out: listed apart, to be predicted.
+Two layouts: folders per class (below any depth of train/valid/test folders), and a folder of
+images plus a CSV of labels. Unusable files become rejects with a reason, never dropped
+silently; unlabelled images in a test folder (Kaggle's `test/`) are held out, to be predicted.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from filelock import FileLock
 
+from visiontune.config import DataParams
 from visiontune.data.archive import ARCHIVE_SUFFIXES, extract_archive, is_archive_name
 from visiontune.data.download import DownloadError, cache_name, download, is_url
 from visiontune.data.images import is_image_name
@@ -26,24 +26,18 @@ from visiontune.fileio import sha256_file
 from visiontune.locations import Located, Locator
 
 # Folder names that mark a predefined split (case-insensitive) → the split_hint value.
-SPLIT_FOLDERS = {
-    "train": "train",
-    "training": "train",
-    "valid": "valid",
-    "validation": "valid",
-    "val": "valid",
-    "test": "test",
-    "testing": "test",
-}
-# Never dataset content: macOS resource forks in zips, VCS folders, OS junk files.
+SPLIT_FOLDERS = (
+    dict.fromkeys(("train", "training"), "train")
+    | dict.fromkeys(("valid", "validation", "val"), "valid")
+    | dict.fromkeys(("test", "testing"), "test")
+)
+# Never dataset content: macOS resource forks in zips, OS junk files (and dot-files).
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """An image file with its label; `path` is relative to the source root (POSIX)."""
-
-    path: str
+    path: str  # of the image file, relative to the source root (POSIX)
     label: str
     split_hint: str
 
@@ -67,9 +61,6 @@ class Listing:
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """Where the images were actually read from, and why."""
-
-    requested: str
     used: str  # the mirror, path or URL actually used
     kind: str  # directory | archive | url
     root: Path  # the directory holding the dataset (extracted, for archives)
@@ -84,10 +75,10 @@ class SourceError(ValueError):
 def pick_mirror(
     source: str, mirrors: Mapping[str, Sequence[str]], locate: Locator
 ) -> Located | None:
-    """The first existing local copy of `source`; None when `source` has none.
+    """The first existing local copy of the URL `source`, if any.
 
-    A mirror stands in only for the URL it copies: a local folder, a CSV or an archive, or
-    another URL, is always used as given.
+    A mirror stands in only for the URL it copies: a local path, or another URL, is used
+    as given.
     """
     if not is_url(source):
         return None
@@ -97,56 +88,50 @@ def pick_mirror(
 
 @contextlib.contextmanager
 def resolve_source(
-    source: str,
-    mirrors: Mapping[str, Sequence[str]],
-    download_dir: Path,
-    locate: Locator,
-    *,
-    sha256: str | None,
-    retries: int,
-    timeout_s: float,
+    params: DataParams, download_dir: Path, locate: Locator
 ) -> Iterator[ResolvedSource]:
-    """Use a local copy of the `source` URL when `mirrors` has one, else `source` itself;
-    download and extract as needed.
-
-    Relative paths are found by `locate` (the checkout, then the repo DVC was run from).
-    Archives are extracted to a temp folder under `download_dir`, removed on exit;
-    downloads are cached in `download_dir` so a rerun does not fetch again.
-    """
-    copies = list(mirrors.get(source, ())) if is_url(source) else []
-    mirror = pick_mirror(source, mirrors, locate)
+    """`data.source`'s local mirror, else the source itself: downloaded to the cache
+    `download_dir`, and an archive extracted to a temp folder there (removed on exit)."""
+    source, sha256 = params.source, params.sha256
+    mirror = pick_mirror(source, params.mirrors, locate)
     if mirror is not None:
         used, path = mirror.written, mirror.path
         reason = f"the local copy of {source} in data.mirrors, {mirror.where} (nothing downloaded)"
     elif is_url(source):
         used = source
-        target = Path(download_dir) / cache_name(source)
+        target = download_dir / cache_name(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         # Experiments run in parallel share this cache: one downloads, the others wait.
         with FileLock(f"{target}.lock"):
             cached = target.is_file()
-            path = download(source, target, sha256=sha256, retries=retries, timeout_s=timeout_s)
+            path = download(
+                source,
+                target,
+                sha256=sha256,
+                retries=params.download_retries,
+                timeout_s=params.download_timeout_s,
+            )
         reason = f"{'already downloaded' if cached else 'downloaded'} to {target}"
-        if copies:
-            reason += f" (no data.mirrors copy found: {', '.join(copies)})"
+        if params.mirrors.get(source):
+            reason += f" (no data.mirrors copy found: {', '.join(params.mirrors[source])})"
     else:
         located = locate.locate(source, "data.source")
         used, path = source, located.path
         reason = f"data.source, {located.where}"
     kind = "url" if is_url(used) else "directory" if path.is_dir() else "archive"
     if path.is_dir():
-        yield ResolvedSource(source, used, kind, path, reason=reason)
+        yield ResolvedSource(used, kind, path, reason=reason)
         return
     if not is_archive_name(path.name):
         raise SourceError(f"{path}: not a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)})")
     digest = sha256_file(path)
     if sha256 is not None and digest != sha256:
         raise DownloadError(f"{path}: sha256 mismatch: expected {sha256}, got {digest}")
-    Path(download_dir).mkdir(parents=True, exist_ok=True)
+    download_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=download_dir))
     try:
         extract_archive(path, tmp)
-        yield ResolvedSource(source, used, kind, _unwrap(tmp), digest, reason)
+        yield ResolvedSource(used, kind, _unwrap(tmp), digest, reason)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -172,20 +157,12 @@ def _walk(root: Path) -> Iterator[tuple[tuple[str, ...], list[str], list[str]]]:
         yield rel, dirnames, sorted(f for f in filenames if not _is_junk(f))
 
 
-def _split_hint(parts: Sequence[str]) -> str:
-    hints = [SPLIT_FOLDERS[p.lower()] for p in parts if p.lower() in SPLIT_FOLDERS]
-    return hints[-1] if hints else ""
-
-
-def _in_test_folder(parts: Sequence[str]) -> str | None:
-    """The path below the last test folder among `parts` (a file's folders + its name),
-    or None when the file is not in one."""
+def _split_of(parts: Sequence[str]) -> tuple[str, str]:
+    """The hint of the last split folder among a file's folders, and the file's path below it."""
     for i in range(len(parts) - 2, -1, -1):
-        if SPLIT_FOLDERS.get(parts[i].lower()) == "test":
-            return PurePosixPath(*parts[i + 1 :]).as_posix()
         if parts[i].lower() in SPLIT_FOLDERS:
-            return None
-    return None
+            return SPLIT_FOLDERS[parts[i].lower()], "/".join(parts[i + 1 :])
+    return "", "/".join(parts)
 
 
 def list_folders(root: Path) -> Listing:
@@ -197,22 +174,20 @@ def list_folders(root: Path) -> Listing:
             listing.class_folders.add(rel[-1])
         for name in files:
             path = PurePosixPath(*rel, name).as_posix()
+            hint, below = _split_of((*rel, name))
             if not is_image_name(name):
                 if in_class:
                     suffix = Path(name).suffix or "none"
                     reason = f"not an image file name (suffix {suffix})"
                     listing.rejects.append(Reject(path, reason, "not an image"))
-                continue
-            held = _in_test_folder((*rel, name)) if not in_class else None
-            if held is not None:
-                listing.held_out.append((path, held))
-                continue
-            if not in_class:
+            elif in_class:
+                listing.candidates.append(Candidate(path, rel[-1], hint))
+            elif hint == "test":
+                listing.held_out.append((path, below))
+            else:
                 where = f"directly in split folder {rel[-1]!r}" if rel else "at the top level"
                 reason = f"not inside a class folder ({where})"
                 listing.rejects.append(Reject(path, reason, "no class folder"))
-                continue
-            listing.candidates.append(Candidate(path, rel[-1], _split_hint(rel[:-1])))
     return listing
 
 
@@ -232,7 +207,7 @@ def resolve_labels_path(labels: str, root: Path, locate: Locator) -> Path:
 
 def list_labelled(root: Path, labels_csv: Path, id_column: str, label_column: str) -> Listing:
     """List images named by a labels CSV (ids: relative paths, file names or stems)."""
-    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, na_filter=False)
+    table = pd.read_csv(labels_csv, dtype=str, na_filter=False)
     missing = [c for c in (id_column, label_column) if c not in table.columns]
     if missing:
         raise SourceError(
@@ -240,28 +215,23 @@ def list_labelled(root: Path, labels_csv: Path, id_column: str, label_column: st
             f"{', '.join(map(str, table.columns))} (set data.id_column / data.label_column)"
         )
     listing = Listing(layout="labels_csv")
-    images = [
-        PurePosixPath(*rel, name).as_posix()
-        for rel, _, files in _walk(root)
-        for name in files
-        if is_image_name(name)
-    ]
-    index: dict[str, list[str]] = {}
-    for path in images:
-        pure = PurePosixPath(path)
-        for key in {path, pure.name, pure.stem, pure.with_suffix("").as_posix()}:
-            index.setdefault(key, []).append(path)
+    images = [PurePosixPath(*rel, name) for rel, _, files in _walk(root) for name in files]
+    images = [image for image in images if is_image_name(image.name)]
+    index: dict[str, list[str]] = {}  # each path, file name and stem → the paths it names
+    for image in images:
+        stems = {image.stem, image.with_suffix("").as_posix()}
+        # An id with an image suffix names a file: "a.jpg" is not the stem of "a.jpg.png".
+        for key in {image.as_posix(), image.name} | {s for s in stems if not is_image_name(s)}:
+            index.setdefault(key, []).append(image.as_posix())
     csv_name = labels_csv.name
     rows: dict[str, list[tuple[int, str]]] = {}  # image path → [(line, label)]
     pairs = zip(table[id_column], table[label_column], strict=True)
-    for offset, (raw_id, raw_label) in enumerate(pairs):
-        line = offset + 2  # 1-based, after the header
+    for line, (raw_id, raw_label) in enumerate(pairs, start=2):  # line 1 is the header
         image_id, label = raw_id.strip(), raw_label.strip()
+        matches = index.get(image_id.replace("\\", "/").removeprefix("./"), [])
         if not image_id:
             listing.rejects.append(Reject(f"{csv_name}:{line}", "empty id", "bad csv row"))
-            continue
-        matches = _match(image_id, index)
-        if not matches:
+        elif not matches:
             reason = f"listed in {csv_name} (line {line}) but no such image file"
             listing.rejects.append(Reject(image_id, reason, "unknown id"))
         elif len(matches) > 1:
@@ -270,18 +240,15 @@ def list_labelled(root: Path, labels_csv: Path, id_column: str, label_column: st
             listing.rejects.append(Reject(image_id, reason, "ambiguous id"))
         else:
             rows.setdefault(matches[0], []).append((line, label))
-    for path in images:
-        entries = rows.get(path)
-        held = _in_test_folder(PurePosixPath(path).parts)
-        if entries is None and held is not None:
-            listing.held_out.append((path, held))
-            continue
-        if entries is None:
-            reason = f"not listed in {csv_name}"
-            listing.rejects.append(Reject(path, reason, "unlabelled"))
-            continue
-        labels = sorted({label for _, label in entries})
-        if len(labels) > 1:
+    for image in images:
+        path, entries = image.as_posix(), rows.get(image.as_posix())
+        labels = sorted({label for _, label in entries or ()})
+        hint, below = _split_of(image.parts)
+        if entries is None and hint == "test":
+            listing.held_out.append((path, below))
+        elif entries is None:
+            listing.rejects.append(Reject(path, f"not listed in {csv_name}", "unlabelled"))
+        elif len(labels) > 1:
             detail = ", ".join(f"{label!r} (line {line})" for line, label in entries)
             reason = f"conflicting labels in {csv_name}: {detail}"
             listing.rejects.append(Reject(path, reason, "conflicting labels"))
@@ -289,21 +256,8 @@ def list_labelled(root: Path, labels_csv: Path, id_column: str, label_column: st
             reason = f"empty label in {csv_name} (line {entries[0][0]})"
             listing.rejects.append(Reject(path, reason, "unlabelled"))
         else:
-            hint = _split_hint(PurePosixPath(path).parts[:-1])
             listing.candidates.append(Candidate(path, labels[0], hint))
             for line, _ in entries[1:]:
                 reason = f"repeated id in {csv_name} (line {line}, same label; row ignored)"
                 listing.rejects.append(Reject(f"{csv_name}:{line}", reason, "repeated id"))
     return listing
-
-
-def _match(image_id: str, index: dict[str, list[str]]) -> list[str]:
-    key = image_id.replace("\\", "/").removeprefix("./")
-    # An id that names a file (with extension) only matches that name, never a stem.
-    if is_image_name(key):
-        return [p for p in index.get(key, []) if p == key or PurePosixPath(p).name == key]
-    return [
-        p
-        for p in index.get(key, [])
-        if PurePosixPath(p).stem == key or PurePosixPath(p).with_suffix("").as_posix() == key
-    ]

@@ -1,9 +1,5 @@
-"""Deterministic, stratified train/valid split of the fetch manifest.
-
-Each class is split on its own, so every class keeps its share of validation images;
-images are ranked by a seeded hash of their path, so the same inputs and seed always
-give the same split, and adding an image never reshuffles the others.
-"""
+"""Deterministic, stratified train/valid split of the fetch manifest: each class on its own,
+ranked by a seeded hash of the paths, so adding an image never reshuffles the others."""
 
 from __future__ import annotations
 
@@ -25,8 +21,8 @@ class Split:
 
 
 def n_valid_for(n_images: int, valid_pct: float) -> int:
-    """Validation images for a class of `n_images`: the rounded share, at least one,
-    and never all of them (a class needs a training image)."""
+    """The rounded share of a class's images, at least one, and never all of them (a class
+    needs a training image)."""
     if n_images < 2:
         return 0
     return min(max(round(n_images * valid_pct), 1), n_images - 1)
@@ -40,15 +36,11 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams) -> Split:
     per class by `valid_pct`. Classes with fewer than `min_per_class` usable images
     are dropped and listed in the report.
     """
-    valid_pct, seed, min_per_class = params.valid_pct, params.seed, params.min_per_class
-    keep_predefined = params.keep_predefined
     usable = manifest[manifest["split_hint"] != "test"]
     counts = usable["label"].value_counts()
-    dropped = {str(k): int(v) for k, v in sorted(counts.items()) if v < min_per_class}
+    dropped = {str(k): int(v) for k, v in sorted(counts.items()) if v < params.min_per_class}
     usable = usable[~usable["label"].isin(list(dropped))]
-    hints = set(usable["split_hint"])
-    predefined = keep_predefined and {"train", "valid"} <= hints
-
+    predefined = params.keep_predefined and {"train", "valid"} <= set(usable["split_hint"])
     train_parts: list[pd.DataFrame] = []
     valid_parts: list[pd.DataFrame] = []
     for _, rows in usable.groupby("label", sort=True):
@@ -56,9 +48,8 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams) -> Split:
             train_parts.append(rows[rows["split_hint"] == "train"])
             valid_parts.append(rows[rows["split_hint"] == "valid"])
             rows = rows[rows["split_hint"] == ""]
-        ranked = sorted(rows["path"], key=lambda path: seeded_rank(seed, path))
-        to_valid = set(ranked[: n_valid_for(len(ranked), valid_pct)])
-        in_valid = rows["path"].isin(to_valid)
+        ranked = sorted(rows["path"], key=lambda path: seeded_rank(params.seed, path))
+        in_valid = rows["path"].isin(ranked[: n_valid_for(len(ranked), params.valid_pct)])
         train_parts.append(rows[~in_valid])
         valid_parts.append(rows[in_valid])
 
@@ -66,12 +57,9 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams) -> Split:
     train = sorted_rows(pd.concat([empty, *train_parts]), SPLIT_COLUMNS)
     valid = sorted_rows(pd.concat([empty, *valid_parts]), SPLIT_COLUMNS)
     classes = sorted(set(usable["label"]))
+    sizes = {"train": train["label"].value_counts(), "valid": valid["label"].value_counts()}
     per_class = {
-        label: {
-            "train": int((train["label"] == label).sum()),
-            "valid": int((valid["label"] == label).sum()),
-        }
-        for label in classes
+        label: {part: int(n.get(label, 0)) for part, n in sizes.items()} for label in classes
     }
     warnings = [
         f"class {label!r} has no {part} images"
@@ -81,9 +69,9 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams) -> Split:
     ]
     report = {
         "mode": "predefined" if predefined else "stratified",
-        "valid_pct": valid_pct,
-        "seed": seed,
-        "min_per_class": min_per_class,
+        "valid_pct": params.valid_pct,
+        "seed": params.seed,
+        "min_per_class": params.min_per_class,
         "train": len(train),
         "valid": len(valid),
         "classes": len(classes),

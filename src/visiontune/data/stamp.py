@@ -1,8 +1,7 @@
 """A cheap fingerprint of the local files `fetch` reads, so DVC re-runs it when they change.
 
-The source may be a URL or a folder outside the repo, so it cannot be a DVC dependency
-itself. The `source_stamp` stage (`always_changed`) writes this fingerprint on every
-`dvc repro`; `fetch` depends on that file, and DVC re-runs it only when the bytes differ.
+The source may be a URL or a folder outside the repo, so it cannot be a DVC dependency: the
+`always_changed` stage `source_stamp` writes this fingerprint, and `fetch` depends on that file.
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from visiontune.locations import Located, Locator
 def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     """(path relative to `root`, stat) of every file below `root`, in no fixed order.
 
-    `os.scandir` hands back each entry's type without a syscall; only files are stat'ed.
-    Symlinked folders are not followed (as `os.walk`, which lists the source, does not).
-    """
+    scandir types the entries without a syscall, so only files are stat'ed; symlinked
+    folders are not followed (nor are they by `os.walk`, which lists the source)."""
     todo = [""]
     while todo:
         rel = todo.pop()
@@ -39,19 +37,15 @@ def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
 
 
 def stamp_path(located: Located | None, written: str) -> dict[str, Any]:
-    """Fingerprint of a local file or folder: file count, bytes, and a digest of every
-    file's (relative path, size, mtime in ns). `path` is recorded as `params.yaml` writes it,
-    so the workspace and DVC's experiment copies stamp the same files identically.
+    """File count, bytes, and a digest of every file's (relative path, size, mtime in ns).
 
-    Like make's or rsync's quick check, an edit that keeps both size and mtime goes unseen.
+    `path` as `params.yaml` writes it: the workspace and DVC's experiment copies stamp the
+    same files alike. As make's quick check, an edit keeping size and mtime goes unseen.
     """
     if located is None:
         return {"path": written, "kind": "missing"}  # fetch itself says what is wrong
     root = located.path
-    if root.is_file():
-        listing = [("", root.stat())]
-    else:
-        listing = sorted(_files(root), key=lambda item: item[0])
+    listing = [("", root.stat())] if root.is_file() else sorted(_files(root), key=lambda f: f[0])
     digest = hashlib.sha256()
     for rel, stat in listing:
         digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -65,17 +59,16 @@ def stamp_path(located: Located | None, written: str) -> dict[str, Any]:
 
 
 def source_stamp(params: DataParams, locate: Locator) -> dict[str, Any]:
-    """What `fetch` will read, fingerprinted: the local source (or the URL's local mirror),
-    a local labels CSV and the data.exclude/relabel files, found as fetch finds them. A URL
-    without a mirror stands for itself: its content is pinned by `data.sha256` (or not at
-    all), both params that DVC already compares.
+    """What `fetch` will read, found as fetch finds it: the local source (or the URL's local
+    mirror), a local labels CSV and the data.exclude/relabel files. A URL without a mirror
+    stands for itself: `data.sha256`, a param DVC already compares, pins its content.
     """
     stamp: dict[str, Any] = {"source": params.source}
     if is_url(params.source):
         source = pick_mirror(params.source, params.mirrors, locate)
-        used = source.written if source else params.source
     else:
-        source, used = locate.find(params.source), params.source
+        source = locate.find(params.source)
+    used = source.written if source else params.source
     if source is None and is_url(used):
         stamp["used"] = {"path": used, "kind": "url"}
     else:

@@ -21,8 +21,7 @@ from visiontune.models.record import DataConfig
 if TYPE_CHECKING:  # a served model ships this module without the params code
     from visiontune.config import AugmentParams
 
-# A decoded image (uint8 3×H×W, as `visiontune.data.pixels.open_pixels` gives it, or a
-# Pillow RGB image) → uint8 3×H×W pixels.
+# A decoded image (uint8 3×H×W from `open_pixels`, or a Pillow RGB image) → uint8 3×H×W.
 Transform = Callable[[torch.Tensor | Image.Image], torch.Tensor]
 
 
@@ -38,12 +37,10 @@ class PixelNormalize(torch.nn.Module):
     """0-255 pixels (a uint8 N×3×H×W batch, on any device) → float32 normalised with `mean`/`std`.
 
     `mean`/`std` are on the 0-1 scale, as in timm's data configs. One subtract-multiply on
-    0-255 values, not torchvision's ToDtype(scale=True) → Normalize: a 64-image batch took
-    24 ms against 40 (median of 15, 2 cores, 2026-12-01), and it keeps the exact numbers of
-    the feature caches written before (torchvision's differ by up to 1.2e-7: a changed
-    extraction, so a FEATURES_VERSION bump). It is the model's first layer, not a loader transform:
-    workers hand over uint8 batches, a quarter of the bytes through shared memory, pinned
-    memory and the host-to-device copy, and the normalisation runs on the model's device.
+    0-255 values, not ToDtype(scale=True) → Normalize: 24 ms against 40 for a 64-image batch
+    (2 cores), and the exact numbers of the feature caches (torchvision's differ by up to
+    1.2e-7). The model's first layer, not a loader transform: uint8 batches are a quarter of
+    the bytes through shared memory, pinning and the copy to the device.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -75,26 +72,23 @@ def train_min_size(cfg: DataConfig, aug: AugmentParams) -> int:
 
 
 def eval_resize(pixels: torch.Tensor, cfg: DataConfig, size: int | None = None) -> torch.Tensor:
-    """uint8 pixels (3×H×W or N×3×H×W, on any device) with the short side resized to `size`
-    (default `cfg.resize_size`: `image_size / crop_pct`), antialiased as timm resizes.
+    """uint8 pixels (3×H×W or N×3×H×W, any device), short side resized to `size` (default
+    `cfg.resize_size`), antialiased as timm resizes.
 
-    On the uint8 tensor, not a PIL image: torch's antialiased kernel took 0.25 ms against
-    Pillow's 0.85-1.4 per dogscats photo (1 core), more than the JPEG decode itself, for
-    the same pixels up to ~0.02 grey levels on average.
+    On the tensor, not a PIL image: 0.25 ms against Pillow's 0.85-1.4 per dogscats photo
+    (1 core), for the same pixels up to ~0.02 grey levels on average.
     """
     mode = interpolation_mode(cfg.interpolation)
     return F.resize(pixels, [size or cfg.resize_size], interpolation=mode, antialias=True)
 
 
 def eval_crop(pixels: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
-    """The pixels the model sees without TTA: `eval_resize`, then the centre `image_size`
-    square. The one definition: the loaders' eval transform, TTA's first view and the
-    report's pictures all cut it here, on CPU or GPU tensors."""
+    """`eval_resize`, then the centre `image_size` square: the one definition of what the
+    model sees without TTA, for the loaders, TTA's first view and the report's pictures."""
     return F.center_crop(eval_resize(pixels, cfg), [cfg.image_size, cfg.image_size])
 
 
 def create_eval_transform(cfg: DataConfig) -> Transform:
-    """A decoded image (uint8 CHW tensor or Pillow RGB) → `eval_crop` (uint8 CHW)."""
     interpolation_mode(cfg.interpolation)  # an unknown name fails here, not in a worker
     # A partial, not a lambda: loader workers started by spawn pickle the transform.
     return v2.Compose([v2.PILToTensor(), partial(eval_crop, cfg=cfg)])
@@ -104,15 +98,12 @@ class RandomZoomCrop(torch.nn.Module):
     """A random crop `zoom` times smaller than the short side, turned by up to ±`degrees`
     about its centre, resized to a square.
 
-    Unlike RandomResizedCrop, whose `scale` is a fraction of the whole area (so on a 4:3
-    photo a square crop can never reach scale 1), the zoom is relative to the short
-    side: zoom 1 is the largest square that fits, `max_zoom` the closest look. Where the
-    turned crop leaves the photo its corners are black, as after RandomRotation.
-
-    The rotation and the crop are one affine resampling of the output pixels only, after
-    an antialiased downscale of the photo to about the output scale: RandomRotation
-    turned every pixel of the full photo first (~3 ms of the ~4 ms this took for a
-    dogscats photo, 1 core; now ~1.3 ms).
+    Unlike RandomResizedCrop's `scale` (a share of the whole area, so a 4:3 photo's square
+    crop never reaches 1), zoom 1 is the largest square that fits and `max_zoom` the
+    closest look. Where the turned crop leaves the photo its corners are black. The turn
+    and the crop are one affine resampling of the output pixels, after an antialiased
+    downscale to about the output scale: turning the full photo first took 3 of 4 ms (a
+    dogscats photo, 1 core; now 1.3).
     """
 
     def __init__(
@@ -131,8 +122,8 @@ class RandomZoomCrop(torch.nn.Module):
         self.degrees = degrees
 
     def forward(self, img: torch.Tensor | Image.Image) -> Image.Image:
-        pixels = img if isinstance(img, torch.Tensor) else None
-        height, width = pixels.shape[-2:] if pixels is not None else img.size[::-1]
+        pixels = img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
+        height, width = pixels.shape[-2:]
         # Uniform in area (like RandomResizedCrop's scale), then a mild aspect jitter.
         area = torch.empty(1).uniform_(1 / self.max_zoom**2, 1).item()
         aspect = math.exp(torch.empty(1).uniform_(*self.log_ratio).item())
@@ -148,17 +139,10 @@ class RandomZoomCrop(torch.nn.Module):
         box = (float(left), float(top), float(crop_w), float(crop_h))
         if shrink > 1:
             new_w, new_h = max(1, round(width / shrink)), max(1, round(height / shrink))
-            pixels = F.resize(
-                F.pil_to_tensor(img) if pixels is None else pixels,
-                [new_h, new_w],
-                interpolation=self.interpolation,
-                antialias=True,
-            )
+            pixels = F.resize(pixels, [new_h, new_w], self.interpolation, antialias=True)
             sx, sy = new_w / width, new_h / height
             box = (left * sx, top * sy, crop_w * sx, crop_h * sy)
-        if pixels is not None:  # Pillow's affine: the crop's output pixels only
-            img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-        return img.transform(
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy()).transform(
             (self.size, self.size),
             Image.Transform.AFFINE,
             _crop_affine(box, angle, self.size),
@@ -175,15 +159,9 @@ def _crop_affine(
     cx, cy = left + box_w / 2, top + box_h / 2
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     kx, ky = box_w / size, box_h / size
+    a, b, d, e = cos * kx, -sin * ky, sin * kx, cos * ky  # Pillow's names for them
     half = size / 2
-    return (
-        cos * kx,
-        -sin * ky,
-        cx - (cos * kx - sin * ky) * half,
-        sin * kx,
-        cos * ky,
-        cy - (sin * kx + cos * ky) * half,
-    )
+    return (a, b, cx - (a + b) * half, d, e, cy - (d + e) * half)
 
 
 def create_train_transform(cfg: DataConfig, aug: AugmentParams) -> Transform:
