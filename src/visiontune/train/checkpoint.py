@@ -1,8 +1,5 @@
-"""Training checkpoints: everything needed to resume exactly, tensors and primitives only.
-
-Written atomically (temp file + rename) and read with `torch.load(weights_only=True)`,
-so a checkpoint can never execute code and a kill mid-write never corrupts the last one.
-"""
+"""Training checkpoints: everything needed to resume exactly, in tensors and primitives read
+with `torch.load(weights_only=True)` (no code runs), written atomically."""
 
 from __future__ import annotations
 
@@ -23,30 +20,24 @@ from visiontune.fileio import atomic_path
 # checkpoint no longer carries the RNG state of the epoch's start ("epoch_rng").
 FORMAT_VERSION = 2
 CHECKPOINT_NAME = "last.pt"
-# What stays in the checkpoint folder once a run is done: an empty folder (a DVC output)
-# made `dvc repro` print "WARNING: 'outputs/finetune/checkpoints' is empty." every time.
+# Left in the checkpoint folder once a run is done: an empty folder (a DVC output) made
+# `dvc repro` print "WARNING: 'outputs/finetune/checkpoints' is empty." every time.
 NOTE_NAME = "README.txt"
 _NOTE = (
     f"{CHECKPOINT_NAME} here is the checkpoint of an unfinished fine-tune: `dvc repro` resumes "
     "from it.\nThe finetune stage removes it once its outputs are written and logged.\n"
 )
+_PRIMITIVES = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.Size)
 
 
 def capture_rng() -> dict[str, Any]:
     """The state of every RNG training touches: torch (CPU, CUDA), NumPy, Python."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
+    numpy = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    numpy |= {"has_gauss": int(has_gauss), "gauss": float(gauss)}
+    python = {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": python}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,23 +46,12 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     """Put back the RNG states captured by `capture_rng`."""
     torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["gauss"],
-        )
-    )
-    python = state["python"]
+    numpy, python = state["numpy"], state["python"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-_PRIMITIVES = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.Size)
 
 
 def _check_loadable(value: Any, where: str = "checkpoint") -> None:
@@ -101,7 +81,6 @@ class CheckpointFormatError(ValueError):
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """Read a checkpoint (tensors and primitives only), or None when there is none."""
-    path = Path(path)
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -114,16 +93,9 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 def discard_checkpoint(checkpoint_dir: Path) -> bool:
-    """Remove a finished run's checkpoint; return whether there was one.
-
-    Called once the run's outputs are written and logged. Until then the final checkpoint
-    stays, so a stage that failed after training (a tracking error) is rerun without
-    training again. After it, nothing may be resumed: DVC reruns the stage when its code
-    changes, and code is not part of a checkpoint's config, so a kept final checkpoint
-    would hand back the old model untrained. A note saying what the folder is for stays in
-    it, so the DVC output is never an empty folder.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
+    """Remove a finished run's checkpoint (a note stays); whether there was one. Called once
+    the outputs are logged: a stage failing before that resumes at its end, while a rerun for
+    new code (code is no part of a checkpoint's config) must not get the old model back."""
     if checkpoint_dir.is_dir():
         with atomic_path(checkpoint_dir / NOTE_NAME) as tmp:
             tmp.write_text(_NOTE, encoding="utf-8")
@@ -161,21 +133,15 @@ def resume_mismatch(
 
 
 @contextlib.contextmanager
-def stop_on_signals(*signums: int) -> Iterator[threading.Event]:
-    """An Event set when SIGTERM (default) arrives, so the loop can checkpoint and stop.
-
-    The previous handlers come back on exit; outside the main thread this is a plain Event.
-    """
-    signums = signums or (signal.SIGTERM,)
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An Event set on SIGTERM, so the loop can checkpoint and stop; the previous handler
+    comes back on exit. Outside the main thread (no handlers there), a plain Event."""
     event = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
-    previous = {s: signal.getsignal(s) for s in signums}
-    for signum in signums:
-        signal.signal(signum, lambda *_: event.set())
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
     try:
         yield event
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGTERM, previous)

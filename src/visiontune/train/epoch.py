@@ -1,8 +1,5 @@
-"""One fine-tune epoch's pieces: its training batches, the train mode, the validation pass.
-
-The loader of an epoch is seeded by the epoch and sharded by rank, so an interrupted or
-distributed run sees exactly the batches a single uninterrupted process sees.
-"""
+"""One fine-tune epoch's pieces: its batches (seeded by the epoch, sharded by rank: what a
+single uninterrupted process sees), the train mode, the validation pass."""
 
 from __future__ import annotations
 
@@ -19,13 +16,9 @@ from visiontune.runtime import Runtime
 
 
 def set_train_mode(model: ImageClassifier, freeze_bn: bool) -> None:
-    """Train mode; with `freeze_bn` the body's BatchNorm layers keep their running stats.
-
-    A logistic-regression head's BatchNorm keeps its statistics too (`head_stats_fixed`):
-    they are the standardisation its weights were fitted for. Left to track augmented
-    training batches, they alone cost digits 1.1 points and raised its valid loss
-    0.31 -> 0.37 in one epoch at an LR too small to move a weight.
-    """
+    """Train mode; with `freeze_bn` the body's BatchNorm layers keep their running stats, as
+    a logistic head's always do (`head_stats_fixed`): they are the standardisation it was
+    fitted for (tracking augmented batches cost digits 1.1 points in one epoch)."""
     model.train()
     frozen = [model.body] if freeze_bn else []
     if model.head_stats_fixed:
@@ -40,19 +33,14 @@ def evaluate(
     model: nn.Module,
     loader,
     runtime: Runtime,
-    label_smoothing: float = 0.0,
-    dist: DistContext = SINGLE,
-    total: int | None = None,
-):
-    """(valid loss, valid accuracy) without TTA.
-
-    Under torchrun `loader` holds this rank's shard of the `total` validation images
-    (`distributed.shard`); the logits are gathered so every image counts exactly once.
-    """
+    label_smoothing: float,
+    dist: DistContext,
+    total: int | None,
+) -> tuple[float, float]:
+    """(valid loss, valid accuracy) without TTA; under torchrun `loader` holds this rank's
+    shard of the `total` images (`distributed.shard`), gathered so each counts once."""
     logits, labels, _ = run_inference(model, loader, runtime, desc="valid")
-    if dist.enabled:
-        if total is None:
-            raise ValueError("evaluate under torchrun needs the total number of images")
+    if dist.enabled:  # `total` is checked by `finetune`
         logits, labels = gather_shards(logits, total, dist), gather_shards(labels, total, dist)
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
@@ -67,21 +55,11 @@ def epoch_loader(
     dist: DistContext = SINGLE,
     skip_batches: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """This rank's training batches of `epoch`: batch_size / world_size images each.
-
-    Every world size walks the same seeded permutation of the epoch and each rank takes
-    every world_size-th image of it (DistributedSampler, tail dropped), so global batch k
-    holds exactly the images of a single process's batch k, augmented alike: each image's
-    augmentation is seeded from (seed + epoch, index), not from a worker's or a rank's RNG.
-    `skip_batches` starts the epoch that many batches in, without decoding them.
-    """
+    """This rank's batches of `epoch` (batch_size / world_size images): every world_size-th
+    image of one seeded permutation, so global batch k is a single process's batch k, each
+    image augmented from its own seed (seed + epoch, index). `skip_batches` go undecoded."""
     sampler = DistributedSampler(
-        dataset,
-        num_replicas=dist.world_size,
-        rank=dist.rank,
-        shuffle=True,
-        seed=seed,
-        drop_last=True,
+        dataset, dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True
     )
     sampler.set_epoch(epoch)
     per_rank = batch_size // dist.world_size

@@ -1,8 +1,5 @@
-"""Layer groups for differential LRs, derived from timm's `group_matcher` for any backbone.
-
-The body's matcher groups (stem, stages/blocks, ...) are split into `n_groups - 1`
-contiguous chunks, early layers first; the head is always the last group.
-"""
+"""Layer groups for differential LRs from timm's `group_matcher`, for any backbone: the body's
+matcher groups in `n_groups - 1` contiguous chunks, early layers first, then the head."""
 
 from __future__ import annotations
 
@@ -27,11 +24,6 @@ class LayerGroup:
     matcher_groups: tuple[int, ...] = ()
 
 
-def _prefix(name: str, depth: int = 2) -> str:
-    parts = name.split(".")[:-1] or name.split(".")
-    return ".".join(parts[:depth])
-
-
 def _matcher_groups(body: nn.Module, min_groups: int) -> list[list[str]]:
     """The body's parameters by timm matcher group, in network order (coarse if enough)."""
     if hasattr(body, "group_matcher"):
@@ -41,7 +33,7 @@ def _matcher_groups(body: nn.Module, min_groups: int) -> list[list[str]]:
             if len(groups) >= min_groups:
                 return groups
         return groups
-    # Not a timm model: its top-level children in definition order.
+    # A model without a matcher: its top-level children in definition order.
     children = [
         [f"{child}.{n}" for n, _ in module.named_parameters()]
         for child, module in body.named_children()
@@ -51,51 +43,33 @@ def _matcher_groups(body: nn.Module, min_groups: int) -> list[list[str]]:
 
 def create_layer_groups(model: nn.Module, n_groups: int) -> list[LayerGroup]:
     """Split a model with `.body` (timm, num_classes=0) and `.head` into `n_groups` groups."""
-    if n_groups < 2:
-        raise ValueError(
-            f"n_groups must be >= 2 (at least one body group and the head), got {n_groups}"
-        )
-    body, head = model.body, model.head
-    matcher = _matcher_groups(body, n_groups - 1)
+    matcher = _matcher_groups(model.body, n_groups - 1)
     if len(matcher) < n_groups - 1:
         raise ValueError(
-            f"{type(body).__name__} has only {len(matcher)} layer groups in its group_matcher; "
-            f"use finetune.layer_groups <= {len(matcher) + 1}"
+            f"{type(model.body).__name__} has only {len(matcher)} layer groups in its "
+            f"group_matcher; use finetune.layer_groups <= {len(matcher) + 1}"
         )
     groups = []
-    chunks = np.array_split(np.arange(len(matcher)), n_groups - 1)
-    for index, chunk in enumerate(chunks):
+    for index, chunk in enumerate(np.array_split(np.arange(len(matcher)), n_groups - 1)):
         names = [f"body.{n}" for i in chunk for n in matcher[i]]
-        prefixes = tuple(dict.fromkeys(_prefix(n, 3 if n.count(".") > 2 else 2) for n in names))
-        groups.append(
-            LayerGroup(index, f"body{index}", tuple(names), prefixes, tuple(int(i) for i in chunk))
-        )
-    head_names = tuple(f"head.{n}" for n, _ in head.named_parameters())
+        # The module of each parameter, at most three levels deep.
+        prefixes = dict.fromkeys(".".join(n.rsplit(".", 1)[0].split(".")[:3]) for n in names)
+        matched = tuple(int(i) for i in chunk)
+        groups.append(LayerGroup(index, f"body{index}", tuple(names), tuple(prefixes), matched))
+    head_names = tuple(f"head.{n}" for n, _ in model.head.named_parameters())
     groups.append(LayerGroup(n_groups - 1, "head", head_names, ("head",)))
-    _check_partition(model, groups)
+    owned = sorted(name for group in groups for name in group.param_names)
+    names = sorted(name for name, _ in model.named_parameters())
+    if owned != names:
+        odd = sorted(set(owned) ^ set(names))[:5]
+        raise RuntimeError(f"layer groups do not partition the parameters: {odd} ...")
     return groups
 
 
-def _check_partition(model: nn.Module, groups: Sequence[LayerGroup]) -> None:
-    owned = [name for group in groups for name in group.param_names]
-    all_names = [name for name, _ in model.named_parameters()]
-    if sorted(owned) != sorted(all_names):
-        missing = sorted(set(all_names) - set(owned))[:5]
-        extra = sorted(set(owned) - set(all_names))[:5]
-        raise RuntimeError(
-            f"layer groups do not partition the parameters: missing {missing}, extra {extra}"
-        )
-
-
 def create_param_groups(
-    model: nn.Module,
-    groups: Sequence[LayerGroup],
-    base_lrs: Sequence[float],
-    weight_decay: float,
+    model: nn.Module, groups: Sequence[LayerGroup], base_lrs: Sequence[float], weight_decay: float
 ) -> list[dict[str, Any]]:
     """Optimizer param groups, one per layer group, tagged with `layer_group`."""
-    if len(base_lrs) != len(groups):
-        raise ValueError(f"{len(base_lrs)} learning rates for {len(groups)} layer groups")
     params = dict(model.named_parameters())
     return [
         {

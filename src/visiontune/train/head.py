@@ -1,7 +1,5 @@
-"""Train the classifier head on cached backbone features (fastai's `precompute=True`).
-
-The features sit in memory as one tensor, so an epoch is a few matrix products: seconds.
-"""
+"""Train the classifier head on cached backbone features (fastai's `precompute=True`: an epoch
+is a few matrix products on one in-memory tensor), and save and load head files."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visiontune.config import HeadParams
@@ -26,10 +24,10 @@ from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import create_schedule, set_lrs
 from visiontune.train.step import train_step
 
-# The quick sweep for `lr: auto`: wide range, ~100 mini-batches of features.
-AUTO_LR_RANGE = (1.0e-6, 10.0)
-AUTO_LR_ITER = 100
-AUTO_LR_SMOOTH, AUTO_LR_DIVERGE = 0.98, 4.0  # fastai's EMA and stop rule
+# The quick sweep for `lr: auto`: a wide range, ~100 mini-batches, fastai's EMA and stop rule.
+AUTO_LR_SWEEP: dict[str, Any] = dict(
+    start_lr=1.0e-6, end_lr=10.0, num_iter=100, smooth=0.98, diverge=4.0
+)
 
 
 @dataclass(frozen=True)
@@ -50,11 +48,9 @@ def create_optimizer(
     momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
     """SGD with momentum (the course's choice) or AdamW."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def feature_batches(
@@ -74,12 +70,10 @@ def evaluate_head(
 ) -> tuple[float, float]:
     """(loss, accuracy) of the head in eval mode on feature tensors."""
     was_training = head.training
-    head.eval()
-    logits = head(x)
+    logits = head.eval()(x)
     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing).item()
-    acc = (logits.argmax(1) == y).float().mean().item()
     head.train(was_training)
-    return loss, acc
+    return loss, (logits.argmax(1) == y).float().mean().item()
 
 
 def train_head(
@@ -93,102 +87,64 @@ def train_head(
     seed: int,
     source: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> HeadResult:
-    """Fit BN → dropout → linear (optional hidden layers) by SGD, a cosine schedule per step.
-
-    `params.lr="auto"` first runs the LR range test on the features and takes its `valley`.
-    `source` (the backbone's pretrained classifier weight and bias) starts the head as
-    that classifier re-labelled to these classes (`init_from_source`) instead of at random.
-    Runs on one CPU thread: for 64×1280 matrices, thread synchronisation costs more than
-    it saves, and far more on a shared machine.
-    """
+    """Fit BN → dropout → linear (optional hidden layers) by SGD, cosine-scheduled per step;
+    `params.lr: auto` takes the `valley` of an LR range test on the features. `source` (the
+    pretrained classifier's weight, bias) starts the head re-labelled (`init_from_source`).
+    One CPU thread: on 64×1280 matrices syncing threads costs more than it saves."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_head(
-            train_x, train_y, valid_x, valid_y, num_classes, params, seed=seed, source=source
-        )
+        torch.manual_seed(seed)
+        train_x, valid_x = train_x.float(), valid_x.float()
+        head = create_head(train_x.shape[1], num_classes, params.hidden, params.dropout)
+        if source is not None:
+            init_from_source(head, train_x, train_y, *source)
+        init_loss, init_acc = evaluate_head(head, valid_x, valid_y, params.label_smoothing)
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = min(params.batch_size, len(train_x))
+        batches = feature_batches(train_x, train_y, batch_size, generator)
+        opt = create_optimizer(head.parameters(), params.optimizer, 1.0, params.weight_decay)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return train_step(head, opt, x, y, label_smoothing=params.label_smoothing)[0]
+
+        head.train()
+        lr, found = params.lr, None
+        if lr == "auto":
+            found = find_lr(head, opt, batches, step, [1.0], **AUTO_LR_SWEEP)
+            lr = found.suggestion("valley")
+        steps_per_epoch = max(1, len(train_x) // params.batch_size)
+        schedule = create_schedule("sgdr", steps_per_epoch=steps_per_epoch, cycle_len=params.epochs)
+        rows = []
+        start = time.perf_counter()
+        for epoch in range(params.epochs):
+            total, correct, seen = torch.zeros(()), torch.zeros(()), 0
+            for i in range(steps_per_epoch):
+                set_lrs(opt, [lr], schedule(epoch * steps_per_epoch + i))
+                x, y = next(batches)
+                loss, logits = train_step(head, opt, x, y, label_smoothing=params.label_smoothing)
+                total += loss * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+            valid_loss, valid_acc = evaluate_head(head, valid_x, valid_y, params.label_smoothing)
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": (total / seen).item(),
+                    "train_acc": (correct / seen).item(),
+                    "valid_loss": valid_loss,
+                    "valid_acc": valid_acc,
+                    "lr": lr * schedule(epoch * steps_per_epoch),
+                }
+            )
+        seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-
-
-def _train_head(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    valid_x: torch.Tensor,
-    valid_y: torch.Tensor,
-    num_classes: int,
-    params: HeadParams,
-    *,
-    seed: int,
-    source: tuple[torch.Tensor, torch.Tensor] | None,
-) -> HeadResult:
-    hidden, dropout, epochs = params.hidden, params.dropout, params.epochs
-    batch_size, lr, label_smoothing = params.batch_size, params.lr, params.label_smoothing
-    torch.manual_seed(seed)
-    train_x, valid_x = train_x.float(), valid_x.float()
-    head = create_head(train_x.shape[1], num_classes, hidden, dropout)
-    if source is not None:
-        init_from_source(head, train_x, train_y, *source)
-    init_loss, init_acc = evaluate_head(head, valid_x, valid_y, label_smoothing)
-    generator = torch.Generator().manual_seed(seed)
-    batches = feature_batches(train_x, train_y, min(batch_size, len(train_x)), generator)
-    opt = create_optimizer(head.parameters(), params.optimizer, 1.0, params.weight_decay)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return train_step(head, opt, x, y, label_smoothing=label_smoothing)[0]
-
-    head.train()
-    found = None
-    if lr == "auto":
-        low, high = AUTO_LR_RANGE
-        found = find_lr(
-            head,
-            opt,
-            batches,
-            step,
-            [1.0],
-            start_lr=low,
-            end_lr=high,
-            num_iter=AUTO_LR_ITER,
-            smooth=AUTO_LR_SMOOTH,
-            diverge=AUTO_LR_DIVERGE,
-        )
-        lr = found.suggestion("valley")
-    steps_per_epoch = max(1, len(train_x) // batch_size)
-    schedule = create_schedule("sgdr", steps_per_epoch=steps_per_epoch, cycle_len=epochs)
-    rows = []
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        total, correct, seen = torch.zeros(()), torch.zeros(()), 0
-        for i in range(steps_per_epoch):
-            set_lrs(opt, [lr], schedule(epoch * steps_per_epoch + i))
-            x, y = next(batches)
-            loss, logits = train_step(head, opt, x, y, label_smoothing=label_smoothing)
-            total += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-        valid_loss, valid_acc = evaluate_head(head, valid_x, valid_y, label_smoothing)
-        rows.append(
-            {
-                "epoch": epoch,
-                "train_loss": (total / seen).item(),
-                "train_acc": (correct / seen).item(),
-                "valid_loss": valid_loss,
-                "valid_acc": valid_acc,
-                "lr": lr * schedule(epoch * steps_per_epoch),
-            }
-        )
-    seconds = time.perf_counter() - start
-    head.eval()
-    history = pd.DataFrame(rows)
     last = rows[-1]
     metrics = {
-        "valid_acc": last["valid_acc"],
-        "valid_loss": last["valid_loss"],
-        "train_acc": last["train_acc"],
-        "train_loss": last["train_loss"],
+        **{key: last[key] for key in ("valid_acc", "valid_loss", "train_acc", "train_loss")},
         "lr": float(lr),
-        "epochs": epochs,
+        "epochs": params.epochs,
         "init": "random" if source is None else "source",
         "init_valid_acc": init_acc,
         "init_valid_loss": init_loss,
@@ -196,11 +152,7 @@ def _train_head(
         "n_train": len(train_x),
         "n_valid": len(valid_x),
     }
-    return HeadResult(head, history, metrics, found)
-
-
-# What an unusable head file's error tells the user to do.
-HEAD_RERUN = "re-run `dvc repro train_head`"
+    return HeadResult(head.eval(), pd.DataFrame(rows), metrics, found)
 
 
 def save_head(path: Path, head: nn.Sequential, info: ModelInfo) -> None:
@@ -213,16 +165,15 @@ def save_head(path: Path, head: nn.Sequential, info: ModelInfo) -> None:
 def read_head_info(path: Path) -> ModelInfo:
     """The model's record as train_head wrote it beside the head (no tensors read)."""
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return ModelInfo.from_json((handle.metadata() or {}).get(METADATA_KEY), str(path),
-                                   HEAD_RERUN)  # fmt: skip
+        record = (handle.metadata() or {}).get(METADATA_KEY)
+    return ModelInfo.from_json(record, str(path), "re-run `dvc repro train_head`")
 
 
 def load_head(path: Path) -> tuple[nn.Sequential, ModelInfo]:
     """Rebuild a head saved by `save_head` (eval mode) and return it with the record."""
     info = read_head_info(path)
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    head = create_head(info.head_in_features, len(info.classes), info.head_hidden,
-                       info.head_dropout)  # fmt: skip
-    head.load_state_dict(state, strict=True)
+    head = create_head(
+        info.head_in_features, len(info.classes), info.head_hidden, info.head_dropout
+    )
+    head.load_state_dict(load_file(str(path)), strict=True)
     return head.eval(), info

@@ -1,22 +1,14 @@
-"""How the head starts, chosen on the train features alone: source classifier or logistic fit.
-
-`head.init: auto` cross-validates both starts on the same train folds and keeps the one
-with the lower held-out log loss. The backbone's own ImageNet classifier, re-labelled to
-your classes, wins where your classes are ImageNet classes (dogbreeds: 84 % against 68 %
-for a logistic fit, in CV); the logistic regression wins everywhere else (digits, cat
-breeds, defects: the source start sits near chance). The validation split is never read.
-"""
+"""How the head starts, chosen on train features alone: `head.init: auto` keeps the source
+classifier or the logistic fit, whichever has the lower held-out log loss on the same folds."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from visiontune.config import HeadParams
 from visiontune.features import FeatureSet
@@ -28,28 +20,19 @@ from visiontune.train.mirror import mirror_symmetry
 
 Route = Literal["auto", "source", "logreg", "random"]
 
-
-# The source classifier alone (re-labelled, before any training) within this share of the
-# logistic fit's CV accuracy: your classes are ImageNet-like ("near"). Measured: dogscats
-# 0.98, dogbreeds 1.2; digits 0.33, defects 0.53.
+# The untrained source start within this share of the logistic fit's CV accuracy: the classes
+# are ImageNet-like ("near"). Measured: dogscats 0.98, dogbreeds 1.2; digits 0.33, defects 0.53.
 NEAR_DOMAIN_SHARE = 0.9
-
-
-@dataclass(frozen=True)
-class CvScore:
-    loss: float  # the route's held-out log loss
-    acc: float
-    start_acc: float  # the start alone, before any training
+# A logistic head's regularisation is its CV-chosen C: dropout 0.5 on it cost a one-epoch
+# digits fine-tune 1.9-5.3 points over five seeds, first undoing the fit.
+LOGREG_DROPOUT = 0.0
 
 
 def resolve_head_init(
     params: HeadParams, source: tuple[torch.Tensor, torch.Tensor] | None, backbone: str
 ) -> Route:
-    """The start `params.init` asks for, given what the weights carry.
-
-    `auto` stays `auto` (choose by CV) when there is a source classifier; without one, or
-    with hidden layers (neither start fits those), it falls back to `logreg` or `random`.
-    """
+    """The start `params.init` asks for, given what the weights carry: `auto` (choose by CV)
+    needs a source classifier, else `logreg`; hidden layers (neither start fits) get `random`."""
     if params.init == "source" and source is None:
         raise ValueError(
             f"head.init: source, but the weights of {backbone} carry no classifier that sits "
@@ -69,40 +52,30 @@ def cross_validate_source(
     params: HeadParams,
     source: tuple[torch.Tensor, torch.Tensor],
     seed: int,
-) -> CvScore:
-    """Held-out log loss and accuracy of the source route (start + SGD epochs), per fold."""
+) -> tuple[float, float, float]:
+    """Mean held-out log loss and accuracy of the source route (start + SGD epochs) over the
+    folds, and the accuracy of the start alone."""
     scores = []
     for train, test in cv_folds(y, seed):
         fold = train_head(
             x[train], y[train], x[test], y[test], num_classes, params, seed=seed, source=source
         ).metrics
         scores.append((fold["valid_loss"], fold["valid_acc"], fold["init_valid_acc"]))
-    return CvScore(*(float(v) for v in np.mean(scores, axis=0)))
+    loss, acc, start_acc = (float(v) for v in np.mean(scores, axis=0))
+    return loss, acc, start_acc
 
 
-# A logistic head's regularisation is its C, chosen by CV; it carries no dropout into the
-# fine-tune. With `head.dropout` 0.5 there, a one-epoch digits fine-tune ended at 87.7-91.1 %
-# over five dropout seeds (valid loss 0.28-0.41), against 93.0 % (loss 0.22) without it,
-# from a head at 94.4 % (loss 0.31): dropout on a head fitted without it first undoes the fit.
-LOGREG_DROPOUT = 0.0
-
-
-def logreg_head(features: FeatureSet, fit: LogRegFit, params: HeadParams, seed: int) -> HeadResult:
+def logreg_head(features: FeatureSet, fit: LogRegFit) -> HeadResult:
     """The head holding a logistic-regression fit, with its train and valid scores."""
-    torch.manual_seed(seed)
-    x, y = features.train_x.float(), features.train_y
+    x = features.train_x.float()
     head = create_head(x.shape[1], len(features.classes), (), LOGREG_DROPOUT)
     init_from_logreg(head, fit)
-    head.eval()
-    with torch.no_grad():
-        train_logits = head(x)
-    train_loss = F.cross_entropy(train_logits, y).item()
-    train_acc = (train_logits.argmax(1) == y).float().mean().item()
+    train_loss, train_acc = evaluate_head(head, x, features.train_y)
     valid_loss, valid_acc = evaluate_head(head, features.valid_x.float(), features.valid_y)
-    row = {"epoch": 0, "train_loss": train_loss, "train_acc": train_acc}
-    row |= {"valid_loss": valid_loss, "valid_acc": valid_acc}
+    scores = {"train_loss": train_loss, "train_acc": train_acc}
+    scores |= {"valid_loss": valid_loss, "valid_acc": valid_acc}
     metrics = {
-        **{k: v for k, v in row.items() if k != "epoch"},
+        **scores,
         "epochs": 0,
         "init": "logreg",
         "logreg_C": fit.C,
@@ -110,7 +83,7 @@ def logreg_head(features: FeatureSet, fit: LogRegFit, params: HeadParams, seed: 
         "n_train": len(x),
         "n_valid": len(features.valid_x),
     }
-    return HeadResult(head.eval(), pd.DataFrame([row]), metrics, None)
+    return HeadResult(head.eval(), pd.DataFrame([{"epoch": 0, **scores}]), metrics, None)
 
 
 def train_head_on_features(
@@ -119,12 +92,9 @@ def train_head_on_features(
     seed: int,
     source: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> HeadResult:
-    """The head for these cached features, started as `params.init` says.
-
-    `source` is the backbone's pretrained classifier (weight, bias) when it has one.
-    The metrics record the start used and, for `auto`, both CV scores that chose it; and
-    whether a mirror image keeps its class (`visiontune.train.mirror`), for `flip: auto`.
-    """
+    """The head for these cached features, started as `params.init` says (`source`: the
+    backbone's pretrained classifier, if any). Its metrics add how the start was chosen and
+    whether a mirror image keeps its class (`visiontune.train.mirror`), for `flip: auto`."""
     route = resolve_head_init(params, source, str(features.fingerprint.get("backbone")))
     x, y, k = features.train_x.float(), features.train_y, len(features.classes)
     choice: dict[str, Any] = {}
@@ -132,21 +102,21 @@ def train_head_on_features(
     if fit is not None:
         choice |= {"logreg_cv_loss": fit.cv_loss, "logreg_cv_acc": fit.cv_acc}
     if route == "auto" and fit is not None and source is not None:
-        scored = cross_validate_source(x, y, k, params, source, seed)
-        choice |= {"source_cv_loss": scored.loss, "source_cv_acc": scored.acc}
-        route = "source" if scored.loss < fit.cv_loss else "logreg"
-        near = scored.start_acc >= NEAR_DOMAIN_SHARE * fit.cv_acc
-        choice |= {"source_start_cv_acc": scored.start_acc, "domain": "near" if near else "far"}
+        loss, acc, start_acc = cross_validate_source(x, y, k, params, source, seed)
+        choice |= {"source_cv_loss": loss, "source_cv_acc": acc}
+        route = "source" if loss < fit.cv_loss else "logreg"
+        near = start_acc >= NEAR_DOMAIN_SHARE * fit.cv_acc
+        choice |= {"source_start_cv_acc": start_acc, "domain": "near" if near else "far"}
         choice["init_reason"] = (
-            f"{CV_FOLDS}-fold CV on train: source log loss {scored.loss:.4f} "
-            f"(acc {scored.acc:.4f}, {scored.start_acc:.4f} untrained) vs logreg "
+            f"{CV_FOLDS}-fold CV on train: source log loss {loss:.4f} "
+            f"(acc {acc:.4f}, {start_acc:.4f} untrained) vs logreg "
             f"{fit.cv_loss:.4f} (acc {fit.cv_acc:.4f})"
         )
     else:
         choice |= {"init_reason": f"head.init: {params.init}"}
         choice["domain"] = "near" if route == "source" else "far"
     if route == "logreg" and fit is not None:
-        result = logreg_head(features, fit, params, seed)
+        result = logreg_head(features, fit)
     else:
         start = source if route == "source" else None
         result = train_head(
@@ -157,9 +127,8 @@ def train_head_on_features(
 
 
 def head_record(features: FeatureSet, params: HeadParams, result: HeadResult) -> ModelInfo:
-    """The model's record as train_head starts it: the backbone, weights and data config the
-    features were computed with (the cache's fingerprint), the head's shape and fit, and the
-    domain and mirror verdicts that finetune's `auto` values follow."""
+    """The model's record as train_head starts it: what the features were computed with
+    (the cache's fingerprint), the head, and the domain and mirror verdicts finetune follows."""
     fingerprint = features.fingerprint
     return ModelInfo(
         backbone=str(fingerprint["backbone"]),

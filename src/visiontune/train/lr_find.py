@@ -1,8 +1,5 @@
-"""The LR range test (Smith; fastai's `lr_find`): exponential LR sweep, smoothed loss, suggestions.
-
-The core (`lr_range_test`) drives any one-step training function; `find_lr` wraps it for
-a model + optimizer and puts weights, optimizer state and RNG back exactly afterwards.
-"""
+"""The LR range test (Smith; fastai's `lr_find`) and its suggestions: `lr_range_test` sweeps
+any one-step training function, `find_lr` a model and optimizer put back exactly afterwards."""
 
 from __future__ import annotations
 
@@ -10,11 +7,14 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from visiontune.train.schedules import set_lrs
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,8 @@ def exponential_lrs(start_lr: float, end_lr: float, num_iter: int) -> np.ndarray
 
 
 def valley_index(losses: Sequence[float]) -> int:
-    """fastai's `valley`: the longest decreasing run of the loss, 1/2 of the way down it.
-
-    Longest (not necessarily contiguous) decreasing subsequence ending at each point; the
-    suggestion sits `sections + sections / 2` into the longest one (sections = length / 3).
-    """
+    """fastai's `valley`: `sections + sections / 2` (sections = length / 3) into the longest
+    (not necessarily contiguous) decreasing run of the loss."""
     n = len(losses)
     lds = [1] * n
     max_start = max_end = 0
@@ -55,15 +52,10 @@ def valley_index(losses: Sequence[float]) -> int:
 
 
 def slide_index(losses: Sequence[float], lr_diff: int = 15, thresh: float = 0.005) -> int | None:
-    """fastai's `slide` (the interval slide rule): walk back from the divergence until the
-    loss gradient at the two ends of a `lr_diff`-point window agrees within `thresh`.
-
-    It anchors on where the loss takes off, not on a descent, so it still gives a usable
-    LR when the curve is flat until it diverges, as after a trained head, where `valley`
-    picks a point out of noise. `lr_diff` shrinks for curves shorter than the window.
-    None when the walk reaches the start without agreement: on a noisy plateau (digits,
-    far from ImageNet, batch 16) it would otherwise return the smallest LR tried.
-    """
+    """fastai's `slide`: walk back from the divergence until the loss gradients at the ends
+    of a `lr_diff`-point window (shrunk to fit) agree within `thresh`. It anchors on the
+    take-off, so it works on a curve flat until it diverges (after a trained head). None
+    when the walk reaches the start (a noisy plateau): not the smallest LR tried."""
     grads = np.gradient(np.asarray(losses, dtype=np.float64))
     n = len(grads)
     window = min(lr_diff, n - 1)
@@ -76,12 +68,8 @@ def slide_index(losses: Sequence[float], lr_diff: int = 15, thresh: float = 0.00
 
 
 def takeoff_index(losses: Sequence[float], rise: float = 1.5) -> int:
-    """The last point before the loss leaves its plateau for good.
-
-    The plateau is the median loss over the first half of the curve; the take-off is the
-    last point at or below `rise` times it. A thirtieth of its LR is a safe training LR on a
-    curve that never descends (a trained head), whatever the noise on the plateau.
-    """
+    """The last point at or below `rise` × the plateau (the median of the curve's first half):
+    where the loss leaves its plateau for good, whatever the noise on it."""
     values = np.asarray(losses, dtype=np.float64)
     plateau = float(np.median(values[: max(1, len(values) // 2)]))
     below = np.flatnonzero(values <= rise * plateau)
@@ -90,10 +78,9 @@ def takeoff_index(losses: Sequence[float], rise: float = 1.5) -> int:
 
 def suggest_lrs(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> dict[str, float]:
     """Every suggestion method on a smoothed curve, trimmed like fastai (first 10 %, last 5)."""
-    lrs_arr = np.asarray(lrs, dtype=np.float64)
     losses = np.asarray(smoothed_losses, dtype=np.float64)
     finite = np.isfinite(losses)
-    lrs_arr, losses = lrs_arr[finite], losses[finite]
+    lrs_arr, losses = np.asarray(lrs, dtype=np.float64)[finite], losses[finite]
     n = len(losses)
     if n < 3:
         raise ValueError(f"the LR finder recorded only {n} usable points; raise lr_find.num_iter")
@@ -122,13 +109,10 @@ def lr_range_test(
     smooth: float,
     diverge: float,
 ) -> LrFindResult:
-    """Call `step(lr)` (one training step, returns its loss) for exponentially growing LRs.
-
-    Stops early when the debiased EMA of the loss exceeds `diverge` × its best value or
-    the loss is not finite. The best value only counts from the 10th iteration (or 10 %
-    of them) on: after a trained head the loss sits near 0, and an average of the first
-    one or two batches can be several times lower than the next ones by noise alone.
-    """
+    """Call `step(lr)` (one training step, returns its loss) for exponentially growing LRs,
+    until the debiased EMA of the loss is not finite or over `diverge` × its best, counted
+    from the 10th iteration (or 10 %) on: after a trained head the first batch or two can
+    be several times lower than the next by noise alone."""
     rows: list[tuple[int, float, float, float]] = []
     avg, best, stopped = 0.0, math.inf, False
     settle = max(10, num_iter // 10)
@@ -143,8 +127,7 @@ def lr_range_test(
         if i >= settle - 1:
             best = min(best, smoothed)
     curve = pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed_loss"])
-    suggestions = suggest_lrs(curve["lr"], curve["smoothed_loss"])
-    return LrFindResult(curve, suggestions, stopped)
+    return LrFindResult(curve, suggest_lrs(curve["lr"], curve["smoothed_loss"]), stopped)
 
 
 def find_lr(
@@ -153,41 +136,22 @@ def find_lr(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     train_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     lr_ratios: Sequence[float],
-    *,
-    start_lr: float,
-    end_lr: float,
-    num_iter: int,
-    smooth: float,
-    diverge: float,
+    **sweep: Any,
 ) -> LrFindResult:
-    """Range-test one multiplier over the whole `lr_ratios` vector, then restore everything.
-
-    Each optimizer group tagged `layer_group` g runs at lr × lr_ratios[g], so the
-    differential ratios hold during the sweep and the suggested LR is what
-    `finetune.lr` means. `train_step(x, y)` does forward, backward and `optimizer.step`,
-    returning the loss. Weights, buffers, optimizer state and the torch RNG are put back
-    exactly afterwards.
-    """
+    """`lr_range_test` (`sweep`: its keywords) of one LR × `lr_ratios`, group `layer_group` g
+    at lr × lr_ratios[g], so the suggestion is what `finetune.lr` means; then weights,
+    optimizer and RNG are put back. `train_step(x, y)` trains on a batch, returns the loss."""
     model_state = copy.deepcopy(model.state_dict())
     optim_state = copy.deepcopy(optimizer.state_dict())
     rng_state = torch.get_rng_state()
     was_training = model.training
 
     def step(lr: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_ratios[group.get("layer_group", 0)]
-        inputs, targets = next(batches)
-        return float(train_step(inputs, targets).detach())
+        set_lrs(optimizer, lr_ratios, lr)
+        return float(train_step(*next(batches)).detach())
 
     try:
-        return lr_range_test(
-            step,
-            start_lr=start_lr,
-            end_lr=end_lr,
-            num_iter=num_iter,
-            smooth=smooth,
-            diverge=diverge,
-        )
+        return lr_range_test(step, **sweep)
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)

@@ -1,16 +1,5 @@
-"""Does a mirror image keep its class? Decided on train images alone, for `flip: auto`.
-
-A mirrored photo of a cat, a dog or a scratched part is as plausible as the photo itself;
-a mirrored digit, letter or road sign is not, and mirroring it in training or TTA teaches
-or averages in the wrong thing (digits: the mirror TTA view cost 0.56 points). precompute
-caches the features of a seeded sample of train images and of their mirror images. Here a
-logistic regression fitted on 2 of 3 folds of that sample classifies the held-out third
-both ways, and a one-sided sign test asks whether the mirror turns right answers wrong
-more often than wrong answers right. The validation split is never read.
-
-Up to 1,000 train images, at the shipped defaults (2026-12-04): digits 67 right→wrong
-against 20 wrong→right (p = 2e-7); dogscats 3 against 2 (p = 0.5); dogbreeds 14 against 15
-(p = 0.64); defects 29 against 54 (p = 1.0).
+"""Does a mirror image keep its class? For `flip: auto`: a one-sided sign test on held-out
+folds of a train sample's features, as is and mirrored (a mirrored digit is no digit).
 """
 
 from __future__ import annotations
@@ -33,15 +22,14 @@ from visiontune.train.logreg import LOGREG_MAX_ITER, LOGREG_TOL, cv_folds
 # Below this p the mirror changes classes: flip and the mirror TTA views go off. At 0.01,
 # one mirror-symmetric set in a hundred loses its flip augmentation by chance.
 MIRROR_P = 0.01
-# The test compares one classifier on both views of the same images, so its strength
-# matters little: a moderate L2 on standardised features.
+# One classifier judges both views of the same images, so its strength matters little.
 MIRROR_C = 0.1
 
 
 @dataclass(frozen=True)
 class MirrorTest:
-    """Held-out sample images the mirror turned from right to wrong (`lost`) and from
-    wrong to right (`gained`), and the one-sided sign test's p-value for lost > gained."""
+    """Held-out images the mirror turned right → wrong (`lost`) and wrong → right
+    (`gained`), and the one-sided sign test's p-value for lost > gained."""
 
     lost: int
     gained: int
@@ -64,11 +52,8 @@ class MirrorTest:
 def check_mirror_symmetry(
     x: torch.Tensor, mirrored: torch.Tensor, y: torch.Tensor, seed: int
 ) -> MirrorTest:
-    """The sign test on train-sample features `x`, their mirror images' `mirrored`, labels `y`.
-
-    A fold whose fitting part holds a single class is skipped; with nothing to compare the
-    answer is "symmetric" (p = 1), the photo default.
-    """
+    """The sign test on train-sample features `x`, their mirror images' `mirrored`, labels `y`;
+    a fold fitted on a single class is skipped, and with nothing to compare, p = 1."""
     features, flipped, labels = x.float().numpy(), mirrored.float().numpy(), y.numpy()
     plain, mirror = [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=bool)]
     if len(labels) >= 6:  # three folds with at least two rows each
@@ -86,7 +71,6 @@ def check_mirror_symmetry(
             truth = labels[held_out]
             plain.append(model.predict(features[held_out]) == truth)
             mirror.append(model.predict(flipped[held_out]) == truth)
-    # One-sided: does the mirror turn right answers wrong more often than the reverse?
     change = paired_change(np.concatenate(plain), np.concatenate(mirror), alternative="less")
     return MirrorTest(change["lost"], change["gained"], change["p"])
 

@@ -1,11 +1,9 @@
-"""The training step: forward, loss, backward, optimizer step.
-
-The head's SGD on cached features, the LR finder and the fine-tune all take it from here,
-so they train alike (the same loss, the same fp16 loss scaling). The bench's train-step
-limit stays the bare step (`bench/limits.py`): it measures what this costs.
-"""
+"""The one training step (forward, loss, backward, optimizer step) that the head, the LR
+finder and the fine-tune share, so they train alike; `bench/limits.py` times its bare form."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +22,12 @@ def train_step(
     runtime: Runtime | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch, at the LRs already set: (loss, logits), detached.
-
-    `runtime`: the batch moves to its device and the forward runs under its autocast (the
-    whole network); None: the tensors are in place and fp32 (the head on cached
-    features). `scaler`: the GradScaler that fp16 autocast needs.
-    """
+    """One optimizer step on a batch, at the LRs already set: (loss, logits), detached. With a
+    `runtime` the batch moves to its device and the forward runs under its autocast; without,
+    tensors are in place and fp32 (the head on cached features). `scaler`: for fp16."""
     if runtime is not None:
         inputs, targets = to_device(inputs, runtime), to_device(targets, runtime)
-        with autocast(runtime):
-            logits = model(inputs)
-    else:
+    with autocast(runtime) if runtime is not None else contextlib.nullcontext():
         logits = model(inputs)
     loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
