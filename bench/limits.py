@@ -183,7 +183,7 @@ def measure_limits(
     augment = params.finetune.augment.model_copy(update={"flip": True})  # the costlier one
     decode = {
         "eval": decode_limit(paths, transforms.create_eval_transform(cfg),
-                             transforms.eval_min_size(cfg), runtime, params.precompute.batch_size),
+                             cfg.resize_size, runtime, params.precompute.batch_size),
         "train": decode_limit(paths, transforms.create_train_transform(cfg, augment),
                               transforms.train_min_size(cfg, augment), runtime,
                               params.finetune.batch_size, per_image_seeds=True),

@@ -21,7 +21,7 @@ from visiontune.data.manifest import (
 )
 from visiontune.distributed import torch_stage
 from visiontune.features import load_current_features
-from visiontune.fileio import save_config
+from visiontune.fileio import write_json
 from visiontune.stagekit import Stage, run_stage
 
 PATHS = {
@@ -58,7 +58,7 @@ def audit(stage: Stage):
     result = audit_features(train_x, valid_x, images, classes, params.audit, seed, dropped)
     image_root = paths.prepared / IMAGES_DIR
     write_audit(paths.out, result.findings, result.metrics, image_root, params.audit.show)
-    save_config(paths.out / "config.json", {"audit": params.audit, "base": {"seed": seed}})
+    write_json(paths.out / "config.json", {"audit": params.audit, "base": {"seed": seed}})
     print(f"audit: {headline(result.metrics)}; see {paths.out / 'findings.csv'}")
     return paths.out
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from visiontune.data.manifest import SPLIT_COLUMNS, read_table, valid_edit_counts
 from visiontune.distributed import torch_stage
 from visiontune.evaluate.evaluation import evaluate_model
-from visiontune.fileio import save_config, write_csv, write_json
+from visiontune.fileio import write_csv, write_json
 from visiontune.models.classifier import InferenceSettings, load_model_file, save_model_file
 from visiontune.stagekit import Stage, run_stage
 
@@ -40,7 +40,7 @@ def evaluate(stage: Stage):
     write_csv(out / "probabilities.csv", result.probabilities)
     ran = {"device": str(runtime.device), "precision": runtime.precision}
     config = {"base": params.base, "tta": params.tta, "views": list(result.views)}
-    save_config(out / "config.json", {**config, "runtime": {**ran, "world_size": dist.world_size}})
+    write_json(out / "config.json", {**config, "runtime": {**ran, "world_size": dist.world_size}})
     scored = InferenceSettings(params.tta.n_augment, params.tta.zoom, runtime.precision)
     save_model_file(out / "model.safetensors", model, replace(info, inference=scored))
     stage.register_model = out / "model.safetensors"

@@ -6,7 +6,7 @@ import sys
 
 from visiontune.cores import loader_workers
 from visiontune.data.prepare import format_summary, prepare_dataset
-from visiontune.fileio import atomic_dir, save_config
+from visiontune.fileio import atomic_dir, write_json
 from visiontune.stagekit import Stage, run_stage
 
 PATHS = {
@@ -25,7 +25,7 @@ def fetch(stage: Stage):
             params.data, tmp, downloads, stage.locate, seed=seed, workers=workers, progress=progress
         )
         config = {"data": params.data, "base": {"seed": seed}, "fetch": summary}
-        save_config(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
     print(format_summary(summary, paths.out / "rejects.csv"))
     return paths.out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from visiontune.data.manifest import read_split
 from visiontune.distributed import torch_stage
-from visiontune.fileio import save_config, write_csv, write_json
+from visiontune.fileio import write_csv, write_json
 from visiontune.stagekit import Stage, run_stage
 from visiontune.train.recipes import (
     create_train_dataset,
@@ -45,7 +45,7 @@ def lr_find(stage: Stage):
     write_json(paths.out / "suggestion.json", suggestion)
     ran = {"device": str(runtime.device), "precision": runtime.precision}
     config = {"base": params.base, "model": params.model, "lr_find": params.lr_find}
-    save_config(paths.out / "config.json", {**config, "finetune": finetune, "runtime": ran})
+    write_json(paths.out / "config.json", {**config, "finetune": finetune, "runtime": ran})
     others = ", ".join(f"{k} {v:.2e}" for k, v in sorted(result.suggestions.items()))
     stopped = " (stopped: loss diverged)" if result.stopped_early else ""
     print(f"lr_find: {iterations} iterations{stopped}; {method} suggests lr {lr:.2e} ({others})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from visiontune.data.manifest import read_classes
 from visiontune.distributed import torch_stage
 from visiontune.features import save_features
-from visiontune.fileio import atomic_dir, save_config, write_json
+from visiontune.fileio import atomic_dir, write_json
 from visiontune.precompute import precompute_features
 from visiontune.stagekit import Stage, run_stage
 
@@ -37,7 +37,7 @@ def precompute(stage: Stage):
         save_features(tmp / "features.safetensors", features)
         write_json(tmp / "fingerprint.json", features.fingerprint)
         write_json(tmp / "throughput.json", stats)
-        save_config(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
     print(
         f"precompute: {len(features.train_y)} train + {len(features.valid_y)} valid images, "
         f"{int(stats['feature_dim'])} features, {stats['images_per_s']:.1f} images/s "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from visiontune.evaluate.report import build_report, read_probabilities
-from visiontune.fileio import read_json, save_config
+from visiontune.fileio import read_json, write_json
 from visiontune.models.classifier import load_model_file
 from visiontune.stagekit import Stage, StageError, run_stage
 
@@ -43,7 +43,7 @@ def report(stage: Stage):
         lr_suggestion=read_json(paths.lr_find / "suggestion.json").get("lr"),
         steps=pd.read_csv(paths.steps),
     )
-    save_config(paths.out / "config.json", {"report": params.report})
+    write_json(paths.out / "config.json", {"report": params.report})
     print(f"report: {files.report} ({len(files.images())} figures, {len(classes)} classes)")
     return paths.out
 

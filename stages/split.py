@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from visiontune.data.manifest import SPLIT_COLUMNS, read_manifest, write_classes, write_table
+from visiontune.data.manifest import SPLIT_COLUMNS, read_manifest, write_table
 from visiontune.data.split import split_manifest
-from visiontune.fileio import atomic_dir, save_config, write_json
+from visiontune.fileio import atomic_dir, write_json
 from visiontune.stagekit import Stage, StageError, run_stage
 
 PATHS = {"prepared": "fetch output folder", "out": "split output folder"}
@@ -22,9 +22,9 @@ def split(stage: Stage):
     with atomic_dir(paths.out) as tmp:
         write_table(tmp / "train.csv", result.train, SPLIT_COLUMNS)
         write_table(tmp / "valid.csv", result.valid, SPLIT_COLUMNS)
-        write_classes(tmp / "classes.json", result.classes)
+        write_json(tmp / "classes.json", result.classes)  # sorted
         write_json(tmp / "report.json", result.report)
-        save_config(tmp / "config.json", {"split": params.split})
+        write_json(tmp / "config.json", {"split": params.split})
     report = result.report
     print(
         f"split ({report['mode']}): {report['train']} train, {report['valid']} valid, "

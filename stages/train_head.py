@@ -5,7 +5,7 @@ from __future__ import annotations
 from visiontune.data.manifest import read_classes
 from visiontune.distributed import torch_stage
 from visiontune.features import load_current_features
-from visiontune.fileio import save_config, write_csv, write_json
+from visiontune.fileio import write_csv, write_json
 from visiontune.stagekit import Stage, run_stage
 from visiontune.train.head import save_head
 from visiontune.train.head_choice import describe, head_record, train_head_on_features
@@ -35,7 +35,7 @@ def train_head(stage: Stage):
     if result.lr_find is not None:  # head.lr: auto
         metrics["lr_suggestions"] = result.lr_find.suggestions
     write_json(out / "metrics.json", metrics)
-    save_config(out / "config.json", {"base": params.base, "head": params.head})
+    write_json(out / "config.json", {"base": params.base, "head": params.head})
     print(f"train_head: {describe(result.metrics)}")
     return out
 

@@ -124,6 +124,28 @@ def compute_fingerprint(
     return _json_safe(fingerprint)
 
 
+def params_fingerprint(
+    model: ModelParams,
+    base: BaseParams,
+    weights: WeightsInfo,
+    data_config: DataConfig | None,
+    train_csv: Path,
+    valid_csv: Path,
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """`compute_fingerprint` of these params and split tables, for these weights."""
+    return compute_fingerprint(
+        backbone=model.backbone,
+        weights=weights,
+        data_config=data_config,
+        overrides=model_overrides(model),
+        precision=resolve_precision(base),
+        train_csv=train_csv,
+        valid_csv=valid_csv,
+        classes=classes,
+    )
+
+
 def expected_inputs(
     model: ModelParams, base: BaseParams, train_csv: Path, valid_csv: Path, classes: Sequence[str]
 ) -> dict[str, Any] | None:
@@ -133,16 +155,7 @@ def expected_inputs(
     weights = weights_identity(model.backbone, model.weights)
     if weights is None:
         return None
-    return compute_fingerprint(
-        backbone=model.backbone,
-        weights=weights,
-        data_config=None,
-        overrides=model_overrides(model),
-        precision=resolve_precision(base),
-        train_csv=train_csv,
-        valid_csv=valid_csv,
-        classes=classes,
-    )
+    return params_fingerprint(model, base, weights, None, train_csv, valid_csv, classes)
 
 
 def installed_version(distribution: str) -> str | None:

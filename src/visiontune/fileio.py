@@ -131,8 +131,3 @@ def write_safetensors(
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
         handle.write(data[8 + size :])
-
-
-def save_config(path: str | Path, config: BaseModel | dict[str, Any]) -> None:
-    """Record the resolved config a stage ran with, beside its outputs."""
-    write_json(path, config)

@@ -16,24 +16,13 @@ from torchvision.transforms import v2
 
 from visiontune.config import BaseParams, ModelParams, PrecomputeParams, RuntimeParams
 from visiontune.data.dataset import ImageDataset, create_loader
-from visiontune.data.manifest import read_split
-from visiontune.data.transforms import (
-    DataConfig,
-    PixelNormalize,
-    create_eval_transform,
-    eval_min_size,
-)
+from visiontune.data.manifest import label_indices, read_split
+from visiontune.data.transforms import DataConfig, PixelNormalize, create_eval_transform
 from visiontune.distributed import SINGLE, DistContext, gather_shards, rank_runtime, shard
-from visiontune.features import FeatureSet, compute_fingerprint, mirror_sample, model_overrides
+from visiontune.features import FeatureSet, mirror_sample, params_fingerprint
 from visiontune.inference import run_inference
 from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
-from visiontune.runtime import (
-    LoaderWait,
-    peak_gpu_mib,
-    resolve_precision,
-    resolve_runtime,
-    seed_everything,
-)
+from visiontune.runtime import LoaderWait, peak_gpu_mib, resolve_runtime, seed_everything
 
 
 def expected_fingerprint(
@@ -42,16 +31,8 @@ def expected_fingerprint(
     """The whole fingerprint a cache must have for these params, building the backbone
     (`visiontune.features.expected_inputs` checks the same without timm but for hub weights)."""
     backbone, weights = create_backbone(model.backbone, model.weights)
-    return compute_fingerprint(
-        backbone=model.backbone,
-        weights=weights,
-        data_config=resolve_data_config(backbone, model),
-        overrides=model_overrides(model),
-        precision=resolve_precision(base),
-        train_csv=train_csv,
-        valid_csv=valid_csv,
-        classes=classes,
-    )
+    data_config = resolve_data_config(backbone, model)
+    return params_fingerprint(model, base, weights, data_config, train_csv, valid_csv, classes)
 
 
 def pixel_encoder(backbone: torch.nn.Module, data_config: DataConfig) -> torch.nn.Sequential:
@@ -70,16 +51,15 @@ def _eval_views(
     """This rank's share of the split `tables`' rows, in order, then of the mirror images of
     a seeded sample of the first table's rows; the parts' sizes and the sample's rows."""
     frames = [read_split(Path(path), image_root) for path in tables]
-    index = {name: i for i, name in enumerate(classes)}
-    for path, frame in zip(tables, frames, strict=True):
-        unknown = sorted(set(frame["label"].astype(str)) - index.keys())
-        if unknown:
-            raise ValueError(f"{path} has labels not in the class list: {', '.join(unknown[:10])}")
     paths = [p for frame in frames for p in frame["path"].tolist()]
-    labels = [index[label] for frame in frames for label in frame["label"].astype(str)]
+    labels = [
+        label
+        for path, frame in zip(tables, frames, strict=True)
+        for label in label_indices(frame["label"], classes, str(path)).tolist()
+    ]
     mirror_rows = mirror_sample(len(frames[0]), seed)
     rows = mirror_rows.tolist()
-    crop, min_size = create_eval_transform(data_config), eval_min_size(data_config)
+    crop, min_size = create_eval_transform(data_config), data_config.resize_size
     mirror = v2.Compose([crop, v2.functional.horizontal_flip])
     views = ConcatDataset(
         [
@@ -118,8 +98,9 @@ def precompute_features(
     backbone, weights = create_backbone(model.backbone, model.weights)
     data_config = resolve_data_config(backbone, model)
     start, wait = time.perf_counter(), LoaderWait()
+    tables = (train_csv, valid_csv)
     dataset, sizes, mirror_rows = _eval_views(
-        (train_csv, valid_csv), image_root, classes, data_config, base.seed, dist
+        tables, image_root, classes, data_config, base.seed, dist
     )
     count = sum(sizes)
     # One DataLoader for all: its start (worker spawn, the first batches' decoding while the
@@ -145,23 +126,13 @@ def precompute_features(
         "peak_gpu_mib": peak_gpu_mib(runtime),
         "feature_dim": train_x.shape[1],
     }
-    fingerprint = compute_fingerprint(
-        backbone=model.backbone,
-        weights=weights,
-        data_config=data_config,
-        overrides=model_overrides(model),
-        precision=runtime.precision,
-        train_csv=train_csv,
-        valid_csv=valid_csv,
-        classes=classes,
-    )
     features = FeatureSet(
         train_x=train_x,
         train_y=train_y,
         valid_x=valid_x,
         valid_y=valid_y,
         classes=list(classes),
-        fingerprint=fingerprint,
+        fingerprint=params_fingerprint(model, base, weights, data_config, *tables, classes),
         # Read here, with timm at hand, so that train_head needs only the cache.
         source=source_classifier(model.backbone, model.weights, int(train_x.shape[1])),
         mirror_rows=mirror_rows,

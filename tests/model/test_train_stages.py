@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from visiontune import tracking
-from visiontune.data.manifest import write_classes
+from visiontune.fileio import write_json
 from visiontune.models.classifier import load_model_file
 from visiontune.train.checkpoint import NOTE_NAME
 from visiontune.train.head import load_head
@@ -77,7 +77,7 @@ def project(dogscats, tmp_path_factory):
     (root / "prepared").mkdir()
     for split in ("train", "valid"):  # the real photos, linked (never copied)
         (root / "prepared" / split).symlink_to(dogscats / split)
-    write_classes(root / "split" / "classes.json", CLASSES)
+    write_json(root / "split" / "classes.json", CLASSES)
     params = write_params(root / "params.yaml")
     common = ["--params", str(params)]
     precompute = stage("precompute")

@@ -14,10 +14,9 @@ from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from scipy.special import softmax
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 
-from visiontune.train.logreg import LOGREG_CS, LOGREG_MAX_ITER, cv_folds
+from visiontune.train.logreg import LOGREG_CS, cv_folds, fold_scores, search_c
 
 # The probe ranks images, and lbfgs at tol 1e-2 flags the same planted flips as the head's
 # 1e-3 (dogscats 118/120, digits 59 against 57/72) in a third to a fifth of the time.
@@ -54,25 +53,16 @@ def out_of_sample_probs(
     folds = cv_folds(torch.from_numpy(np.asarray(train_y)), seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol 1e-2: ranks, not digits
-        search = LogisticRegressionCV(
-            Cs=list(LOGREG_CS),
-            cv=folds,
-            scoring="neg_log_loss",
-            l1_ratios=(0.0,),
-            use_legacy_attributes=False,
-            max_iter=LOGREG_MAX_ITER,
-            tol=PROBE_TOL,
-            refit=False,
-        ).fit(train, train_y)
+        search = search_c(train, train_y, folds, PROBE_TOL, refit=False)
     best = int(np.argmax(search.scores_.mean(axis=0).ravel()))
     present = search.classes_
     train_probs = np.zeros((len(train_y), num_classes))
     valid_probs = np.zeros((len(valid), num_classes))
     for fold, (_, held_out) in enumerate(folds):
-        path = search.coefs_paths_[fold, 0, best]  # [K', D + 1]: weights, then intercept
-        weight, bias = path[:, :-1].T, path[:, -1]
-        train_probs[np.ix_(held_out, present)] = _probabilities(train[held_out] @ weight + bias)
-        valid_probs[:, present] += _probabilities(valid @ weight + bias) / len(folds)
+        train_scores = fold_scores(search, fold, best, train[held_out])
+        valid_scores = fold_scores(search, fold, best, valid)
+        train_probs[np.ix_(held_out, present)] = _probabilities(train_scores)
+        valid_probs[:, present] += _probabilities(valid_scores) / len(folds)
     return OutOfSampleProbs(train_probs, valid_probs, float(LOGREG_CS[best]))
 
 

@@ -4,13 +4,13 @@ column as strings: a class called `NA`, `None` or `1` stays that string."""
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from visiontune.fileio import write_csv, write_json
+from visiontune.fileio import read_json, write_csv
 
 # The folder under the prepared dir that the manifest's paths start with.
 IMAGES_DIR = "images"
@@ -56,14 +56,21 @@ def read_split(csv_path: Path, image_root: Path) -> pd.DataFrame:
 
 def read_classes(path: Path) -> list[str]:
     """The class names of `classes.json`, sorted."""
-    classes = json.loads(Path(path).read_text(encoding="utf-8"))
+    classes = read_json(path)
     if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise ValueError(f"{path}: expected a JSON list of class names")
     return classes
 
 
-def write_classes(path: Path, classes: list[str]) -> None:
-    write_json(path, sorted(classes))
+def label_indices(labels: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
+    """Each label's index in `classes`; a ValueError names `where` and the unknown labels."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise ValueError(
+            f"{where} has labels not among the {len(classes)} classes: {', '.join(unknown[:10])}"
+        )
+    return np.array([index[name] for name in labels], dtype=np.int64)
 
 
 def sorted_rows(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:

@@ -61,11 +61,6 @@ class PixelNormalize(torch.nn.Module):
         return images.sub_(self.offset).mul_(self.scale)
 
 
-def eval_min_size(cfg: DataConfig) -> int:
-    """Smallest short side an image needs for the eval transform without upsampling."""
-    return cfg.resize_size
-
-
 def train_min_size(cfg: DataConfig, aug: AugmentParams) -> int:
     """Smallest short side the most zoomed-in training crop needs without upsampling."""
     return math.ceil(cfg.image_size * aug.max_zoom)

@@ -12,6 +12,7 @@ import torch
 
 from visiontune.config import TtaParams
 from visiontune.data.dataset import create_loader
+from visiontune.data.manifest import label_indices
 from visiontune.distributed import SINGLE, DistContext, all_reduce_max, gather_shards, shard
 from visiontune.evaluate import metrics
 from visiontune.evaluate.tta import TtaDataset, ViewMaker, average_views, predict_views, tta_views
@@ -47,7 +48,7 @@ def evaluate_model(
     rank returns the same Evaluation."""
     classes = info.classes
     views = tta_views(tta.n_augment, info.trained_on_mirrors("the model file"))
-    labels = metrics.label_indices(frame["label"], classes)
+    labels = label_indices(frame["label"], classes, "the validation table")
     paths = shard([Path(image_root) / p for p in frame["path"]], dist)
     maker = ViewMaker(info.data_config, views, zoom=tta.zoom)
     dataset = TtaDataset(paths, shard(labels.tolist(), dist), maker)

@@ -13,17 +13,6 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 _TINY = float(np.finfo(np.float32).tiny)
 
 
-def label_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
-    """Map class names to indices, naming any label the model does not know."""
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(labels) - index.keys())
-    if unknown:
-        raise ValueError(
-            f"labels not among the model's {len(classes)} classes: {', '.join(unknown[:10])}"
-        )
-    return np.array([index[name] for name in labels], dtype=np.int64)
-
-
 def per_image_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Cross-entropy of each image, -log p(true class), from probabilities (N×C)."""
     true_prob = probs[np.arange(len(labels)), labels]

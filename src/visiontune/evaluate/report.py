@@ -14,8 +14,9 @@ import torchvision.transforms.v2.functional as TF
 
 from visiontune.config import ReportParams
 from visiontune.data.images import UnreadableImageError
+from visiontune.data.manifest import label_indices
 from visiontune.data.pixels import open_pixels
-from visiontune.data.transforms import DataConfig, eval_crop, eval_min_size
+from visiontune.data.transforms import DataConfig, eval_crop
 from visiontune.evaluate import metrics, plots
 from visiontune.evaluate.gradcam import grad_cam
 from visiontune.fileio import write_csv, write_text
@@ -49,7 +50,7 @@ def read_probabilities(
     if list(probs["path"]) != list(labelled["path"]):
         raise ValueError(f"{probabilities_csv} and {predictions_csv} list different images")
     classes = [str(c) for c in probs.columns[1:]]
-    labels = metrics.label_indices(labelled["label"], classes)
+    labels = label_indices(labelled["label"], classes, str(predictions_csv))
     return probs[classes].to_numpy(np.float64), labels, list(labelled["path"]), classes
 
 
@@ -94,14 +95,14 @@ def build_report(
     views = []  # the pixels the model saw without TTA, decoded as the loaders decode
     for rel in worst["path"]:
         try:
-            pixels = open_pixels(Path(image_root) / rel, min_size=eval_min_size(data_config))
+            pixels = open_pixels(Path(image_root) / rel, min_size=data_config.resize_size)
             views.append(eval_crop(pixels, data_config))
         except UnreadableImageError:  # moved or damaged since evaluate: keep its row, grey tile
             views.append(torch.full((3, size, size), 200, dtype=torch.uint8))
     images = [TF.to_pil_image(view) for view in views]
     plots.save_figure(plots.top_losses_figure(images, worst), files.top_losses_png)
     maps = [
-        grad_cam(model, view, metrics.label_indices([row.label, row.predicted], classes))
+        grad_cam(model, view, label_indices([row.label, row.predicted], classes, "the top losses"))
         for view, row in zip(views, worst.itertuples(index=False), strict=True)
     ]
     plots.save_figure(plots.grad_cam_figure(images, maps, worst), files.grad_cam_png)

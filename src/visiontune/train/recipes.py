@@ -12,16 +12,16 @@ import torch
 
 from visiontune.config import FinetuneParams, LrFindParams, ModelParams, Params
 from visiontune.data.dataset import ImageDataset, create_loader
+from visiontune.data.manifest import label_indices
 from visiontune.data.transforms import (
     DataConfig,
     PixelNormalize,
     create_eval_transform,
     create_train_transform,
-    eval_min_size,
     train_min_size,
 )
 from visiontune.distributed import SINGLE
-from visiontune.fileio import save_config, sha256_file, write_csv, write_json
+from visiontune.fileio import sha256_file, write_csv, write_json
 from visiontune.models.backbone import WeightsInfo, create_backbone
 from visiontune.models.classifier import ImageClassifier, ModelInfo, save_model_file
 from visiontune.runtime import Runtime
@@ -78,15 +78,10 @@ def load_classifier(
 
 
 def _dataset(
-    frame: pd.DataFrame, classes: Sequence[str], transform: Callable, min_size: int
+    frame: pd.DataFrame, classes: Sequence[str], transform: Callable, min_size: int, where: str
 ) -> ImageDataset:
     """`frame`'s images (absolute `path`, `label`); a label outside `classes` is an error."""
-    index = {name: i for i, name in enumerate(classes)}
-    labels = frame["label"].tolist()
-    unknown = sorted(set(labels) - set(index))
-    if unknown:
-        raise ValueError(f"labels not among the model's classes: {unknown[:5]}")
-    targets = [index[label] for label in labels]
+    targets = label_indices(frame["label"], classes, where).tolist()
     return ImageDataset(frame["path"].tolist(), targets, transform, min_size=min_size)
 
 
@@ -95,7 +90,8 @@ def create_train_dataset(
 ) -> ImageDataset:
     """Augmented training images."""
     transform = create_train_transform(data_config, augment)
-    return _dataset(frame, classes, transform, train_min_size(data_config, augment))
+    min_size = train_min_size(data_config, augment)
+    return _dataset(frame, classes, transform, min_size, "the training table")
 
 
 def create_valid_loader(
@@ -108,7 +104,7 @@ def create_valid_loader(
 ):
     """Validation images at the eval transform, in table order."""
     transform = create_eval_transform(data_config)
-    dataset = _dataset(frame, classes, transform, eval_min_size(data_config))
+    dataset = _dataset(frame, classes, transform, data_config.resize_size, "the validation table")
     return create_loader(dataset, batch_size, runtime, shuffle=False, seed=seed)
 
 
@@ -180,5 +176,5 @@ def save_finetune(
     metrics = {**result.metrics, "lr": lr, "resumed_from_step": result.resumed_from}
     write_json(out / "metrics.json", metrics)
     write_json(out / "layer_groups.json", result.layer_groups)
-    save_config(out / "config.json", config)
+    write_json(out / "config.json", config)
     return metrics
