@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as F
 from visiontune.config import AugmentParams
 from visiontune.data.dataset import seeded_rngs
 from visiontune.data.images import UnreadableImageError, open_rgb
-from visiontune.data.pixels import _direct_jpeg_bytes, decode_pixels, open_pixels
+from visiontune.data.pixels import _is_direct_jpeg, decode_pixels, open_pixels
 from visiontune.data.transforms import DataConfig, create_eval_transform, create_train_transform
 from visiontune.evaluate.tta import ViewMaker, tta_views
 
@@ -28,7 +28,7 @@ def test_real_photos_decode_directly_to_pillows_pixels(dogscats: Path) -> None:
     photos = sorted((dogscats / "train" / "cats").glob("*.jpg"))[:12]
     photos += sorted((dogscats / "valid" / "dogs").glob("*.jpg"))[:12]
     for path in photos:
-        assert _direct_jpeg_bytes(path, 256) is not None, path  # the direct decode ran
+        assert _is_direct_jpeg(path.read_bytes(), 256), path  # the direct decode ran
         pixels = open_pixels(path, min_size=256)
         assert pixels.dtype == torch.uint8 and pixels.shape[0] == 3
         assert torch.equal(pixels, pillow_pixels(path, 256)), path
@@ -40,7 +40,7 @@ def test_every_exif_orientation_is_applied_as_pillow_does(tmp_path: Path, orient
     exif[0x0112] = orientation
     path = tmp_path / f"o{orientation}.jpg"
     photo(61, 47, seed=orientation).save(path, "JPEG", quality=95, exif=exif.tobytes())
-    assert _direct_jpeg_bytes(path, None) is not None
+    assert _is_direct_jpeg(path.read_bytes(), None)
     pixels = open_pixels(path)
     assert pixels.shape[1:] == ((47, 61) if orientation <= 4 else (61, 47))
     assert torch.equal(pixels, pillow_pixels(path))
@@ -54,17 +54,17 @@ def test_every_exif_orientation_is_applied_as_pillow_does(tmp_path: Path, orient
 def test_other_jpeg_kinds_decode_directly_to_pillows_pixels(tmp_path, mode, options) -> None:
     path = tmp_path / "kind.jpg"
     photo(50, 30, seed=3).convert(mode).save(path, "JPEG", **options)
-    assert _direct_jpeg_bytes(path, None) is not None
+    assert _is_direct_jpeg(path.read_bytes(), None)
     assert torch.equal(open_pixels(path), pillow_pixels(path))
 
 
 def test_a_photo_big_enough_for_a_reduced_decode_goes_through_pillows_draft(tmp_path) -> None:
     path = write_jpeg(tmp_path / "big.jpg", size=(600, 400))
-    assert _direct_jpeg_bytes(path, 100) is None  # 400 // 100 = 4: a quarter-size decode
+    assert not _is_direct_jpeg(path.read_bytes(), 100)  # 400 // 100 = 4: a quarter-size decode
     pixels = open_pixels(path, min_size=100)
     assert pixels.shape == (3, 100, 150)
     assert torch.equal(pixels, pillow_pixels(path, 100))
-    assert _direct_jpeg_bytes(path, 201) is not None  # 400 < 2 × 201: no reduction
+    assert _is_direct_jpeg(path.read_bytes(), 201)  # 400 < 2 × 201: no reduction
     assert open_pixels(path, min_size=201).shape == (3, 400, 600)
 
 
@@ -74,7 +74,7 @@ def test_every_accepted_corpus_file_gives_pillows_pixels(tmp_path: Path) -> None
     for name in accepted:
         path = tmp_path / name
         NASTY[name][0](path)
-        if _direct_jpeg_bytes(path, 32) is not None:
+        if _is_direct_jpeg(path.read_bytes(), 32):
             direct.add(name)
         assert torch.equal(open_pixels(path, 32), pillow_pixels(path, 32)), name
     # CMYK and the 6 MP photo (a 1/8 decode) are Pillow's; other formats are not JPEGs.
@@ -139,5 +139,5 @@ def test_without_torchcodec_every_photo_goes_through_pillow(dogscats: Path, monk
 
     monkeypatch.setattr(pixels, "decode_jpeg", None)
     for path in sorted((dogscats / "valid" / "cats").glob("*.jpg"))[:4]:
-        assert _direct_jpeg_bytes(path, 256) is None
+        assert not _is_direct_jpeg(path.read_bytes(), 256)
         assert torch.equal(open_pixels(path, min_size=256), pillow_pixels(path, 256)), path

@@ -1,8 +1,5 @@
-"""Images on disk → batches: a dataset that decodes only as much JPEG as it needs, and loaders.
-
-Shuffling comes from one seeded generator, training augmentation from a seed per image and
-pass (`PerImageSeeds`): it repeats for a given seed whatever the number of workers or processes.
-"""
+"""Images on disk → batches: a dataset that decodes only as much JPEG as it needs, and loaders
+whose shuffling and augmentation repeat for a seed whatever the number of workers or processes."""
 
 from __future__ import annotations
 
@@ -23,9 +20,8 @@ from visiontune.runtime import Runtime, lower_to_idle_priority, release_freed_me
 class ImageDataset(Dataset):
     """(uint8 3×H×W pixels through `transform`, label or -1, index) for each path.
 
-    `min_size` (the short side the transform needs) lets `open_pixels` decode a large JPEG
-    at a reduced size, several times faster. A key is an index, or an `(index, seed)` pair
-    from `PerImageSeeds`: the transform then draws from RNGs seeded with `seed`.
+    `min_size`, the short side the transform needs, lets large JPEGs decode reduced (faster).
+    A key is an index or an `(index, seed)` pair from `PerImageSeeds`, which seeds the transform.
     """
 
     def __init__(
@@ -138,15 +134,12 @@ def create_loader(
     in `PerImageSeeds` (the dataset must take `(index, seed)` keys, as ImageDataset does),
     which `skip` needs. `runtime.idle_workers` runs the workers at idle CPU priority.
     """
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     if per_image_seeds:
-        if sampler is None:
-            sampler = (
-                RandomSampler(dataset, generator=generator)  # type: ignore[arg-type]
-                if shuffle
-                else SequentialSampler(dataset)  # type: ignore[arg-type]
-            )
+        if sampler is None and shuffle:
+            sampler = RandomSampler(dataset, generator=generator)  # type: ignore[arg-type]
+        elif sampler is None:
+            sampler = SequentialSampler(dataset)  # type: ignore[arg-type]
         sampler = PerImageSeeds(sampler, seed, skip)
     elif skip:
         raise ValueError("skip needs per_image_seeds")

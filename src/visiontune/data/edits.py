@@ -39,7 +39,7 @@ def read_edits(exclude: str | Sequence[str] | None, relabel: str | None, locate:
     if isinstance(exclude, str):
         excluded = _keys(_read(exclude, "data.exclude", locate), "data.exclude")
     else:
-        excluded = [str(entry).strip() for entry in exclude or ()]
+        excluded = [entry.strip() for entry in exclude or ()]
     relabelled: dict[str, str] = {}
     if relabel is not None:
         table = _read(relabel, "data.relabel", locate)
@@ -52,10 +52,8 @@ def read_edits(exclude: str | Sequence[str] | None, relabel: str | None, locate:
         if (labels == "").any():
             line = int((labels == "").to_numpy().argmax()) + 2  # the header is line 1
             raise SourceError(f"data.relabel {relabel}: empty label on line {line}")
-        relabelled = dict(zip(_keys(table, "data.relabel"), labels, strict=True))
-    return Edits(
-        frozenset(_normal(e) for e in excluded if e), {_normal(k): v for k, v in relabelled.items()}
-    )
+        relabelled = dict(zip(map(_normal, _keys(table, "data.relabel")), labels, strict=True))
+    return Edits(frozenset(_normal(e) for e in excluded if e), relabelled)
 
 
 def _read(written: str, what: str, locate: Locator) -> pd.DataFrame:
@@ -106,12 +104,6 @@ def apply_edits(kept: Sequence[Candidate], ids: dict[str, str], edits: Edits) ->
     unmatched = sorted((edits.exclude | edits.relabel.keys()) - used)
     table = pd.DataFrame(rows, columns=list(EDIT_COLUMNS))
     return Applied(result, table, unmatched)
-
-
-def files_named(exclude: str | Sequence[str] | None, relabel: str | None) -> list[tuple[str, str]]:
-    """(what, written path) of the edit files fetch reads: source_stamp fingerprints them."""
-    named = {"exclude": exclude, "relabel": relabel}
-    return [(what, path) for what, path in named.items() if isinstance(path, str)]
 
 
 def edit_counts(edits: pd.DataFrame) -> dict[str, dict[str, int]]:

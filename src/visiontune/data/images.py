@@ -1,8 +1,5 @@
-"""Safe image checking and loading: every photo passes through here before it reaches a model.
-
-`inspect_image` decides at fetch time whether a file is usable and says why not; `open_rgb`
-and `decode_rgb` turn a file or its bytes into an upright 8-bit RGB image.
-"""
+"""Safe image checking and loading, every photo's way to a model: `inspect_image` says at fetch
+time why a file is unusable; `open_rgb` turns a file or its bytes into upright 8-bit RGB."""
 
 from __future__ import annotations
 
@@ -32,46 +29,39 @@ def is_image_name(path: str | Path) -> bool:
 
 
 def inspect_image(
-    source: Path | bytes, max_pixels: int | None = None, name: str | None = None
+    source: Path | bytes, max_pixels: int | None = None, name: str = "<bytes>"
 ) -> str | None:
-    """None when a file (a path, or its bytes: `name` labels them) is a usable image, else why not.
-
-    The whole first frame is decoded (truncated JPEGs show), EXIF orientation and the RGB
-    conversion are exercised, and the header's size is held against `max_pixels` before any
-    pixel is decoded (decompression bombs).
-    """
+    """None when `open_rgb` opens a file (a path, or its bytes) with `max_pixels`, else why not."""
     try:
-        _load(source, min_size=None, max_pixels=max_pixels, name=name)
+        open_rgb(source, max_pixels=max_pixels, name=name)
     except UnreadableImageError as exc:
         return exc.reason
     return None
 
 
-def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
-    """Open an image as fully decoded, upright, 8-bit RGB.
+def open_rgb(
+    source: str | Path | bytes,
+    min_size: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    name: str = "<bytes>",
+) -> Image.Image:
+    """Open an image file, or its encoded bytes (`name` labels them), as upright 8-bit RGB.
 
-    `min_size`: a JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps
-    its short side >= `min_size`, several times faster for a large photo.
+    The whole first frame is decoded (truncated JPEGs show). `min_size`: a JPEG is decoded
+    at the largest DCT reduction (1/2, 1/4, 1/8) that keeps its short side >= `min_size`,
+    several times faster for a large photo. `max_pixels`: the header's size is held against
+    it before any pixel is decoded (decompression bombs).
 
     Raises:
         UnreadableImageError: the file is missing, not an image, or corrupt.
     """
-    return _load(Path(path), min_size=min_size, max_pixels=None)
-
-
-def decode_rgb(data: bytes, min_size: int | None = None, name: str = "<bytes>") -> Image.Image:
-    """`open_rgb` for encoded bytes; `name` labels them in the UnreadableImageError."""
-    return _load(data, min_size=min_size, max_pixels=None, name=name)
-
-
-def _load(
-    source: Path | bytes, min_size: int | None, max_pixels: int | None, name: str | None = None
-) -> Image.Image:
-    path = source if isinstance(source, Path) else name or "<bytes>"
+    path = name if isinstance(source, bytes) else source
     try:
-        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        if not data:
             raise UnreadableImageError(path, "empty file (0 bytes)")
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise UnreadableImageError(

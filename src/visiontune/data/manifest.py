@@ -80,8 +80,8 @@ def sorted_rows(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def write_table(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
-    """Write `columns` of `frame` atomically as CSV (UTF-8, `\\n` line ends)."""
-    write_csv(path, frame.reindex(columns=list(columns)))
+    """Write `sorted_rows` of `frame` atomically as CSV (UTF-8, `\\n` line ends)."""
+    write_csv(path, sorted_rows(frame, columns))
 
 
 def seeded_rank(seed: int, key: str) -> str:

@@ -29,7 +29,6 @@ from visiontune.data.manifest import (
     MANIFEST_COLUMNS,
     REJECT_COLUMNS,
     seeded_rank,
-    sorted_rows,
     write_table,
 )
 from visiontune.data.sources import (
@@ -106,10 +105,10 @@ def prepare_dataset(
         columns=list(MANIFEST_COLUMNS),
     )
     reject_frame = pd.DataFrame([(r.path, r.reason) for r in rejects], columns=list(REJECT_COLUMNS))
-    write_table(out_dir / "manifest.csv", sorted_rows(manifest, MANIFEST_COLUMNS), MANIFEST_COLUMNS)
-    write_table(out_dir / "rejects.csv", sorted_rows(reject_frame, REJECT_COLUMNS), REJECT_COLUMNS)
+    write_table(out_dir / "manifest.csv", manifest, MANIFEST_COLUMNS)
+    write_table(out_dir / "rejects.csv", reject_frame, REJECT_COLUMNS)
     # What a person changed: evaluate says how many valid images it touched.
-    write_table(out_dir / "edits.csv", sorted_rows(applied.edits, EDIT_COLUMNS), EDIT_COLUMNS)
+    write_table(out_dir / "edits.csv", applied.edits, EDIT_COLUMNS)
     # The class list is split's (`classes.json`): min_per_class may drop a class there.
     classes = sorted(set(manifest["label"]))
     return {
@@ -291,7 +290,7 @@ def ingest_images(
 def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
     """A few human lines for the end of the fetch stage."""
     source, unmatched = summary["source"], summary["edits_unmatched"]
-    layout = _LAYOUTS.get(source["layout"], source["layout"])
+    layout = _LAYOUTS[source["layout"]]
     hints = ", ".join(f"{k or 'no hint'} {v}" for k, v in summary["split_hints"].items())
     kinds = ", ".join(f"{n} {kind}" for kind, n in summary["rejected_by_kind"].items())
     lines = [

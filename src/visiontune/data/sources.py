@@ -75,13 +75,7 @@ class SourceError(ValueError):
 def pick_mirror(
     source: str, mirrors: Mapping[str, Sequence[str]], locate: Locator
 ) -> Located | None:
-    """The first existing local copy of the URL `source`, if any.
-
-    A mirror stands in only for the URL it copies: a local path, or another URL, is used
-    as given.
-    """
-    if not is_url(source):
-        return None
+    """The first existing local copy of `source` (a URL: config keys `mirrors` by URL), if any."""
     found = (locate.find(mirror) for mirror in mirrors.get(source, ()))
     return next((located for located in found if located is not None), None)
 
@@ -167,7 +161,7 @@ def _split_of(parts: Sequence[str]) -> tuple[str, str]:
 
 def list_folders(root: Path) -> Listing:
     """List a folder-per-class tree: the label is the image's parent folder name."""
-    listing = Listing(layout="folders")
+    listing = Listing()
     for rel, subdirs, files in _walk(root):
         in_class = bool(rel) and rel[-1].lower() not in SPLIT_FOLDERS
         if in_class and not subdirs:

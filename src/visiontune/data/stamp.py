@@ -14,7 +14,6 @@ from typing import Any
 
 from visiontune.config import DataParams
 from visiontune.data.download import is_url
-from visiontune.data.edits import files_named
 from visiontune.data.sources import pick_mirror
 from visiontune.locations import Located, Locator
 
@@ -81,6 +80,7 @@ def source_stamp(params: DataParams, locate: Locator) -> dict[str, Any]:
         else:
             labels = locate.find(params.labels)
         stamp["labels"] = stamp_path(labels, params.labels)
-    for what, written in files_named(params.exclude, params.relabel):
-        stamp[what] = stamp_path(locate.find(written), written)
+    for what, written in (("exclude", params.exclude), ("relabel", params.relabel)):
+        if isinstance(written, str):  # a file, not a list of ids and paths
+            stamp[what] = stamp_path(locate.find(written), written)
     return stamp
