@@ -127,9 +127,9 @@ def sha256_state(state: Mapping[str, torch.Tensor]) -> str:
 
 def resolve_data_config(backbone: torch.nn.Module, params: ModelParams) -> DataConfig:
     """The backbone's pretrained data config (timm), with the `model.*` overrides set."""
-    cfg = pretrained_data_config(backbone)
-    overrides = {field.name: getattr(params, field.name) for field in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    names = {field.name for field in dataclasses.fields(DataConfig)}
+    overrides = params.model_dump(include=names, exclude_none=True)
+    return dataclasses.replace(pretrained_data_config(backbone), **overrides)
 
 
 def pretrained_data_config(backbone: torch.nn.Module) -> DataConfig:

@@ -1,7 +1,6 @@
 """The full classifier (timm body + head) and its model file: one safetensors file, the state
 dict plus the model's record as metadata, loaded without pretrained weights or pickle, from
-torch, timm and safetensors alone (a served model ships this module).
-"""
+torch, timm and safetensors alone (a served model ships this module)."""
 
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ __all__ = ["ImageClassifier", "InferenceSettings", "ModelInfo", "RecordError"]
 class ImageClassifier(torch.nn.Module):
     """uint8 N×3×H×W pixels → `normalize` (no saved tensors) → `body` (headless timm model)
     → `head` → logits. `head_stats_fixed`: the head's BatchNorm holds the statistics a
-    logistic fit was made with, so training keeps them (`set_train_mode`).
-    """
+    logistic fit was made with, so training keeps them (`set_train_mode`)."""
 
     def __init__(
         self,

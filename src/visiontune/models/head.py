@@ -62,14 +62,9 @@ def init_from_source(
     """Start a BN → dropout → Linear head as the backbone's own classifier, re-labelled by
     `category_relationship`: on classes the backbone was trained on, most of the way there.
     The BatchNorm takes the train features' statistics, folded into the Linear, so that in
-    eval mode the head equals the re-labelled source classifier exactly.
-
-    Returns:
-        The relationship matrix [num_classes, source classes].
-    """
+    eval mode the head equals the re-labelled source classifier exactly. Returns the
+    relationship [num_classes, source classes]."""
     norm, linear = head[0], head[-1]
-    if len(head) != 3 or not isinstance(norm, nn.BatchNorm1d) or not isinstance(linear, nn.Linear):
-        raise ValueError("init_from_source needs a BN → dropout → Linear head (hidden: [])")
     x = train_x.float()
     relation = category_relationship(x, train_y, linear.out_features, source_weight, source_bias)
     weight, bias = relation @ source_weight, relation @ source_bias

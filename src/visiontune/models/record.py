@@ -1,8 +1,7 @@
 """The model's record: one typed, versioned document that travels with the weights, written
 by train_head, finetune and evaluate, from which every later reader takes its decisions.
 Reading is strict: a defaulted field would, say, fine-tune a far domain with near-domain LRs.
-No params code nor pydantic: a served model ships this module.
-"""
+No params code nor pydantic: a served model ships this module."""
 
 from __future__ import annotations
 
@@ -168,8 +167,8 @@ def _inference(data: Mapping[str, Any]) -> InferenceSettings:
     return InferenceSettings(int(data["n_augment"]), float(data["zoom"]), str(data["precision"]))
 
 
-def read_model_info(path: str | Path) -> ModelInfo:
-    """The record in a model file, read without its tensors or torch (else RecordError)."""
+def read_model_info(path: str | Path, rerun: str = RERUN) -> ModelInfo:
+    """A model or head file's record, read without its tensors or torch (else RecordError)."""
     with safe_open(str(path), framework="numpy") as handle:
         raw = (handle.metadata() or {}).get(METADATA_KEY)
-    return ModelInfo.from_json(raw, str(path), RERUN)
+    return ModelInfo.from_json(raw, str(path), rerun)

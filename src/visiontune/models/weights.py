@@ -76,15 +76,13 @@ def weights_identity(backbone: str, weights: str) -> WeightsInfo | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    # The name is for people; not the full path: DVC's experiment copies find the same
-    # file under another folder.
+    # Not the full path: DVC's experiment copies find the same file under another folder.
     return WeightsInfo(source=f"file:{path.name}", sha256=sha256_file(path))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a .pth/.pt/.bin (weights_only: no pickle code) or .safetensors state dict,
     unwrapped from `_NESTED_KEYS` and without DataParallel/DDP's 'module.' prefix."""
-    path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
@@ -110,13 +108,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def map_by_position(
     source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str
 ) -> dict[str, torch.Tensor]:
-    """Rename `source` tensors to `target`'s names, pairing them in order.
-
-    Two implementations of one architecture register tensors in the same order under other
-    names. One misplaced tensor silently ruins the model, so every pair must agree in shape
-    and kind (the last name part: weight, bias, running_mean, ...); WeightsError lists
-    the mismatches.
-    """
+    """Rename `source` tensors to `target`'s names, pairing them in order: two implementations
+    of one architecture register tensors in the same order under other names. One misplaced
+    tensor silently ruins the model, so every pair must agree in shape and kind (the last name
+    part: weight, bias, running_mean, ...); WeightsError lists the mismatches."""
     if len(source) != len(target):
         raise WeightsError(
             f"{what}: checkpoint has {len(source)} tensors, the model {len(target)}; "

@@ -75,21 +75,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint written by a visiontune whose checkpoints this one cannot resume."""
-
-
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """Read a checkpoint (tensors and primitives only), or None when there is none."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{path} has checkpoint format {state.get('format_version')}; "
-            f"this visiontune reads format {FORMAT_VERSION}"
-        )
-    return state
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def discard_checkpoint(checkpoint_dir: Path) -> bool:
@@ -122,6 +112,9 @@ def resume_mismatch(
     saved: dict[str, Any], config: dict[str, Any], layout: list, cycle_steps: Sequence[int]
 ) -> str | None:
     """Why a run of `config` must not resume from the checkpoint `saved`, or None."""
+    if saved.get("format_version") != FORMAT_VERSION:
+        version = saved.get("format_version")
+        return f"it has checkpoint format {version}; this visiontune reads format {FORMAT_VERSION}"
     diffs = config_differences(saved.get("config", {}), config)
     if diffs:
         return f"its config differs in {', '.join(diffs[:8])}"
@@ -134,12 +127,8 @@ def resume_mismatch(
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """An Event set on SIGTERM, so the loop can checkpoint and stop; the previous handler
-    comes back on exit. Outside the main thread (no handlers there), a plain Event."""
+    """An Event set on SIGTERM, to checkpoint and stop; the previous handler is back on exit."""
     event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
     previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
     try:
         yield event

@@ -98,8 +98,8 @@ def layer_groups_report(
                 "matcher_groups": list(group.matcher_groups),
                 "n_tensors": len(group.param_names),
                 "n_params": sum(params[n].numel() for n in group.param_names),
-                "first": group.param_names[0] if group.param_names else None,
-                "last": group.param_names[-1] if group.param_names else None,
+                "first": group.param_names[0],
+                "last": group.param_names[-1],
             }
             for group, ratio in zip(groups, lr_ratios, strict=True)
         ],

@@ -12,14 +12,13 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visiontune.config import HeadParams
 from visiontune.fileio import atomic_path
 from visiontune.models.head import create_head, init_from_source
-from visiontune.models.record import METADATA_KEY, ModelInfo
+from visiontune.models.record import METADATA_KEY, ModelInfo, read_model_info
 from visiontune.train.lr_find import LrFindResult, find_lr
 from visiontune.train.schedules import create_schedule, set_lrs
 from visiontune.train.step import train_step
@@ -68,11 +67,9 @@ def feature_batches(
 def evaluate_head(
     head: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
 ) -> tuple[float, float]:
-    """(loss, accuracy) of the head in eval mode on feature tensors."""
-    was_training = head.training
+    """(loss, accuracy) of the head on feature tensors; it is left in eval mode."""
     logits = head.eval()(x)
     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing).item()
-    head.train(was_training)
     return loss, (logits.argmax(1) == y).float().mean().item()
 
 
@@ -118,6 +115,7 @@ def train_head(
         rows = []
         start = time.perf_counter()
         for epoch in range(params.epochs):
+            head.train()
             total, correct, seen = torch.zeros(()), torch.zeros(()), 0
             for i in range(steps_per_epoch):
                 set_lrs(opt, [lr], schedule(epoch * steps_per_epoch + i))
@@ -164,9 +162,7 @@ def save_head(path: Path, head: nn.Sequential, info: ModelInfo) -> None:
 
 def read_head_info(path: Path) -> ModelInfo:
     """The model's record as train_head wrote it beside the head (no tensors read)."""
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        record = (handle.metadata() or {}).get(METADATA_KEY)
-    return ModelInfo.from_json(record, str(path), "re-run `dvc repro train_head`")
+    return read_model_info(path, "re-run `dvc repro train_head`")
 
 
 def load_head(path: Path) -> tuple[nn.Sequential, ModelInfo]:

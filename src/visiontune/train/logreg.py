@@ -43,14 +43,14 @@ class LogRegFit:
     converged: bool
 
 
-def cv_folds(y: torch.Tensor, seed: int, n_splits: int = CV_FOLDS) -> Folds:
-    """Shuffled folds of the train rows: stratified when every class has `n_splits` rows."""
+def cv_folds(y: torch.Tensor, seed: int) -> Folds:
+    """Shuffled folds of the train rows: stratified when every class has `CV_FOLDS` rows."""
     labels = y.numpy()
     counts = np.bincount(labels)
     splitter = (
-        StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-        if counts[counts > 0].min() >= n_splits
-        else KFold(n_splits, shuffle=True, random_state=seed)  # dogbreeds: 1-2 rows of some
+        StratifiedKFold(CV_FOLDS, shuffle=True, random_state=seed)
+        if counts[counts > 0].min() >= CV_FOLDS
+        else KFold(CV_FOLDS, shuffle=True, random_state=seed)  # dogbreeds: 1-2 rows of some
     )
     return list(splitter.split(np.zeros((len(labels), 1)), labels))
 
@@ -100,10 +100,9 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) ->
             model = LogisticRegression(
                 C=float(search.C_), max_iter=LOGREG_MAX_ITER, tol=LOGREG_TOL
             ).fit(standard, labels)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    for w in caught:  # record=True caught every warning: show all but non-convergence
-        if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    others = [w for w in caught if not issubclass(w.category, ConvergenceWarning)]
+    for w in others:  # record=True caught every warning: show all but non-convergence
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     scores = search.scores_.mean(axis=0).ravel()
     best = int(np.argmax(scores))
     coef, intercept = _full_classes(model.coef_, model.intercept_, model.classes_, num_classes)
@@ -115,7 +114,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) ->
         C=float(search.C_),
         cv_loss=float(-scores[best]),
         cv_acc=_cv_accuracy(search, cv_x, cv_y, folds, best),
-        converged=converged,
+        converged=len(others) == len(caught),
     )
 
 

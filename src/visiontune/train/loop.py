@@ -1,6 +1,5 @@
-"""The fine-tune loop: differential LRs from the pure schedule at every step, the loss kept
-on the device (no host sync per step), checkpoints at every epoch end and on a stop request,
-and a resume that ends on the same weights."""
+"""The fine-tune loop: scheduled differential LRs at every step, the loss kept on the device
+(no host sync per step), a checkpoint at each epoch end or stop, a resume to the same weights."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from visiontune.distributed import (
     check_in_sync,
 )
 from visiontune.runtime import LoaderWait, Runtime, peak_gpu_mib
-from visiontune.train.checkpoint import CHECKPOINT_NAME, restore_rng
+from visiontune.train.checkpoint import CHECKPOINT_NAME
 from visiontune.train.epoch import epoch_loader, evaluate, set_train_mode
 from visiontune.train.groups import layer_groups_report
 from visiontune.train.schedules import set_lrs
@@ -81,10 +80,7 @@ def finetune(
     stop = stop or threading.Event()
     run = Trainer(model, len(train_dataset), params, runtime, lr=lr, dist=dist, sync_bn=sync_bn)
     path = Path(checkpoint_dir) / CHECKPOINT_NAME
-    state, rng = run.resume(path, config, log)
-    resumed_from = None if rng is None else state.step
-    if rng is not None:
-        restore_rng(rng)  # the RNGs as they were at the interruption
+    state, resumed_from = run.resume(path, config, log)
     while state.step < run.schedule.total_steps:
         epoch = state.step // run.schedule.steps_per_epoch
         timed = _train_epoch(run, state, train_dataset, seed, stop, on_step)
@@ -166,9 +162,7 @@ def _result(run: Trainer, state: Progress, resumed_from: int | None) -> Finetune
     """The model in eval mode, steps.csv, history.csv, metrics and the layer groups."""
     steps = pd.DataFrame(
         {"step": range(len(state.lrs)), "epoch": state.epochs, "loss": state.losses}
-    )
-    for g in range(len(run.groups)):
-        steps[f"lr_group{g}"] = [lrs[g] for lrs in state.lrs]
+    ).join(pd.DataFrame(state.lrs).add_prefix("lr_group"))
     history = pd.DataFrame(state.history)
     metrics = {
         **{key: state.history[-1][key] for key in ("valid_acc", "valid_loss", "train_loss")},

@@ -1,6 +1,5 @@
 """Does a mirror image keep its class? For `flip: auto`: a one-sided sign test on held-out
-folds of a train sample's features, as is and mirrored (a mirrored digit is no digit).
-"""
+folds of a train sample's features, as is and mirrored (a mirrored digit is no digit)."""
 
 from __future__ import annotations
 

@@ -3,12 +3,12 @@ trained head), the datasets, the trainer; and lr_find's run and finetune's outpu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from visiontune.config import FinetuneParams, LrFindParams, ModelParams, Params
 from visiontune.data.dataset import ImageDataset, create_loader
@@ -54,10 +54,6 @@ def resolve_finetune(finetune: FinetuneParams, head: ModelInfo) -> FinetuneParam
     return finetune.model_copy(update=update)
 
 
-class StaleHeadError(ValueError):
-    """The trained head was fitted on features of another backbone or other weights."""
-
-
 def load_classifier(
     model_params: ModelParams, head_path: Path
 ) -> tuple[ImageClassifier, ModelInfo, WeightsInfo]:
@@ -66,13 +62,12 @@ def load_classifier(
     head, info = load_head(head_path)
     body, weights = create_backbone(model_params.backbone, model_params.weights)
     if info.backbone != model_params.backbone or info.weights_sha256 != weights.sha256:
-        raise StaleHeadError(
+        raise ValueError(
             f"{head_path} was trained on features of {info.backbone} "
             f"(weights {str(info.weights_sha256)[:12]}), not {model_params.backbone} "
             f"(weights {str(weights.sha256)[:12]}): rerun precompute and train_head"
         )
     normalize = PixelNormalize.from_config(info.data_config)
-    # A logistic head's BatchNorm holds the fit's standardisation: training keeps it.
     model = ImageClassifier(normalize, body, head, head_stats_fixed=info.head_init == "logreg")
     return model, info, weights
 
@@ -128,16 +123,12 @@ def run_lr_find(
         drop_last=True,
         per_image_seeds=True,
     )
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            for inputs, targets, _ in loader:
-                yield inputs, targets
-
+    # Epoch after epoch, without the dataset indices.
+    batches = ((x, y) for _ in itertools.count() for x, y, _index in loader)
     sweep = params.model_dump(include={"start_lr", "end_lr", "num_iter", "smooth", "diverge"})
     set_train_mode(model, finetune.freeze_bn)
     try:
-        return find_lr(model, run.optimizer, batches(), run.step, finetune.lr_ratios, **sweep)
+        return find_lr(model, run.optimizer, batches, run.step, finetune.lr_ratios, **sweep)
     finally:
         model.eval()
 

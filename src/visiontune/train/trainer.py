@@ -15,9 +15,9 @@ from visiontune.config import FinetuneParams
 from visiontune.distributed import DistContext, all_gather_varlen, wrap_ddp
 from visiontune.runtime import Runtime, prepare_module
 from visiontune.train.checkpoint import (
-    CheckpointFormatError,
     capture_rng,
     load_checkpoint,
+    restore_rng,
     resume_mismatch,
     save_checkpoint,
 )
@@ -72,41 +72,33 @@ class Trainer:
         )
         fp16 = runtime.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=fp16)
+        geometry = {"n_cycles", "cycle_len", "cycle_mult", "warmup_pct", "min_lr_ratio"}
         self.schedule = create_schedule(
             params.schedule,
             steps_per_epoch=n_images // self.batch_size,
-            n_cycles=params.n_cycles,
-            cycle_len=params.cycle_len,
-            cycle_mult=params.cycle_mult,
-            warmup_pct=params.warmup_pct,
-            min_lr_ratio=params.min_lr_ratio,
+            **params.model_dump(include=geometry),
         )
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch, at the LRs already set; the loss, on the device."""
-        smoothing = self.params.label_smoothing
         return train_step(
             self.ddp_model,
             self.optimizer,
             inputs,
             targets,
-            label_smoothing=smoothing,
+            label_smoothing=self.params.label_smoothing,
             runtime=self.runtime,
             scaler=self.scaler,
         )[0]
 
     def resume(
         self, path: Path, config: dict[str, Any], log: Callable[[str], None]
-    ) -> tuple[Progress, dict[str, Any] | None]:
-        """The progress to start from and, when resuming (weights, optimizer and scaler
-        loaded), the RNG states to restore first; a checkpoint of another format or run
-        (`resume_mismatch`) is ignored, the reason logged."""
-        state, rng = Progress(steps_per_epoch=self.schedule.steps_per_epoch), None
-        try:
-            saved = load_checkpoint(path)
-        except CheckpointFormatError as exc:
-            log(f"finetune: not resuming: {exc}; starting fresh")
-            saved = None
+    ) -> tuple[Progress, int | None]:
+        """The progress to start from and the step resumed from (None: a fresh start). A
+        resume loads weights, optimizer, scaler and RNG states; a checkpoint of another
+        format or run (`resume_mismatch`) is ignored, the reason logged."""
+        state, resumed_from = Progress(steps_per_epoch=self.schedule.steps_per_epoch), None
+        saved = load_checkpoint(path)
         why = saved and resume_mismatch(saved, config, self.layout, self.schedule.cycle_steps)
         if why:
             log(f"finetune: not resuming from {path}: {why}; starting fresh")
@@ -114,7 +106,9 @@ class Trainer:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scaler.load_state_dict(saved["scaler"])
-            state, rng = Progress(**saved["progress"]), saved["rng"]
+            restore_rng(saved["rng"])  # the RNGs as they were at the interruption
+            state = Progress(**saved["progress"])
+            resumed_from = state.step
             log(f"finetune: resuming from {path} at step {state.step}")
         starts = [int(t.item()) for t in all_gather_varlen(torch.tensor([state.step]), self.dist)]
         if len(set(starts)) > 1:
@@ -122,7 +116,7 @@ class Trainer:
                 f"ranks would resume from different steps {starts}: the checkpoint "
                 f"folder {path.parent} must be on storage every node shares"
             )
-        return state, rng
+        return state, resumed_from
 
     def save(self, path: Path, state: Progress, config: dict[str, Any]) -> None:
         """Checkpoint everything a resume needs (rank 0 only: the ranks are in sync)."""
