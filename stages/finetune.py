@@ -84,7 +84,7 @@ def finetune_stage(stage: Stage):
     )
     # The last checkpoint goes once the outputs are logged: a failed log reruns the stage,
     # which then resumes at the end instead of training again.
-    stage.after_logging.append(lambda: discard_checkpoint(paths.out / "checkpoints"))
+    stage.after_logging = lambda: discard_checkpoint(paths.out / "checkpoints")
     return paths.out
 
 

@@ -1,8 +1,5 @@
-"""The `visiontune` console script: `visiontune predict` with a model file evaluate wrote.
-
-The TTA views and precision are the model file's own, as the served MLflow model uses them:
-no file in the current directory changes that; `--params`, `--no-tta` and `--precision` do.
-"""
+"""The `visiontune` console script: `visiontune predict` with a model file evaluate wrote, at
+its own TTA views and precision (as the served MLflow model), never a params.yaml found here."""
 
 from __future__ import annotations
 
@@ -48,17 +45,14 @@ def _report(message: object, code: int = 2) -> int:
 def _predict(args: argparse.Namespace) -> int:
     found = find_inputs(args.paths)
     try:
-        ids = image_ids(found, args.id) if args.submission else []
-    except ValueError as exc:
-        return _report(exc)
-    try:
         # Large tensors on huge pages, freed memory kept for the next batch (see runtime).
         configure_memory(AutoMemory())
         model, info = load_model_file(args.model)
     except (OSError, ValueError, RuntimeError) as exc:
         return _report(f"cannot load {args.model}: {exc}")
-    try:  # --params FILE, else the model's record; --precision wins over both
-        if args.params:
+    try:
+        ids = image_ids(found, args.id) if args.submission else []
+        if args.params:  # --params FILE, else the model's record; --precision wins over both
             from visiontune.config import load_params  # pydantic: only where it is needed
 
             settings = inference_from_params(load_params(args.params))
@@ -67,7 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
         if args.precision != "model":
             settings = dataclasses.replace(settings, precision=args.precision)
         views = create_views(info, settings, args.tta)
-    except ValueError as exc:  # a bad params file or record: the message says what to do
+    except ValueError as exc:  # ids, params file or record: the message says what to do
         return _report(exc)
     # Worker processes cost more than they save for a handful of images.
     workers = 0 if len(found.files) <= args.batch_size else loader_workers("auto")
@@ -91,7 +85,7 @@ def _predict(args: argparse.Namespace) -> int:
         return 0
     if args.positive is not None and args.positive not in info.classes:
         return _report(f"--positive {args.positive!r} is not one of the classes {info.classes}")
-    from visiontune.fileio import atomic_open  # pydantic and pandas: only where needed
+    from visiontune.fileio import atomic_open  # pandas: only where it is needed
 
     to_stdout = args.submission == "-"
     with contextlib.nullcontext(sys.stdout) if to_stdout else atomic_open(args.submission) as out:

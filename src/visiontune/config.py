@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -32,7 +33,7 @@ class ParamsError(ValueError):
 
 class Section(BaseModel):
     # Unknown keys are typos until proven otherwise; frozen: what ran is what was recorded.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BaseParams(Section):
@@ -166,9 +167,8 @@ class LrFindParams(Section):
     smooth: float = Field(ge=0, lt=1)
     # Stop when the smoothed loss exceeds this multiple of the best seen.
     diverge: float = Field(gt=1)
-    # takeoff/30: after a trained head the curve is flat until it takes off, and both
-    # valley and slide can read the noise on that plateau as a tiny LR (valley: 1.5e-5 on
-    # dogbreeds; slide: 1.5e-5 on defects, where takeoff/30 gave 6.5e-4 and +5.5 points).
+    # takeoff/30: after a trained head valley and slide read the flat curve's noise as a tiny
+    # LR (both 1.5e-5: valley on dogbreeds, slide on defects, where takeoff/30 won +5.5 points).
     method: Literal["min/10", "steepest", "valley", "slide", "takeoff/30"]
 
     @model_validator(mode="after")
@@ -362,21 +362,15 @@ def _allowed(annotation: Any, metadata: Iterable[Any] = ()) -> str:
 
 
 def _plural(words: str) -> str:
-    for article in ("an ", "a "):
-        if words.startswith(article):
-            head, _, rest = words.removeprefix(article).partition(" ")
-            return f"{head}s {rest}".strip()
-    return words
+    return re.sub(r"^an? (\S+)", r"\1s", words)  # "an integer >= 1" -> "integers >= 1"
 
 
 def parse_params(raw: Mapping[str, Any] | None) -> Params:
     """Validate a params mapping; raise ParamsError naming every bad key."""
-    if raw is None:  # an empty file
-        raw = {}
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, Mapping | None):
         raise ParamsError(f"params must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(dict(raw))
+        return Params.model_validate(dict(raw or {}))  # None: an empty file
     except ValidationError as exc:
         lines = list(dict.fromkeys(_describe(error) for error in exc.errors()))
         raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
@@ -398,11 +392,8 @@ def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
     """Flatten a config into dotted keys (`finetune.augment.flip`), e.g. for tracking."""
     flat: dict[str, Any] = {}
     for name, value in params:
-        key = f"{prefix}{name}"
         if isinstance(value, BaseModel):
-            flat.update(flatten(value, prefix=f"{key}."))
-        elif isinstance(value, dict):  # data.mirrors: {url: (paths,)}
-            flat[key] = {url: list(paths) for url, paths in value.items()}
-        else:
-            flat[key] = list(value) if isinstance(value, tuple) else value
+            flat.update(flatten(value, prefix=f"{prefix}{name}."))
+        else:  # tuples as lists, data.mirrors as {url: [paths]}
+            flat[f"{prefix}{name}"] = to_jsonable_python(value)
     return flat

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -11,10 +12,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, TextIO
 
 import pandas as pd
-from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 
 def sha256_file(path: str | Path) -> str:
@@ -53,12 +54,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temp file for writing that replaces `path` when closed without error."""
-    if "b" not in mode:
-        kwargs.setdefault("encoding", "utf-8")
-        kwargs.setdefault("newline", "")
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+def atomic_open(path: str | Path) -> Iterator[TextIO]:
+    """Open a temp text file that replaces `path` when closed without error."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         yield handle
 
 
@@ -79,20 +77,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy and torch scalars
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
-
-
 def write_json(path: str | Path, data: Any) -> None:
-    """Write pretty, key-sorted JSON atomically (stable bytes for DVC)."""
+    """Write pretty, key-sorted JSON atomically (stable bytes for DVC); pydantic serialises
+    configs and paths, numpy and torch scalars give their `.item()`."""
+    jsonable = functools.partial(to_jsonable_python, fallback=lambda scalar: scalar.item())
     with atomic_open(path) as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
+        json.dump(data, handle, indent=2, sort_keys=True, default=jsonable)
         handle.write("\n")
 
 
@@ -113,21 +103,17 @@ def write_text(path: str | Path, text: str) -> None:
 def write_safetensors(
     path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
 ) -> None:
-    """Write tensors as safetensors atomically, with a key-sorted header.
-
-    safetensors writes `metadata` in a Rust HashMap's order, which changes from call to call
-    (the same tensors, other bytes and DVC hashes); the header's offsets are explicit, so
-    sorting its keys keeps the file valid.
-    """
+    """Write tensors as safetensors atomically, with a key-sorted header: safetensors writes
+    `metadata` in a Rust HashMap's order, so the same tensors got other bytes (and DVC hashes)
+    each call; the header's offsets are explicit, so sorting its keys keeps the file valid."""
     from safetensors.torch import save
 
     data = save(tensors, metadata=metadata)
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + size])
-    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    encoded = canonical.encode("utf-8")
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
-    with atomic_open(path, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
         handle.write(data[8 + size :])

@@ -18,12 +18,11 @@ def run_inference(
     desc: str = "",
     wait: LoaderWait | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Run `module` (moved to the runtime's device and memory format in place, in eval
-    mode) over the `(images, labels, indices)` batches of `loader`, adding the time spent
-    waiting for them to `wait`; a shuffled loader's outputs are put back in index order.
+    """Run `module` (moved in place to the runtime's device and memory format, eval mode) over
+    `loader`'s `(images, labels, indices)` batches, adding the wait for them to `wait`.
 
     Returns:
-        (outputs as float32 N×D on the CPU, labels N (int64), images per second).
+        float32 N×D outputs on the CPU, int64 labels, images/s; in index order when shuffled.
     """
     module = prepare_module(module, runtime).eval()
     size = len(loader.dataset)  # type: ignore[arg-type]

@@ -11,10 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class NotFoundError(FileNotFoundError):
-    """A path of params.yaml found in neither place; the message names both."""
-
-
 @dataclass(frozen=True)
 class Located:
     """A path as `params.yaml` writes it, the file it names, and why that one."""
@@ -62,17 +58,16 @@ class Locator:
         return None
 
     def locate(self, written: str, what: str) -> Located:
-        """`find`, or NotFoundError saying `what` it is and every place looked in."""
+        """`find`, or FileNotFoundError saying `what` it is and every place looked in."""
         found = self.find(written)
         if found is not None:
             return found
         if Path(written).expanduser().is_absolute():
-            raise NotFoundError(f"{what} not found: {written}")
+            raise FileNotFoundError(f"{what} not found: {written}")
         places = " and ".join(str(path) for path in self._candidates(written))
-        raise NotFoundError(f"{what} not found: {written} (looked for {places})")
+        raise FileNotFoundError(f"{what} not found: {written} (looked for {places})")
 
     def shared(self, written: str | Path) -> Path:
         """`written` in the repo DVC was run from: a per-machine cache (downloads) that every
-        experiment copy shares instead of filling its own."""
-        given = Path(written).expanduser()
-        return given if given.is_absolute() else self.origin / given
+        experiment copy shares instead of filling its own (an absolute path stays as it is)."""
+        return self.origin / Path(written).expanduser()

@@ -13,13 +13,12 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from visiontune import tracking
-from visiontune.config import WEIGHT_SOURCES, Params, ParamsError, load_params
+from visiontune.config import WEIGHT_SOURCES, Params, load_params
 from visiontune.locations import Locator
 
 EXIT_FAILED = 1
@@ -50,7 +49,7 @@ class Stage:
     runtime: Any = None
     dist: Any = None
     # Called once the outputs are logged (finetune drops its last checkpoint then).
-    after_logging: list[Callable[[], None]] = field(default_factory=list)
+    after_logging: Callable[[], None] | None = None
     # A model file to log and register (evaluate's: it records how to predict).
     register_model: Path | None = None
 
@@ -65,7 +64,7 @@ def run_stage(
     work: Callable[[Stage], Path | None],
     paths: Mapping[str, str],
     *,
-    setup: Callable[[Params], AbstractContextManager[tuple[Any, Any]]] | None = None,
+    setup: Callable[[Params], contextlib.AbstractContextManager[tuple[Any, Any]]] | None = None,
     track: bool = True,
     doc: str | None = None,
     argv: list[str] | None = None,
@@ -78,25 +77,17 @@ def run_stage(
     """
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=doc)
     parser.add_argument("--params", default="params.yaml", help="params file")
-    for option, help_text in paths.items():
-        parser.add_argument(
-            f"--{option.replace('_', '-')}", type=Path, required=True, help=help_text
-        )
+    for option, text in paths.items():
+        parser.add_argument(f"--{option.replace('_', '-')}", type=Path, required=True, help=text)
     args = parser.parse_args(argv)
     locate = Locator.for_stage(Path.cwd(), os.environ.get("DVC_ROOT"))
-    try:
-        params = load_params(args.params)
-        if setup is not None:  # torch stages build the model: a weights file must be found
-            params = _with_located_weights(params, locate)
-    except (ParamsError, FileNotFoundError) as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_BAD_PARAMS
-    stage = Stage(name, params, args, tracking.NoTracking(name), locate)
     with contextlib.ExitStack() as stack:
-        try:
-            if setup is not None:
-                stage.runtime, stage.dist = stack.enter_context(setup(params))
-        except (RuntimeError, ValueError) as exc:  # no such device, a bad torchrun launch
+        try:  # bad params, no weights file, no such device, a launch the params cannot serve
+            stage = Stage(name, load_params(args.params), args, tracking.NoTracking(name), locate)
+            if setup is not None:  # torch stages build the model: a weights file must be found
+                stage.params = _with_located_weights(stage.params, locate)
+                stage.runtime, stage.dist = stack.enter_context(setup(stage.params))
+        except (FileNotFoundError, RuntimeError, ValueError) as exc:  # ParamsError too
             print(exc, file=sys.stderr)
             return EXIT_BAD_PARAMS
         # A tracker that opened no run (NoTracking) ends as a no-op.
@@ -104,26 +95,23 @@ def run_stage(
             if stage.is_main and track:
                 stage.tracker = _open_tracking(stage)
             out = work(stage)
-        except StageError as exc:
-            print(f"{name} {exc.what}: {exc}", file=sys.stderr)
-            stage.tracker.end("FAILED")
-            return exc.code
-        except (OSError, ValueError, KeyError) as exc:  # unreadable or inconsistent inputs
+        except (StageError, OSError, ValueError, KeyError) as exc:
+            # Unreadable or inconsistent inputs fail as a StageError would; a KeyError says so.
             kind = type(exc).__name__ if isinstance(exc, KeyError) else ""
-            print(f"{name} failed: {kind}{exc}", file=sys.stderr)
+            failure = exc if isinstance(exc, StageError) else StageError(f"{kind}{exc}")
+            print(f"{name} {failure.what}: {failure}", file=sys.stderr)
             stage.tracker.end("FAILED")
-            return EXIT_FAILED
+            return failure.code
     if out is None:
         return 0
     names = sorted(f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir())
     print(f"{name}: wrote {out}/: {', '.join(n for n in names if not n.startswith('.'))}")
     manifest = (args.prepared if "prepared" in paths else out) / "manifest.csv"
     code = tracking.log_stage(
-        stage.tracker, params, out, manifest=manifest, model=stage.register_model
+        stage.tracker, stage.params, out, manifest=manifest, model=stage.register_model
     )
-    if code == 0:
-        for callback in stage.after_logging:
-            callback()
+    if code == 0 and stage.after_logging is not None:
+        stage.after_logging()
     return code
 
 

@@ -14,7 +14,7 @@ from visiontune.config import DEMO_SOURCE, DataParams
 from visiontune.data.prepare import prepare_dataset
 from visiontune.data.sources import SourceError
 from visiontune.data.stamp import source_stamp
-from visiontune.locations import Locator, NotFoundError
+from visiontune.locations import Locator
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_a_path_is_found_in_the_copy_first_then_where_dvc_ran(layout) -> None:
 
 def test_a_path_found_nowhere_names_both_places(layout) -> None:
     repo, copy = layout
-    with pytest.raises(NotFoundError) as raised:
+    with pytest.raises(FileNotFoundError) as raised:
         Locator.for_stage(copy, str(repo)).locate("../nowhere", "data.source")
     message = str(raised.value)
     assert message.startswith("data.source not found: ../nowhere (looked for ")
