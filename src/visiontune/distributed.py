@@ -1,8 +1,5 @@
-"""torch.distributed for the heavy stages: process group, rank-0 helpers, sharding, gathering.
-
-The stage runner enters `torch_stage`, which reads torchrun's environment; library functions
-take the resulting `DistContext` and run unchanged in one process (`SINGLE`).
-"""
+"""torch.distributed for the heavy stages: `torch_stage` joins torchrun's process group, and
+library functions take its `DistContext`, running unchanged in one process (`SINGLE`)."""
 
 from __future__ import annotations
 
@@ -59,7 +56,9 @@ def resolve_backend(backend: str, device_type: str) -> str:
     if backend == "auto":
         return "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl" and device_type != "cuda":
-        raise ValueError("distributed.backend nccl needs CUDA devices; use auto or gloo on CPU")
+        raise DistributedSetupError(
+            "distributed.backend nccl needs CUDA devices; use auto or gloo on CPU"
+        )
     return backend
 
 
@@ -76,18 +75,15 @@ def init_from_environ(
             f"launched with WORLD_SIZE={world_size} but distributed.enabled is false: "
             "set it to true, or run one process"
         )
-    try:
-        backend = resolve_backend(section.backend, device_type)
-        rank, local_rank = int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0"))
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        timeout = datetime.timedelta(seconds=section.timeout_s)
-        # torch reads MASTER_ADDR and MASTER_PORT, set by torchrun, from the environment.
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-        control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-        local_world_size = int(environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    except ValueError as exc:
-        raise DistributedSetupError(str(exc)) from None
+    backend = resolve_backend(section.backend, device_type)
+    rank, local_rank = int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(seconds=section.timeout_s)
+    # torch reads MASTER_ADDR and MASTER_PORT, set by torchrun, from the environment.
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    local_world_size = int(environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     return DistContext(rank, world_size, local_rank, local_world_size, backend, control)
 
 

@@ -1,7 +1,6 @@
 """Precompute: the backbone's pooled features of every train and valid image at the eval
 transform, and of a sample of mirrored train images (`flip: auto` tests them), fingerprinted,
-with the backbone's own classifier to seed the head (`visiontune.features.FeatureSet`).
-"""
+with the backbone's own classifier to seed the head (`visiontune.features.FeatureSet`)."""
 
 from __future__ import annotations
 
@@ -83,14 +82,9 @@ def precompute_features(
     image_root: Path,
     dist: DistContext = SINGLE,
 ) -> tuple[FeatureSet, dict[str, float | None]]:
-    """The feature cache's content; under torchrun (`dist`) the ranks share the images and
-    every rank gets all features. `runtime_params` (loader workers) change how fast, never
-    which features: each image is decoded alone.
-
-    Returns:
-        The features and the stage's throughput (images, seconds, images/s of the whole
-        pipeline, decoding included; loader-wait share, peak GPU memory, feature dimension).
-    """
+    """The feature cache's content and the stage's throughput (decoding included); under
+    torchrun (`dist`) the ranks share the images and every rank gets all features.
+    `runtime_params` change how fast, never which features: each image is decoded alone."""
     seed_everything(base.seed, base.deterministic)
     runtime = rank_runtime(
         resolve_runtime(base, runtime_params), dist, runtime_params.num_workers == "auto"

@@ -176,13 +176,11 @@ def _glibc() -> ctypes.CDLL | None:
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (forked workers inherit it); whether it took.
-
-    glibc maps blocks above 32 MiB afresh, unmaps them when freed and trims its heap, so
-    each batch's activations were faulted in again (~1.2 GB per Lite0 batch of 64). Kept,
-    at the price of the peak working set: forward 136 -> 223 images/s on 2 cores, a train
-    step +10-18 %. One arena: a request thread's own heap (64 MiB) cannot keep a batch
-    (86-98 -> 124-137 images/s).
-    """
+    glibc maps blocks above 32 MiB afresh, unmaps them when freed and trims its heap, so each
+    batch's activations were faulted in again (~1.2 GB per Lite0 batch of 64). Kept, at the
+    price of the peak working set: forward 136 -> 223 images/s on 2 cores, a train step
+    +10-18 %. One arena: a request thread's own heap (64 MiB) cannot keep a batch (86-98 ->
+    124-137 images/s)."""
     libc = _glibc()
     if libc is None:
         return False

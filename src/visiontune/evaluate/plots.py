@@ -124,16 +124,14 @@ def short_name(name: str, limit: int = 26) -> str:
 
 
 def lr_find_figure(curve: pd.DataFrame, suggestion: float | None) -> Figure:
-    """Loss (smoothed where recorded) against learning rate (log x), the suggested LR marked."""
+    """Smoothed and raw loss against learning rate (log x), the suggested LR marked."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    column = "smoothed_loss" if "smoothed_loss" in curve else "loss"
-    ax.plot(curve["lr"], curve[column], color="C0", label=column.replace("_", " "))
-    if column != "loss" and "loss" in curve:
-        ax.plot(curve["lr"], curve["loss"], color="C0", alpha=0.25, linewidth=0.8, label="loss")
+    ax.plot(curve["lr"], curve["smoothed_loss"], color="C0", label="smoothed loss")
+    ax.plot(curve["lr"], curve["loss"], color="C0", alpha=0.25, linewidth=0.8, label="loss")
     if suggestion is not None:
         ax.axvline(suggestion, color="C3", linestyle="--", linewidth=1)
-        at = np.interp(np.log(suggestion), np.log(curve["lr"]), curve[column])
+        at = np.interp(np.log(suggestion), np.log(curve["lr"]), curve["smoothed_loss"])
         ax.plot([suggestion], [at], "o", color="C3", label=f"suggestion {suggestion:.2e}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
@@ -159,20 +157,18 @@ def lr_schedule_figure(steps: pd.DataFrame) -> Figure:
     ax_lr.set_title("LR schedule per parameter group")
     ax_lr.legend(fontsize=8)
     ax_lr.grid(True, which="both", alpha=0.3)
-    if "loss" in steps:
-        window = max(len(steps) // 50, 1)
-        if window > 1:  # per-step losses are noisy; overlay a running mean
-            ax_loss.plot(steps["step"], steps["loss"], color="0.7", linewidth=0.7, label="loss")
-            smooth = steps["loss"].rolling(window, min_periods=1).mean()
-            ax_loss.plot(steps["step"], smooth, color="C0", label=f"mean of {window} steps")
-        else:
-            ax_loss.plot(steps["step"], steps["loss"], color="C0", label="loss")
-        ax_loss.set_ylabel("training loss")
-        ax_loss.legend(fontsize=8)
-    if "epoch" in steps:
-        for step in steps["step"][steps["epoch"].diff().fillna(0) != 0]:
-            for ax in (ax_lr, ax_loss):
-                ax.axvline(step, color="0.6", linestyle=":", linewidth=0.8)
+    window = max(len(steps) // 50, 1)
+    if window > 1:  # per-step losses are noisy; overlay a running mean
+        ax_loss.plot(steps["step"], steps["loss"], color="0.7", linewidth=0.7, label="loss")
+        smooth = steps["loss"].rolling(window, min_periods=1).mean()
+        ax_loss.plot(steps["step"], smooth, color="C0", label=f"mean of {window} steps")
+    else:
+        ax_loss.plot(steps["step"], steps["loss"], color="C0", label="loss")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend(fontsize=8)
+    for step in steps["step"][steps["epoch"].diff().fillna(0) != 0]:
+        for ax in (ax_lr, ax_loss):
+            ax.axvline(step, color="0.6", linestyle=":", linewidth=0.8)
     ax_loss.set_xlabel("step (dotted lines: epoch starts)")
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

@@ -67,8 +67,6 @@ class ViewMaker:
     """One decoded RGB image → uint8 V×3×H×W views (pixels: the model normalises them)."""
 
     def __init__(self, cfg: DataConfig, views: Sequence[TtaView], zoom: float = 1.15) -> None:
-        if zoom < 1:
-            raise ValueError(f"zoom must be >= 1, got {zoom}")
         self.cfg = cfg
         self.views = tuple(views)
         self.size = cfg.image_size
@@ -109,8 +107,6 @@ class TtaDataset(torch.utils.data.Dataset):
         views: ViewMaker,
         skip_unreadable: bool = False,
     ) -> None:
-        if labels is not None and len(labels) != len(paths):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
         self.labels = list(labels) if labels is not None else [-1] * len(paths)
         self.views = views

@@ -24,7 +24,6 @@ from visiontune.models.classifier import (
     RecordError,
     load_model_file,
 )
-from visiontune.models.record import PRECISIONS
 from visiontune.runtime import (
     Runtime,
     cpu_supports_bf16,
@@ -73,8 +72,6 @@ def host_precision(precision: str, device: str = "auto") -> tuple[str, str | Non
 def inference_runtime(precision: str, device: str = "auto", num_workers: int = 0) -> Runtime:
     """The stages' runtime for predicting at `precision` (fp32 | bf16 | fp16) on `device`
     (`auto`: CUDA when there is one)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for but no CUDA device is available")
     return create_runtime(
@@ -118,13 +115,10 @@ class ImagePredictor:
     def predict_bytes(
         self, images: Sequence[bytes | str], tta: bool = True
     ) -> tuple[torch.Tensor, list[str]]:
-        """Probabilities (N×C float32, NaN rows for unreadable images) and the per-image
-        error ("" when fine) for encoded images (bytes, or base64 text).
-
-        Decoding runs in threads (Pillow and TorchCodec release the GIL); the views of
-        all readable images go through the model `batch_size` images at a time, in chunks
-        of `batch_size` views as `visiontune predict` forwards a loader batch.
-        """
+        """Probabilities (N×C float32, NaN rows where unreadable) and each image's error ("" when
+        fine) of encoded images (bytes, or base64 text). Decoding runs in threads (Pillow and
+        TorchCodec release the GIL); the readable images go `batch_size` at a time through the
+        model, in chunks of `batch_size` views, as `visiontune predict` forwards a loader batch."""
         views = create_views(self.info, self.settings, tta)
         n = len(images)
         workers = max(1, min(loader_workers("auto"), n))

@@ -24,12 +24,11 @@ from visiontune.tracking.store import (
     resolve_store,
 )
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # mlflow takes ~1.5 s to import: only the stages that log pay for it
     from visiontune.tracking.runs import StageTracker
 
 __all__ = [
     "NoTracking",
-    "StageTracker",
     "Store",
     "TrackingError",
     "TrackingUnavailableError",
@@ -39,15 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def __getattr__(name: str) -> Any:
-    # mlflow takes ~1.5 s to import: only the stages that log pay for it.
-    if name == "StageTracker":
-        from visiontune.tracking.runs import StageTracker
-
-        return StageTracker
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class NoTracking:
@@ -75,13 +65,10 @@ def preflight(
     cwd: Path | None = None,
     timeout_s: float = 5.0,
 ) -> StageTracker | NoTracking:
-    """Open `stage`'s run before any work; raise TrackingUnavailableError if that fails.
-
-    `environ` supplies MLFLOW_TRACKING_URI (overrides `tracking.uri`), DVC_ROOT (the repo
-    relative stores resolve against), DVC_EXP_NAME and VISIONTUNE_PIPELINE_ID;
-    `runtime_tags` the device and precision the stage runs with. With `tracking.required:
-    false` a failure only warns and returns a NoTracking.
-    """
+    """Open `stage`'s run before any work; raise TrackingUnavailableError if that fails (with
+    `tracking.required: false`, warn and return a NoTracking). `environ` supplies
+    MLFLOW_TRACKING_URI (overrides `tracking.uri`), DVC_ROOT (the repo relative stores resolve
+    against), DVC_EXP_NAME and VISIONTUNE_PIPELINE_ID; `runtime_tags` the device, precision."""
     section = params.tracking
     if not section.enabled:  # before importing mlflow: a machine may lack it (the GPU check)
         return NoTracking(stage)
@@ -126,12 +113,10 @@ def log_stage(
     manifest: Path = Path("data/prepared/manifest.csv"),
     model: Path | None = None,
 ) -> int:
-    """Log a finished stage from its output folder (left untouched) and close its run.
-
-    `model`, the model file evaluate wrote, becomes the run's registered MLflow model.
-    Returns the stage's exit code: 1 when logging failed and tracking is required (DVC then
-    does not record the stage, so the next `dvc repro` re-runs and re-logs it), else 0.
-    """
+    """Log a finished stage from its output folder (left untouched) and close its run;
+    `model`, the model file evaluate wrote, becomes the run's registered MLflow model. The exit
+    code: 1 when logging failed and tracking is required (DVC then does not record the stage,
+    so the next `dvc repro` re-runs and re-logs it), else 0."""
     if not tracker.enabled:
         return 0
     from visiontune.tracking.collect import collect

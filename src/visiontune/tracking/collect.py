@@ -20,7 +20,6 @@ EPOCH_NAMES = {
     "train_loss": "train/epoch_loss",
     "valid_loss": "valid/loss",
     "valid_acc": "valid/acc",
-    "valid_accuracy": "valid/acc",
 }
 # The files a stage's run keeps besides config.json and metrics.json (missing ones are skipped).
 ARTIFACTS = {

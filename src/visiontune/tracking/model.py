@@ -38,21 +38,17 @@ SHIPPED_MODULES = {
 }
 
 
-def _server_speedups() -> list[str]:
-    """The HTTP parser and event loop of `mlflow models serve`'s uvicorn, where installed:
-    without them a batch of 32 posted photos took ~60 ms more (134-144 -> 113-121 images/s)."""
+def requirements() -> list[str]:
+    """What the served model imports, pinned to the versions it was logged with, and where
+    installed the HTTP parser and event loop of `mlflow models serve`'s uvicorn: without them
+    a batch of 32 posted photos took ~60 ms more (134-144 -> 113-121 images/s)."""
     pins = []
     for name in ("httptools", "uvloop"):
         with contextlib.suppress(PackageNotFoundError):  # not on this platform (uvloop)
             pins.append(f"{name}=={version(name)}")
-    return pins
-
-
-def requirements() -> list[str]:
-    """What the served model imports, pinned to the versions it was logged with."""
     imported = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas")
     # A local build tag (2.x+cpu) is no index's version.
-    return _server_speedups() + [f"{name}=={version(name).split('+')[0]}" for name in imported]
+    return pins + [f"{name}=={version(name).split('+')[0]}" for name in imported]
 
 
 def ship_code(target: Path) -> Path:
@@ -110,11 +106,9 @@ def version_alias(alias: str, exp_name: str | None) -> str:
 
 
 def log_model(tracker: StageTracker, model_file: Path, section: TrackingParams) -> None:
-    """Log `model_file` as the run's MLflow model and as a file; register and alias it.
-
-    The file records the TTA views and precision evaluate scored, and the served model
-    predicts with them: changing them re-evaluates and re-registers, never retrains.
-    """
+    """Log `model_file` as the run's MLflow model and as a file; register and alias it. The
+    file records the TTA views and precision evaluate scored, and the served model predicts
+    with them: changing them re-evaluates and re-registers, never retrains."""
     from visiontune.models.record import read_model_info
     from visiontune.serving.predictor import inference_settings
 

@@ -75,10 +75,8 @@ def find_parent_run(client: MlflowClient, experiment_id: str, pipeline_key: str)
 
 @dataclass(kw_only=True)
 class StageTracker:
-    """Logging handle of one stage: its child run and the pipeline's parent run.
-
-    Only an open run has one: a stage that logs nothing holds `tracking.NoTracking`.
-    """
+    """Logging handle of one stage: its child run and the pipeline's parent run (a stage
+    that logs nothing holds `tracking.NoTracking`)."""
 
     enabled: ClassVar[bool] = True
     stage: str
@@ -100,8 +98,6 @@ class StageTracker:
     def log_epoch(self, row: Mapping[str, Any]) -> None:
         """Log one epoch's history row now, for people watching the run in the UI; the final
         logging skips these points, and decides the exit code: a failure here only warns."""
-        if "epoch" not in row:
-            return
         step = int(row["epoch"])
         points = {epoch_metric_name(k): [(step, v)] for k, v in row.items() if k != "epoch"}
         try:

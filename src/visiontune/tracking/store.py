@@ -164,12 +164,10 @@ def _is_dvc(process: psutil.Process) -> bool:
 
 
 def pipeline_id(environ: Mapping[str, str], pid: int) -> str:
-    """A key shared by every stage of one pipeline execution.
-
-    `VISIONTUNE_PIPELINE_ID` when set (other launchers); else the nearest `dvc` ancestor of
-    process `pid` (each `dvc repro`, and each queued `dvc exp exec-run`, is one process);
-    else the process itself, so a stage run by hand is its own pipeline.
-    """
+    """A key shared by every stage of one pipeline execution: `VISIONTUNE_PIPELINE_ID` when
+    set (other launchers); else the nearest `dvc` ancestor of process `pid` (each `dvc repro`,
+    and each queued `dvc exp exec-run`, is one process); else the process itself, so a stage
+    run by hand is its own pipeline."""
     if environ.get("VISIONTUNE_PIPELINE_ID"):
         return environ["VISIONTUNE_PIPELINE_ID"]
     process = psutil.Process(pid)

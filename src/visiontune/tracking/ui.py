@@ -35,12 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MLflow UI: {base}/#/experiments/{experiment.experiment_id}/runs", flush=True)
     else:
         print(f"MLflow UI: {base}/ (no runs of {name!r} yet)", flush=True)
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "ui",
-        "--backend-store-uri", store.uri,
-        "--artifacts-destination", str(store.artifact_location),
-        "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1",
-    ]  # fmt: skip
+    command = [str(Path(sys.executable).parent / "mlflow"), "ui", "--workers", "1"]
+    command += ["--host", "127.0.0.1", "--port", str(args.port), "--backend-store-uri", store.uri]
+    command += ["--artifacts-destination", str(store.artifact_location)]
     # MLflow's job runner (GenAI prompt jobs: three more processes) stays off.
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     os.execv(command[0], command)
