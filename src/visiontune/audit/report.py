@@ -61,9 +61,8 @@ def headline(metrics: Mapping[str, Any]) -> str:
 
 def write_audit(
     out_dir: Path, findings: pd.DataFrame, metrics: Mapping[str, Any], image_root: Path, show: int
-) -> list[Path]:
-    """Write every audit file into `out_dir` (atomically each); the pictures' paths."""
-    out_dir = Path(out_dir)
+) -> None:
+    """Write every audit file into `out_dir` (atomically each)."""
     write_csv(out_dir / "findings.csv", findings)
     write_json(out_dir / "metrics.json", dict(metrics))
     for kind, name in PICTURES.items():
@@ -77,7 +76,6 @@ def write_audit(
         with atomic_path(out_dir / name) as tmp:
             contact_sheet(tiles, TITLES[kind]).save(tmp, format="PNG")
     write_text(out_dir / "audit.md", render_markdown(findings, metrics, show))
-    return [out_dir / name for name in PICTURES.values()]
 
 
 def contact_sheet(tiles: list[tuple[Path, list[str]]], title: str, cols: int = 4) -> Image.Image:

@@ -141,8 +141,6 @@ def create_loader(
         elif sampler is None:
             sampler = SequentialSampler(dataset)  # type: ignore[arg-type]
         sampler = PerImageSeeds(sampler, seed, skip)
-    elif skip:
-        raise ValueError("skip needs per_image_seeds")
     workers = runtime.num_workers
     if workers > 0:
         release_freed_memory()  # the workers fork when the loader is first iterated

@@ -139,10 +139,7 @@ def load_matching(
     """Load `state` into `model`, ignoring classifier tensors under `ignore_prefix` that the
     model lacks; WeightsError reports every missing, unexpected and misshapen key at once."""
     own = model.state_dict()
-    prefix = f"{ignore_prefix}." if ignore_prefix else None
-    state = {
-        k: v for k, v in state.items() if not (prefix and k.startswith(prefix) and k not in own)
-    }
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(f"{ignore_prefix}.")}
     wrong_shape = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()

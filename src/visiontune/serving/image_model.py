@@ -36,7 +36,7 @@ class ImageModel(PythonModel):
             raise ValueError(f"expected a column 'image'; got {list(frame.columns)}")
         tta = bool((params or {}).get("tta", True))
         probs, errors = self.predictor.predict_bytes(frame["image"].tolist(), tta=tta)
-        classes = self.predictor.classes
+        classes = self.predictor.info.classes
         best = probs.nan_to_num(-1.0).argmax(dim=1).tolist()
         labels = ["" if error else classes[i] for i, error in zip(best, errors, strict=True)]
         columns = dict(zip(classes, probs.double().numpy().T, strict=True))

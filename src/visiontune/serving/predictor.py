@@ -57,13 +57,11 @@ def host_precision(precision: str, device: str = "auto") -> tuple[str, str | Non
     bf16 on a CPU without native bf16 (emulated, several times slower), fp16 on a CPU, and
     either on a GPU that lacks it."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if precision == "fp32":
-        return precision, None
     if use_cuda:
         native = precision == "fp16" or torch.cuda.is_bf16_supported()
     else:
         native = precision == "bf16" and cpu_supports_bf16()
-    if native:
+    if precision == "fp32" or native:
         return precision, None
     where = "this GPU" if use_cuda else "this CPU"
     return "fp32", f"the model was evaluated at {precision}, which {where} lacks: fp32 instead"
@@ -107,10 +105,6 @@ class ImagePredictor:
         if note:
             print(f"visiontune: {note}", file=sys.stderr)
         return cls(prepare_module(model, runtime).eval(), info, settings, runtime)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.info.classes)
 
     def predict_bytes(
         self, images: Sequence[bytes | str], tta: bool = True
