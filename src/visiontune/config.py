@@ -167,8 +167,6 @@ class LrFindParams(Section):
     smooth: float = Field(ge=0, lt=1)
     # Stop when the smoothed loss exceeds this multiple of the best seen.
     diverge: float = Field(gt=1)
-    # takeoff/30: after a trained head valley and slide read the flat curve's noise as a tiny
-    # LR (both 1.5e-5: valley on dogbreeds, slide on defects, where takeoff/30 won +5.5 points).
     method: Literal["min/10", "steepest", "valley", "slide", "takeoff/30"]
 
     @model_validator(mode="after")
@@ -188,7 +186,6 @@ class FinetuneParams(Section):
     n_cycles: int = Field(ge=1)
     cycle_len: int = Field(ge=1)
     cycle_mult: int = Field(ge=1)
-    # The course warmed up at lr/100 for the first 5 % of the first cycle; 0 disables.
     warmup_pct: Fraction
     min_lr_ratio: Fraction
     optimizer: Literal["sgd", "adamw"]

@@ -120,9 +120,7 @@ def rank_runtime(runtime: Runtime, ctx: DistContext, auto_workers: bool) -> Runt
     device = runtime.device
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    workers = runtime.num_workers
-    if auto_workers:
-        workers = loader_workers("auto", share=ctx.local_world_size)
+    workers = loader_workers("auto", ctx.local_world_size) if auto_workers else runtime.num_workers
     return dataclasses.replace(runtime, device=device, num_workers=workers)
 
 
@@ -202,11 +200,8 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, runtime: Runtime, sync_bn: bool
     if sync_bn:
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    # Every parameter takes part in every step (frozen BN keeps its affine weights
-    # trainable), so the unused-parameter search is not needed.
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=False
-    )
+    # No unused-parameter search (the default): frozen BN keeps its affine weights trainable.
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def check_in_sync(model: nn.Module, ctx: DistContext) -> None:

@@ -184,12 +184,10 @@ def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], where: st
 
 def save_features(path: Path, features: FeatureSet) -> None:
     """Write tensors + classes + fingerprint to one safetensors file (atomic)."""
-    tensors = {name: getattr(features, name).contiguous() for name in _TENSORS}
-    if features.mirror_x is not None and features.mirror_rows is not None:
-        tensors |= {name: getattr(features, name).contiguous() for name in _MIRROR_TENSORS}
+    tensors = {name: getattr(features, name) for name in (*_TENSORS, *_MIRROR_TENSORS)}
     if features.source is not None:
-        for name, tensor in zip(_SOURCE_TENSORS, features.source, strict=True):
-            tensors[name] = tensor.float().contiguous()
+        tensors |= dict(zip(_SOURCE_TENSORS, (t.float() for t in features.source), strict=True))
+    tensors = {name: t.contiguous() for name, t in tensors.items() if t is not None}
     metadata = {
         "classes": json.dumps(features.classes),
         "fingerprint": json.dumps(features.fingerprint, sort_keys=True),
@@ -208,19 +206,13 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
             raise StaleCacheError(f"{path} has no fingerprint: not a visiontune feature cache")
         fingerprint = json.loads(metadata["fingerprint"])
         check_fingerprint(fingerprint, expected_fingerprint, str(path))
-        tensors = {name: handle.get_tensor(name) for name in _TENSORS}
-        names = set(handle.keys())
-        mirror = {name: handle.get_tensor(name) for name in _MIRROR_TENSORS if name in names}
-        source = None
-        if names.issuperset(_SOURCE_TENSORS):
-            source = (handle.get_tensor("source_weight"), handle.get_tensor("source_bias"))
-    return FeatureSet(
-        **tensors,
-        classes=json.loads(metadata["classes"]),
-        fingerprint=fingerprint,
-        source=source,
-        **mirror,
-    )
+        names = set(handle.keys()) & {*_TENSORS, *_MIRROR_TENSORS, *_SOURCE_TENSORS}
+        tensors = {name: handle.get_tensor(name) for name in names}
+    source = None
+    if "source_weight" in tensors:
+        source = (tensors.pop("source_weight"), tensors.pop("source_bias"))
+    classes = json.loads(metadata["classes"])
+    return FeatureSet(**tensors, classes=classes, fingerprint=fingerprint, source=source)
 
 
 def load_current_features(

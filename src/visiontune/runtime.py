@@ -3,7 +3,6 @@ workers, seeds; `resolve_runtime` makes the params one frozen `Runtime` for ever
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import platform
@@ -220,11 +219,10 @@ def lower_to_idle_priority() -> None:
         os.nice(19)
 
 
-def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for the runtime (a no-op in fp32)."""
-    if runtime.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=runtime.device.type, dtype=runtime.amp_dtype)
+def autocast(runtime: Runtime) -> torch.autocast:
+    """Mixed-precision context for the runtime (disabled in fp32)."""
+    enabled = runtime.amp_dtype is not None
+    return torch.autocast(runtime.device.type, dtype=runtime.amp_dtype, enabled=enabled)
 
 
 def prepare_module(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
