@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import (
-    accuracy_score,
-    classification_report,
-    confusion_matrix,
-    log_loss,
-)
+from sklearn.metrics import accuracy_score, classification_report, log_loss
 
 from visiontune.evaluate import metrics
 
@@ -55,18 +50,6 @@ def test_absent_class_scores_zero_and_is_left_out_of_macro():
     assert table.loc[2, ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
     assert table.loc[1, "recall"] == pytest.approx(0.5)
     assert metrics.macro_scores(table)["recall_macro"] == pytest.approx(0.75)
-
-
-def test_confusion_matches_sklearn_and_normalises_rows(known):
-    probs, labels = known
-    actual = [CLASSES[i] for i in labels]
-    predicted = [CLASSES[i] for i in probs.argmax(1)]
-    counts = metrics.confusion(actual, predicted, CLASSES)
-    np.testing.assert_array_equal(counts, confusion_matrix(labels, probs.argmax(1)))
-    shares = metrics.confusion(actual, predicted, CLASSES, normalize=True)
-    np.testing.assert_allclose(
-        shares, confusion_matrix(labels, probs.argmax(1), normalize="true"), atol=1e-12
-    )
 
 
 def test_predictions_table_and_loss_by_hand():

@@ -69,10 +69,8 @@ def evaluate_model(
     per_class = metrics.per_class_table(tta_probs, labels, classes)
     change = metrics.paired_change(plain.argmax(1) == labels, tta_probs.argmax(1) == labels)
     headline = {
-        "accuracy": plain_scores["accuracy"],
-        "loss": plain_scores["loss"],
-        "accuracy_tta": tta_scores["accuracy"],
-        "loss_tta": tta_scores["loss"],
+        **plain_scores,  # accuracy, loss
+        **{f"{k}_tta": v for k, v in tta_scores.items()},
         "tta_gain": tta_scores["accuracy"] - plain_scores["accuracy"],
         "tta_images_gained": change["gained"],
         "tta_images_lost": change["lost"],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import precision_recall_fscore_support
 
 # A float32 softmax can underflow to 0 for the true class: clip there to keep the loss finite.
 _TINY = float(np.finfo(np.float32).tiny)
@@ -72,16 +72,6 @@ def predictions_table(
             "prob": probs[np.arange(len(predicted)), predicted].astype(np.float64),
             "loss": per_image_loss(probs, labels),
         }
-    )
-
-
-def confusion(
-    actual: Sequence[str], predicted: Sequence[str], classes: Sequence[str], normalize: bool = False
-) -> np.ndarray:
-    """Rows actual, columns predicted, in the order of `classes`; with `normalize`, each row
-    as shares of its total (recall on the diagonal; 0 for classes absent from `actual`)."""
-    return confusion_matrix(
-        actual, predicted, labels=list(classes), normalize="true" if normalize else None
     )
 
 

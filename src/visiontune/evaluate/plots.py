@@ -24,11 +24,10 @@ def save_figure(fig: Figure, path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def confusion_figure(matrix: np.ndarray, classes: Sequence[str], normalize: bool = True) -> Figure:
+def confusion_figure(counts: np.ndarray, classes: Sequence[str], normalize: bool = True) -> Figure:
     """Confusion matrix (rows actual, columns predicted) legible from 2 to ~150 classes: cells,
     fonts and margins scale with the class count. With `normalize`, colours are row shares."""
     n = len(classes)
-    counts = np.asarray(matrix)
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     values = shares if normalize else counts
@@ -145,9 +144,7 @@ def lr_find_figure(curve: pd.DataFrame, suggestion: float | None) -> Figure:
 
 def lr_schedule_figure(steps: pd.DataFrame) -> Figure:
     """LR of every parameter group per step (log y) above the training loss per step."""
-    groups = sorted(
-        (c for c in steps.columns if c.startswith("lr_group")), key=lambda c: int(c[8:])
-    )
+    groups = [c for c in steps.columns if c.startswith("lr_group")]  # steps.csv: group order
     fig = Figure(figsize=(8, 6))
     ax_lr, ax_loss = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     for column in groups:

@@ -15,7 +15,7 @@ from visiontune.data.images import is_image_name
 from visiontune.evaluate.submission import submission_writer
 from visiontune.evaluate.tta import TtaDataset, ViewMaker, average_views, iter_view_batches
 from visiontune.models.classifier import ImageClassifier, InferenceSettings, ModelInfo
-from visiontune.runtime import Runtime
+from visiontune.runtime import Runtime, resolve_precision
 
 if TYPE_CHECKING:
     from visiontune.config import Params
@@ -25,8 +25,6 @@ ID_KINDS = ("stem", "path")
 
 def inference_from_params(params: Params) -> InferenceSettings:
     """The views and precision evaluate would use under `params` here (`predict --params`)."""
-    from visiontune.runtime import resolve_precision
-
     return InferenceSettings(params.tta.n_augment, params.tta.zoom, resolve_precision(params.base))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
+from sklearn.metrics import confusion_matrix
 
 from visiontune.config import ReportParams
 from visiontune.data.images import UnreadableImageError
@@ -70,9 +71,8 @@ def build_report(
     steps: pd.DataFrame,
 ) -> ReportFiles:
     """Write every report file into `out_dir` (each atomically) and return their paths."""
-    out_dir = Path(out_dir)
     table = metrics.predictions_table(paths, probs, labels, classes)
-    counts = metrics.confusion(table["label"], table["predicted"], classes)
+    counts = confusion_matrix(table["label"], table["predicted"], labels=list(classes))
     files = ReportFiles(
         report=out_dir / "report.md",
         confusion_png=out_dir / "confusion.png",
@@ -95,7 +95,7 @@ def build_report(
     views = []  # the pixels the model saw without TTA, decoded as the loaders decode
     for rel in worst["path"]:
         try:
-            pixels = open_pixels(Path(image_root) / rel, min_size=data_config.resize_size)
+            pixels = open_pixels(image_root / rel, min_size=data_config.resize_size)
             views.append(eval_crop(pixels, data_config))
         except UnreadableImageError:  # moved or damaged since evaluate: keep its row, grey tile
             views.append(torch.full((3, size, size), 200, dtype=torch.uint8))

@@ -112,8 +112,7 @@ def resume_mismatch(
     saved: dict[str, Any], config: dict[str, Any], layout: list, cycle_steps: Sequence[int]
 ) -> str | None:
     """Why a run of `config` must not resume from the checkpoint `saved`, or None."""
-    if saved.get("format_version") != FORMAT_VERSION:
-        version = saved.get("format_version")
+    if (version := saved.get("format_version")) != FORMAT_VERSION:
         return f"it has checkpoint format {version}; this visiontune reads format {FORMAT_VERSION}"
     diffs = config_differences(saved.get("config", {}), config)
     if diffs:

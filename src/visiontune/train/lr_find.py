@@ -144,7 +144,6 @@ def find_lr(
     model_state = copy.deepcopy(model.state_dict())
     optim_state = copy.deepcopy(optimizer.state_dict())
     rng_state = torch.get_rng_state()
-    was_training = model.training
 
     def step(lr: float) -> float:
         set_lrs(optimizer, lr_ratios, lr)
@@ -156,4 +155,3 @@ def find_lr(
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(rng_state)
-        model.train(was_training)
