@@ -25,12 +25,8 @@ def is_archive_name(name: str | Path) -> bool:
 
 
 def extract_archive(archive: Path, dest: Path) -> None:
-    """Check every member of `archive`, then extract it into `dest` (created if needed).
-
-    Raises:
-        UnsafeArchiveError: a member is unsafe (nothing has been extracted).
-        ArchiveError: the file is not a readable archive of a supported kind.
-    """
+    """Check every member of `archive`, then extract it into `dest` (created if needed);
+    UnsafeArchiveError, with nothing extracted, when a member is unsafe."""
     dest.mkdir(parents=True, exist_ok=True)
     if archive.name.lower().endswith(".zip"):
         _extract_zip(archive, dest)

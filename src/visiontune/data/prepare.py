@@ -290,11 +290,10 @@ def ingest_images(
 def format_summary(summary: dict[str, Any], rejects_path: Path) -> str:
     """A few human lines for the end of the fetch stage."""
     source, unmatched = summary["source"], summary["edits_unmatched"]
-    layout = _LAYOUTS[source["layout"]]
     hints = ", ".join(f"{k or 'no hint'} {v}" for k, v in summary["split_hints"].items())
     kinds = ", ".join(f"{n} {kind}" for kind, n in summary["rejected_by_kind"].items())
     lines = [
-        f"source {source['used']} ({layout}): {source['reason']}",
+        f"source {source['used']} ({_LAYOUTS[source['layout']]}): {source['reason']}",
         f"{summary['images']} images in {summary['classes']} classes ({hints or 'none'})",
         f"{summary['rejected']} files rejected ({kinds}); see {rejects_path}"
         if summary["rejected"]

@@ -76,8 +76,7 @@ def pick_mirror(
     source: str, mirrors: Mapping[str, Sequence[str]], locate: Locator
 ) -> Located | None:
     """The first existing local copy of `source` (a URL: config keys `mirrors` by URL), if any."""
-    found = (locate.find(mirror) for mirror in mirrors.get(source, ()))
-    return next((located for located in found if located is not None), None)
+    return next(filter(None, map(locate.find, mirrors.get(source, ()))), None)
 
 
 @contextlib.contextmanager

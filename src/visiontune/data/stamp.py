@@ -63,22 +63,19 @@ def source_stamp(params: DataParams, locate: Locator) -> dict[str, Any]:
     stands for itself: `data.sha256`, a param DVC already compares, pins its content.
     """
     stamp: dict[str, Any] = {"source": params.source}
-    if is_url(params.source):
-        source = pick_mirror(params.source, params.mirrors, locate)
+    url = is_url(params.source)
+    source = (
+        pick_mirror(params.source, params.mirrors, locate) if url else locate.find(params.source)
+    )
+    if source is None and url:
+        stamp["used"] = {"path": params.source, "kind": "url"}
     else:
-        source = locate.find(params.source)
-    used = source.written if source else params.source
-    if source is None and is_url(used):
-        stamp["used"] = {"path": used, "kind": "url"}
-    else:
-        stamp["used"] = stamp_path(source, used)
+        stamp["used"] = stamp_path(source, source.written if source else params.source)
     if params.labels is not None and not is_url(params.labels):
+        labels = locate.find(params.labels)
         # Looked up as fetch does: inside a source folder first.
-        inside = source.path / params.labels if source and source.path.is_dir() else None
-        if inside is not None and inside.is_file():
-            labels: Located | None = Located(params.labels, inside, "in the source")
-        else:
-            labels = locate.find(params.labels)
+        if source is not None and (source.path / params.labels).is_file():
+            labels = Located(params.labels, source.path / params.labels, "in the source")
         stamp["labels"] = stamp_path(labels, params.labels)
     for what, written in (("exclude", params.exclude), ("relabel", params.relabel)):
         if isinstance(written, str):  # a file, not a list of ids and paths

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from visiontune.config import Params
 from visiontune.fileio import sha256_file
 from visiontune.tracking.store import (
-    Store,
     TrackingError,
     TrackingUnavailableError,
     check_reachable,
@@ -29,12 +28,10 @@ if TYPE_CHECKING:  # mlflow takes ~1.5 s to import: only the stages that log pay
 
 __all__ = [
     "NoTracking",
-    "Store",
     "TrackingError",
     "TrackingUnavailableError",
     "log_stage",
     "preflight",
-    "resolve_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -147,7 +144,7 @@ def log_stage(
             f"logging stage {tracker.stage!r} to MLflow failed: {type(exc).__name__}: {exc}. "
             f"Its outputs in {out_dir} are complete and kept."
         )
-        if tracker.required:
+        if params.tracking.required:
             print(f"error: {message} (tracking.required is true)", file=sys.stderr)
             return 1
         logger.warning("%s (tracking.required is false: continuing)", message)

@@ -78,11 +78,9 @@ def epoch_metric_name(column: str) -> str:
 
 
 def _step_metric_name(column: str) -> str | None:
-    if column == "epoch":
-        return None
     if column.startswith("lr_group"):
         return f"lr/group{column.removeprefix('lr_group')}"
-    return "train/loss" if column == "loss" else f"train/{column}"
+    return None if column == "epoch" else f"train/{column}"
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -107,9 +105,9 @@ def _series(path: Path, index: str, name: Callable[[str], str | None]) -> Series
 def collect(stage: str, out_dir: Path) -> StageRecord:
     """Gather what `stage` logs from its output folder `out_dir` (missing files are skipped)."""
     namespace = NAMESPACES.get(stage, stage)
-    metrics = _json(out_dir / "metrics.json")
+    config, metrics = _json(out_dir / "config.json"), _json(out_dir / "metrics.json")
     record = StageRecord(
-        params=flatten_mapping(_json(out_dir / "config.json")),
+        params=flatten_mapping(config),
         metrics=numeric(metrics, namespace),
         artifacts=[
             (out_dir / name, None)
@@ -125,15 +123,11 @@ def collect(stage: str, out_dir: Path) -> StageRecord:
         if isinstance(value, str):
             record.tags[f"{namespace}.{key}"] = value
 
-    if stage == "fetch":
-        manifest = out_dir / "manifest.csv"
-        if manifest.is_file():
-            frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-            record.metrics["data/images"] = float(len(frame))
-            record.metrics["data/classes"] = float(frame["label"].nunique())
-        rejects = out_dir / "rejects.csv"
-        if rejects.is_file():
-            record.metrics["data/rejects"] = float(len(pd.read_csv(rejects)))
+    if stage == "fetch":  # the counts of manifest.csv and rejects.csv, from its summary
+        summary = config.get("fetch", {})
+        for metric, key in (("images", "images"), ("classes", "classes"), ("rejects", "rejected")):
+            if key in summary:
+                record.metrics[f"data/{metric}"] = float(summary[key])
     elif stage == "split":
         record.metrics.update(numeric(_json(out_dir / "report.json"), namespace))
     elif stage == "precompute":

@@ -100,9 +100,7 @@ def register_version(client: MlflowClient, name: str, logged: ModelInfo, run_id:
 def version_alias(alias: str, exp_name: str | None) -> str:
     """The alias a new version takes: `tracking.alias` from a workspace `dvc repro` only, so
     experiments finishing in any order never take it over; `exp-<name>` from `dvc exp run`."""
-    if exp_name is None:
-        return alias
-    return "exp-" + re.sub(r"[^A-Za-z0-9_-]", "-", exp_name)
+    return alias if exp_name is None else "exp-" + re.sub(r"[^A-Za-z0-9_-]", "-", exp_name)
 
 
 def log_model(tracker: StageTracker, model_file: Path, section: TrackingParams) -> None:

@@ -62,17 +62,6 @@ def get_or_create_experiment(client: MlflowClient, name: str, store: Store) -> s
     return experiment.experiment_id
 
 
-def find_parent_run(client: MlflowClient, experiment_id: str, pipeline_key: str) -> str | None:
-    """The parent run of pipeline execution `pipeline_key`, if a stage already created it."""
-    quoted = pipeline_key.replace("'", "\\'")
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{PIPELINE_TAG}` = '{quoted}' and tags.`{ROLE_TAG}` = 'pipeline'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
 @dataclass(kw_only=True)
 class StageTracker:
     """Logging handle of one stage: its child run and the pipeline's parent run (a stage
@@ -80,7 +69,6 @@ class StageTracker:
 
     enabled: ClassVar[bool] = True
     stage: str
-    required: bool
     client: MlflowClient
     store: Store
     exp_name: str | None  # the DVC experiment this stage runs in (None: `dvc repro`)
@@ -196,7 +184,13 @@ def start_stage_run(
     pipeline's first stage creates; both runs carry `tags` (device, precision)."""
     experiment_id = get_or_create_experiment(client, params.tracking.experiment, store)
     pipeline_key = pipeline_id(environ, os.getpid())
-    parent_id = find_parent_run(client, experiment_id, pipeline_key)
+    quoted = pipeline_key.replace("'", "\\'")
+    parents = client.search_runs(  # the first stage of this pipeline execution made it
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_TAG}` = '{quoted}' and tags.`{ROLE_TAG}` = 'pipeline'",
+        max_results=1,
+    )
+    parent_id = parents[0].info.run_id if parents else None
     exp_name = environ.get("DVC_EXP_NAME") or None
     commit, dirty = git_state(cwd)
     holder = process_tags()
@@ -241,7 +235,6 @@ def start_stage_run(
     child = client.create_run(experiment_id, tags=_tag_values(child_tags), run_name=stage)
     tracker = StageTracker(
         stage=stage,
-        required=params.tracking.required,
         client=client,
         store=store,
         exp_name=exp_name,
