@@ -18,6 +18,7 @@ from visiontune.evaluate.tta import (
     TtaDataset,
     TtaView,
     ViewMaker,
+    average_views,
     predict_views,
     tta_views,
 )
@@ -116,12 +117,12 @@ def test_tta_probabilities_are_the_mean_of_per_view_softmax(tmp_path: Path):
     d = torch.tensor(lefts, dtype=torch.float32) / 127.5
     plain = torch.stack([d, torch.zeros_like(d), -d], 1).softmax(1)
     flipped = plain.flip(1)
-    torch.testing.assert_close(out.plain, plain)
+    torch.testing.assert_close(out.probs[:, 0], plain)
     torch.testing.assert_close(out.probs[:, 1], flipped)
-    torch.testing.assert_close(out.tta, (plain + flipped) / 2)
+    torch.testing.assert_close(average_views(out.probs), (plain + flipped) / 2)
     # Softmax-then-mean, not mean-of-logits (which would be uniform here).
-    assert out.tta[0, 1] < 1 / 3 - 0.05
-    torch.testing.assert_close(out.tta.sum(1), torch.ones(len(lefts)))
+    assert average_views(out.probs)[0, 1] < 1 / 3 - 0.05
+    torch.testing.assert_close(average_views(out.probs).sum(1), torch.ones(len(lefts)))
     assert out.labels.tolist() == [0, 2, 1, 0, 1]
     assert out.errors == [""] * len(lefts)
 

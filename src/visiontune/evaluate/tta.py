@@ -137,14 +137,6 @@ class ViewPredictions:
     errors: list[str]
     seconds: float
 
-    @property
-    def plain(self) -> torch.Tensor:
-        return self.probs[:, 0]
-
-    @property
-    def tta(self) -> torch.Tensor:
-        return average_views(self.probs)
-
 
 def average_views(probs: torch.Tensor) -> torch.Tensor:
     """N×V×C per-view probabilities → N×C: softmax first, then average."""
