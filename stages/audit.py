@@ -15,7 +15,6 @@ from visiontune.data.manifest import (
     IMAGES_DIR,
     REJECT_COLUMNS,
     SPLIT_COLUMNS,
-    read_classes,
     read_manifest,
     read_table,
 )
@@ -34,13 +33,10 @@ PATHS = {
 
 def audit(stage: Stage):
     params, paths = stage.params, stage.paths
-    classes = read_classes(paths.split / "classes.json")
-    tables = paths.split / "train.csv", paths.split / "valid.csv"
-    cache = paths.features / "features.safetensors"
-    features = load_current_features(cache, params.model, params.base, *tables, classes)
+    features = load_current_features(paths.features, paths.split, params.model, params.base)
     manifest = read_manifest(paths.prepared / "manifest.csv")
     ids = dict(zip(manifest["path"], manifest["sha256"], strict=True))
-    train, valid = (read_table(table, SPLIT_COLUMNS) for table in tables)
+    train, valid = (read_table(paths.split / f"{p}.csv", SPLIT_COLUMNS) for p in ("train", "valid"))
     rows = [*train["path"], *valid["path"]]
     images = AuditImages(
         paths=[path.removeprefix(f"{IMAGES_DIR}/") for path in rows],
@@ -55,7 +51,7 @@ def audit(stage: Stage):
     dropped = [(reason.removeprefix(DUPLICATE_OF), path) for path, reason in copies.values]
     train_x, valid_x = features.train_x.float().numpy(), features.valid_x.float().numpy()
     seed = params.base.seed
-    result = audit_features(train_x, valid_x, images, classes, params.audit, seed, dropped)
+    result = audit_features(train_x, valid_x, images, features.classes, params.audit, seed, dropped)
     image_root = paths.prepared / IMAGES_DIR
     write_audit(paths.out, result.findings, result.metrics, image_root, params.audit.show)
     write_json(paths.out / "config.json", {"audit": params.audit, "base": {"seed": seed}})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from visiontune.data.manifest import read_classes
 from visiontune.distributed import torch_stage
 from visiontune.features import load_current_features
 from visiontune.fileio import write_csv, write_json
@@ -19,11 +18,8 @@ PATHS = {
 
 def train_head(stage: Stage):
     params, paths = stage.params, stage.paths
-    classes = read_classes(paths.split / "classes.json")
-    tables = paths.split / "train.csv", paths.split / "valid.csv"
-    cache = paths.features / "features.safetensors"
     # A cache computed from other params or data is refused (StaleCacheError).
-    features = load_current_features(cache, params.model, params.base, *tables, classes)
+    features = load_current_features(paths.features, paths.split, params.model, params.base)
     # The backbone's own classifier, cached by precompute, may seed the head (head.init).
     source = None if params.head.init == "random" else features.source
     result = train_head_on_features(features, params.head, params.base.seed, source)

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from visiontune.config import BaseParams, ModelParams
+from visiontune.data.manifest import read_classes
 from visiontune.fileio import write_safetensors
 from visiontune.models.weights import WeightsInfo, weights_identity
 from visiontune.runtime import resolve_precision
@@ -89,42 +90,6 @@ def model_overrides(model: ModelParams) -> dict[str, Any]:
 
 
 def compute_fingerprint(
-    *,
-    backbone: str,
-    weights: WeightsInfo,
-    data_config: DataConfig | None,
-    overrides: dict[str, Any],
-    precision: str,
-    train_csv: Path,
-    valid_csv: Path,
-    classes: Sequence[str],
-) -> dict[str, Any]:
-    """Everything the feature values depend on, as a flat JSON-able dict; without the data
-    config where it is None (see `check_fingerprint`)."""
-    try:
-        torchcodec: str | None = package_version("torchcodec")
-    except PackageNotFoundError:
-        torchcodec = None
-    fingerprint = {
-        "features_version": FEATURES_VERSION,
-        "backbone": backbone,
-        "weights_source": weights.source,
-        "weights_sha256": weights.sha256,
-        "timm_version": package_version("timm"),
-        "torch_version": torch.__version__,
-        # The JPEG decoders (visiontune.data.pixels); no TorchCodec: Pillow decodes them all.
-        "pillow_version": package_version("pillow"),
-        "torchcodec_version": torchcodec,
-        "model_overrides": overrides,
-        "precision": precision,
-        "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
-    }
-    if data_config is not None:
-        fingerprint["data_config"] = data_config.to_dict()
-    return _json_safe(fingerprint)
-
-
-def params_fingerprint(
     model: ModelParams,
     base: BaseParams,
     weights: WeightsInfo,
@@ -133,17 +98,29 @@ def params_fingerprint(
     valid_csv: Path,
     classes: Sequence[str],
 ) -> dict[str, Any]:
-    """`compute_fingerprint` of these params and split tables, for these weights."""
-    return compute_fingerprint(
-        backbone=model.backbone,
-        weights=weights,
-        data_config=data_config,
-        overrides=model_overrides(model),
-        precision=resolve_precision(base),
-        train_csv=train_csv,
-        valid_csv=valid_csv,
-        classes=classes,
-    )
+    """Everything the feature values depend on (params, weights, split), as a flat JSON-able
+    dict; without the data config where it is None (see `check_fingerprint`)."""
+    try:
+        torchcodec: str | None = package_version("torchcodec")
+    except PackageNotFoundError:
+        torchcodec = None
+    fingerprint = {
+        "features_version": FEATURES_VERSION,
+        "backbone": model.backbone,
+        "weights_source": weights.source,
+        "weights_sha256": weights.sha256,
+        "timm_version": package_version("timm"),
+        "torch_version": torch.__version__,
+        # The JPEG decoders (visiontune.data.pixels); no TorchCodec: Pillow decodes them all.
+        "pillow_version": package_version("pillow"),
+        "torchcodec_version": torchcodec,
+        "model_overrides": model_overrides(model),
+        "precision": resolve_precision(base),
+        "manifest_sha256": manifest_hash(train_csv, valid_csv, classes),
+    }
+    if data_config is not None:
+        fingerprint["data_config"] = data_config.to_dict()
+    return _json_safe(fingerprint)
 
 
 def expected_inputs(
@@ -155,7 +132,7 @@ def expected_inputs(
     weights = weights_identity(model.backbone, model.weights)
     if weights is None:
         return None
-    return params_fingerprint(model, base, weights, None, train_csv, valid_csv, classes)
+    return compute_fingerprint(model, base, weights, None, train_csv, valid_csv, classes)
 
 
 def _json_safe(value: Any) -> Any:
@@ -216,19 +193,15 @@ def load_features(path: Path, expected_fingerprint: dict[str, Any]) -> FeatureSe
 
 
 def load_current_features(
-    path: Path,
-    model: ModelParams,
-    base: BaseParams,
-    train_csv: Path,
-    valid_csv: Path,
-    classes: Sequence[str],
+    folder: Path, split: Path, model: ModelParams, base: BaseParams
 ) -> FeatureSet:
-    """The feature cache at `path`, refused (StaleCacheError) unless these params and this
-    split produced it: the fingerprint is recomputed from them, not read from the cache."""
-    where = (model, base, train_csv, valid_csv)
+    """The feature cache in `folder`, refused (StaleCacheError) unless these params and the
+    `split` folder's tables and classes produced it: its fingerprint is recomputed, not read."""
+    classes = read_classes(split / "classes.json")
+    where = (model, base, split / "train.csv", split / "valid.csv")
     expected = expected_inputs(*where, classes)
     if expected is None:  # hub weights: identified by loading them (timm, imported only then)
         from visiontune.precompute import expected_fingerprint
 
         expected = expected_fingerprint(*where, classes)
-    return load_features(path, expected)
+    return load_features(folder / "features.safetensors", expected)

@@ -18,7 +18,7 @@ from visiontune.data.dataset import ImageDataset, create_loader
 from visiontune.data.manifest import label_indices, read_split
 from visiontune.data.transforms import DataConfig, PixelNormalize, create_eval_transform
 from visiontune.distributed import SINGLE, DistContext, gather_shards, rank_runtime, shard
-from visiontune.features import FeatureSet, mirror_sample, params_fingerprint
+from visiontune.features import FeatureSet, compute_fingerprint, mirror_sample
 from visiontune.inference import run_inference
 from visiontune.models.backbone import create_backbone, resolve_data_config, source_classifier
 from visiontune.runtime import LoaderWait, peak_gpu_mib, resolve_runtime, seed_everything
@@ -31,7 +31,7 @@ def expected_fingerprint(
     (`visiontune.features.expected_inputs` checks the same without timm but for hub weights)."""
     backbone, weights = create_backbone(model.backbone, model.weights)
     data_config = resolve_data_config(backbone, model)
-    return params_fingerprint(model, base, weights, data_config, train_csv, valid_csv, classes)
+    return compute_fingerprint(model, base, weights, data_config, train_csv, valid_csv, classes)
 
 
 def pixel_encoder(backbone: torch.nn.Module, data_config: DataConfig) -> torch.nn.Sequential:
@@ -126,7 +126,7 @@ def precompute_features(
         valid_x=valid_x,
         valid_y=valid_y,
         classes=list(classes),
-        fingerprint=params_fingerprint(model, base, weights, data_config, *tables, classes),
+        fingerprint=compute_fingerprint(model, base, weights, data_config, *tables, classes),
         # Read here, with timm at hand, so that train_head needs only the cache.
         source=source_classifier(model.backbone, model.weights, int(train_x.shape[1])),
         mirror_rows=mirror_rows,

