@@ -74,7 +74,7 @@ def resolve_precision(base: BaseParams) -> str:
 
 
 def create_runtime(
-    *, device: str, precision: str, num_workers: int | str, worker_priority: str
+    *, device: str, precision: str, num_workers: int | str = 0, worker_priority: str = "auto"
 ) -> Runtime:
     """Device (`auto`: CUDA when available), precision (`auto`: bf16, else fp16, on CUDA;
     bf16 on CPUs with native bf16, else fp32), memory format and loader workers. channels_last

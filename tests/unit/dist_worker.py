@@ -58,7 +58,7 @@ def main(out: Path) -> None:
         enabled=True, backend="gloo", sync_bn=False, timeout_s=1800.0, launcher="torchrun"
     )
     ctx = init_from_environ(settings, "cpu", os.environ)
-    runtime = create_runtime(device="cpu", precision="fp32", num_workers=0, worker_priority="auto")
+    runtime = create_runtime(device="cpu", precision="fp32")
     n = 7  # odd: the ranks hold 4 and 3 rows
     rows = torch.arange(n * 3, dtype=torch.float64).view(n, 3)
     mine = list(shard(list(range(n)), ctx))

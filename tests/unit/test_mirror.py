@@ -13,7 +13,7 @@ from records import fingerprint, model_info
 from visiontune.config import FinetuneParams, HeadParams
 from visiontune.features import FeatureSet, mirror_sample
 from visiontune.models.record import ModelInfo, RecordError
-from visiontune.train.head import read_head_info, save_head
+from visiontune.train.head import load_head, save_head
 from visiontune.train.head_choice import head_record, train_head_on_features
 from visiontune.train.mirror import MIRROR_P, check_mirror_symmetry, mirror_symmetry
 from visiontune.train.recipes import resolve_finetune
@@ -75,7 +75,7 @@ def _head_file(tmp_path: Path, mirrored: torch.Tensor) -> Path:
 def test_finetune_resolves_flip_auto_from_the_head_file(tmp_path: Path, symmetric: bool):
     x, _ = separable(120, 3)
     mirrored = x if symmetric else x[(torch.arange(120) + 1) % 120]
-    head = read_head_info(_head_file(tmp_path, mirrored))
+    _, head = load_head(_head_file(tmp_path, mirrored))
     assert head.mirror_symmetric is symmetric
     ft = default_section(FinetuneParams)
     assert ft.augment.flip == "auto"  # the shipped default

@@ -72,9 +72,7 @@ def inference_runtime(precision: str, device: str = "auto", num_workers: int = 0
     (`auto`: CUDA when there is one)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for but no CUDA device is available")
-    return create_runtime(
-        device=device, precision=precision, num_workers=num_workers, worker_priority="auto"
-    )
+    return create_runtime(device=device, precision=precision, num_workers=num_workers)
 
 
 def predicting_runtime(

@@ -82,18 +82,14 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def discard_checkpoint(checkpoint_dir: Path) -> bool:
-    """Remove a finished run's checkpoint (a note stays); whether there was one. Called once
-    the outputs are logged: a stage failing before that resumes at its end, while a rerun for
-    new code (code is no part of a checkpoint's config) must not get the old model back."""
+def discard_checkpoint(checkpoint_dir: Path) -> None:
+    """Remove a finished run's checkpoint, if any (a note stays). Called once the outputs
+    are logged: a stage failing before that resumes at its end, while a rerun for new code
+    (code is no part of a checkpoint's config) must not get the old model back."""
     if checkpoint_dir.is_dir():
         with atomic_path(checkpoint_dir / NOTE_NAME) as tmp:
             tmp.write_text(_NOTE, encoding="utf-8")
-    try:
-        (checkpoint_dir / CHECKPOINT_NAME).unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    (checkpoint_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -160,14 +160,9 @@ def save_head(path: Path, head: nn.Sequential, info: ModelInfo) -> None:
         save_file(state, str(tmp), metadata={METADATA_KEY: info.to_json()})
 
 
-def read_head_info(path: Path) -> ModelInfo:
-    """The model's record as train_head wrote it beside the head (no tensors read)."""
-    return read_model_info(path, "re-run `dvc repro train_head`")
-
-
 def load_head(path: Path) -> tuple[nn.Sequential, ModelInfo]:
     """Rebuild a head saved by `save_head` (eval mode) and return it with the record."""
-    info = read_head_info(path)
+    info = read_model_info(path, "re-run `dvc repro train_head`")
     head = create_head(
         info.head_in_features, len(info.classes), info.head_hidden, info.head_dropout
     )

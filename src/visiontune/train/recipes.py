@@ -20,7 +20,6 @@ from visiontune.data.transforms import (
     create_train_transform,
     train_min_size,
 )
-from visiontune.distributed import SINGLE
 from visiontune.fileio import sha256_file, write_csv, write_json
 from visiontune.models.backbone import WeightsInfo, create_backbone
 from visiontune.models.classifier import ImageClassifier, ModelInfo, save_model_file
@@ -113,7 +112,7 @@ def run_lr_find(
 ) -> LrFindResult:
     """The LR range test on the whole network as finetune will train it (the same trainer,
     BatchNorm mode and augmentation); the model and optimizer come back as they were."""
-    run = Trainer(model, len(train_dataset), finetune, runtime, lr=params.start_lr, dist=SINGLE)
+    run = Trainer(model, len(train_dataset), finetune, runtime, lr=params.start_lr)
     loader = create_loader(
         train_dataset,
         min(params.batch_size, len(train_dataset)),

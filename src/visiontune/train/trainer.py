@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from visiontune.config import FinetuneParams
-from visiontune.distributed import DistContext, all_gather_varlen, wrap_ddp
+from visiontune.distributed import SINGLE, DistContext, all_gather_varlen, wrap_ddp
 from visiontune.runtime import Runtime, prepare_module
 from visiontune.train.checkpoint import (
     capture_rng,
@@ -51,7 +51,7 @@ class Trainer:
         runtime: Runtime,
         *,
         lr: float,
-        dist: DistContext,
+        dist: DistContext = SINGLE,
         sync_bn: bool = False,
     ) -> None:
         prepare_module(model, runtime)
